@@ -1,0 +1,20 @@
+# One entry point for a fresh machine: `make test` or `make demo` create .venv and install first.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: venv test demo lint clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv

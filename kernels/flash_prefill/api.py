@@ -1,0 +1,222 @@
+"""flash_prefill: validation, backend dispatch and the dense fallback.
+
+Layout as flash-attn: q (B, Tq, HQ, D), k and v (B, Tk, H, D), HQ % H == 0, query head h reads
+KV head h // (HQ // H). Tq <= Tk: the queries are the last Tq of the Tk key positions
+(bottom-right causal alignment). Head dims 64, 80, 96, 128, 256; fp16 and bf16 on every
+backend, fp32 on the reference backend. Strided views work without a copy on the Triton path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .config import BlockSparsePattern, FlashPrefillConfig
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got device {device}"
+        )
+    return backend
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch mismatch: q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head dim mismatch: q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]}): q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"Tq must not exceed Tk: q has {q.shape[1]} tokens, k has {k.shape[1]}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[3]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    dtypes = _TRITON_DTYPES if backend == "triton" else _REFERENCE_DTYPES
+    if q.dtype not in dtypes:
+        raise TypeError(f"dtype {q.dtype} is not supported by backend {backend!r}; supported: {dtypes}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention with bottom-right alignment through PyTorch SDPA, (B, Tq, HQ, D)."""
+    tq, tk = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+    if tq == tk:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: torch.device) -> BlockSparsePattern:
+    nkb = math.ceil(tk / bs)
+    first = (tk - tq) // bs
+    nqb = nkb - first
+    counts = (first + torch.arange(1, nqb + 1, device=device, dtype=torch.int32)).expand(b, hq, nqb).contiguous()
+    ids = torch.arange(nkb, device=device, dtype=torch.int32).expand(b, hq, nqb, nkb).contiguous()
+    return BlockSparsePattern(counts, ids, bs, tq, tk)
+
+
+def _find_pattern_triton(q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float) -> BlockSparsePattern:
+    from . import pattern as pattern_kernels
+    from . import select as select_kernels
+
+    b, tq, hq, d = q.shape
+    tk = k.shape[1]
+    bs = config.block_size
+    nkb = math.ceil(tk / bs)
+    nqb = nkb - (tk - tq) // bs
+    d_pad = triton_next_power_of_2(d)
+    kv_indices = torch.empty(b, hq, nqb, nkb, dtype=torch.int32, device=q.device)
+    kv_num_blocks = torch.empty(b, hq, nqb, dtype=torch.int32, device=q.device)
+    kbar = pattern_kernels.block_means(k, bs, d_pad)
+    pattern_kernels.block_scores(q, kbar, kv_indices, bs, tk, scale, upcast=_interpreting())
+    select_kernels.select_blocks(kv_indices, kv_num_blocks, config, tq, tk)
+    return BlockSparsePattern(kv_num_blocks, kv_indices, bs, tq, tk)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _sparse_attention_triton(q, k, v, pattern: BlockSparsePattern, scale: float) -> torch.Tensor:
+    from . import sparse_attention as attention_kernels
+
+    return attention_kernels.sparse_attention(
+        q, k, v, pattern.kv_num_blocks, pattern.kv_indices, pattern.block_size, scale,
+        d_pad=triton_next_power_of_2(q.shape[3]), upcast=_interpreting(),
+    )
+
+
+def flash_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: FlashPrefillConfig | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_pattern: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, BlockSparsePattern]:
+    """FlashPrefill block-sparse causal attention.
+
+    q: (B, Tq, HQ, D); k, v: (B, Tk, H, D) with HQ % H == 0 (query head h uses KV head h // (HQ // H)).
+    The queries are the last Tq of the Tk positions. Returns out (B, Tq, HQ, D) in q's dtype, and
+    with return_pattern=True also the BlockSparsePattern used (all causal blocks when the key
+    length is below config.min_seq_len and attention ran dense).
+    backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "reference" (PyTorch, any device),
+    "auto" (triton on CUDA, reference elsewhere). An explicit backend never falls back.
+    """
+    config = config or FlashPrefillConfig()
+    if not isinstance(config, FlashPrefillConfig):
+        raise TypeError(f"config must be a FlashPrefillConfig, got {type(config).__name__}")
+    backend = _resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    _check(q, k, v, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, tq, hq, _ = q.shape
+    tk = k.shape[1]
+    bs = config.block_size
+
+    if tk < config.min_seq_len:
+        if backend == "reference":
+            from . import reference
+
+            pattern = reference.causal_pattern(b, hq, tq, tk, bs, q.device)
+            out = reference.sparse_attention(q, k, v, pattern, scale)
+        else:
+            out = dense_attention(q, k, v, scale)
+            pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None
+        return (out, pattern) if return_pattern else out
+
+    if backend == "reference":
+        from . import reference
+
+        out, pattern = reference.flash_prefill_reference(q, k, v, config, scale)
+    else:
+        pattern = _find_pattern_triton(q, k, config, scale)
+        out = _sparse_attention_triton(q, k, v, pattern, scale)
+    return (out, pattern) if return_pattern else out
+
+
+def flash_prefill_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    config: FlashPrefillConfig | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_pattern: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[BlockSparsePattern]]:
+    """Packed variable-length FlashPrefill: q (total_q, HQ, D), k/v (total_k, H, D).
+
+    Sequence i holds rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:cu_seqlens_k[i+1]
+    of k/v, with its queries the last positions of its keys. Each sequence runs as its own
+    flash_prefill call (the offsets are read on the host once). Returns (total_q, HQ, D) and,
+    with return_pattern=True, one pattern per sequence.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"varlen {name} must be 3-D (total_tokens, heads, head_dim), got {shape}")
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cq) != len(ck) or len(cq) < 2:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length >= 2, got {len(cq)} and {len(ck)}")
+    if cq[0] != 0 or ck[0] != 0 or cq[-1] != q.shape[0] or ck[-1] != k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the token counts: q {cq[0]}..{cq[-1]} vs {q.shape[0]}, "
+            f"k {ck[0]}..{ck[-1]} vs {k.shape[0]}"
+        )
+    lens_q = [b - a for a, b in zip(cq, cq[1:])]
+    lens_k = [b - a for a, b in zip(ck, ck[1:])]
+    if max(lens_q) > max_seqlen_q or max(lens_k) > max_seqlen_k:
+        raise ValueError(f"max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) below the longest sequence ({max(lens_q)}, {max(lens_k)})")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    patterns = []
+    for i in range(len(cq) - 1):
+        if lens_q[i] == 0:
+            continue
+        o, pattern = flash_prefill(
+            q[None, cq[i] : cq[i + 1]], k[None, ck[i] : ck[i + 1]], v[None, ck[i] : ck[i + 1]],
+            config=config, scale=scale, backend=backend, return_pattern=True,
+        )
+        out[cq[i] : cq[i + 1]] = o[0]
+        patterns.append(pattern)
+    return (out, patterns) if return_pattern else out

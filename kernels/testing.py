@@ -1,0 +1,71 @@
+"""Input factories and error metrics shared by the kernel tests and benchmarks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def random_qkv(
+    batch: int, q_len: int, kv_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unstructured Gaussian q (B, Tq, HQ, D), k and v (B, Tk, H, D)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(batch, q_len, num_q_heads, head_dim, generator=g)
+    k = torch.randn(batch, kv_len, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(batch, kv_len, num_kv_heads, head_dim, generator=g)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def structured_qkv(
+    batch: int, q_len: int, kv_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", seed: int = 0,
+    strength: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v with the structure FlashPrefill looks for: a few heavy key blocks, sinks and locality.
+
+    Each key block J carries a topic direction with a heavy-tailed weight; each query block looks
+    for the topic of a few earlier blocks and of its neighbours, so block scores spread over
+    orders of magnitude and selection keeps a fraction of the blocks, different per head.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nkb = math.ceil(kv_len / block_size)
+    d = head_dim
+    # A matched topic adds about strength * weight to the scaled logit q . k / sqrt(D).
+    amplitude = math.sqrt(strength * math.sqrt(d))
+    topics = torch.nn.functional.normalize(torch.randn(num_kv_heads, nkb, d, generator=g), dim=-1)
+    weight = (-torch.rand(num_kv_heads, nkb, generator=g).clamp_min(1e-6).log()) ** 2  # heavy tail
+    weight[:, :1] += 2.0  # sink
+    block_of_key = torch.arange(kv_len) // block_size
+    k = torch.randn(batch, kv_len, num_kv_heads, d, generator=g) * 0.5
+    k += (topics * weight[..., None]).permute(1, 0, 2)[block_of_key] * amplitude
+    v = torch.randn(batch, kv_len, num_kv_heads, d, generator=g)
+    # Queries: mix of the topics of their own block and of two random earlier blocks.
+    q_pos = torch.arange(kv_len - q_len, kv_len)
+    q_block = q_pos // block_size
+    group = num_q_heads // num_kv_heads
+    pick = (torch.rand(num_q_heads, nkb, 2, generator=g) * (q_block.max() + 1)).long()
+    pick = torch.minimum(pick, torch.arange(nkb)[None, :, None])
+    kv_head = torch.arange(num_q_heads) // group
+    chosen = topics[kv_head[:, None, None], pick]  # (HQ, NKB, 2, D)
+    own = topics[kv_head[:, None], torch.arange(nkb)[None, :]]  # (HQ, NKB, D)
+    direction = chosen.sum(2) + own  # (HQ, NKB, D)
+    q = torch.randn(batch, q_len, num_q_heads, d, generator=g) * 0.5
+    q += direction[:, q_block].permute(1, 0, 2) * amplitude
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()

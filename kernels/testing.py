@@ -69,3 +69,47 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def forced_blocks(config, num_q_blocks: int, num_kv_blocks: int, first_q_block: int) -> torch.Tensor:
+    """bool (NQB, NKB): the blocks DESIGN.md step 3 keeps whatever their score."""
+    query_block = first_q_block + torch.arange(num_q_blocks)[:, None]
+    key_block = torch.arange(num_kv_blocks)[None, :]
+    forced = (
+        (key_block < config.sink_blocks)
+        | (key_block > query_block - config.window_blocks)
+        | (query_block >= num_kv_blocks - config.last_full_blocks)
+    )
+    return forced & (key_block <= query_block)
+
+
+def unexplained_flips(pattern, ref_pattern, ref_scores: torch.Tensor, config, log_tol: float) -> tuple[int, int]:
+    """(flips, unexplained): blocks chosen differently from the reference, and those of them that
+    are not within log_tol (natural log) of the threshold alpha * row max, or are forced blocks."""
+    mine, ref = pattern.to_dense().cpu(), ref_pattern.to_dense().cpu()
+    flipped = mine != ref
+    scores = ref_scores.double().cpu()
+    ratio = scores / scores.amax(-1, keepdim=True)
+    if config.alpha > 0:
+        near = (ratio.clamp_min(1e-300).log() - math.log(config.alpha)).abs() <= log_tol
+    else:
+        near = torch.zeros_like(flipped)
+    forced = forced_blocks(config, mine.shape[2], mine.shape[3], pattern.first_q_block)
+    unexplained = flipped & (~near | forced)
+    return int(flipped.sum()), int(unexplained.sum())
+
+
+def check_pattern_layout(pattern) -> None:
+    """Kept ids are ascending, unique, causal (J <= I) and counts are in range."""
+    nkb = pattern.kv_indices.shape[-1]
+    num = pattern.kv_num_blocks.cpu().long()
+    idx = pattern.kv_indices.cpu().long()
+    slot = torch.arange(nkb)
+    valid = slot < num[..., None]
+    query_block = pattern.first_q_block + torch.arange(num.shape[-1])
+    assert bool((num >= 1).all()), "a query block keeps no key block"
+    assert bool((num <= (query_block + 1)).all()), "more kept blocks than visible blocks"
+    ids = torch.where(valid, idx, -1)
+    assert bool(((ids <= query_block[:, None]) | ~valid).all()), "a kept block lies after the query block"
+    diffs = ids[..., 1:] - ids[..., :-1]
+    assert bool(((diffs > 0) | ~valid[..., 1:]).all()), "kept ids are not strictly ascending"

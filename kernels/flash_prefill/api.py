@@ -113,12 +113,14 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _sparse_attention_triton(q, k, v, pattern: BlockSparsePattern, scale: float) -> torch.Tensor:
+def _sparse_attention_triton(
+    q, k, v, pattern: BlockSparsePattern, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     from . import sparse_attention as attention_kernels
 
     return attention_kernels.sparse_attention(
         q, k, v, pattern.kv_num_blocks, pattern.kv_indices, pattern.block_size, scale,
-        d_pad=triton_next_power_of_2(q.shape[3]), upcast=_interpreting(),
+        d_pad=triton_next_power_of_2(q.shape[3]), upcast=_interpreting(), out=out,
     )
 
 

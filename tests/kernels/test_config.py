@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from kernels import BlockSparsePattern, FlashPrefillConfig
+
+
+def test_defaults_match_the_paper():
+    cfg = FlashPrefillConfig()
+    assert (cfg.block_size, cfg.alpha, cfg.sink_blocks, cfg.window_blocks, cfg.last_full_blocks) == (128, 0.1, 2, 4, 2)
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        FlashPrefillConfig().alpha = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("block_size", [0, 8, 48, 100, 512, 2.0])
+def test_block_size_must_be_power_of_two(block_size):
+    with pytest.raises(ValueError, match=str(block_size)):
+        FlashPrefillConfig(block_size=block_size)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_range(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        FlashPrefillConfig(alpha=alpha)
+
+
+def test_negative_counts_rejected():
+    with pytest.raises(ValueError, match="window_blocks"):
+        FlashPrefillConfig(window_blocks=-1)
+
+
+def test_presets():
+    assert FlashPrefillConfig.for_model("qwen2.5-vl").alpha == 0.1
+    assert FlashPrefillConfig.for_model("Qwen3-VL").alpha == 0.22
+    assert FlashPrefillConfig.for_model("qwen2.5-vl", block_size=64).block_size == 64
+    with pytest.raises(ValueError, match="unknown model family"):
+        FlashPrefillConfig.for_model("gpt-2")
+
+
+def test_pattern_dense_round_trip_and_density():
+    mask = torch.tensor([[[[1, 0, 0], [1, 1, 0], [0, 1, 1]]]], dtype=torch.bool)
+    pattern = BlockSparsePattern.from_dense(mask, block_size=16, q_len=48, kv_len=48)
+    assert pattern.kv_num_blocks.tolist() == [[[1, 2, 2]]]
+    assert pattern.kv_indices[0, 0, 2, :2].tolist() == [1, 2]
+    assert torch.equal(pattern.to_dense(), mask)
+    assert pattern.density() == pytest.approx(5 / 6)
+    assert "shape=(1, 1, 3, 3)" in repr(pattern)

@@ -1,0 +1,272 @@
+"""FlashPrefill kernels against the PyTorch reference.
+
+Three comparisons kept apart (STYLE.md): the attention kernel against the reference on the same
+pattern; the chosen blocks against the reference's choice; sparse against dense quality.
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (see conftest.py), so shapes stay small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import FlashPrefillConfig, dense_attention, flash_prefill, flash_prefill_varlen
+from kernels.flash_prefill import api, reference
+from kernels.testing import (
+    check_pattern_layout,
+    cosine_similarity,
+    max_abs_error,
+    relative_error,
+    structured_qkv,
+    unexplained_flips,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# (batch, q_len, kv_len, query heads, kv heads, head dim, dtype, block size)
+CASES = [
+    (2, 333, 333, 7, 1, 80, torch.bfloat16, 32),
+    (1, 300, 300, 4, 1, 64, torch.float16, 32),
+    (1, 200, 200, 8, 1, 128, torch.float16, 64),
+    (1, 97, 301, 4, 1, 64, torch.float16, 32),  # Tq < Tk, prefix not block aligned
+    (2, 256, 256, 2, 2, 96, torch.bfloat16, 32),
+]
+
+
+def case_id(case) -> str:
+    b, tq, tk, hq, h, d, dtype, bs = case
+    t = f"T{tk}" if tq == tk else f"Tq{tq}-Tk{tk}"
+    return f"B{b}-{t}-HQ{hq}-H{h}-D{d}-{NAMES[dtype]}-BS{bs}"
+
+
+def small_config(block_size: int, alpha: float = 0.1) -> FlashPrefillConfig:
+    return FlashPrefillConfig(
+        block_size=block_size, alpha=alpha, sink_blocks=1, window_blocks=1, last_full_blocks=1, min_seq_len=0
+    )
+
+
+def make_inputs(case, seed: int = 0):
+    b, tq, tk, hq, h, d, dtype, bs = case
+    return structured_qkv(b, tq, tk, hq, h, d, bs, dtype=dtype, device=DEVICE, seed=seed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_attention_kernel_matches_reference_on_same_pattern(case):
+    q, k, v = make_inputs(case)
+    scale = q.shape[-1] ** -0.5
+    pattern = reference.find_pattern(q, k, small_config(case[-1]), scale)
+    assert pattern.density() < 1.0, "the input should make the pattern sparse"
+    poisoned = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    out = api._sparse_attention_triton(q, k, v, pattern, scale, out=poisoned)
+    exact = reference.sparse_attention(q.double(), k.double(), v.double(), pattern, scale, torch.float64)
+    low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None)
+    assert not torch.isnan(out).any(), "some output rows were never written"
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("alpha", [0.05, 0.3])
+def test_chosen_blocks_match_reference(case, alpha):
+    q, k, v = make_inputs(case)
+    cfg = small_config(case[-1], alpha)
+    scale = q.shape[-1] ** -0.5
+    _, pattern = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+    kbar = reference.block_means(k, cfg.block_size, torch.float64)
+    scores = reference.block_scores(q, kbar, cfg.block_size, k.shape[1], scale)
+    ref_pattern = reference.select_blocks(scores, cfg, q.shape[1], k.shape[1])
+    check_pattern_layout(pattern)
+    flips, unexplained = unexplained_flips(pattern, ref_pattern, scores, cfg, log_tol=0.02)
+    assert unexplained == 0, f"{unexplained} of {flips} flipped blocks are not near the threshold"
+    assert flips <= 0.01 * ref_pattern.to_dense().numel()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=case_id)
+def test_alpha_zero_equals_dense_causal_sdpa(case, backend):
+    q, k, v = make_inputs(case)
+    cfg = small_config(case[-1], alpha=0.0)
+    out, pattern = flash_prefill(q, k, v, config=cfg, backend=backend, return_pattern=True)
+    assert pattern.density() == 1.0
+    scale = q.shape[-1] ** -0.5
+    exact = dense_attention(q.double(), k.double(), v.double(), scale)
+    low = dense_attention(q, k, v, scale)
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-4
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_block_aligned_chunk_equals_rows_of_full_prefill(backend):
+    case = (1, 320, 320, 4, 1, 64, torch.float16, 32)
+    q, k, v = make_inputs(case)
+    cfg = small_config(32)
+    full, full_pattern = flash_prefill(q, k, v, config=cfg, backend=backend, return_pattern=True)
+    prefix = 128  # four blocks
+    chunk, chunk_pattern = flash_prefill(q[:, prefix:], k, v, config=cfg, backend=backend, return_pattern=True)
+    assert chunk_pattern.density() < 1.0
+    assert torch.equal(chunk_pattern.to_dense(), full_pattern.to_dense()[:, :, prefix // 32 :])
+    torch.testing.assert_close(chunk, full[:, prefix:], atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_varlen_equals_each_sequence_alone(backend):
+    cfg = small_config(32)
+    lengths = [(70, 130), (200, 200), (33, 90)]
+    seqs = [structured_qkv(1, tq, tk, 4, 1, 64, 32, dtype=torch.float16, device=DEVICE, seed=i)
+            for i, (tq, tk) in enumerate(lengths)]
+    q = torch.cat([s[0][0] for s in seqs])
+    k = torch.cat([s[1][0] for s in seqs])
+    v = torch.cat([s[2][0] for s in seqs])
+    cu_q = torch.tensor([0, 70, 270, 303], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 130, 330, 420], dtype=torch.int32, device=DEVICE)
+    out = flash_prefill_varlen(q, k, v, cu_q, cu_k, 200, 200, config=cfg, backend=backend)
+    for (sq, sk, sv), a, b in zip(seqs, cu_q.tolist(), cu_q.tolist()[1:]):
+        alone = flash_prefill(sq, sk, sv, config=cfg, backend=backend)
+        torch.testing.assert_close(out[a:b], alone[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_strided_views_equal_contiguous(backend):
+    case = (2, 160, 160, 4, 2, 64, torch.float16, 32)
+    q, k, v = make_inputs(case)
+    # transformers hands (B, H, T, D) tensors; transposing them gives strided (B, T, H, D) views.
+    qs = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ks = k.transpose(1, 2).contiguous().transpose(1, 2)
+    vs = v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qs.is_contiguous() and qs.data_ptr() != q.data_ptr()
+    cfg = small_config(32)
+    torch.testing.assert_close(
+        flash_prefill(qs, ks, vs, config=cfg, backend=backend),
+        flash_prefill(q, k, v, config=cfg, backend=backend),
+        atol=0, rtol=0,
+    )
+
+
+def test_dense_fallback_below_min_seq_len():
+    q, k, v = make_inputs((1, 200, 200, 4, 1, 64, torch.float16, 32))
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.5, min_seq_len=201)
+    out, pattern = flash_prefill(q, k, v, config=cfg, backend="auto", return_pattern=True)
+    assert pattern.density() == 1.0
+    torch.testing.assert_close(out, dense_attention(q, k, v, 64**-0.5), atol=2e-3, rtol=0)
+
+
+def test_larger_alpha_keeps_a_subset():
+    q, k, v = make_inputs((1, 333, 333, 4, 1, 64, torch.float16, 32))
+    masks = [
+        reference.find_pattern(q, k, small_config(32, alpha), 0.125).to_dense() for alpha in (0.0, 0.05, 0.2, 0.6)
+    ]
+    for looser, tighter in zip(masks, masks[1:]):
+        assert bool((tighter <= looser).all())
+    assert masks[-1].sum() < masks[0].sum()
+
+
+def test_reference_scores_follow_the_design_formula():
+    """block_scores against a literal transcription of DESIGN.md step 1 on a tiny input."""
+    bs, tq, tk = 16, 40, 72
+    q, k, _ = structured_qkv(1, tq, tk, 2, 1, 64, bs, dtype=torch.float32, seed=3)
+    scale = 0.125
+    kbar = reference.block_means(k, bs, torch.float64)
+    got = reference.block_scores(q, kbar, bs, tk, scale)
+    nkb = math.ceil(tk / bs)
+    first = (tk - tq) // bs
+    for h in range(2):
+        for qb in range(nkb - first):
+            block = first + qb
+            m, s = {}, {}
+            for j in range(nkb):
+                last = min((j + 1) * bs, tk) - 1
+                logits = [
+                    scale * float(q[0, i, h].double() @ k[0, j * bs : min((j + 1) * bs, tk), 0].double().mean(0))
+                    for i in range(tq)
+                    if (tk - tq + i) // bs == block and tk - tq + i >= last
+                ]
+                if logits:
+                    m[j] = max(logits)
+                    s[j] = sum(math.exp(x - m[j]) for x in logits)
+            top = max(m.values())
+            for j in range(nkb):
+                want = s[j] * math.exp(m[j] - top) if j in m else 0.0
+                assert got[0, h, qb, j].item() == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("alpha,min_cos", [(0.05, 0.99), (0.1, 0.98)])
+def test_sparse_quality_against_dense(alpha, min_cos):
+    """Sparse vs dense on structured input: documented bounds, not equality."""
+    q, k, v = structured_qkv(1, 1024, 1024, 4, 1, 64, 64, dtype=torch.float32, seed=1)
+    cfg = FlashPrefillConfig(block_size=64, alpha=alpha, min_seq_len=0)
+    out, pattern = flash_prefill(q, k, v, config=cfg, backend="reference", return_pattern=True)
+    dense = dense_attention(q, k, v, 0.125)
+    assert pattern.density() < 0.9
+    assert cosine_similarity(out, dense) >= min_cos
+    assert relative_error(out, dense) <= 0.2
+
+
+class TestBadInput:
+    def qkv(self, b=1, tq=64, tk=64, hq=4, h=2, d=64, dtype=torch.float16):
+        return (torch.zeros(b, tq, hq, d, dtype=dtype), torch.zeros(b, tk, h, d, dtype=dtype),
+                torch.zeros(b, tk, h, d, dtype=dtype))
+
+    def test_heads_not_divisible(self):
+        q, k, v = self.qkv(hq=5, h=2)
+        with pytest.raises(ValueError, match=r"query heads \(5\).*KV heads \(2\)"):
+            flash_prefill(q, k, v, backend="reference")
+
+    def test_more_queries_than_keys(self):
+        q, _, _ = self.qkv(tq=65)
+        _, k, v = self.qkv(tk=64)
+        with pytest.raises(ValueError, match="65.*64"):
+            flash_prefill(q, k, v, backend="reference")
+
+    def test_batch_mismatch(self):
+        q, _, _ = self.qkv(b=2)
+        _, k, v = self.qkv(b=1)
+        with pytest.raises(ValueError, match=r"batch mismatch.*\(2, 64, 4, 64\)"):
+            flash_prefill(q, k, v, backend="reference")
+
+    def test_head_dim_mismatch(self):
+        q, _, _ = self.qkv(d=64)
+        _, k, v = self.qkv(d=128)
+        with pytest.raises(ValueError, match="head dim mismatch"):
+            flash_prefill(q, k, v, backend="reference")
+
+    def test_unsupported_head_dim(self):
+        q, k, v = self.qkv(d=48)
+        with pytest.raises(ValueError, match="head dim 48"):
+            flash_prefill(q, k, v, backend="reference")
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+    def test_unsupported_dtype(self, dtype):
+        q, k, v = self.qkv(dtype=dtype)
+        with pytest.raises(TypeError, match=str(dtype)):
+            flash_prefill(q, k, v, backend="reference")
+
+    def test_fp32_only_on_reference(self):
+        q, k, v = self.qkv(dtype=torch.float32)
+        flash_prefill(q, k, v, backend="reference")
+        with pytest.raises(TypeError, match="float32"):
+            flash_prefill(q, k, v, backend="triton")
+
+    def test_empty(self):
+        q, k, v = self.qkv(tq=0)
+        with pytest.raises(ValueError, match="empty"):
+            flash_prefill(q, k, v, backend="reference")
+
+    def test_wrong_rank(self):
+        q, k, v = self.qkv()
+        with pytest.raises(ValueError, match="4-D"):
+            flash_prefill(q[0], k, v, backend="reference")
+
+    def test_unknown_backend(self):
+        q, k, v = self.qkv()
+        with pytest.raises(ValueError, match="'cuda'"):
+            flash_prefill(q, k, v, backend="cuda")
+
+    def test_block_size_not_power_of_two(self):
+        with pytest.raises(ValueError, match="48"):
+            flash_prefill(*self.qkv(), config=FlashPrefillConfig(block_size=48), backend="reference")
+
+    def test_triton_on_cpu_without_interpreter(self, monkeypatch):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            flash_prefill(*self.qkv(), backend="triton")

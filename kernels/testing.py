@@ -12,11 +12,11 @@ def random_qkv(
     dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unstructured Gaussian q (B, Tq, HQ, D), k and v (B, Tk, H, D)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(batch, q_len, num_q_heads, head_dim, generator=g)
-    k = torch.randn(batch, kv_len, num_kv_heads, head_dim, generator=g)
-    v = torch.randn(batch, kv_len, num_kv_heads, head_dim, generator=g)
-    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, q_len, num_q_heads, head_dim, generator=g, device=device, dtype=dtype)
+    k = torch.randn(batch, kv_len, num_kv_heads, head_dim, generator=g, device=device, dtype=dtype)
+    v = torch.randn(batch, kv_len, num_kv_heads, head_dim, generator=g, device=device, dtype=dtype)
+    return q, k, v
 
 
 def structured_qkv(
@@ -38,10 +38,11 @@ def structured_qkv(
     topics = torch.nn.functional.normalize(torch.randn(num_kv_heads, nkb, d, generator=g), dim=-1)
     weight = (-torch.rand(num_kv_heads, nkb, generator=g).clamp_min(1e-6).log()) ** 2  # heavy tail
     weight[:, :1] += 2.0  # sink
-    block_of_key = torch.arange(kv_len) // block_size
-    k = torch.randn(batch, kv_len, num_kv_heads, d, generator=g) * 0.5
-    k += (topics * weight[..., None]).permute(1, 0, 2)[block_of_key] * amplitude
-    v = torch.randn(batch, kv_len, num_kv_heads, d, generator=g)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    block_of_key = torch.arange(kv_len, device=device) // block_size
+    k = torch.randn(batch, kv_len, num_kv_heads, d, generator=noise, device=device) * 0.5
+    k += (topics * weight[..., None]).permute(1, 0, 2).to(device)[block_of_key] * amplitude
+    v = torch.randn(batch, kv_len, num_kv_heads, d, generator=noise, device=device)
     # Queries: mix of the topics of their own block and of two random earlier blocks.
     q_pos = torch.arange(kv_len - q_len, kv_len)
     q_block = q_pos // block_size
@@ -52,9 +53,9 @@ def structured_qkv(
     chosen = topics[kv_head[:, None, None], pick]  # (HQ, NKB, 2, D)
     own = topics[kv_head[:, None], torch.arange(nkb)[None, :]]  # (HQ, NKB, D)
     direction = chosen.sum(2) + own  # (HQ, NKB, D)
-    q = torch.randn(batch, q_len, num_q_heads, d, generator=g) * 0.5
-    q += direction[:, q_block].permute(1, 0, 2) * amplitude
-    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+    q = torch.randn(batch, q_len, num_q_heads, d, generator=noise, device=device) * 0.5
+    q += direction.to(device)[:, q_block.to(device)].permute(1, 0, 2) * amplitude
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:

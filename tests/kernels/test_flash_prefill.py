@@ -204,8 +204,10 @@ def test_sparse_quality_against_dense(alpha, min_cos):
 
 class TestBadInput:
     def qkv(self, b=1, tq=64, tk=64, hq=4, h=2, d=64, dtype=torch.float16):
-        return (torch.zeros(b, tq, hq, d, dtype=dtype), torch.zeros(b, tk, h, d, dtype=dtype),
-                torch.zeros(b, tk, h, d, dtype=dtype))
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=dtype, device=DEVICE)
+
+        return zeros(b, tq, hq, d), zeros(b, tk, h, d), zeros(b, tk, h, d)
 
     def test_heads_not_divisible(self):
         q, k, v = self.qkv(hq=5, h=2)
@@ -268,5 +270,6 @@ class TestBadInput:
 
     def test_triton_on_cpu_without_interpreter(self, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+        q, k, v = (x.cpu() for x in self.qkv())
         with pytest.raises(ValueError, match="needs CUDA tensors"):
-            flash_prefill(*self.qkv(), backend="triton")
+            flash_prefill(q, k, v, backend="triton")

@@ -1,0 +1,182 @@
+"""Benchmark FlashPrefill against dense attention on one GPU: `python -m kernels.bench`.
+
+Per length: PyTorch SDPA dense (cuDNN and flash backends), FlexAttention with the same block
+masks, our sparse attention at fixed densities on random block masks, our pattern discovery +
+selection alone, and our whole flash_prefill on structured input (local and sink structure)
+with the density it selects. Every time is a median of triton.testing.do_bench and is also
+given as a ratio to cuDNN dense measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import FlashPrefillConfig, flash_prefill
+from kernels.flash_prefill import api
+from kernels.flash_prefill.config import BlockSparsePattern
+from kernels.testing import random_qkv, structured_qkv
+
+
+def environment() -> str:
+    props = torch.cuda.get_device_properties(0)
+    return (
+        f"GPU {props.name} ({props.multi_processor_count} SMs), CUDA {torch.version.cuda}, "
+        f"torch {torch.__version__}, triton {triton.__version__}"
+    )
+
+
+def bench_ms(fn, seconds: float = 0.3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = start.elapsed_time(end)
+    rep = max(3 * once, min(seconds * 1000, 40 * once))
+    return triton.testing.do_bench(fn, warmup=max(once, 1.0), rep=rep, return_mode="median")
+
+
+def random_pattern(b: int, hq: int, t: int, bs: int, density: float, device, seed: int = 0) -> BlockSparsePattern:
+    """Each causal block kept with probability `density`; the diagonal is always kept."""
+    nkb = math.ceil(t / bs)
+    g = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(b, hq, nkb, nkb, generator=g, device=device) < density
+    causal = torch.ones(nkb, nkb, dtype=torch.bool, device=device).tril()
+    keep = (keep & causal) | torch.eye(nkb, dtype=torch.bool, device=device)
+    return BlockSparsePattern.from_dense(keep, bs, t, t)
+
+
+def flex_runner(q, k, v, pattern: BlockSparsePattern, scale: float):
+    """FlexAttention over the same blocks: blocks before the diagonal full, the diagonal causal."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    dense = pattern.to_dense()
+    nkb = dense.shape[-1]
+    qb = torch.arange(nkb, device=dense.device)[:, None]
+    kb = torch.arange(nkb, device=dense.device)[None, :]
+    full = BlockSparsePattern.from_dense(dense & (kb < qb), pattern.block_size, pattern.q_len, pattern.kv_len)
+    part = BlockSparsePattern.from_dense(dense & (kb == qb), pattern.block_size, pattern.q_len, pattern.kv_len)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = BlockMask.from_kv_blocks(
+        part.kv_num_blocks, part.kv_indices, full.kv_num_blocks, full.kv_indices,
+        BLOCK_SIZE=pattern.block_size, mask_mod=causal, seq_lengths=(pattern.q_len, pattern.kv_len),
+    )
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return lambda: compiled(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True)
+
+
+def run_length(t: int, args) -> dict:
+    hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
+    dtype = torch.bfloat16
+    scale = d**-0.5
+    row: dict = {"tokens": t}
+    q, k, v = random_qkv(1, t, t, hq, h, d, dtype=dtype, device="cuda")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        def dense(backend=backend):
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        try:
+            row[f"{name}_ms"] = bench_ms(dense)
+        except RuntimeError as err:
+            row[f"{name}_ms"] = None
+            print(f"  {name} unavailable at {t}: {str(err).splitlines()[0]}", file=sys.stderr)
+    cudnn = row["cudnn_ms"]
+
+    for density in args.densities:
+        pattern = random_pattern(1, hq, t, bs, density, "cuda", seed=t)
+        key = f"d{round(density * 100)}"
+        row[f"{key}_actual_density"] = pattern.density()
+        row[f"{key}_ours_ms"] = bench_ms(lambda: api._sparse_attention_triton(q, k, v, pattern, scale))
+        if not args.no_flex:
+            try:
+                row[f"{key}_flex_ms"] = bench_ms(flex_runner(q, k, v, pattern, scale))
+            except Exception as err:  # report, keep measuring the rest
+                row[f"{key}_flex_ms"] = None
+                print(f"  flex failed at {t}, density {density}: {str(err).splitlines()[0]}", file=sys.stderr)
+        del pattern
+
+    cfg = FlashPrefillConfig(block_size=bs, alpha=args.alpha, min_seq_len=0)
+    sq, sk, sv = structured_qkv(1, t, t, hq, h, d, bs, dtype=dtype, device="cuda")
+    row["pattern_ms"] = bench_ms(lambda: api._find_pattern_triton(sq, sk, cfg, scale))
+    _, pattern = flash_prefill(sq, sk, sv, config=cfg, return_pattern=True)
+    row["structured_density"] = pattern.density()
+    row["structured_attention_ms"] = bench_ms(lambda: api._sparse_attention_triton(sq, sk, sv, pattern, scale))
+    row["whole_ms"] = bench_ms(lambda: flash_prefill(sq, sk, sv, config=cfg))
+    if cudnn:
+        for name in list(row):
+            if name.endswith("_ms") and row[name] is not None and name != "cudnn_ms":
+                row[name.replace("_ms", "_vs_cudnn")] = row[name] / cudnn
+    return row
+
+
+def print_table(rows: list[dict], args) -> None:
+    print("| tokens | cuDNN ms | SDPA flash ms | pattern ms (% cuDNN) | structured density | whole ms | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["cudnn_ms"]
+        print(
+            f"| {r['tokens']} | {c:.3f} | {r['sdpa_flash_ms'] or float('nan'):.3f} | {r['pattern_ms']:.3f} "
+            f"({100 * r['pattern_ms'] / c:.1f}%) | {100 * r['structured_density']:.1f}% | {r['whole_ms']:.3f} "
+            f"| {c / r['whole_ms']:.2f}x |"
+        )
+    print()
+    print("Sparse attention on random block masks: time / (density x cuDNN); FlexAttention the same")
+    print("| tokens | density | ours ms | ours ratio | flex ms | flex ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for density in args.densities:
+            key = f"d{round(density * 100)}"
+            dens = r[f"{key}_actual_density"]
+            ideal = dens * r["cudnn_ms"]
+            flex = r.get(f"{key}_flex_ms")
+            flex_txt = f"{flex:.3f} | {flex / ideal:.2f}" if flex else "- | -"
+            print(f"| {r['tokens']} | {100 * dens:.1f}% | {r[f'{key}_ours_ms']:.3f} | {r[f'{key}_ours_ms'] / ideal:.2f} | {flex_txt} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 262144])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 1.0])
+    parser.add_argument("--q-heads", type=int, default=28)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--json", help="write all rows to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(environment())
+    print(f"bf16, batch 1, {args.q_heads} query / {args.kv_heads} KV heads, head dim {args.head_dim}, "
+          f"block {args.block_size}, alpha {args.alpha}")
+    rows = []
+    for t in args.lengths:
+        rows.append(run_length(t, args))
+        print(f"  done {t}", file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": environment(), "args": vars(args), "rows": rows}, f, indent=1)
+    print_table(rows, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""FlashPrefill Triton kernels at realistic sizes on the GPU (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import FlashPrefillConfig, dense_attention, flash_prefill
+from kernels.flash_prefill import api, reference
+from kernels.testing import check_pattern_layout, max_abs_error, structured_qkv, unexplained_flips
+
+pytestmark = pytest.mark.cuda
+
+# (tokens, query heads, kv heads, head dim): Qwen2.5-VL-7B is 28/4 heads, head dim 128.
+SHAPES = [(8192, 28, 4, 128), (16384, 28, 4, 128), (32768, 28, 4, 128), (16384, 28, 4, 80), (8192, 14, 2, 64)]
+
+
+def shape_id(shape) -> str:
+    t, hq, h, d = shape
+    return f"T{t}-HQ{hq}-H{h}-D{d}-bf16"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_triton_matches_reference_at_scale(shape):
+    t, hq, h, d = shape
+    cfg = FlashPrefillConfig(alpha=0.1, min_seq_len=0)
+    q, k, v = structured_qkv(1, t, t, hq, h, d, cfg.block_size, dtype=torch.bfloat16, device="cuda")
+    scale = d**-0.5
+    out, pattern = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+    torch.cuda.synchronize()
+    check_pattern_layout(pattern)
+
+    kbar = reference.block_means(k, cfg.block_size, torch.float64)
+    scores = reference.block_scores(q, kbar, cfg.block_size, t, scale)
+    ref_pattern = reference.select_blocks(scores, cfg, t, t)
+    flips, unexplained = unexplained_flips(pattern, ref_pattern, scores, cfg, log_tol=0.1)
+    assert unexplained == 0, f"{unexplained} of {flips} flips are not near the threshold"
+    assert flips <= 0.005 * ref_pattern.to_dense().sum().item()
+    assert pattern.density() < 0.6
+
+    # Same pattern: the attention kernel against fp32 and against the bf16 computation.
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale, torch.float32)
+    low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None)
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+@pytest.mark.parametrize("t", [4096, 20000])
+def test_alpha_zero_equals_sdpa_on_gpu(t):
+    cfg = FlashPrefillConfig(alpha=0.0, min_seq_len=0)
+    q, k, v = structured_qkv(1, t, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    out = flash_prefill(q, k, v, config=cfg, backend="triton")
+    exact = dense_attention(q.float(), k.float(), v.float(), 128**-0.5)
+    low = dense_attention(q, k, v, 128**-0.5)
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+def test_chunk_with_cached_prefix_on_gpu():
+    cfg = FlashPrefillConfig(alpha=0.1, min_seq_len=0)
+    q, k, v = structured_qkv(1, 12288, 12288, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    full, full_pattern = flash_prefill(q, k, v, config=cfg, return_pattern=True)
+    prefix = 8192
+    chunk, chunk_pattern = flash_prefill(q[:, prefix:], k, v, config=cfg, return_pattern=True)
+    assert torch.equal(chunk_pattern.to_dense(), full_pattern.to_dense()[:, :, prefix // 128 :])
+    torch.testing.assert_close(chunk, full[:, prefix:], atol=0, rtol=0)
+
+
+def test_transformers_layout_without_copy_on_gpu():
+    q, k, v = structured_qkv(2, 9000, 9000, 28, 4, 128, 128, dtype=torch.float16, device="cuda")
+    cfg = FlashPrefillConfig(min_seq_len=0)
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    torch.testing.assert_close(flash_prefill(*views, config=cfg), flash_prefill(q, k, v, config=cfg), atol=0, rtol=0)
+
+
+def test_no_host_sync_in_sparse_path():
+    """Pattern discovery, selection and attention launch without waiting for the GPU."""
+    q, k, v = structured_qkv(1, 16384, 16384, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    cfg = FlashPrefillConfig(min_seq_len=0)
+    flash_prefill(q, k, v, config=cfg)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pattern = api._find_pattern_triton(q, k, cfg, 128**-0.5)
+        api._sparse_attention_triton(q, k, v, pattern, 128**-0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -124,6 +124,41 @@ def run_length(t: int, args) -> dict:
     return row
 
 
+def sweep_tiles(args) -> None:
+    """Time the sparse attention kernel per tile choice (BM, BN, warps, stages)."""
+    from kernels.flash_prefill import sparse_attention as attention_kernels
+
+    hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
+    choices = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+               (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]
+    print("| tokens | density | BM | BN | warps | stages | ms | ratio to density x cuDNN |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in args.lengths:
+        q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+        def dense():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+        cudnn = bench_ms(dense)
+        for density in args.densities:
+            pattern = random_pattern(1, hq, t, bs, density, "cuda", seed=t)
+            for tiles in choices:
+                if bs % tiles[0] or bs % tiles[1]:
+                    continue
+                try:
+                    ms = bench_ms(lambda: attention_kernels.sparse_attention(
+                        q, k, v, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5,
+                        d_pad=api.triton_next_power_of_2(d), upcast=False, tiles=tiles))
+                except Exception as err:
+                    print(f"  {tiles} failed: {str(err).splitlines()[0]}", file=sys.stderr)
+                    continue
+                ratio = ms / (pattern.density() * cudnn)
+                print(f"| {t} | {100 * pattern.density():.1f}% | {' | '.join(map(str, tiles))} | {ms:.3f} | {ratio:.2f} |",
+                      flush=True)
+
+
 def print_table(rows: list[dict], args) -> None:
     print("| tokens | cuDNN ms | SDPA flash ms | pattern ms (% cuDNN) | structured density | whole ms | speed-up |")
     print("|---|---|---|---|---|---|---|")
@@ -159,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     parser.add_argument("--json", help="write all rows to this JSON file")
+    parser.add_argument("--sweep-tiles", action="store_true", help="only time the attention kernel per tile choice")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
         return 2
     print(environment())
+    if args.sweep_tiles:
+        sweep_tiles(args)
+        return 0
     print(f"bf16, batch 1, {args.q_heads} query / {args.kv_heads} KV heads, head dim {args.head_dim}, "
           f"block {args.block_size}, alpha {args.alpha}")
     rows = []

@@ -125,12 +125,16 @@ def sparse_attention(
     d_pad: int,
     upcast: bool,
     out: torch.Tensor | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D)."""
+    """Block-sparse attention; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
+
+    tiles: (BM, BN, num_warps, num_stages) to override the default choice (benchmark sweeps).
+    """
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
-    bm, bn, warps, stages = _tiles(block_size, d_pad)
+    bm, bn, warps, stages = tiles or _tiles(block_size, d_pad)
     first_tile = (tk - tq) // bm
     num_tiles = triton.cdiv(tk, bm) - first_tile
     if out is None:

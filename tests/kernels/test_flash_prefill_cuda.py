@@ -36,7 +36,7 @@ def test_triton_matches_reference_at_scale(shape):
     flips, unexplained = unexplained_flips(pattern, ref_pattern, scores, cfg, log_tol=0.1)
     assert unexplained == 0, f"{unexplained} of {flips} flips are not near the threshold"
     assert flips <= 0.005 * ref_pattern.to_dense().sum().item()
-    assert pattern.density() < 0.6
+    assert pattern.density() < 0.8, "the structured input should make the pattern sparse"
 
     # Same pattern: the attention kernel against fp32 and against the bf16 computation.
     exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale, torch.float32)

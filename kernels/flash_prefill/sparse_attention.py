@@ -106,11 +106,12 @@ def _sparse_attention_kernel(
 
 def _tiles(block_size: int, d_pad: int) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) by head dim and block size: large head dims take smaller
-    tiles to stay in registers; tiles never cross a sparsity block."""
+    tiles to stay in registers; tiles never cross a sparsity block. 128 x 128 with 8 warps was
+    the fastest of nine choices on the H200 at head dim 128 (BENCHMARKS.md, tile sweep)."""
     if d_pad >= 256:
         bm, bn, warps = 64, 32, 4
     else:
-        bm, bn, warps = 128, 64, 8
+        bm, bn, warps = 128, 128, 8
     return min(bm, block_size), min(bn, block_size), warps, 2
 
 

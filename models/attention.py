@@ -1,0 +1,208 @@
+"""FlashPrefill as a transformers attention function, with per-request settings and recording.
+
+Registered once under ATTENTION_NAME (no "flash" in it: transformers treats such names as
+flash-attn). The text tower uses it, the vision tower stays on SDPA. It receives query
+(B, HQ, Tq, D) and key/value (B, H, Tk, D) views with mRoPE applied and KV heads unexpanded, and
+returns (B, Tq, HQ, D). Prefill goes to kernels.flash_prefill; decode (one query token), the
+first `dense_layers` layers and anything non-causal go to dense SDPA. A padded batch (a 4-D
+mask, since sdpa_mask is registered for the name) runs each row on its own valid token range.
+Per-request settings travel in a context variable set around `generate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kernels import BlockSparsePattern, FlashPrefillConfig, flash_prefill
+
+ATTENTION_NAME = "videoprefill_sparse"
+DENSE_NAME = "sdpa"
+
+
+@dataclass
+class SparsityRecorder:
+    """Collects, per language-model layer, the density per query head and chosen block masks.
+
+    Everything stays on the device while a request runs (no host sync in the timed path);
+    `finish()` moves it to the CPU once.
+    """
+
+    mask_layers: tuple[int, ...] = ()
+    mask_size: int = 256
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> kept blocks per head (HQ,)
+    visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> visible blocks per head (HQ,)
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (HQ, n, m) kept fraction
+    block_size: int | None = None
+    num_tokens: int | None = None
+
+    def _add(self, layer: int, kept: torch.Tensor, visible: torch.Tensor) -> None:
+        # Rows of a padded batch arrive one pattern each: accumulate.
+        self.kept[layer] = self.kept[layer] + kept if layer in self.kept else kept
+        self.visible[layer] = self.visible[layer] + visible if layer in self.visible else visible
+
+    def record(self, layer: int, pattern: BlockSparsePattern) -> None:
+        batch, heads = pattern.kv_num_blocks.shape[:2]
+        visible = pattern.causal_blocks().to(torch.float32).sum() * batch
+        self._add(layer, pattern.kv_num_blocks.to(torch.float32).sum((0, 2)), visible.expand(heads))
+        self.block_size, self.num_tokens = pattern.block_size, pattern.kv_len
+        if layer in self.mask_layers and layer not in self.masks:
+            self.masks[layer] = downsample_mask(pattern.to_dense()[0], self.mask_size)
+
+    def record_dense(self, layer: int, num_heads: int, num_tokens: int, device) -> None:
+        ones = torch.ones(num_heads, device=device)
+        self._add(layer, ones, ones)
+        self.num_tokens = num_tokens
+
+    def finish(self) -> dict:
+        """{"density": float, "per_layer": [...], "per_head": [[...]], "masks": {layer: tensor}}."""
+        layers = sorted(self.kept)
+        per_head = [(self.kept[i] / self.visible[i]).cpu() for i in layers]
+        kept = sum(float(self.kept[i].sum()) for i in layers)
+        visible = sum(float(self.visible[i].sum()) for i in layers)
+        return {
+            "density": kept / visible if visible else 1.0,
+            "per_layer": [float(h.mean()) for h in per_head],
+            "per_head": [h.tolist() for h in per_head],
+            "layers": layers,
+            "masks": {i: m.cpu() for i, m in self.masks.items()},
+            "block_size": self.block_size,
+            "num_tokens": self.num_tokens,
+        }
+
+
+def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(HQ, NQB, NKB) bool -> (HQ, <=size, <=size) fraction of kept blocks, by average pooling."""
+    h, nq, nk = mask.shape
+    x = mask.to(torch.float32)[:, None]
+    if nq > size or nk > size:
+        x = F.adaptive_avg_pool2d(x, (min(nq, size), min(nk, size)))
+    return x[:, 0]
+
+
+@dataclass
+class RequestSettings:
+    """What one request asks of the attention function."""
+
+    config: FlashPrefillConfig = field(default_factory=FlashPrefillConfig)
+    dense_layers: int = 0
+    recorder: SparsityRecorder | None = None
+    backend: str = "auto"
+
+
+_SETTINGS: contextvars.ContextVar[RequestSettings | None] = contextvars.ContextVar("videoprefill_settings", default=None)
+_DEFAULTS = RequestSettings()
+
+
+@contextlib.contextmanager
+def request_settings(settings: RequestSettings):
+    """Use `settings` for every attention call made inside the block (e.g. around generate)."""
+    token = _SETTINGS.set(settings)
+    try:
+        yield settings
+    finally:
+        _SETTINGS.reset(token)
+
+
+def set_default_settings(settings: RequestSettings) -> None:
+    """Settings used outside any request_settings block (a model loaded with a config)."""
+    global _DEFAULTS
+    _DEFAULTS = settings
+
+
+def current_settings() -> RequestSettings:
+    return _SETTINGS.get() or _DEFAULTS
+
+
+def _dense(module, query, key, value, attention_mask, scaling, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _valid_range(row_mask: torch.Tensor) -> tuple[int, int] | None:
+    """(start, end) if the True entries of a 1-D mask are one contiguous run, else None."""
+    idx = row_mask.nonzero().flatten()
+    if idx.numel() == 0:
+        return None
+    start, end = int(idx[0]), int(idx[-1]) + 1
+    return (start, end) if idx.numel() == end - start else None
+
+
+def sparse_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    settings = current_settings()
+    layer = getattr(module, "layer_idx", None)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    b, hq, tq, _ = query.shape
+    tk = key.shape[2]
+    recorder = settings.recorder
+    if tq == 1 or not causal or layer is None or layer < settings.dense_layers:
+        if recorder is not None and layer is not None and tq > 1:
+            recorder.record_dense(layer, hq, tk, query.device)
+        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if attention_mask is None:
+        out, pattern = flash_prefill(q, k, v, config=settings.config, scale=scaling, backend=settings.backend,
+                                     return_pattern=True)
+        if recorder is not None:
+            recorder.record(layer, pattern)
+        return out, None
+
+    # Padded batch: each row attends within its own contiguous run of valid keys.
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    key_valid = mask[:, 0, -1, :] if mask.dim() == 4 else mask
+    ranges = [_valid_range(key_valid[i, -tk:]) for i in range(b)]
+    if any(r is None or r[1] != tk for r in ranges):
+        # Not left padding (the last query must see every valid key): dense with the mask.
+        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+    out = torch.zeros(b, tq, hq, q.shape[-1], dtype=q.dtype, device=q.device)
+    for i, (start, end) in enumerate(ranges):
+        first_query = max(start, tk - tq)
+        rows = slice(first_query - (tk - tq), tq)
+        row_out, pattern = flash_prefill(
+            q[i : i + 1, rows], k[i : i + 1, start:end], v[i : i + 1, start:end],
+            config=settings.config, scale=scaling, backend=settings.backend, return_pattern=True,
+        )
+        out[i, rows] = row_out[0]
+        if recorder is not None:
+            recorder.record(layer, pattern)
+    return out, None
+
+
+_registered = False
+
+
+def register() -> str:
+    """Register the attention function (and its mask function) with transformers; idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        _registered = True
+    return ATTENTION_NAME
+
+
+def set_attention(model, mode: str) -> None:
+    """Switch the text tower between "sparse" (FlashPrefill) and "dense" (SDPA) without reloading."""
+    if mode not in ("sparse", "dense"):
+        raise ValueError(f"attention must be 'sparse' or 'dense', got {mode!r}")
+    name = register() if mode == "sparse" else DENSE_NAME
+    model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})

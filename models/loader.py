@@ -1,0 +1,116 @@
+"""models.load: a Qwen-VL model and its processor, with FlashPrefill in the language model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from kernels import FlashPrefillConfig
+
+from .attention import RequestSettings, register, set_default_settings
+
+# model_type in config.json -> (family, transformers class name)
+SUPPORTED = {
+    "qwen2_vl": ("qwen2-vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3-vl", "Qwen3VLForConditionalGeneration"),
+}
+
+# The demo model is small and its prompts short: small blocks and no dense floor, so the
+# sparsity it shows is FlashPrefill's own choice.
+DEMO_CONFIG = FlashPrefillConfig(block_size=32, alpha=0.1, sink_blocks=1, window_blocks=2, last_full_blocks=1,
+                                 min_seq_len=0)
+
+
+class ModelLoadError(ValueError):
+    """The model id or path cannot be loaded as a supported Qwen-VL checkpoint."""
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    name: str
+    family: str
+    path: str
+    trained: bool
+    config: FlashPrefillConfig
+    dense_layers: int
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def _model_type(source: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except Exception as err:
+        raise ModelLoadError(f"cannot load a model config from {source!r}: {str(err).splitlines()[0][:300]}") from err
+
+
+def load(
+    model: str = "demo",
+    attention: str = "sparse",
+    config: FlashPrefillConfig | None = None,
+    dense_layers: int = 0,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """Load (model, processor). `model` is "demo", a hub id or a local checkpoint folder.
+
+    The text tower runs FlashPrefill ("sparse") or SDPA ("dense"); the vision tower runs SDPA.
+    `config` defaults to the family's preset; the first `dense_layers` layers stay dense.
+    The model gets a `videoprefill` attribute (ModelInfo).
+    """
+    import transformers
+
+    from .tiny import ensure_demo
+
+    if attention not in ("sparse", "dense"):
+        raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
+    if dense_layers < 0:
+        raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    is_demo = model == "demo"
+    source = str(ensure_demo()) if is_demo else model
+    model_type = _model_type(source)
+    if model_type not in SUPPORTED:
+        raise ModelLoadError(f"{model!r} is a {model_type!r} model; supported: {', '.join(sorted(SUPPORTED))}")
+    family, class_name = SUPPORTED[model_type]
+    if config is None:
+        config = DEMO_CONFIG if is_demo else FlashPrefillConfig.for_model(family)
+    name = register()
+    text_attention = name if attention == "sparse" else "sdpa"
+    cls = getattr(transformers, class_name)
+    try:
+        net = cls.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation={"text_config": text_attention, "vision_config": "sdpa"}
+        )
+        processor = transformers.AutoProcessor.from_pretrained(source)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load {model!r}: {str(err).splitlines()[0][:300]}") from err
+    net = net.to(device).eval()
+    trained = True
+    marker = Path(source) / "videoprefill.json"
+    if marker.exists():
+        trained = bool(json.loads(marker.read_text()).get("trained", False))
+    net.videoprefill = ModelInfo(model, family, source, trained, config, dense_layers)
+    set_default_settings(RequestSettings(config=config, dense_layers=dense_layers))
+    return net, processor

@@ -1,0 +1,5 @@
+import sys
+
+from videoprefill.run import main
+
+sys.exit(main())

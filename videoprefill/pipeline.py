@@ -1,0 +1,260 @@
+"""VideoQA: video + question -> answer, with a time-to-first-token breakdown and a sparsity record.
+
+Stages, each closed by a GPU synchronisation so a stage's time is its own:
+  decode_video_s  open and check the file, sample and resize frames, build the prompt and the
+                  processor's tensors (everything before the model runs)
+  vision_s        the vision encoder
+  prefill_s       the language model over the whole prompt (FlashPrefill or dense)
+  first_token_s   from the end of prefill to the first token chosen (LM head, sampling)
+  ttft_s          from the request (a video path) to the first token
+  total_s         the whole request, all new tokens included
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import FlashPrefillConfig
+from models.attention import RequestSettings, SparsityRecorder, request_settings, set_attention
+
+from .video import Sampling, VideoError, VideoInfo, probe, sample_frames
+
+DEFAULT_QUESTION = "Describe this video."
+ATTENTION_MODES = ("sparse", "dense")
+
+
+class InputError(ValueError):
+    """A request that cannot be served as given (bad video, empty question, bad settings)."""
+
+
+@dataclass
+class Prepared:
+    """A request after decoding: the model inputs and what is known of them."""
+
+    video: VideoInfo
+    question: str
+    inputs: dict
+    decode_s: float
+    tokens: dict
+    video_ranges: list[tuple[int, int]]
+    sampled_frames: int
+
+
+@dataclass
+class Answer:
+    text: str
+    attention: str
+    model: str
+    trained: bool
+    timings: dict
+    tokens: dict
+    sparsity: dict
+    video: dict
+    new_tokens: int
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        sparsity = {k: v for k, v in self.sparsity.items() if k != "masks"}
+        return {
+            "answer": self.text, "attention": self.attention, "model": self.model, "trained": self.trained,
+            "timings": self.timings, "tokens": self.tokens, "sparsity": sparsity, "video": self.video,
+            "new_tokens": self.new_tokens, "config": self.config,
+        }
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _StageClock:
+    """Forward hooks that time the first call of the vision tower and of the language model,
+    and a logits processor that stamps the first chosen token."""
+
+    def __init__(self, model, device: torch.device):
+        self.device = device
+        self.marks: dict[str, float] = {}
+        self.handles = []
+        for name, module in (("vision", model.model.visual), ("prefill", model.model.language_model)):
+            self.handles.append(module.register_forward_pre_hook(self._start(name)))
+            self.handles.append(module.register_forward_hook(self._end(name)))
+
+    def _start(self, name):
+        def hook(module, args):
+            if f"{name}_start" not in self.marks:
+                self.marks[f"{name}_start"] = _sync(self.device)
+        return hook
+
+    def _end(self, name):
+        def hook(module, args, output):
+            if f"{name}_end" not in self.marks:
+                self.marks[f"{name}_end"] = _sync(self.device)
+        return hook
+
+    def __call__(self, input_ids, scores):  # a LogitsProcessor: runs once per generated token
+        return scores
+
+    def first_token_stopper(self):
+        clock = self
+
+        from transformers import StoppingCriteria
+
+        class _FirstToken(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if "first_token" not in clock.marks:
+                    clock.marks["first_token"] = _sync(clock.device)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        return _FirstToken()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class VideoQA:
+    """Question answering over a video with a loaded Qwen-VL model (see models.load)."""
+
+    def __init__(self, model, processor, mask_layers: tuple[int, ...] | None = None):
+        self.model = model
+        self.processor = processor
+        self.info = getattr(model, "videoprefill", None)
+        self.device = next(model.parameters()).device
+        num_layers = model.config.text_config.num_hidden_layers
+        self.mask_layers = mask_layers if mask_layers is not None else (num_layers // 2, num_layers - 1)
+        self.video_token_id = model.config.video_token_id
+        self._attention = None
+
+    @classmethod
+    def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
+        from models import load
+
+        return cls(*load(model, **load_kwargs))
+
+    @property
+    def config(self) -> FlashPrefillConfig:
+        return self.info.config if self.info else FlashPrefillConfig()
+
+    def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
+        """Decode and sample the video and build the model inputs (the decode_video stage)."""
+        start = _sync(self.device)
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        sampling = sampling or Sampling()
+        info = probe(video)
+        messages = [{"role": "user", "content": [sampling.video_entry(info.path), {"type": "text", "text": question}]}]
+        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        patch = self.processor.video_processor.patch_size
+        frames, metadata, video_kwargs = sample_frames(messages, patch)
+        inputs = self.processor(
+            text=[prompt], videos=frames, video_metadata=metadata, do_resize=False, return_tensors="pt",
+            **video_kwargs,
+        ).to(self.device)
+        ids = inputs["input_ids"][0]
+        is_video = ids == self.video_token_id
+        n_video = int(is_video.sum())
+        end = _sync(self.device)
+        return Prepared(
+            video=info, question=question, inputs=dict(inputs), decode_s=end - start,
+            tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
+            video_ranges=_runs(is_video), sampled_frames=int(frames[0].shape[0]),
+        )
+
+    def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
+            config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
+            record_masks: bool = True) -> Answer:
+        """Prefill and generate for a prepared request with the chosen attention."""
+        if attention not in ATTENTION_MODES:
+            raise InputError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        config = config or self.config
+        if self._attention != attention:
+            set_attention(self.model, attention)
+            self._attention = attention
+        recorder = SparsityRecorder(mask_layers=self.mask_layers if record_masks else ())
+        settings = RequestSettings(
+            config=config, recorder=recorder,
+            dense_layers=self.info.dense_layers if dense_layers is None and self.info else (dense_layers or 0),
+        )
+        clock = _StageClock(self.model, self.device)
+        try:
+            start = _sync(self.device)
+            with torch.inference_mode(), request_settings(settings):
+                out = self.model.generate(
+                    **prepared.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                    stopping_criteria=[clock.first_token_stopper()], pad_token_id=self.processor.tokenizer.pad_token_id,
+                )
+            end = _sync(self.device)
+        finally:
+            clock.close()
+        m = clock.marks
+        new = out[0, prepared.inputs["input_ids"].shape[1] :]
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        vision_s = m["vision_end"] - m["vision_start"] if "vision_end" in m else 0.0
+        prefill_s = m["prefill_end"] - m["prefill_start"]
+        timings = {
+            "decode_video_s": prepared.decode_s,
+            "vision_s": vision_s,
+            "prefill_s": prefill_s,
+            "first_token_s": m["first_token"] - m["prefill_end"],
+            "ttft_s": prepared.decode_s + (m["first_token"] - start),
+            "total_s": prepared.decode_s + (end - start),
+        }
+        sparsity = recorder.finish() if attention == "sparse" else _dense_record(self.model, prepared)
+        sparsity["video_ranges"] = prepared.video_ranges
+        sparsity["num_tokens"] = prepared.tokens["total"]
+        return Answer(
+            text=text, attention=attention, model=self.info.name if self.info else "model",
+            trained=self.info.trained if self.info else True, timings=timings, tokens=dict(prepared.tokens),
+            sparsity=sparsity,
+            video={"path": prepared.video.path, "frames": prepared.video.num_frames, "fps": prepared.video.fps,
+                   "duration_s": round(prepared.video.duration_s, 3), "sampled_frames": prepared.sampled_frames},
+            new_tokens=int(new.numel()), config=dataclasses.asdict(config),
+        )
+
+    def ask(self, video: str, question: str = DEFAULT_QUESTION, attention: str = "sparse",
+            sampling: Sampling | None = None, max_new_tokens: int = 32,
+            config: FlashPrefillConfig | None = None) -> Answer:
+        """Answer `question` about `video`. Raises InputError (VideoError) for bad input."""
+        return self.run(self.prepare(video, question, sampling), attention, max_new_tokens, config)
+
+    def compare(self, video: str, question: str = DEFAULT_QUESTION, sampling: Sampling | None = None,
+                max_new_tokens: int = 32, config: FlashPrefillConfig | None = None) -> dict:
+        """Dense and sparse on the same decoded inputs: both answers, TTFT speed-up, agreement."""
+        prepared = self.prepare(video, question, sampling)
+        dense = self.run(prepared, "dense", max_new_tokens, config)
+        sparse = self.run(prepared, "sparse", max_new_tokens, config)
+        return {
+            "runs": {"sparse": sparse, "dense": dense},
+            "ttft_speedup": dense.timings["ttft_s"] / sparse.timings["ttft_s"],
+            "prefill_speedup": dense.timings["prefill_s"] / sparse.timings["prefill_s"],
+            "answers_agree": sparse.text == dense.text,
+        }
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True as (start, end) token ranges."""
+    idx = flags.nonzero().flatten().tolist()
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _dense_record(model, prepared: Prepared) -> dict:
+    layers = model.config.text_config.num_hidden_layers
+    heads = model.config.text_config.num_attention_heads
+    return {"density": 1.0, "per_layer": [1.0] * layers, "per_head": [[1.0] * heads for _ in range(layers)],
+            "layers": list(range(layers)), "masks": {}, "block_size": None}
+
+
+__all__ = ["ATTENTION_MODES", "Answer", "DEFAULT_QUESTION", "InputError", "Prepared", "VideoError", "VideoQA"]

@@ -1,0 +1,156 @@
+"""python -m videoprefill.run VIDEO [-q QUESTION] ...: answer a question about a video.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr), 1 on any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefill runs FlashPrefill."
+UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m videoprefill.run", description=DESCRIPTION)
+    p.add_argument("video", help="path to a video file")
+    p.add_argument("-q", "--question", default=None, help='question (default: "Describe this video.")')
+    p.add_argument("--model", default="demo", help="demo, a hub id or a local checkpoint folder")
+    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse")
+    p.add_argument("--alpha", type=float, help="keep blocks scoring >= alpha x row max (default: model preset)")
+    p.add_argument("--block-size", type=int, help="sparsity block size (power of two)")
+    p.add_argument("--min-seq-len", type=int, help="run dense attention below this many tokens")
+    p.add_argument("--dense-layers", type=int, default=0, help="keep the first N language-model layers dense")
+    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
+    p.add_argument("--max-frames", type=int, default=64, help="at most this many frames")
+    p.add_argument("--max-pixels", type=int, default=256 * 28 * 28, help="pixels per frame after resizing")
+    p.add_argument("--total-pixels", type=int, help="pixels over all frames")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sparsity-map", metavar="PNG", help="write density heatmap and a block mask to this PNG")
+    return p
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _config(args, base):
+    changes = {k: v for k, v in (("alpha", args.alpha), ("block_size", args.block_size),
+                                 ("min_seq_len", args.min_seq_len)) if v is not None}
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def _human(answer, label: str | None = None) -> str:
+    t = answer.timings
+    head = f"[{label}] " if label else ""
+    lines = [f"{head}answer: {answer.text or '(empty)'}"]
+    if not answer.trained:
+        lines.append(f"{head}note: {UNTRAINED_NOTE}")
+    lines.append(
+        f"{head}TTFT {t['ttft_s'] * 1000:.1f} ms = decode video {t['decode_video_s'] * 1000:.1f} + vision "
+        f"{t['vision_s'] * 1000:.1f} + LLM prefill {t['prefill_s'] * 1000:.1f} + first token "
+        f"{t['first_token_s'] * 1000:.1f} ms (total {t['total_s'] * 1000:.1f} ms)"
+    )
+    tok = answer.tokens
+    lines.append(f"{head}tokens: {tok['video']} video + {tok['text']} text = {tok['total']}")
+    per_layer = " ".join(f"{d:.2f}" for d in answer.sparsity["per_layer"])
+    lines.append(f"{head}attention: {answer.attention}, density {answer.sparsity['density']:.1%} (per layer: {per_layer})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
+    import logging
+    import warnings
+
+    from kernels import FlashPrefillConfig  # noqa: F401  (validates on replace)
+    from models import ModelLoadError
+    from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
+    from videoprefill.video import Sampling, VideoError, probe
+
+    question = DEFAULT_QUESTION if args.question is None else args.question
+    try:
+        if not question.strip():
+            raise InputError("the question is empty")
+        sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+                            total_pixels=args.total_pixels)
+        probe(args.video)  # bad files fail before the model loads
+    except (InputError, VideoError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    from models import load
+
+    try:
+        model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
+                                dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
+        qa = VideoQA(model, processor)
+        config = _config(args, qa.config)
+        if args.attention == "compare":
+            result = qa.compare(args.video, question, sampling, args.max_new_tokens, config)
+            primary = result["runs"]["sparse"]
+        else:
+            primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config)
+            result = None
+    except (InputError, VideoError, ModelLoadError, ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # one line, not a traceback; VIDEOPREFILL_DEBUG=1 shows it
+        if os.environ.get("VIDEOPREFILL_DEBUG"):
+            raise
+        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return 1
+
+    if args.sparsity_map:
+        from videoprefill.plots import save_sparsity_map
+
+        save_sparsity_map(primary, args.sparsity_map)
+
+    if args.json:
+        if result is None:
+            payload = primary.to_json()
+        else:
+            payload = {"runs": {k: a.to_json() for k, a in result["runs"].items()},
+                       "ttft_speedup": result["ttft_speedup"], "prefill_speedup": result["prefill_speedup"],
+                       "answers_agree": result["answers_agree"]}
+        print(json.dumps(payload, indent=1))
+        return 0
+
+    print(f"model: {primary.model}   video: {primary.video['path']} ({primary.video['duration_s']:.1f} s, "
+          f"{primary.video['sampled_frames']} frames sampled)   question: {question}")
+    if result is None:
+        print(_human(primary))
+    else:
+        print(_human(result["runs"]["dense"], "dense"))
+        print(_human(result["runs"]["sparse"], "sparse"))
+        print(f"TTFT speed-up {result['ttft_speedup']:.2f}x (LLM prefill {result['prefill_speedup']:.2f}x); "
+              f"answers {'agree' if result['answers_agree'] else 'differ'}")
+    if args.sparsity_map:
+        print(f"sparsity map written to {args.sparsity_map}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,3 +18,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf .venv
+
+demo: $(STAMP)
+	$(PY) -m videoprefill.run videoprefill/assets/sample.mp4 --model demo --attention compare --sparsity-map sparsity.png

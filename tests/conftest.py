@@ -6,10 +6,13 @@ TRITON_INTERPRET is read when the kernel modules are imported, so it is set here
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
+# The demo model is built once per test session, away from the user's cache.
+os.environ.setdefault("VIDEOPREFILL_HOME", tempfile.mkdtemp(prefix="videoprefill-test-home-"))
 
 import torch  # noqa: E402
 
@@ -26,3 +29,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU machine"))
+
+
+@pytest.fixture(scope="session")
+def sample_video(tmp_path_factory):
+    """A small deterministic mp4: 4 s at 8 fps, 112 x 112."""
+    from videoprefill.video import write_test_video
+
+    return str(write_test_video(tmp_path_factory.mktemp("video") / "clip.mp4", seconds=4, fps=8, size=(112, 112)))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folders of small locally built Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints."""
+    from models.tiny import FAMILIES, build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: str(build_tiny(family, root / family, seed=1)) for family in FAMILIES}

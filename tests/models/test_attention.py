@@ -1,0 +1,142 @@
+"""FlashPrefill inside transformers' Qwen-VL models (CPU, reference backend)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import models.attention as attention_module
+from kernels import FlashPrefillConfig
+from models import load, request_settings, set_attention
+from models.attention import RequestSettings, SparsityRecorder
+from models.tiny import FAMILIES
+from videoprefill.pipeline import VideoQA
+from videoprefill.video import Sampling
+
+SMALL = Sampling(fps=4.0, max_frames=8, max_pixels=56 * 56, min_pixels=28 * 28)
+
+
+def config(alpha: float) -> FlashPrefillConfig:
+    return FlashPrefillConfig(block_size=16, alpha=alpha, sink_blocks=1, window_blocks=1, last_full_blocks=1,
+                              min_seq_len=0)
+
+
+def count_flash_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = attention_module.flash_prefill
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "flash_prefill", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_and_sparse_agree_at_alpha_zero(family, tiny_models, sample_video, monkeypatch):
+    model, processor = load(tiny_models[family], attention="sparse", config=config(0.0), device="cpu")
+    qa = VideoQA(model, processor)
+    prepared = qa.prepare(sample_video, "What moves?", SMALL)
+    assert prepared.tokens["video"] > 0
+    calls = count_flash_calls(monkeypatch)
+    with torch.inference_mode():
+        set_attention(model, "sparse")
+        with request_settings(RequestSettings(config=config(0.0))):
+            sparse_logits = model(**prepared.inputs).logits
+        assert len(calls) == model.config.text_config.num_hidden_layers, "the sparse path did not run"
+        set_attention(model, "dense")
+        dense_logits = model(**prepared.inputs).logits
+    torch.testing.assert_close(sparse_logits, dense_logits, atol=1e-4, rtol=1e-4)
+
+    sparse = qa.run(prepared, "sparse", max_new_tokens=6, config=config(0.0))
+    dense = qa.run(prepared, "dense", max_new_tokens=6, config=config(0.0))
+    assert sparse.text == dense.text
+    assert sparse.new_tokens == dense.new_tokens > 0
+
+
+def test_padded_batch_equals_single_runs(tiny_models, monkeypatch):
+    # A random model attends almost uniformly: alpha near 1 makes it drop blocks all the same.
+    model, processor = load(tiny_models["qwen2.5-vl"], attention="sparse", config=config(0.99), device="cpu")
+    tok = processor.tokenizer
+    texts = ["the red square moves left and the blue circle is still " * 12, "what colour is the ball? " * 5]
+    calls = count_flash_calls(monkeypatch)
+    settings = RequestSettings(config=config(0.99), recorder=SparsityRecorder())
+    with torch.inference_mode(), request_settings(settings):
+        batch = tok(texts, return_tensors="pt", padding=True)
+        assert (batch["attention_mask"] == 0).any(), "the batch should be padded"
+        batched = model(**batch).logits
+        singles = [model(**tok([t], return_tensors="pt")).logits for t in texts]
+    assert calls, "the sparse path did not run"
+    assert settings.recorder.finish()["density"] < 1.0, "alpha 0.99 should drop blocks"
+    for i, single in enumerate(singles):
+        n = single.shape[1]
+        torch.testing.assert_close(batched[i, -n:], single[0], atol=1e-4, rtol=1e-4)
+
+
+def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch):
+    model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.1), device="cpu")
+    qa = VideoQA(model, processor)
+    prepared = qa.prepare(sample_video, "Describe this video.", SMALL)
+    calls = count_flash_calls(monkeypatch)
+    answer = qa.run(prepared, "sparse", max_new_tokens=5)
+    layers = model.config.text_config.num_hidden_layers
+    assert answer.new_tokens == 5
+    assert calls == [prepared.tokens["total"]] * layers  # prefill only, once per layer
+
+
+def test_dense_layers_stay_dense(tiny_models, sample_video, monkeypatch):
+    model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.3), dense_layers=2, device="cpu")
+    qa = VideoQA(model, processor)
+    calls = count_flash_calls(monkeypatch)
+    answer = qa.ask(sample_video, "Describe this video.", sampling=SMALL, max_new_tokens=2)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(calls) == layers - 2
+    assert answer.sparsity["per_layer"][:2] == [1.0, 1.0]
+
+
+def test_sparsity_record_shapes_and_ranges(tiny_models, sample_video):
+    model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.3), device="cpu")
+    qa = VideoQA(model, processor, mask_layers=(1,))
+    answer = qa.ask(sample_video, "Which colour is the square?", sampling=SMALL, max_new_tokens=2)
+    sp = answer.sparsity
+    text_cfg = model.config.text_config
+    assert len(sp["per_layer"]) == text_cfg.num_hidden_layers
+    assert all(len(h) == text_cfg.num_attention_heads for h in sp["per_head"])
+    assert 0.0 < sp["density"] <= 1.0
+    n_blocks = -(-answer.tokens["total"] // 16)
+    assert set(sp["masks"]) == {1}
+    assert tuple(sp["masks"][1].shape) == (text_cfg.num_attention_heads, n_blocks, n_blocks)
+    (start, end), = sp["video_ranges"]
+    assert end - start == answer.tokens["video"]
+    assert 0 < start < end < answer.tokens["total"]
+    ids = qa.prepare(sample_video, "Which colour is the square?", SMALL).inputs["input_ids"][0]
+    assert bool((ids[start:end] == model.config.video_token_id).all())
+
+
+def test_switching_attention_needs_no_reload(tiny_models, sample_video):
+    model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.3), device="cpu")
+    qa = VideoQA(model, processor)
+    weights = model.lm_head.weight.data_ptr()
+    result = qa.compare(sample_video, "Describe this video.", SMALL, max_new_tokens=3)
+    assert model.lm_head.weight.data_ptr() == weights
+    assert result["runs"]["dense"].sparsity["density"] == 1.0
+    assert result["runs"]["sparse"].attention == "sparse"
+    assert model.config.text_config._attn_implementation == attention_module.ATTENTION_NAME
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_load_rejects_unknown_models(tmp_path):
+    from models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot load a model config"):
+        load(str(tmp_path / "nothing-here"))
+    with pytest.raises(ValueError, match="attention"):
+        load("demo", attention="fast")
+
+
+def test_config_is_frozen_per_request():
+    cfg = config(0.1)
+    assert dataclasses.replace(cfg, alpha=0.2).alpha == 0.2 and cfg.alpha == 0.1

@@ -1,0 +1,79 @@
+"""python -m videoprefill.run end to end in a subprocess, offline, with the demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--fps", "2", "--max-frames", "8", "--max-pixels", str(56 * 56), "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "videoprefill.run", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_json_sparse(sample_video):
+    proc = run(sample_video, "-q", "What moves?", "--json", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["attention"] == "sparse" and out["model"] == "demo" and out["trained"] is False
+    assert set(out["timings"]) >= {"decode_video_s", "vision_s", "prefill_s", "first_token_s", "ttft_s", "total_s"}
+    t = out["timings"]
+    assert 0 < t["prefill_s"] < t["ttft_s"] <= t["total_s"]
+    assert t["ttft_s"] >= t["decode_video_s"] + t["vision_s"] + t["prefill_s"]
+    assert out["tokens"]["video"] > 0 and out["tokens"]["total"] == out["tokens"]["video"] + out["tokens"]["text"]
+    assert 0 < out["sparsity"]["density"] <= 1 and len(out["sparsity"]["per_layer"]) == 4
+
+
+def test_compare_human_output_and_map(sample_video, tmp_path):
+    png = tmp_path / "map.png"
+    proc = run(sample_video, "--attention", "compare", "--alpha", "0.5", "--sparsity-map", str(png), *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert "[dense] answer:" in proc.stdout and "[sparse] answer:" in proc.stdout
+    assert "untrained" in proc.stdout and "TTFT speed-up" in proc.stdout
+    assert "Describe this video." in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_json(sample_video):
+    proc = run(sample_video, "--attention", "compare", "--json", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out["runs"]) == {"sparse", "dense"}
+    assert isinstance(out["answers_agree"], bool) and out["ttft_speedup"] > 0
+    assert out["runs"]["dense"]["sparsity"]["density"] == 1.0
+
+
+def bad_files(tmp_path, sample_video):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video\n" * 40)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(open(sample_video, "rb").read()[:2000])
+    return {"missing": str(tmp_path / "missing.mp4"), "empty": str(empty), "text": str(text), "truncated": str(cut)}
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated"])
+def test_bad_video_exits_2_with_one_line(kind, tmp_path, sample_video):
+    proc = run(bad_files(tmp_path, sample_video)[kind], *SMALL)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+
+
+def test_empty_question_exits_2(sample_video):
+    proc = run(sample_video, "-q", "   ", *SMALL)
+    assert proc.returncode == 2 and "question is empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_settings_exit_2(sample_video):
+    proc = run(sample_video, "--block-size", "48", *SMALL)
+    assert proc.returncode == 2 and "block_size" in proc.stderr and "Traceback" not in proc.stderr

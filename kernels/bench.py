@@ -129,10 +129,13 @@ def sweep_tiles(args) -> None:
     from kernels.flash_prefill import sparse_attention as attention_kernels
 
     hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
-    choices = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-               (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]
-    print("| tokens | density | BM | BN | warps | stages | ms | ratio to density x cuDNN |")
-    print("|---|---|---|---|---|---|---|---|")
+    # (BM, BN, warps, stages, TMA, warp specialisation)
+    choices = [(128, 128, 8, 2, False, False), (128, 128, 8, 3, False, False), (128, 64, 8, 3, False, False),
+               (128, 128, 8, 2, True, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, True, False),
+               (128, 128, 8, 2, False, True), (128, 128, 8, 3, True, True), (128, 64, 4, 3, True, True),
+               (128, 128, 4, 2, True, True)]
+    print("| tokens | density | BM | BN | warps | stages | TMA | WS | ms | ratio to density x cuDNN |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for t in args.lengths:
         q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -144,19 +147,21 @@ def sweep_tiles(args) -> None:
         cudnn = bench_ms(dense)
         for density in args.densities:
             pattern = random_pattern(1, hq, t, bs, density, "cuda", seed=t)
-            for tiles in choices:
+            for choice in choices:
+                tiles, tma, ws = choice[:4], choice[4], choice[5]
                 if bs % tiles[0] or bs % tiles[1]:
                     continue
                 try:
                     ms = bench_ms(lambda: attention_kernels.sparse_attention(
                         q, k, v, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5,
-                        d_pad=api.triton_next_power_of_2(d), upcast=False, tiles=tiles))
+                        d_pad=api.triton_next_power_of_2(d), upcast=False, tiles=tiles, use_tma=tma,
+                        warp_specialize=ws))
                 except Exception as err:
-                    print(f"  {tiles} failed: {str(err).splitlines()[0]}", file=sys.stderr)
+                    print(f"  {choice} failed: {str(err).splitlines()[0][:300]}", file=sys.stderr)
                     continue
                 ratio = ms / (pattern.density() * cudnn)
-                print(f"| {t} | {100 * pattern.density():.1f}% | {' | '.join(map(str, tiles))} | {ms:.3f} | {ratio:.2f} |",
-                      flush=True)
+                print(f"| {t} | {100 * pattern.density():.1f}% | {' | '.join(map(str, choice))} | {ms:.3f} | "
+                      f"{ratio:.2f} |", flush=True)
 
 
 def print_table(rows: list[dict], args) -> None:

@@ -33,6 +33,7 @@ CASES = [
     (1, 200, 200, 8, 1, 128, torch.float16, 64),
     (1, 97, 301, 4, 1, 64, torch.float16, 32),  # Tq < Tk, prefix not block aligned
     (2, 256, 256, 2, 2, 96, torch.bfloat16, 32),
+    (1, 150, 150, 2, 1, 256, torch.float16, 32),
 ]
 
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from videoprefill.pipeline import VideoQA
 
     model, processor = build_7b()
-    qa = VideoQA(model, processor, mask_layers=())
+    qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"transformers {transformers.__version__}; Qwen2.5-VL-7B architecture, random bf16 weights; {config}")

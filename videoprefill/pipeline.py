@@ -120,8 +120,12 @@ class _StageClock:
 class VideoQA:
     """Question answering over a video with a loaded Qwen-VL model (see models.load)."""
 
-    def __init__(self, model, processor, mask_layers: tuple[int, ...] | None = None):
+    def __init__(self, model, processor, mask_layers: tuple[int, ...] | None = None, warmup: bool = True):
+        """warmup: run the first request of each attention mode once untimed, so one-time costs
+        (Triton compilation, cuDNN plans, lazy allocations) stay out of the reported timings."""
         self.model = model
+        self.warmup = warmup
+        self._warm: set[str] = set()
         self.processor = processor
         self.info = getattr(model, "videoprefill", None)
         self.device = next(model.parameters()).device
@@ -182,6 +186,11 @@ class VideoQA:
             config=config, recorder=recorder,
             dense_layers=self.info.dense_layers if dense_layers is None and self.info else (dense_layers or 0),
         )
+        if self.warmup and attention not in self._warm:
+            with torch.inference_mode(), request_settings(dataclasses.replace(settings, recorder=None)):
+                self.model.generate(**prepared.inputs, max_new_tokens=1, do_sample=False,
+                                    pad_token_id=self.processor.tokenizer.pad_token_id)
+            self._warm.add(attention)
         clock = _StageClock(self.model, self.device)
         try:
             start = _sync(self.device)

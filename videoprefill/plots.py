@@ -19,6 +19,8 @@ def save_sparsity_map(answer, path: str) -> str:
     im = ax.imshow(per_head.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     ax.set_xlabel("layer")
     ax.set_ylabel("query head")
+    ax.set_xticks(range(per_head.shape[0]))
+    ax.set_yticks(range(0, per_head.shape[1], max(1, per_head.shape[1] // 8)))
     ax.set_title(f"kept blocks / visible blocks ({answer.attention}, mean {sp['density']:.1%})")
     fig.colorbar(im, ax=ax)
     if masks:

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time the very first run too (by default each attention mode runs once untimed first)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sparsity-map", metavar="PNG", help="write density heatmap and a block mask to this PNG")
     return p
@@ -106,7 +108,7 @@ def _main(args) -> int:
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
-        qa = VideoQA(model, processor)
+        qa = VideoQA(model, processor, warmup=not args.no_warmup)
         config = _config(args, qa.config)
         if args.attention == "compare":
             result = qa.compare(args.video, question, sampling, args.max_new_tokens, config)

@@ -78,7 +78,7 @@ def test_padded_batch_equals_single_runs(tiny_models, monkeypatch):
 
 def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch):
     model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.1), device="cpu")
-    qa = VideoQA(model, processor)
+    qa = VideoQA(model, processor, warmup=False)
     prepared = qa.prepare(sample_video, "Describe this video.", SMALL)
     calls = count_flash_calls(monkeypatch)
     answer = qa.run(prepared, "sparse", max_new_tokens=5)
@@ -89,7 +89,7 @@ def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch
 
 def test_dense_layers_stay_dense(tiny_models, sample_video, monkeypatch):
     model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.3), dense_layers=2, device="cpu")
-    qa = VideoQA(model, processor)
+    qa = VideoQA(model, processor, warmup=False)
     calls = count_flash_calls(monkeypatch)
     answer = qa.ask(sample_video, "Describe this video.", sampling=SMALL, max_new_tokens=2)
     layers = model.config.text_config.num_hidden_layers

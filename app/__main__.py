@@ -1,0 +1,41 @@
+"""python -m app: launch the web UI (offline: no analytics, no share link, no CDN)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app", description="videoprefill web UI")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", default="demo", help="demo, a hub id or a local checkpoint folder")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
+    args = p.parse_args(argv)
+
+    from app.ui import build
+    from models import ModelLoadError, load
+    from videoprefill.pipeline import VideoQA
+    from videoprefill.video import sample_video_path
+
+    try:
+        model, processor = load(args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    layers = model.config.text_config.num_hidden_layers
+    demo, _ = build(VideoQA(model, processor, mask_layers=tuple(range(layers))))
+    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=f"{args.max_upload_mb}mb",
+                allowed_paths=[str(sample_video_path())], show_error=True, footer_links=["api"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

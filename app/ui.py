@@ -1,0 +1,230 @@
+"""The Gradio web UI: a video and a question in; answers, TTFT stages and sparsity maps out.
+
+Every number shown comes from videoprefill.pipeline. One model is loaded at start and requests
+queue one at a time (one GPU serves one prefill at a time).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np
+
+from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
+from videoprefill.video import Sampling, VideoError, sample_video_path
+
+STAGES = ("decode_video_s", "vision_s", "prefill_s", "first_token_s")
+STAGE_NAMES = {"decode_video_s": "decode video", "vision_s": "vision encoder", "prefill_s": "LLM prefill",
+               "first_token_s": "first token"}
+UNTRAINED = "demo model, untrained: the answer text is not meaningful"
+RUN_COLUMNS = ["#", "mode", "question", "video tokens", "TTFT ms", "prefill ms", "density", "answer"]
+
+
+def _figure_to_array(fig) -> np.ndarray:
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def ttft_chart(answers: dict) -> np.ndarray:
+    """Stacked horizontal bars: one per run, one segment per TTFT stage."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(answers)))
+    colors = ["#8c8c8c", "#4c72b0", "#dd8452", "#55a868"]
+    for row, (name, answer) in enumerate(answers.items()):
+        left = 0.0
+        for stage, color in zip(STAGES, colors):
+            width = answer.timings[stage] * 1000
+            ax.barh(row, width, left=left, color=color, label=STAGE_NAMES[stage] if row == 0 else None)
+            left += width
+    ax.set_yticks(range(len(answers)), list(answers))
+    ax.set_xlabel("milliseconds from the request")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=8)
+    ax.set_title("time to first token by stage")
+    fig.tight_layout()
+    return _figure_to_array(fig)
+
+
+def density_plots(answer) -> tuple[np.ndarray, np.ndarray]:
+    """Density per layer (line) and per layer and head (heatmap)."""
+    plt = _plt()
+    per_head = np.array(answer.sparsity["per_head"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(len(per_head)), per_head.mean(1), marker="o")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept / visible blocks")
+    ax.set_title(f"density per layer (mean {answer.sparsity['density']:.1%})")
+    ax.set_xticks(range(len(per_head)))
+    fig.tight_layout()
+    line = _figure_to_array(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    im = ax.imshow(per_head.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("query head")
+    ax.set_xticks(range(per_head.shape[0]))
+    ax.set_yticks(range(0, per_head.shape[1], max(1, per_head.shape[1] // 8)))
+    ax.set_title("density per layer and head")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return line, _figure_to_array(fig)
+
+
+def block_mask_image(answer, layer: int, head: int) -> np.ndarray | None:
+    """The kept blocks of one layer and head, large enough to read, video and text ranges marked."""
+    masks = answer.sparsity.get("masks") or {}
+    if not masks:
+        return None
+    layer = layer if layer in masks else max(masks)
+    heads = masks[layer].shape[0]
+    head = min(max(head, 0), heads - 1)
+    mask = masks[layer][head].numpy()
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.imshow(mask, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    scale = mask.shape[1] / max(answer.sparsity.get("num_tokens") or 1, 1)
+    total = mask.shape[1]
+    covered = 0.0
+    for start, end in answer.sparsity.get("video_ranges", []):
+        ax.axvspan(start * scale - 0.5, end * scale - 0.5, color="tab:orange", alpha=0.18, label="video tokens")
+        covered = max(covered, end * scale)
+    ax.axvspan(covered - 0.5, total - 0.5, color="tab:blue", alpha=0.12, label="text after the video")
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    ax.set_title(f"layer {layer}, head {head}: kept key blocks (black)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _figure_to_array(fig)
+
+
+def format_answer(answer, label: str = "") -> str:
+    prefix = f"{label}: " if label else ""
+    text = f"{prefix}{answer.text or '(empty answer)'}  [TTFT {answer.timings['ttft_s'] * 1000:.1f} ms]"
+    return text + (f"  ({UNTRAINED})" if not answer.trained else "")
+
+
+class App:
+    """Holds the loaded model and the session's runs; `ask` is the /ask endpoint."""
+
+    def __init__(self, qa: VideoQA):
+        self.qa = qa
+        self.runs: list[list] = []
+        self.out_dir = Path(tempfile.mkdtemp(prefix="videoprefill-app-"))
+
+    def ask(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
+            max_pixels=256 * 28 * 28, layer=-1, head=0, progress=None):
+        import dataclasses
+
+        import gradio as gr
+
+        if not video:
+            raise gr.Error("Upload a video or press 'Use the sample video' first.")
+        if mode not in ("sparse", "dense", "compare"):
+            raise gr.Error(f"mode must be sparse, dense or compare, got {mode!r}")
+        try:
+            config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size))
+            sampling = Sampling(fps=float(fps), max_frames=int(max_frames), max_pixels=int(max_pixels))
+            if progress is not None:
+                progress(0.1, desc="decoding the video")
+            prepared = self.qa.prepare(str(video), question if question is not None else "", sampling)
+            if progress is not None:
+                progress(0.4, desc="prefill and first token")
+            if mode == "compare":
+                answers = {"dense": self.qa.run(prepared, "dense", 32, config),
+                           "sparse": self.qa.run(prepared, "sparse", 32, config)}
+            else:
+                answers = {mode: self.qa.run(prepared, mode, 32, config)}
+        except (InputError, VideoError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+        main = answers.get("sparse") or answers[mode]
+        if mode == "compare":
+            d, s = answers["dense"], answers["sparse"]
+            agree = "answers agree" if d.text == s.text else "ANSWERS DIFFER"
+            speed = d.timings["ttft_s"] / s.timings["ttft_s"]
+            text = "\n".join([format_answer(d, "dense"), format_answer(s, "sparse"),
+                              f"TTFT speed-up {speed:.2f}x; {agree}"])
+        else:
+            text = format_answer(main)
+        table = [[name] + [round(a.timings[k] * 1000, 2) for k in (*STAGES, "ttft_s", "total_s")]
+                 for name, a in answers.items()]
+        tokens = f"video tokens: {main.tokens['video']}   text tokens: {main.tokens['text']}   total: {main.tokens['total']}"
+        line, heat = density_plots(main)
+        layers = main.sparsity.get("layers") or [0]
+        chosen = layers[-1] if int(layer) < 0 else int(layer)
+        mask = block_mask_image(main, chosen, int(head))
+        for name, a in answers.items():
+            self.runs.append([len(self.runs) + 1, name, prepared.question[:60], a.tokens["video"],
+                              round(a.timings["ttft_s"] * 1000, 1), round(a.timings["prefill_s"] * 1000, 1),
+                              round(a.sparsity["density"], 4), a.text[:80]])
+        return text, table, ttft_chart(answers), tokens, line, heat, mask, list(self.runs)
+
+
+def build(qa: VideoQA):
+    import gradio as gr
+
+    app = App(qa)
+    sample = str(sample_video_path())
+    layers = qa.model.config.text_config.num_hidden_layers
+    heads = qa.model.config.text_config.num_attention_heads
+    with gr.Blocks(title="videoprefill") as demo:
+        gr.Markdown("# videoprefill\nAsk a question about a video. The language model's prefill runs "
+                    "FlashPrefill block-sparse attention; compare it with dense attention.")
+        if not getattr(qa.info, "trained", True):
+            gr.Markdown(f"**Model: {qa.info.name} ({UNTRAINED}).**")
+        with gr.Row():
+            with gr.Column():
+                video = gr.Video(label="video", sources=["upload"], format=None, elem_id="video")
+                use_sample = gr.Button("Use the sample video", elem_id="use-sample")
+                question = gr.Textbox(label="question", value=DEFAULT_QUESTION, elem_id="question")
+                mode = gr.Radio(["sparse", "dense", "compare"], value="compare", label="attention", elem_id="mode")
+                with gr.Accordion("settings", open=False):
+                    alpha = gr.Slider(0.0, 1.0, value=qa.config.alpha, step=0.01, label="alpha")
+                    block = gr.Dropdown([16, 32, 64, 128, 256], value=qa.config.block_size, label="block size")
+                    fps = gr.Number(value=2.0, label="frames per second sampled")
+                    max_frames = gr.Number(value=64, precision=0, label="max frames")
+                    max_pixels = gr.Number(value=256 * 28 * 28, precision=0, label="max pixels per frame")
+                    layer = gr.Slider(-1, layers - 1, value=-1, step=1, label="block-mask layer (-1: last)")
+                    head = gr.Slider(0, heads - 1, value=0, step=1, label="block-mask head")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column():
+                answer = gr.Textbox(label="answer", lines=4, elem_id="answer")
+                tokens = gr.Markdown(elem_id="tokens")
+                ttft_table = gr.Dataframe(
+                    headers=["run", "decode video ms", "vision ms", "LLM prefill ms", "first token ms", "TTFT ms",
+                             "total ms"], label="time to first token", elem_id="ttft-table", interactive=False)
+                ttft_plot = gr.Image(label="TTFT stages", elem_id="ttft-chart", type="numpy")
+        with gr.Row():
+            line = gr.Image(label="density per layer", elem_id="density-line", type="numpy")
+            heat = gr.Image(label="density per layer and head", elem_id="density-heatmap", type="numpy")
+        mask = gr.Image(label="block mask", elem_id="block-mask", type="numpy", height=640)
+        runs = gr.Dataframe(headers=RUN_COLUMNS, label="this session's runs", elem_id="runs", interactive=False)
+
+        use_sample.click(lambda: sample, outputs=video, api_name=False)
+
+        def _ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
+                 progress=gr.Progress()):
+            return app.ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head, progress)
+
+        ask.click(_ask, inputs=[video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head],
+                  outputs=[answer, ttft_table, ttft_plot, tokens, line, heat, mask, runs], api_name="ask")
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo, app

@@ -1,0 +1,120 @@
+"""The web UI with the demo model: the /ask API through gradio_client, and a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = str(ROOT / "videoprefill" / "assets" / "sample.mp4")
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+OUTPUT = ROOT / "test-output"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {proc.stdout.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("app did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def ask(client, video, question, mode):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(video), question, mode, 0.1, 32, 2.0, 8, 56 * 56, -1, 0, api_name="/ask")
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_ask_api_single_mode(client, mode):
+    out = ask(client, SAMPLE, "What moves?", mode)
+    answer, table = out[0], out[1]
+    assert "TTFT" in answer and "untrained" in answer
+    assert [row[0] for row in table["data"]] == [mode]
+    assert table["data"][0][5] > 0  # TTFT ms
+    assert "video tokens:" in out[3]
+
+
+def test_ask_api_compare(client):
+    out = ask(client, SAMPLE, "What moves?", "compare")
+    answer, table, runs = out[0], out[1], out[7]
+    assert answer.startswith("dense:") and "\nsparse:" in answer and "TTFT speed-up" in answer
+    assert [row[0] for row in table["data"]] == ["dense", "sparse"]
+    assert len(runs["data"]) >= 2  # the session's runs accumulate
+
+
+def test_bad_upload_is_reported_and_the_app_keeps_serving(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video\n" * 30)
+    with pytest.raises(AppError, match="cannot decode video"):
+        ask(client, str(bad), "What?", "sparse")
+    with pytest.raises(AppError, match="question is empty"):
+        ask(client, SAMPLE, "  ", "sparse")
+    assert "TTFT" in ask(client, SAMPLE, "Still there?", "sparse")[0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_browser_upload_ask_and_see_results(server):
+    from playwright.sync_api import sync_playwright
+
+    OUTPUT.mkdir(exist_ok=True)
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(server, wait_until="networkidle")
+        page.locator("#video input[type=file]").set_input_files(SAMPLE)
+        page.locator("#question textarea").fill("What colour is the square?")
+        page.locator("#ask").click()
+        page.wait_for_function(
+            "() => document.querySelector('#answer textarea') && "
+            "document.querySelector('#answer textarea').value.includes('TTFT')", timeout=240_000)
+        answer = page.locator("#answer textarea").input_value()
+        assert "sparse:" in answer and "dense:" in answer
+        assert page.locator("#ttft-table").get_by_text("LLM prefill ms").count() >= 1
+        for elem in ("#density-heatmap img", "#block-mask img", "#ttft-chart img"):
+            page.wait_for_selector(elem, timeout=60_000)
+            assert page.locator(elem).first.bounding_box()["width"] > 200
+        page.screenshot(path=str(OUTPUT / "app.png"), full_page=True)
+        browser.close()
+    assert (OUTPUT / "app.png").stat().st_size > 10_000

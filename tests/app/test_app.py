@@ -118,3 +118,17 @@ def test_browser_upload_ask_and_see_results(server):
         page.screenshot(path=str(OUTPUT / "app.png"), full_page=True)
         browser.close()
     assert (OUTPUT / "app.png").stat().st_size > 10_000
+
+
+def test_serves_no_file_outside_its_folders(server):
+    import urllib.error
+    import urllib.request
+
+    for path in ("/etc/passwd", str(ROOT / "pyproject.toml")):
+        for prefix in ("gradio_api/file=", "file="):
+            try:
+                with urllib.request.urlopen(server + prefix + path, timeout=10) as resp:
+                    body = resp.read()
+                    assert b"root:" not in body and b"[project]" not in body
+            except urllib.error.HTTPError as err:
+                assert err.code in (403, 404)

@@ -32,6 +32,17 @@ class InputError(ValueError):
 
 
 @dataclass
+class DecodedVideo:
+    """Sampled, resized frames of one video, reusable for several questions."""
+
+    info: VideoInfo
+    frames: list
+    metadata: list
+    video_kwargs: dict
+    decode_s: float
+
+
+@dataclass
 class Prepared:
     """A request after decoding: the model inputs and what is known of them."""
 
@@ -144,30 +155,46 @@ class VideoQA:
     def config(self) -> FlashPrefillConfig:
         return self.info.config if self.info else FlashPrefillConfig()
 
-    def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
-        """Decode and sample the video and build the model inputs (the decode_video stage)."""
+    def decode(self, video: str, sampling: Sampling | None = None) -> DecodedVideo:
+        """Check the file, then sample and resize its frames (no GPU work; safe in a thread)."""
+        start = time.perf_counter()
+        sampling = sampling or Sampling()
+        info = probe(video)
+        entry = sampling.video_entry(info.path)
+        frames, metadata, video_kwargs = sample_frames([{"role": "user", "content": [entry]}],
+                                                       self.processor.video_processor.patch_size)
+        return DecodedVideo(info, frames, metadata, video_kwargs, time.perf_counter() - start)
+
+    def prepare_decoded(self, decoded: DecodedVideo, question: str, count_decode: bool = True) -> Prepared:
+        """Build the model inputs for a question about an already decoded video.
+
+        count_decode: add the video's decode time to this request (False for a video decoded for
+        an earlier question, whose frames are reused)."""
         start = _sync(self.device)
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
-        sampling = sampling or Sampling()
-        info = probe(video)
-        messages = [{"role": "user", "content": [sampling.video_entry(info.path), {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        patch = self.processor.video_processor.patch_size
-        frames, metadata, video_kwargs = sample_frames(messages, patch)
         inputs = self.processor(
-            text=[prompt], videos=frames, video_metadata=metadata, do_resize=False, return_tensors="pt",
-            **video_kwargs,
+            text=[prompt], videos=decoded.frames, video_metadata=decoded.metadata, do_resize=False,
+            return_tensors="pt", **decoded.video_kwargs,
         ).to(self.device)
         ids = inputs["input_ids"][0]
         is_video = ids == self.video_token_id
         n_video = int(is_video.sum())
         end = _sync(self.device)
         return Prepared(
-            video=info, question=question, inputs=dict(inputs), decode_s=end - start,
+            video=decoded.info, question=question, inputs=dict(inputs),
+            decode_s=(decoded.decode_s if count_decode else 0.0) + (end - start),
             tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
-            video_ranges=_runs(is_video), sampled_frames=int(frames[0].shape[0]),
+            video_ranges=_runs(is_video), sampled_frames=int(decoded.frames[0].shape[0]),
         )
+
+    def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
+        """Decode and sample the video and build the model inputs (the decode_video stage)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        return self.prepare_decoded(self.decode(video, sampling), question)
 
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,

@@ -50,7 +50,7 @@ def ttft_chart(answers: dict) -> np.ndarray:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(answers)))
     colors = ["#8c8c8c", "#4c72b0", "#dd8452", "#55a868"]
-    for row, (name, answer) in enumerate(answers.items()):
+    for row, answer in enumerate(answers.values()):
         left = 0.0
         for stage, color in zip(STAGES, colors):
             width = answer.timings[stage] * 1000
@@ -166,7 +166,8 @@ class App:
             text = format_answer(main)
         table = [[name] + [round(a.timings[k] * 1000, 2) for k in (*STAGES, "ttft_s", "total_s")]
                  for name, a in answers.items()]
-        tokens = f"video tokens: {main.tokens['video']}   text tokens: {main.tokens['text']}   total: {main.tokens['total']}"
+        tok = main.tokens
+        tokens = f"video tokens: {tok['video']}   text tokens: {tok['text']}   total: {tok['total']}"
         line, heat = density_plots(main)
         layers = main.sparsity.get("layers") or [0]
         chosen = layers[-1] if int(layer) < 0 else int(layer)

@@ -185,7 +185,8 @@ def print_table(rows: list[dict], args) -> None:
             ideal = dens * r["cudnn_ms"]
             flex = r.get(f"{key}_flex_ms")
             flex_txt = f"{flex:.3f} | {flex / ideal:.2f}" if flex else "- | -"
-            print(f"| {r['tokens']} | {100 * dens:.1f}% | {r[f'{key}_ours_ms']:.3f} | {r[f'{key}_ours_ms'] / ideal:.2f} | {flex_txt} |")
+            ours = r[f"{key}_ours_ms"]
+            print(f"| {r['tokens']} | {100 * dens:.1f}% | {ours:.3f} | {ours / ideal:.2f} | {flex_txt} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,9 @@ class RequestSettings:
     backend: str = "auto"
 
 
-_SETTINGS: contextvars.ContextVar[RequestSettings | None] = contextvars.ContextVar("videoprefill_settings", default=None)
+_SETTINGS: contextvars.ContextVar[RequestSettings | None] = contextvars.ContextVar(
+    "videoprefill_settings", default=None
+)
 _DEFAULTS = RequestSettings()
 
 
@@ -153,7 +155,8 @@ def sparse_attention_forward(
     if tq == 1 or not causal or layer is None or layer < settings.dense_layers:
         if recorder is not None and layer is not None and tq > 1:
             recorder.record_dense(layer, hq, tk, query.device)
-        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
+                      **kwargs)
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if attention_mask is None:
@@ -169,7 +172,8 @@ def sparse_attention_forward(
     ranges = [_valid_range(key_valid[i, -tk:]) for i in range(b)]
     if any(r is None or r[1] != tk for r in ranges):
         # Not left padding (the last query must see every valid key): dense with the mask.
-        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal, **kwargs)
+        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
+                      **kwargs)
     out = torch.zeros(b, tq, hq, q.shape[-1], dtype=q.dtype, device=q.device)
     for i, (start, end) in enumerate(ranges):
         first_query = max(start, tk - tq)

@@ -409,7 +409,8 @@ def summary_markdown(summary: dict) -> str:
     if "agreement" in summary:
         lines += ["", "| agreement sparse/dense | sparse accuracy | dense accuracy | sparse TTFT s | dense TTFT s |",
                   "|---|---|---|---|---|",
-                  f"| {pct(summary['agreement'])} | {pct(summary['sparse_accuracy'])} | {pct(summary['dense_accuracy'])} "
+                  f"| {pct(summary['agreement'])} | {pct(summary['sparse_accuracy'])} "
+                  f"| {pct(summary['dense_accuracy'])} "
                   f"| {sec(summary['sparse_ttft_mean_s'])} | {sec(summary['dense_ttft_mean_s'])} |"]
     for key, title in (("by_category", "category"), ("by_duration", "duration")):
         if summary[key]:

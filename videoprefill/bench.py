@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("videoprefill.bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
     import transformers
+    import triton
 
     from kernels import FlashPrefillConfig
     from videoprefill.pipeline import VideoQA

@@ -63,7 +63,8 @@ def _human(answer, label: str | None = None) -> str:
     tok = answer.tokens
     lines.append(f"{head}tokens: {tok['video']} video + {tok['text']} text = {tok['total']}")
     per_layer = " ".join(f"{d:.2f}" for d in answer.sparsity["per_layer"])
-    lines.append(f"{head}attention: {answer.attention}, density {answer.sparsity['density']:.1%} (per layer: {per_layer})")
+    density = answer.sparsity["density"]
+    lines.append(f"{head}attention: {answer.attention}, density {density:.1%} (per layer: {per_layer})")
     return "\n".join(lines)
 
 

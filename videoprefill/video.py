@@ -7,8 +7,8 @@ and any failure becomes one VideoError that names the file and the cause.
 
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -54,7 +54,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> N
         raise ValueError(f"head dim mismatch: q {tuple(q.shape)} vs k {tuple(k.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(
-            f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]}): q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]}): "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     if q.shape[1] > k.shape[1]:
         raise ValueError(f"Tq must not exceed Tk: q has {q.shape[1]} tokens, k has {k.shape[1]}")
@@ -91,7 +92,9 @@ def _causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: torch.de
     return BlockSparsePattern(counts, ids, bs, tq, tk)
 
 
-def _find_pattern_triton(q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float) -> BlockSparsePattern:
+def _find_pattern_triton(
+    q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float
+) -> BlockSparsePattern:
     from . import pattern as pattern_kernels
     from . import select as select_kernels
 
@@ -209,7 +212,9 @@ def flash_prefill_varlen(
     lens_q = [b - a for a, b in zip(cq, cq[1:])]
     lens_k = [b - a for a, b in zip(ck, ck[1:])]
     if max(lens_q) > max_seqlen_q or max(lens_k) > max_seqlen_k:
-        raise ValueError(f"max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) below the longest sequence ({max(lens_q)}, {max(lens_k)})")
+        raise ValueError(
+            f"max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) below the longest sequence ({max(lens_q)}, {max(lens_k)})"
+        )
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     patterns = []
     for i in range(len(cq) - 1):

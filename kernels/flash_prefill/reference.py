@@ -68,7 +68,9 @@ def select_blocks(scores: torch.Tensor, config: FlashPrefillConfig, q_len: int, 
     return BlockSparsePattern.from_dense(keep, bs, q_len, kv_len)
 
 
-def causal_pattern(batch: int, num_q_heads: int, q_len: int, kv_len: int, block_size: int, device) -> BlockSparsePattern:
+def causal_pattern(
+    batch: int, num_q_heads: int, q_len: int, kv_len: int, block_size: int, device
+) -> BlockSparsePattern:
     """Every causally visible block kept: the pattern of dense attention."""
     nkb = math.ceil(kv_len / block_size)
     first = (kv_len - q_len) // block_size

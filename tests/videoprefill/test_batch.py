@@ -155,7 +155,10 @@ def test_sigterm_keeps_results_and_rerun_completes(tmp_path, videos):
     args = [sys.executable, "-m", "videoprefill.batch", str(src), "--video-dir", str(videos), "--out", str(out), *slow]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and (not out.exists() or len(out.read_text().splitlines()) < 2):
+    def lines_written() -> int:
+        return len(out.read_text().splitlines()) if out.exists() else 0
+
+    while time.time() < deadline and proc.poll() is None and lines_written() < 2:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels import FlashPrefillConfig, flash_prefill
 from kernels.flash_prefill import api
 from kernels.flash_prefill.config import BlockSparsePattern
-from kernels.testing import random_qkv, structured_qkv
+from kernels.testing import random_pattern, random_qkv, structured_qkv
 
 
 def environment() -> str:
@@ -44,16 +44,6 @@ def bench_ms(fn, seconds: float = 0.3) -> float:
     once = start.elapsed_time(end)
     rep = max(3 * once, min(seconds * 1000, 40 * once))
     return triton.testing.do_bench(fn, warmup=max(once, 1.0), rep=rep, return_mode="median")
-
-
-def random_pattern(b: int, hq: int, t: int, bs: int, density: float, device, seed: int = 0) -> BlockSparsePattern:
-    """Each causal block kept with probability `density`; the diagonal is always kept."""
-    nkb = math.ceil(t / bs)
-    g = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(b, hq, nkb, nkb, generator=g, device=device) < density
-    causal = torch.ones(nkb, nkb, dtype=torch.bool, device=device).tril()
-    keep = (keep & causal) | torch.eye(nkb, dtype=torch.bool, device=device)
-    return BlockSparsePattern.from_dense(keep, bs, t, t)
 
 
 def flex_runner(q, k, v, pattern: BlockSparsePattern, scale: float):

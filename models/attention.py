@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import BlockSparsePattern, FlashPrefillConfig, flash_prefill
+from kernels import (
+    BlockSparsePattern,
+    FlashPrefillConfig,
+    block_sparse_attention,
+    dense_attention,
+    find_pattern,
+    flash_prefill,
+)
+from kernels.testing import random_pattern
 
 ATTENTION_NAME = "videoprefill_sparse"
 DENSE_NAME = "sdpa"
@@ -92,6 +100,12 @@ class RequestSettings:
     dense_layers: int = 0
     recorder: SparsityRecorder | None = None
     backend: str = "auto"
+    # Benchmarks only: layer -> relative error of the sparse attention output against dense
+    # attention on the same q, k, v (costs a dense attention per layer).
+    output_errors: dict[int, float] | None = None
+    # Benchmarks only: run pattern discovery for its cost, then attend over random blocks at this
+    # density instead (to read speed at the densities trained checkpoints select).
+    fixed_density: float | None = None
 
 
 _SETTINGS: contextvars.ContextVar[RequestSettings | None] = contextvars.ContextVar(
@@ -159,11 +173,22 @@ def sparse_attention_forward(
                       **kwargs)
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if settings.fixed_density is not None and attention_mask is None:
+        find_pattern(q, k, settings.config, scaling, settings.backend)
+        pattern = random_pattern(b, hq, tk, settings.config.block_size, settings.fixed_density, q.device,
+                                 seed=layer, q_len=tq)
+        if recorder is not None:
+            recorder.record(layer, pattern)
+        return block_sparse_attention(q, k, v, pattern, scaling, settings.backend), None
     if attention_mask is None:
         out, pattern = flash_prefill(q, k, v, config=settings.config, scale=scaling, backend=settings.backend,
                                      return_pattern=True)
         if recorder is not None:
             recorder.record(layer, pattern)
+        if settings.output_errors is not None and layer not in settings.output_errors:
+            dense = dense_attention(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5)
+            err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-30)
+            settings.output_errors[layer] = float(err)
         return out, None
 
     # Padded batch: each row attends within its own contiguous run of valid keys.

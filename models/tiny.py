@@ -160,6 +160,14 @@ def build_tiny(family: str, path: str | os.PathLike, seed: int = 0, **config_ove
     return path
 
 
+SHIPPED_DEMO = Path(__file__).parent / "demo_model"
+
+
+def shipped_demo() -> Path | None:
+    """The trained demo model that ships with the project (videoprefill.train_demo), if present."""
+    return SHIPPED_DEMO if (SHIPPED_DEMO / "model.safetensors").exists() else None
+
+
 def demo_path() -> Path:
     """Where the demo model is cached: $VIDEOPREFILL_HOME/demo-qwen2.5-vl or ~/.cache/videoprefill/..."""
     home = Path(os.environ.get("VIDEOPREFILL_HOME", Path.home() / ".cache" / "videoprefill"))
@@ -167,7 +175,11 @@ def demo_path() -> Path:
 
 
 def ensure_demo() -> Path:
-    """The demo model folder, built on first use (a few seconds, no downloads)."""
+    """The demo model folder: the shipped trained one, else an untrained one built on first use
+    (a few seconds, no downloads)."""
+    shipped = shipped_demo()
+    if shipped is not None:
+        return shipped
     path = demo_path()
     if not (path / "videoprefill.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)

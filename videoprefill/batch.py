@@ -509,15 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import logging
-    import warnings
+    from videoprefill import quiet_libraries
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     from models import ModelLoadError, load
 
     from .pipeline import VideoQA

@@ -1,4 +1,6 @@
-"""End-to-end prefill benchmark on a GPU: `python -m videoprefill.bench`.
+"""Benchmarks: `python -m videoprefill.bench [prefill]` and `python -m videoprefill.bench accuracy`.
+
+prefill: end-to-end prefill timing on a GPU.
 
 Builds a model of the Qwen2.5-VL-7B architecture (its published config written here, random
 bf16 weights: no download) and the local processor, feeds synthetic video frames sized to give
@@ -67,10 +69,13 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
                     {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def prefill_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m videoprefill.bench prefill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fixed-density", type=float, nargs="*", default=[],
+                        help="benchmark only: also time sparse prefill with random blocks at these densities")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -92,17 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     warm = synthetic_request(qa, 4096)
     for mode in ("dense", "sparse"):  # compile kernels, warm cuDNN
         qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
+    runs = [("dense", None), ("sparse", None)] + [("sparse", d) for d in args.fixed_density]
     for tokens in args.video_tokens:
         prepared = synthetic_request(qa, tokens)
-        for mode in ("dense", "sparse"):
+        for mode, fixed in runs:
             best = None
             for _ in range(args.repeats):
-                answer = qa.run(prepared, mode, max_new_tokens=2, config=config)
+                answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
                 if best is None or answer.timings["prefill_s"] < best.timings["prefill_s"]:
                     best = answer
             t = best.timings
             rows.append({"video_tokens": prepared.tokens["video"], "total_tokens": prepared.tokens["total"],
-                         "attention": mode, "density": best.sparsity["density"],
+                         "attention": mode if fixed is None else f"sparse, fixed {fixed:.0%} (benchmark only)",
+                         "density": best.sparsity["density"],
                          "vision_s": t["vision_s"], "prefill_s": t["prefill_s"], "first_token_s": t["first_token_s"],
                          "ttft_without_decode_s": t["ttft_s"] - t["decode_video_s"],
                          "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
@@ -117,6 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": header, "rows": rows}, f, indent=1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`prefill` (the default: end-to-end prefill timing on a GPU) or `accuracy` (needle benchmark)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "accuracy":
+        from .accuracy import main as accuracy_main
+
+        return accuracy_main(argv[1:])
+    if argv and argv[0] == "prefill":
+        argv = argv[1:]
+    return prefill_main(argv)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ class VideoQA:
 
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
-            record_masks: bool = True) -> Answer:
+            record_masks: bool = True, fixed_density: float | None = None) -> Answer:
         """Prefill and generate for a prepared request with the chosen attention."""
         if attention not in ATTENTION_MODES:
             raise InputError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -210,7 +210,7 @@ class VideoQA:
             self._attention = attention
         recorder = SparsityRecorder(mask_layers=self.mask_layers if record_masks else ())
         settings = RequestSettings(
-            config=config, recorder=recorder,
+            config=config, recorder=recorder, fixed_density=fixed_density,
             dense_layers=self.info.dense_layers if dense_layers is None and self.info else (dense_layers or 0),
         )
         if self.warmup and attention not in self._warm:

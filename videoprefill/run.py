@@ -79,10 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    import logging
-    import warnings
-
-    from kernels import FlashPrefillConfig  # noqa: F401  (validates on replace)
     from models import ModelLoadError
     from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
     from videoprefill.video import Sampling, VideoError, probe
@@ -98,12 +94,9 @@ def _main(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import transformers
+    from videoprefill import quiet_libraries
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     from models import load
 
     try:

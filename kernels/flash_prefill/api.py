@@ -176,6 +176,43 @@ def flash_prefill(
     return (out, pattern) if return_pattern else out
 
 
+def find_pattern(
+    q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig | None = None, scale: float | None = None,
+    backend: str = "auto",
+) -> BlockSparsePattern:
+    """Pattern discovery and selection alone (DESIGN.md steps 1-3), whatever the key length."""
+    config = config or FlashPrefillConfig()
+    backend = _resolve_backend(backend, q.device)
+    _check(q, k, k, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "reference":
+        from . import reference
+
+        return reference.find_pattern(q, k, config, scale)
+    return _find_pattern_triton(q, k, config, scale)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over the blocks of a given pattern (DESIGN.md step 4), token-causal; (B, Tq, HQ, D)."""
+    backend = _resolve_backend(backend, q.device)
+    _check(q, k, v, backend)
+    b, tq, hq, _ = q.shape
+    nkb = math.ceil(k.shape[1] / pattern.block_size)
+    want = (b, hq, nkb - (k.shape[1] - tq) // pattern.block_size, nkb)
+    if tuple(pattern.kv_indices.shape) != want or (pattern.q_len, pattern.kv_len) != (tq, k.shape[1]):
+        raise ValueError(f"pattern {pattern!r} does not fit q {tuple(q.shape)} and k {tuple(k.shape)}: "
+                         f"expected indices of shape {want}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "reference":
+        from . import reference
+
+        return reference.sparse_attention(q, k, v, pattern, scale)
+    return _sparse_attention_triton(q, k, v, pattern, scale)
+
+
 def flash_prefill_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

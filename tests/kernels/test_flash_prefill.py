@@ -12,12 +12,20 @@ import math
 import pytest
 import torch
 
-from kernels import FlashPrefillConfig, dense_attention, flash_prefill, flash_prefill_varlen
+from kernels import (
+    FlashPrefillConfig,
+    block_sparse_attention,
+    dense_attention,
+    find_pattern,
+    flash_prefill,
+    flash_prefill_varlen,
+)
 from kernels.flash_prefill import api, reference
 from kernels.testing import (
     check_pattern_layout,
     cosine_similarity,
     max_abs_error,
+    random_pattern,
     relative_error,
     structured_qkv,
     unexplained_flips,
@@ -274,3 +282,16 @@ class TestBadInput:
         q, k, v = (x.cpu() for x in self.qkv())
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             flash_prefill(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_stages_compose_to_flash_prefill(backend):
+    q, k, v = make_inputs((1, 200, 260, 4, 2, 64, torch.float16, 32))
+    cfg = small_config(32, alpha=0.2)
+    whole, pattern = flash_prefill(q, k, v, config=cfg, backend=backend, return_pattern=True)
+    found = find_pattern(q, k, cfg, backend=backend)
+    assert torch.equal(found.to_dense(), pattern.to_dense())
+    torch.testing.assert_close(block_sparse_attention(q, k, v, found, backend=backend), whole, atol=0, rtol=0)
+    other = random_pattern(1, 4, 260, 32, 0.3, DEVICE, q_len=199)
+    with pytest.raises(ValueError, match="does not fit"):
+        block_sparse_attention(q, k, v, other, backend=backend)

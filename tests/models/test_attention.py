@@ -140,3 +140,14 @@ def test_load_rejects_unknown_models(tmp_path):
 def test_config_is_frozen_per_request():
     cfg = config(0.1)
     assert dataclasses.replace(cfg, alpha=0.2).alpha == 0.2 and cfg.alpha == 0.1
+
+
+def test_fixed_density_benchmark_mode(tiny_models, sample_video):
+    model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.1), device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    prepared = qa.prepare(sample_video, "Describe this video.", Sampling(fps=4.0, max_frames=16, max_pixels=112 * 112))
+    answer = qa.run(prepared, "sparse", max_new_tokens=1, fixed_density=0.3)
+    n = -(-prepared.tokens["total"] // 16)
+    # Random blocks at 30% plus the diagonal, over n(n+1)/2 visible blocks per head.
+    expected = (0.3 * (n * (n + 1) / 2 - n) + n) / (n * (n + 1) / 2)
+    assert answer.sparsity["density"] == pytest.approx(expected, abs=0.08)

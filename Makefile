@@ -20,4 +20,5 @@ clean:
 	rm -rf .venv
 
 demo: $(STAMP)
-	$(PY) -m videoprefill.run videoprefill/assets/sample.mp4 --model demo --attention compare --sparsity-map sparsity.png
+	$(PY) -m videoprefill.run videoprefill/assets/sample.mp4 --model demo --attention compare --sparsity-map sparsity.png \
+		-q "What colour is the flash? Answer with one word."

@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np
 
 from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
+from videoprefill.synthetic import DEMO_QUESTION
 from videoprefill.video import Sampling, VideoError, sample_video_path
 
 STAGES = ("decode_video_s", "vision_s", "prefill_s", "first_token_s")
@@ -195,7 +196,8 @@ def build(qa: VideoQA):
             with gr.Column():
                 video = gr.Video(label="video", sources=["upload"], format=None, elem_id="video")
                 use_sample = gr.Button("Use the sample video", elem_id="use-sample")
-                question = gr.Textbox(label="question", value=DEFAULT_QUESTION, elem_id="question")
+                first_question = DEMO_QUESTION if getattr(qa.info, "name", None) == "demo" else DEFAULT_QUESTION
+                question = gr.Textbox(label="question", value=first_question, elem_id="question")
                 mode = gr.Radio(["sparse", "dense", "compare"], value="compare", label="attention", elem_id="mode")
                 with gr.Accordion("settings", open=False):
                     alpha = gr.Slider(0.0, 1.0, value=qa.config.alpha, step=0.01, label="alpha")

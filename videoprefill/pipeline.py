@@ -107,9 +107,6 @@ class _StageClock:
                 self.marks[f"{name}_end"] = _sync(self.device)
         return hook
 
-    def __call__(self, input_ids, scores):  # a LogitsProcessor: runs once per generated token
-        return scores
-
     def first_token_stopper(self):
         clock = self
 
@@ -208,11 +205,11 @@ class VideoQA:
         if self._attention != attention:
             set_attention(self.model, attention)
             self._attention = attention
+        if dense_layers is None:
+            dense_layers = self.info.dense_layers if self.info else 0
         recorder = SparsityRecorder(mask_layers=self.mask_layers if record_masks else ())
-        settings = RequestSettings(
-            config=config, recorder=recorder, fixed_density=fixed_density,
-            dense_layers=self.info.dense_layers if dense_layers is None and self.info else (dense_layers or 0),
-        )
+        settings = RequestSettings(config=config, recorder=recorder, fixed_density=fixed_density,
+                                   dense_layers=dense_layers)
         if self.warmup and attention not in self._warm:
             with torch.inference_mode(), request_settings(dataclasses.replace(settings, recorder=None)):
                 self.model.generate(**prepared.inputs, max_new_tokens=1, do_sample=False,
@@ -242,7 +239,7 @@ class VideoQA:
             "ttft_s": prepared.decode_s + (m["first_token"] - start),
             "total_s": prepared.decode_s + (end - start),
         }
-        sparsity = recorder.finish() if attention == "sparse" else _dense_record(self.model, prepared)
+        sparsity = recorder.finish() if attention == "sparse" else _dense_record(self.model)
         sparsity["video_ranges"] = prepared.video_ranges
         sparsity["num_tokens"] = prepared.tokens["total"]
         return Answer(
@@ -286,7 +283,7 @@ def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
-def _dense_record(model, prepared: Prepared) -> dict:
+def _dense_record(model) -> dict:
     layers = model.config.text_config.num_hidden_layers
     heads = model.config.text_config.num_attention_heads
     return {"density": 1.0, "per_layer": [1.0] * layers, "per_head": [[1.0] * heads for _ in range(layers)],

@@ -23,6 +23,8 @@ COLOURS = {
 }
 NEEDLE_COLOURS = [c for c in COLOURS if c != "white"]
 NUMBERS = ["zero", "one", "two", "three"]
+# The question the bundled sample video (a yellow flash 60% of the way in) answers.
+DEMO_QUESTION = "What colour is the flash? Answer with one word."
 LETTERS = "ABCD"
 VIDEO_FPS = 2
 
@@ -93,10 +95,14 @@ def count(seed: int, num_frames: int, size: int = 112) -> Sample:
                   None, seed)
 
 
-def sample(seed: int, num_frames: int, size: int = 112) -> Sample:
-    """A task drawn from the seed: needle (multiple choice or short) or count."""
+TRAINING_MIX = {"needle_mc": 0.5, "needle_short": 0.4, "count": 0.1}
+
+
+def sample(seed: int, num_frames: int, size: int = 112, mix: dict[str, float] | None = None) -> Sample:
+    """A task drawn from the seed: needle (multiple choice or short) or count, in proportions `mix`."""
+    mix = mix or TRAINING_MIX
     rng = np.random.default_rng(seed + 7_000_003)
-    kind = rng.choice(["needle_mc", "needle_short", "count"], p=[0.4, 0.4, 0.2])
+    kind = rng.choice(list(mix), p=np.array(list(mix.values())) / sum(mix.values()))
     if kind == "count":
         return count(seed, num_frames, size)
     return needle(seed, num_frames, size=size, multiple_choice=kind == "needle_mc")
@@ -118,13 +124,13 @@ def is_correct(s: Sample, output: str) -> bool:
 
 
 def write_video(s: Sample, path: str | os.PathLike) -> Path:
-    """Write the frames as an mp4 at 2 frames per second (lossless-ish x264)."""
+    """Write the frames as an mp4 at 2 frames per second (x264, quality 18)."""
     import av
 
     path = Path(path)
     h, w = s.frames.shape[1:3]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"crf": "10"})
+        stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"crf": "18"})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for frame in s.frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import VIDEO_FPS, Sample, is_correct, prompt_text
+from .synthetic import TRAINING_MIX, VIDEO_FPS, Sample, count, is_correct, needle, prompt_text
 from .synthetic import sample as draw_sample
 
 HELD_OUT_SEED = 1_000_000
@@ -47,20 +47,30 @@ def labels_for(processor, inputs: dict, answer: str) -> torch.Tensor:
     return labels
 
 
+EVAL_TASKS = {
+    "needle_mc": lambda seed, n: needle(seed, n, multiple_choice=True),
+    "needle_short": lambda seed, n: needle(seed, n, multiple_choice=False),
+    "count": lambda seed, n: count(seed, n),
+}
+
+
 @torch.inference_mode()
 def evaluate(model, processor, lengths: list[int], per_length: int, device, seed: int = HELD_OUT_SEED) -> dict:
+    """Held-out accuracy per task and length (seeds from HELD_OUT_SEED up; training stays below)."""
     model.eval()
-    result = {}
-    for length in lengths:
-        hits = 0
-        for i in range(per_length):
-            s = draw_sample(seed + 1000 * length + i, length)
-            inputs = encode(processor, s, False, device)
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
-            text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits += is_correct(s, text)
-        result[length] = hits / per_length
+    result: dict = {}
+    for task, make in EVAL_TASKS.items():
+        result[task] = {}
+        for length in lengths:
+            hits = 0
+            for i in range(per_length):
+                s = make(seed + 1000 * length + i, length)
+                inputs = encode(processor, s, False, device)
+                out = model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                     pad_token_id=processor.tokenizer.pad_token_id)
+                text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                hits += is_correct(s, text)
+            result[task][length] = hits / per_length
     model.train()
     return result
 
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "family": "qwen2.5-vl", "trained": True, "seed": args.seed, "steps": args.steps,
         "command": "python -m videoprefill.train_demo " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "train_seconds": round(time.perf_counter() - started, 1), "device": str(args.device),
-        "held_out_seed": HELD_OUT_SEED, "history": history,
+        "held_out_seed": HELD_OUT_SEED, "task_mix": TRAINING_MIX, "history": history,
         "final_held_out_accuracy": history[-1]["held_out_accuracy"] if history else None,
     }
     (out / "videoprefill.json").write_text(json.dumps(record, indent=1))

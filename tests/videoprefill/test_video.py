@@ -5,9 +5,9 @@ from videoprefill.video import Sampling, VideoError, probe, sample_video_path
 
 def test_probe_reads_the_sample():
     info = probe(sample_video_path())
-    assert info.num_frames == 128 and info.fps == pytest.approx(8.0)
-    assert (info.width, info.height) == (224, 224)
-    assert info.duration_s == pytest.approx(16.0)
+    assert info.num_frames == 48 and info.fps == pytest.approx(2.0)
+    assert (info.width, info.height) == (112, 112)
+    assert info.duration_s == pytest.approx(24.0)
 
 
 def test_missing(tmp_path):

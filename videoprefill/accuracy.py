@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m videoprefill.bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo")
-    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 512], help="frames (8 tokens per 2)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256], help="frames (8 tokens per 2)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--per-cell", type=int, default=4, help="videos per (length, depth)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     p.add_argument("--block-size", type=int, help="sparsity block (default: the model's preset)")
+    p.add_argument("--multiple-choice", action="store_true",
+                   help="ask for an option letter instead of the colour word")
     p.add_argument("--device")
     p.add_argument("--json", default="accuracy.json")
     p.add_argument("--heatmap", default="accuracy.png")
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     model, processor = load(args.model, device=args.device)
     device = next(model.parameters()).device
-    base = model.videoprefill.config
+    # The sparse path at every length: this measures what sparsity costs, not the dense floor.
+    base = dataclasses.replace(model.videoprefill.config, min_seq_len=0)
     if args.block_size:
         base = dataclasses.replace(base, block_size=args.block_size)
     modes = ["dense"] + [f"alpha={a}" for a in args.alphas]
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.lengths:
         for d in args.depths:
             for i in range(args.per_cell):
-                s = needle(HELD_OUT_SEED + 7919 * n + 104729 * int(d * 1000) + i, n, depth=d)
+                s = needle(HELD_OUT_SEED + 7919 * n + 104729 * int(d * 1000) + i, n, depth=d,
+                           multiple_choice=args.multiple_choice)
                 inputs = encode(processor, s, False, device)
                 row = {"frames": n, "depth": d, "seed": s.seed, "tokens": int(inputs["input_ids"].shape[1]),
                        "answer": s.answer}

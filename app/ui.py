@@ -192,6 +192,8 @@ def build(qa: VideoQA):
                     "FlashPrefill block-sparse attention; compare it with dense attention.")
         if not getattr(qa.info, "trained", True):
             gr.Markdown(f"**Model: {qa.info.name} ({UNTRAINED}).**")
+        elif getattr(qa.info, "note", None):
+            gr.Markdown(f"**Model: {qa.info.name}**: {qa.info.note}.")
         with gr.Row():
             with gr.Column():
                 video = gr.Video(label="video", sources=["upload"], format=None, elem_id="video")

@@ -37,6 +37,7 @@ class ModelInfo:
     trained: bool
     config: FlashPrefillConfig
     dense_layers: int
+    note: str | None = None  # what a small local model can and cannot answer
 
 
 def default_device() -> str:
@@ -107,10 +108,11 @@ def load(
     except Exception as err:
         raise ModelLoadError(f"cannot load {model!r}: {str(err).splitlines()[0][:300]}") from err
     net = net.to(device).eval()
-    trained = True
+    record = {"trained": True}
     marker = Path(source) / "videoprefill.json"
     if marker.exists():
-        trained = bool(json.loads(marker.read_text()).get("trained", False))
-    net.videoprefill = ModelInfo(model, family, source, trained, config, dense_layers)
+        record = json.loads(marker.read_text())
+    net.videoprefill = ModelInfo(model, family, source, bool(record.get("trained", False)), config, dense_layers,
+                                 record.get("note"))
     set_default_settings(RequestSettings(config=config, dense_layers=dense_layers))
     return net, processor

@@ -136,6 +136,8 @@ def _main(args) -> int:
 
     print(f"model: {primary.model}   video: {primary.video['path']} ({primary.video['duration_s']:.1f} s, "
           f"{primary.video['sampled_frames']} frames sampled)   question: {question}")
+    if qa.info and qa.info.note:
+        print(f"model note: {qa.info.note}")
     if result is None:
         print(_human(primary))
     else:

@@ -113,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step = 0
+    history = []
     ckpt = out / "checkpoint.pt"
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, map_location=args.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+        history = state.get("history", [])
         print(f"resumed at step {step}")
     warmup = max(1, args.steps // 20)
 
@@ -130,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed + step)
     started = time.perf_counter()
     losses: list[float] = []
-    history = []
     while step < args.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             acc = evaluate(model, processor, args.eval_lengths, args.eval_samples, args.device)
             history.append({"step": step, "held_out_accuracy": acc})
             print(f"step {step} held-out accuracy {acc}", flush=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history},
+                       ckpt)
 
     model.save_pretrained(out, safe_serialization=True)
     record = {

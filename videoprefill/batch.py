@@ -268,13 +268,13 @@ def _run_one(qa, decoded, item: Item, first: bool, args, config) -> dict:
         prediction, correct = _score(item, ans.text)
         record[mode] = {"prediction": prediction, "output": ans.text, "correct": correct,
                         "ttft_s": ans.timings["ttft_s"], "prefill_s": ans.timings["prefill_s"],
-                        "density": ans.sparsity["density"], "timings": ans.timings}
+                        "density": ans.sparsity["density"]}
     main = record["sparse"] if "sparse" in record else record[args.attention]
     row = {"prediction": main["prediction"], "output": main["output"], "correct": main["correct"],
            "ttft_s": main["ttft_s"], "prefill_s": main["prefill_s"], "density": main["density"],
            "tokens": prepared.tokens, "decode_shared": not first}
     if args.attention == "compare":
-        row["runs"] = {m: {k: v for k, v in r.items() if k != "timings"} for m, r in record.items()}
+        row["runs"] = record
         row["agree"] = record["sparse"]["prediction"] == record["dense"]["prediction"]
     return row
 

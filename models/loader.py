@@ -10,7 +10,7 @@ import torch
 
 from kernels import FlashPrefillConfig
 
-from .attention import RequestSettings, register, set_default_settings
+from .attention import DENSE_NAME, RequestSettings, register, set_default_settings
 
 # model_type in config.json -> (family, transformers class name)
 SUPPORTED = {
@@ -98,7 +98,7 @@ def load(
     if config is None:
         config = DEMO_CONFIG if is_demo else FlashPrefillConfig.for_model(family)
     name = register()
-    text_attention = name if attention == "sparse" else "sdpa"
+    text_attention = name if attention == "sparse" else DENSE_NAME
     cls = getattr(transformers, class_name)
     try:
         net = cls.from_pretrained(

@@ -166,14 +166,25 @@ def flash_prefill(
             pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None
         return (out, pattern) if return_pattern else out
 
+    pattern = _find(q, k, config, scale, backend)
+    out = _attend(q, k, v, pattern, scale, backend)
+    return (out, pattern) if return_pattern else out
+
+
+def _find(q, k, config: FlashPrefillConfig, scale: float, backend: str) -> BlockSparsePattern:
     if backend == "reference":
         from . import reference
 
-        out, pattern = reference.flash_prefill_reference(q, k, v, config, scale)
-    else:
-        pattern = _find_pattern_triton(q, k, config, scale)
-        out = _sparse_attention_triton(q, k, v, pattern, scale)
-    return (out, pattern) if return_pattern else out
+        return reference.find_pattern(q, k, config, scale)
+    return _find_pattern_triton(q, k, config, scale)
+
+
+def _attend(q, k, v, pattern: BlockSparsePattern, scale: float, backend: str) -> torch.Tensor:
+    if backend == "reference":
+        from . import reference
+
+        return reference.sparse_attention(q, k, v, pattern, scale)
+    return _sparse_attention_triton(q, k, v, pattern, scale)
 
 
 def find_pattern(
@@ -181,15 +192,10 @@ def find_pattern(
     backend: str = "auto",
 ) -> BlockSparsePattern:
     """Pattern discovery and selection alone (DESIGN.md steps 1-3), whatever the key length."""
-    config = config or FlashPrefillConfig()
     backend = _resolve_backend(backend, q.device)
     _check(q, k, k, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "reference":
-        from . import reference
-
-        return reference.find_pattern(q, k, config, scale)
-    return _find_pattern_triton(q, k, config, scale)
+    return _find(q, k, config or FlashPrefillConfig(), scale, backend)
 
 
 def block_sparse_attention(
@@ -206,11 +212,7 @@ def block_sparse_attention(
         raise ValueError(f"pattern {pattern!r} does not fit q {tuple(q.shape)} and k {tuple(k.shape)}: "
                          f"expected indices of shape {want}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "reference":
-        from . import reference
-
-        return reference.sparse_attention(q, k, v, pattern, scale)
-    return _sparse_attention_triton(q, k, v, pattern, scale)
+    return _attend(q, k, v, pattern, scale, backend)
 
 
 def flash_prefill_varlen(

@@ -123,18 +123,3 @@ def sparse_attention(
         p = torch.softmax(s, dim=-1)
         out[:, rows] = torch.matmul(p, vh).transpose(1, 2).to(q.dtype)
     return out
-
-
-def flash_prefill_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    config: FlashPrefillConfig,
-    scale: float,
-) -> tuple[torch.Tensor, BlockSparsePattern]:
-    """The whole algorithm of DESIGN.md, dense fallback included."""
-    if k.shape[1] < config.min_seq_len:
-        pattern = causal_pattern(q.shape[0], q.shape[2], q.shape[1], k.shape[1], config.block_size, q.device)
-    else:
-        pattern = find_pattern(q, k, config, scale)
-    return sparse_attention(q, k, v, pattern, scale), pattern

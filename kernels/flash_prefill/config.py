@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +79,6 @@ class BlockSparsePattern:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return tuple(self.kv_indices.shape)  # type: ignore[return-value]
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return math.ceil(self.kv_len / self.block_size)
 
     @property
     def first_q_block(self) -> int:

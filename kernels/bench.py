@@ -45,6 +45,16 @@ def bench_ms(fn, seconds: float = 0.3) -> float:
     return triton.testing.do_bench(fn, warmup=max(once, 1.0), rep=rep, return_mode="median")
 
 
+def graphed(fn):
+    """fn captured once into a CUDA graph; the returned callable replays it (no host launch cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def flex_runner(q, k, v, pattern: BlockSparsePattern, scale: float):
     """FlexAttention over the same blocks: blocks before the diagonal full, the diagonal causal."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -106,6 +116,9 @@ def run_length(t: int, args) -> dict:
     row["structured_density"] = pattern.density()
     row["structured_attention_ms"] = bench_ms(lambda: api._sparse_attention_triton(sq, sk, sv, pattern, scale))
     row["whole_ms"] = bench_ms(lambda: flash_prefill(sq, sk, sv, config=cfg))
+    # The same two calls replayed from CUDA graphs: GPU time without Python launch overhead.
+    row["pattern_graph_ms"] = bench_ms(graphed(lambda: api._find_pattern_triton(sq, sk, cfg, scale)))
+    row["whole_graph_ms"] = bench_ms(graphed(lambda: flash_prefill(sq, sk, sv, config=cfg)))
     if cudnn:
         for name in list(row):
             if name.endswith("_ms") and row[name] is not None and name != "cudnn_ms":
@@ -113,18 +126,25 @@ def run_length(t: int, args) -> dict:
     return row
 
 
+# Attention kernel choices swept by --sweep-tiles: (BM, BN, warps, stages, TMA mode, diagonal in loop).
+ATTENTION_CHOICES = [
+    (128, 128, 8, 2, 0, False), (128, 128, 8, 2, 1, False), (128, 128, 8, 2, 2, False),
+    (128, 128, 8, 2, 1, True), (128, 128, 8, 2, 2, True),
+]
+# Index kernel choices swept by --sweep-tiles: (key blocks per chunk, warps).
+INDEX_CHOICES = [(64, 4), (64, 8), (128, 8), (32, 4)]
+
+
 def sweep_tiles(args) -> None:
-    """Time the sparse attention kernel per tile choice (BM, BN, warps, stages)."""
+    """Time the attention kernel per tile / load / schedule choice, and the index build per tile."""
+    from kernels.flash_prefill import pattern as pattern_kernels
     from kernels.flash_prefill import sparse_attention as attention_kernels
 
     hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
-    # (BM, BN, warps, stages, TMA, warp specialisation)
-    choices = [(128, 128, 8, 2, False, False), (128, 128, 8, 3, False, False), (128, 64, 8, 3, False, False),
-               (128, 128, 8, 2, True, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, True, False),
-               (128, 128, 8, 2, False, True), (128, 128, 8, 3, True, True), (128, 64, 4, 3, True, True),
-               (128, 128, 4, 2, True, True)]
-    print("| tokens | density | BM | BN | warps | stages | TMA | WS | ms | ratio to density x cuDNN |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    d_pad = api.triton_next_power_of_2(d)
+    print("| tokens | density | BM | BN | warps | stages | TMA | diagonal in loop | regs | spills | ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    index_rows, compiled = [], {}
     for t in args.lengths:
         q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -136,32 +156,65 @@ def sweep_tiles(args) -> None:
         cudnn = bench_ms(dense)
         for density in args.densities:
             pattern = random_pattern(1, hq, t, bs, density, "cuda", seed=t)
-            for choice in choices:
-                tiles, tma, ws = choice[:4], choice[4], choice[5]
+            for choice in ATTENTION_CHOICES:
+                tiles, tma, diag_in_loop = choice[:4], choice[4], choice[5]
                 if bs % tiles[0] or bs % tiles[1]:
                     continue
+
+                def run(tiles=tiles, tma=tma, diag_in_loop=diag_in_loop):
+                    attention_kernels.sparse_attention(
+                        q, k, v, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5, d_pad=d_pad,
+                        upcast=False, tiles=tiles, tma=tma, diag_in_loop=diag_in_loop)
+
                 try:
-                    ms = bench_ms(lambda: attention_kernels.sparse_attention(
-                        q, k, v, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5,
-                        d_pad=api.triton_next_power_of_2(d), upcast=False, tiles=tiles, use_tma=tma,
-                        warp_specialize=ws))
+                    ms = bench_ms(run)
                 except Exception as err:
                     print(f"  {choice} failed: {str(err).splitlines()[0][:300]}", file=sys.stderr)
                     continue
+                if choice not in compiled:  # compiled by this choice's first run, so the newest one
+                    compiled[choice] = _last_compiled(attention_kernels._sparse_attention_kernel)
+                regs, spills = compiled[choice]
                 ratio = ms / (pattern.density() * cudnn)
-                print(f"| {t} | {100 * pattern.density():.1f}% | {' | '.join(map(str, choice))} | {ms:.3f} | "
-                      f"{ratio:.2f} |", flush=True)
+                print(f"| {t} | {100 * pattern.density():.1f}% | {' | '.join(map(str, choice))} | {regs} | {spills} "
+                      f"| {ms:.3f} | {ratio:.2f} |", flush=True)
+        cfg = FlashPrefillConfig(block_size=bs, alpha=args.alpha, min_seq_len=0)
+        sq, sk, _ = structured_qkv(1, t, t, hq, h, d, bs, dtype=torch.bfloat16, device="cuda")
+        for choice in INDEX_CHOICES:
+            saved = pattern_kernels.INDEX_TILES
+            pattern_kernels.INDEX_TILES = choice
+            try:
+                ms = bench_ms(lambda: api._find_pattern_triton(sq, sk, cfg, d**-0.5))
+            finally:
+                pattern_kernels.INDEX_TILES = saved
+            index_rows.append((t, choice, ms, 100 * ms / cudnn))
+    print()
+    print("| tokens | index chunk | warps | pattern + selection ms | % of cuDNN |")
+    print("|---|---|---|---|---|")
+    for t, (bj, warps), ms, pct in index_rows:
+        print(f"| {t} | {bj} | {warps} | {ms:.3f} | {pct:.1f}% |")
+
+
+def _last_compiled(kernel) -> tuple[int | str, int | str]:
+    """Registers and spills of the most recently compiled specialisation of a Triton kernel."""
+    try:
+        cache = kernel.device_caches[torch.cuda.current_device()][0]
+        compiled = list(cache.values())[-1]
+        return compiled.n_regs, compiled.n_spills
+    except Exception:  # introspection differs across Triton versions; report nothing rather than fail
+        return "?", "?"
 
 
 def print_table(rows: list[dict], args) -> None:
-    print("| tokens | cuDNN ms | SDPA flash ms | pattern ms (% cuDNN) | structured density | whole ms | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tokens | cuDNN ms | SDPA flash ms | pattern ms (% cuDNN) | pattern, CUDA graph ms (% cuDNN) "
+          "| structured density | whole ms | speed-up | whole, CUDA graph ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        c = r["cudnn_ms"]
+        c, pg = r["cudnn_ms"], r["pattern_graph_ms"]
         print(
             f"| {r['tokens']} | {c:.3f} | {r['sdpa_flash_ms'] or float('nan'):.3f} | {r['pattern_ms']:.3f} "
-            f"({100 * r['pattern_ms'] / c:.1f}%) | {100 * r['structured_density']:.1f}% | {r['whole_ms']:.3f} "
-            f"| {c / r['whole_ms']:.2f}x |"
+            f"({100 * r['pattern_ms'] / c:.1f}%) | {pg:.3f} ({100 * pg / c:.1f}%) "
+            f"| {100 * r['structured_density']:.1f}% | {r['whole_ms']:.3f} | {c / r['whole_ms']:.2f}x "
+            f"| {r['whole_graph_ms']:.3f} | {c / r['whole_graph_ms']:.2f}x |"
         )
     print()
     print("Sparse attention on random block masks: time / (density x cuDNN); FlexAttention the same")

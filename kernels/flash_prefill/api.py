@@ -96,7 +96,6 @@ def _find_pattern_triton(
     q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float
 ) -> BlockSparsePattern:
     from . import pattern as pattern_kernels
-    from . import select as select_kernels
 
     b, tq, hq, d = q.shape
     tk = k.shape[1]
@@ -106,9 +105,9 @@ def _find_pattern_triton(
     d_pad = triton_next_power_of_2(d)
     kv_indices = torch.empty(b, hq, nqb, nkb, dtype=torch.int32, device=q.device)
     kv_num_blocks = torch.empty(b, hq, nqb, dtype=torch.int32, device=q.device)
-    kbar = pattern_kernels.block_means(k, bs, d_pad)
-    pattern_kernels.block_scores(q, kbar, kv_indices, bs, tk, scale, upcast=_interpreting())
-    select_kernels.select_blocks(kv_indices, kv_num_blocks, config, tq, tk)
+    upcast = _interpreting()
+    kbar = pattern_kernels.block_means(k, bs, d_pad, scale, torch.float32 if upcast else q.dtype)
+    pattern_kernels.build_index(q, kbar, kv_indices, kv_num_blocks, config, tk, upcast)
     return BlockSparsePattern(kv_num_blocks, kv_indices, bs, tq, tk)
 
 

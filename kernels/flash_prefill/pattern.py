@@ -1,11 +1,17 @@
-"""Triton pattern discovery: block-mean keys and per-block scores (DESIGN.md step 1).
+"""Triton pattern discovery and selection (DESIGN.md steps 1-3) in two launches.
 
-`block_means` writes kbar (B, H, NKB, D_PAD) in fp32. `block_scores` writes, for each
-(batch, query head, query block I) and each key block J <= I, the log2 score
+`block_means` writes kbar (B, H, NKB, D_PAD): the mean key of each block, already multiplied by
+log2(e) * scale and stored in q's dtype, so the score dot needs no conversion and no scaling.
+`build_index` is one program per (query block I, batch * query head). Pass 1 computes, for each
+key block J <= I, the log2 score
     log2 score_IJ = m_IJ + log2 sum_i exp2(s_iJ - m_IJ),   s_iJ = log2(e) * scale * q_i . kbar_J
-over the rows i of block I that see all of block J (-inf when none does), into the int32 index
-buffer reinterpreted as fp32: the scores occupy the block grid and nothing larger, and
-select.py then overwrites them in place with the kept block ids.
+over the rows i of block I that see all of block J (-inf when none does) and keeps the running
+maximum over J; the scores go into the program's own row of the int32 index buffer (as fp32
+bits), so nothing larger than the block grid is allocated. Pass 2 keeps J when its score
+reaches max + log2(alpha) or it is a sink, window or last-full block, and overwrites the same
+row with the kept ids in ascending order; kv_num_blocks gets the count. No sort, no top-k, no
+host synchronisation. In place is safe: a block's compacted slot never exceeds its own, and
+each chunk is fully read before it is written.
 Head dims that are not powers of two are padded to D_PAD inside the kernels.
 """
 
@@ -24,7 +30,7 @@ LOG2E = 1.4426950408889634
 def _block_means_kernel(
     K, KBAR,
     stride_kb, stride_kt, stride_kh, stride_kd,
-    T_K, NUM_KV_HEADS, NKB,
+    T_K, NUM_KV_HEADS, NKB, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
 ):
     kb = tl.program_id(0).to(tl.int64)
@@ -40,87 +46,128 @@ def _block_means_kernel(
         tile = tl.load(ptrs, mask=(pos[:, None] < T_K) & (d[None, :] < HEAD_DIM), other=0.0)
         acc += tl.sum(tile.to(tl.float32), axis=0)
     count = tl.minimum(T_K - kb * BS, BS).to(tl.float32)
-    tl.store(KBAR + (pid_bh * NKB + kb) * D_PAD + d, acc / count)
+    tl.store(KBAR + (pid_bh * NKB + kb) * D_PAD + d, (acc * (qk_scale / count)).to(KBAR.dtype.element_ty))
 
 
 @triton.jit
-def _block_scores_kernel(
-    Q, KBAR, SCORES,
+def _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K,
+                  D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, MASKED: tl.constexpr):
+    """log2 scores of key blocks jc*BJ .. jc*BJ+BJ-1 for one query block; rows reduce within a warp."""
+    d = tl.arange(0, D_PAD)
+    kblock = jc * BJ + tl.arange(0, BJ).to(tl.int64)
+    kbar = tl.load(KBAR + (kv_row * NKB + kblock[:, None]) * D_PAD + d[None, :], mask=kblock[:, None] < NKB,
+                   other=0.0)
+    s = tl.dot(kbar, tl.trans(q))  # (BJ, BS), already log2(e) * scale * q . kbar
+    if MASKED:
+        last_key = tl.minimum((kblock + 1) * BS, T_K) - 1
+        visible = row_ok[None, :] & (pos[None, :] >= last_key[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        # total >= 1 wherever a row is visible (its own maximum adds exp2(0)).
+        return kblock, tl.where(total > 0, m + tl.log2(tl.maximum(total, 1.0)), float("-inf"))
+    m = tl.max(s, axis=1)
+    return kblock, m + tl.log2(tl.sum(tl.exp2(s - m[:, None]), axis=1))
+
+
+@triton.jit
+def _index_kernel(
+    Q, KBAR, IDX, NUM,
     stride_qb, stride_qt, stride_qh, stride_qd,
-    T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
-    UPCAST: tl.constexpr,
+    T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, log2_alpha,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, UPCAST: tl.constexpr,
+    SINK: tl.constexpr, WINDOW: tl.constexpr, LAST_FULL: tl.constexpr, KEEP_ALL: tl.constexpr,
 ):
     qb = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // NUM_Q_HEADS
-    h = pid_bh % NUM_Q_HEADS
-    num_kv_heads = NUM_Q_HEADS // GROUP
-    kv_row = b * num_kv_heads + h // GROUP
     block = FIRST_QB + qb
-    q_start = T_K - T_Q
-    d = tl.arange(0, D_PAD)
-    q_base = Q + b * stride_qb + h * stride_qh
-    out = SCORES + (pid_bh * NQB + qb) * NKB
-    for jc in range(0, block // BJ + 1):
-        kblock = jc * BJ + tl.arange(0, BJ).to(tl.int64)
-        kbar = tl.load(
-            KBAR + (kv_row * NKB + kblock[:, None]) * D_PAD + d[None, :], mask=kblock[:, None] < NKB, other=0.0
+    row = IDX + (pid_bh * NQB + qb) * NKB
+    num_chunks = block // BJ + 1
+    threshold = 0.0
+    if not KEEP_ALL:
+        b = pid_bh // NUM_Q_HEADS
+        h = pid_bh % NUM_Q_HEADS
+        kv_row = b * (NUM_Q_HEADS // GROUP) + h // GROUP
+        q_start = T_K - T_Q
+        d = tl.arange(0, D_PAD)
+        pos = block * BS + tl.arange(0, BS).to(tl.int64)
+        row_ok = (pos >= q_start) & (pos < T_K)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + (pos - q_start)[:, None] * stride_qt + d[None, :] * stride_qd,
+            mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
+            other=0.0,
         )
-        last_key = tl.minimum((kblock + 1) * BS, T_K) - 1
-        m = tl.full([BJ], float("-inf"), dtype=tl.float32)
-        acc = tl.zeros([BJ], dtype=tl.float32)
-        for r in tl.static_range(BS // BR):
-            pos = block * BS + r * BR + tl.arange(0, BR).to(tl.int64)
-            row_ok = (pos >= q_start) & (pos < T_K)
-            q = tl.load(
-                q_base + (pos - q_start)[:, None] * stride_qt + d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
-                other=0.0,
-            )
-            if UPCAST:
-                s = tl.dot(q.to(tl.float32), tl.trans(kbar))
-            else:
-                s = tl.dot(q, tl.trans(kbar.to(q.dtype)))
-            s = s * qk_scale
-            visible = row_ok[:, None] & (pos[:, None] >= last_key[None, :])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.where(visible, tl.exp2(s - m_safe[None, :]), 0.0), axis=0)
-            m = m_new
-        # acc >= 1 wherever a row is visible (its own maximum adds exp2(0)).
-        log_score = tl.where(acc > 0, m + tl.log2(tl.maximum(acc, 1.0)), float("-inf"))
-        tl.store(out + kblock, log_score.to(tl.int32, bitcast=True), mask=kblock <= block)
+        if UPCAST:
+            q = q.to(tl.float32)
+        best = tl.full([BJ], float("-inf"), dtype=tl.float32)
+        # Chunks wholly before block I are seen by every row; only a block with missing rows
+        # (first or last of the sequence) and the chunk holding the diagonal need the mask.
+        all_rows = (block * BS >= q_start) & ((block + 1) * BS <= T_K)
+        num_plain = tl.where(all_rows, block // BJ, 0)
+        for jc in range(0, num_plain):
+            kblock, score = _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K, D_PAD, BS, BJ, False)
+            tl.store(row + kblock, score.to(tl.int32, bitcast=True))
+            best = tl.maximum(best, score)
+        for jc in range(num_plain, num_chunks):
+            kblock, score = _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K, D_PAD, BS, BJ, True)
+            tl.store(row + kblock, score.to(tl.int32, bitcast=True), mask=kblock <= block)
+            best = tl.maximum(best, tl.where(kblock <= block, score, float("-inf")))
+        threshold = tl.max(best, axis=0) + log2_alpha
+        tl.debug_barrier()  # the whole row is written before any thread reads it back
+
+    full_row = block >= NKB - LAST_FULL
+    count = tl.zeros([], dtype=tl.int32)
+    for jc in range(0, num_chunks):
+        kblock = jc * BJ + tl.arange(0, BJ).to(tl.int64)
+        in_range = kblock <= block
+        keep = (kblock < SINK) | (kblock > block - WINDOW) | full_row
+        if KEEP_ALL:
+            keep = keep | in_range
+        else:
+            bits = tl.load(row + kblock, mask=in_range, other=0)
+            keep = keep | (bits.to(tl.float32, bitcast=True) >= threshold)
+        keep = keep & in_range
+        flags = keep.to(tl.int32)
+        slot = count + tl.cumsum(flags, axis=0) - 1
+        tl.debug_barrier()  # every thread has read this chunk before any slot in it is overwritten
+        tl.store(row + slot, kblock.to(tl.int32), mask=keep)
+        count += tl.sum(flags, axis=0)
+    tl.store(NUM + pid_bh * NQB + qb, count)
 
 
-def _row_tile(block_size: int, d_pad: int) -> int:
-    """Query rows per dot: a whole block when the tile stays small in registers, else a part of it."""
-    return min(block_size, 128 if d_pad <= 128 else 64)
-
-
-def block_means(k: torch.Tensor, block_size: int, d_pad: int) -> torch.Tensor:
-    """kbar fp32 (B, H, NKB, d_pad); padded head-dim columns are zero."""
+def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """kbar (B, H, NKB, d_pad) in `dtype`, times log2(e) * scale; padded head-dim columns are zero."""
     b, tk, h, d = k.shape
     nkb = math.ceil(tk / block_size)
-    kbar = torch.empty(b, h, nkb, d_pad, dtype=torch.float32, device=k.device)
+    kbar = torch.empty(b, h, nkb, d_pad, dtype=dtype, device=k.device)
     _block_means_kernel[(nkb, b * h)](
-        k, kbar, *k.stride(), tk, h, nkb,
+        k, kbar, *k.stride(), tk, h, nkb, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BT=min(block_size, 64), num_warps=4,
     )
     return kbar
 
 
-def block_scores(
-    q: torch.Tensor, kbar: torch.Tensor, out: torch.Tensor, block_size: int, kv_len: int, scale: float, upcast: bool
+# (key blocks per chunk, warps) of the index kernel; 64 rows of s^T per warpgroup.
+INDEX_TILES = (64, 4)
+
+
+def build_index(
+    q: torch.Tensor, kbar: torch.Tensor, kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor, config, kv_len: int,
+    upcast: bool, tiles: tuple[int, int] | None = None,
 ) -> None:
-    """Write log2 block scores into `out` (int32 (B, HQ, NQB, NKB), read back as fp32 bits)."""
+    """Scores, threshold and compaction: fills kv_indices (B, HQ, NQB, NKB) and kv_num_blocks."""
     b, tq, hq, d = q.shape
     h, nkb, d_pad = kbar.shape[1], kbar.shape[2], kbar.shape[3]
-    first = (kv_len - tq) // block_size
+    bs = config.block_size
+    first = (kv_len - tq) // bs
     nqb = nkb - first
-    _block_scores_kernel[(nqb, b * hq)](
-        q, kbar, out, *q.stride(), tq, kv_len, hq, hq // h, nkb, nqb, first, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BR=_row_tile(block_size, d_pad), BJ=64,
-        UPCAST=upcast, num_warps=4,
+    keep_all = config.alpha <= 0.0
+    bj, warps = tiles or INDEX_TILES
+    _index_kernel[(nqb, b * hq)](
+        q, kbar, kv_indices, kv_num_blocks, *q.stride(), tq, kv_len, hq, hq // h, nkb, nqb, first,
+        0.0 if keep_all else math.log2(config.alpha),
+        HEAD_DIM=d, D_PAD=d_pad, BS=bs, BJ=bj, UPCAST=upcast,
+        SINK=config.sink_blocks, WINDOW=config.window_blocks, LAST_FULL=config.last_full_blocks,
+        KEEP_ALL=keep_all, num_warps=warps,
     )

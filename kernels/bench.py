@@ -126,10 +126,9 @@ def run_length(t: int, args) -> dict:
     return row
 
 
-# Attention kernel choices swept by --sweep-tiles: (BM, BN, warps, stages, TMA mode, diagonal in loop).
+# Attention kernel choices swept by --sweep-tiles: (BM, BN, warps, stages, TMA mode).
 ATTENTION_CHOICES = [
-    (128, 128, 8, 2, 0, False), (128, 128, 8, 2, 1, False), (128, 128, 8, 2, 2, False),
-    (128, 128, 8, 2, 1, True), (128, 128, 8, 2, 2, True),
+    (128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 128, 8, 2, 2), (128, 128, 8, 3, 2), (128, 64, 8, 2, 2),
 ]
 # Index kernel choices swept by --sweep-tiles: (key blocks per chunk, warps).
 INDEX_CHOICES = [(64, 4), (64, 8), (128, 8), (32, 4)]
@@ -142,8 +141,8 @@ def sweep_tiles(args) -> None:
 
     hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
     d_pad = api.triton_next_power_of_2(d)
-    print("| tokens | density | BM | BN | warps | stages | TMA | diagonal in loop | regs | spills | ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | density | BM | BN | warps | stages | TMA | regs | spills | ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     index_rows, compiled = [], {}
     for t in args.lengths:
         q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
@@ -157,14 +156,14 @@ def sweep_tiles(args) -> None:
         for density in args.densities:
             pattern = random_pattern(1, hq, t, bs, density, "cuda", seed=t)
             for choice in ATTENTION_CHOICES:
-                tiles, tma, diag_in_loop = choice[:4], choice[4], choice[5]
+                tiles, tma = choice[:4], choice[4]
                 if bs % tiles[0] or bs % tiles[1]:
                     continue
 
-                def run(tiles=tiles, tma=tma, diag_in_loop=diag_in_loop):
+                def run(tiles=tiles, tma=tma):
                     attention_kernels.sparse_attention(
                         q, k, v, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5, d_pad=d_pad,
-                        upcast=False, tiles=tiles, tma=tma, diag_in_loop=diag_in_loop)
+                        upcast=False, tiles=tiles, tma=tma)
 
                 try:
                     ms = bench_ms(run)

@@ -48,7 +48,9 @@ def _attend_block(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k))
         if MASKED:
-            s = tl.where((kpos[None, :] <= pos[:, None]) & (kpos[None, :] < T_K), s, float("-inf"))
+            # 32-bit compares: positions stay far below 2**31, and 64-bit ones cost twice as much.
+            kpos32 = kpos.to(tl.int32)
+            s = tl.where((kpos32[None, :] <= pos.to(tl.int32)[:, None]) & (kpos32[None, :] < T_K), s, float("-inf"))
         # Scale inside the exponent (one fused multiply-add per score); qk_scale > 0 keeps the max.
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
@@ -68,7 +70,7 @@ def _sparse_attention_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, FIRST_TILE, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr, DIAG_IN_LOOP: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     # Last query tiles first: they keep the most blocks, so the long programs start early.
     tile = FIRST_TILE + (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
@@ -106,26 +108,17 @@ def _sparse_attention_kernel(
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, D_PAD], dtype=tl.float32)
-    if DIAG_IN_LOOP:
-        # Every block masked: costs a compare and select per score, keeps the last load pipelined.
-        for j in tl.range(0, num_kept):
-            kblock = tl.load(idx + j).to(tl.int64)
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_src, v_src, b32, hk32, stride_kt, stride_kd, stride_vt, stride_vd,
-                kblock, pos, T_K, qk_scale, HEAD_DIM, D_PAD, BS, BN, True, UPCAST, TMA,
-            )
-    else:
-        for j in tl.range(0, num_kept - 1):
-            kblock = tl.load(idx + j).to(tl.int64)
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, k_src, v_src, b32, hk32, stride_kt, stride_kd, stride_vt, stride_vd,
-                kblock, pos, T_K, qk_scale, HEAD_DIM, D_PAD, BS, BN, False, UPCAST, TMA,
-            )
-        kblock = tl.load(idx + num_kept - 1).to(tl.int64)
+    for j in tl.range(0, num_kept - 1):
+        kblock = tl.load(idx + j).to(tl.int64)
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, k_src, v_src, b32, hk32, stride_kt, stride_kd, stride_vt, stride_vd,
-            kblock, pos, T_K, qk_scale, HEAD_DIM, D_PAD, BS, BN, True, UPCAST, TMA,
+            kblock, pos, T_K, qk_scale, HEAD_DIM, D_PAD, BS, BN, False, UPCAST, TMA,
         )
+    kblock = tl.load(idx + num_kept - 1).to(tl.int64)
+    acc, m_i, l_i = _attend_block(
+        acc, m_i, l_i, q, k_src, v_src, b32, hk32, stride_kt, stride_kd, stride_vt, stride_vd,
+        kblock, pos, T_K, qk_scale, HEAD_DIM, D_PAD, BS, BN, True, UPCAST, TMA,
+    )
     out = acc * (1.0 / l_i)[:, None]
     if TMA == 2:
         O.store([b32, h32, (tile * BM - q_start).to(tl.int32), 0], out.to(O.dtype).reshape(1, 1, BM, D_PAD))
@@ -137,9 +130,9 @@ def _sparse_attention_kernel(
         )
 
 
-# K/V through host-built tensor descriptors: 3-8% faster than device-built ones and 10-15% faster
-# than pointer loads at 64K-128K on the H200 (BENCHMARKS.md, tile sweep).
-TMA_BY_DEFAULT = 1
+# Q, K, V and O through host-built tensor descriptors: the fastest load path on the H200, 9-12%
+# faster than pointer loads at 64K-256K (BENCHMARKS.md, tile sweep).
+TMA_BY_DEFAULT = 2
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -188,14 +181,12 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     tiles: tuple[int, int, int, int] | None = None,
     tma: int | None = None,
-    diag_in_loop: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
 
     tiles: (BM, BN, num_warps, num_stages) to override the default choice (benchmark sweeps).
     tma: 0 pointer loads, 1 K/V and 2 also Q/O through tensor descriptors; None picks the
     default where the GPU and the strides allow it (else pointer loads).
-    diag_in_loop: mask every block inside one loop instead of peeling the last one (sweeps).
     """
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
@@ -221,6 +212,6 @@ def sparse_attention(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BN=bn, UPCAST=upcast,
-        TMA=tma, DIAG_IN_LOOP=diag_in_loop, num_warps=warps, num_stages=stages,
+        TMA=tma, num_warps=warps, num_stages=stages,
     )
     return out

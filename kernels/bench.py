@@ -126,9 +126,9 @@ def run_length(t: int, args) -> dict:
     return row
 
 
-# Attention kernel choices swept by --sweep-tiles: (BM, BN, warps, stages, TMA mode).
+# Attention kernel choices swept by --sweep-tiles: (BM, BN, warps, stages, TMA mode, group order).
 ATTENTION_CHOICES = [
-    (128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 128, 8, 2, 2), (128, 128, 8, 3, 2), (128, 64, 8, 2, 2),
+    (128, 128, 8, 2, 0, False), (128, 128, 8, 2, 2, False), (128, 128, 8, 2, 2, True), (128, 128, 8, 3, 2, False),
 ]
 # Index kernel choices swept by --sweep-tiles: (key blocks per chunk, warps).
 INDEX_CHOICES = [(64, 4), (64, 8), (128, 8), (32, 4)]
@@ -141,8 +141,8 @@ def sweep_tiles(args) -> None:
 
     hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
     d_pad = api.triton_next_power_of_2(d)
-    print("| tokens | density | BM | BN | warps | stages | TMA | regs | spills | ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | pattern | density | BM | BN | warps | stages | TMA | group order | regs | spills | ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     index_rows, compiled = [], {}
     for t in args.lengths:
         q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
@@ -153,17 +153,20 @@ def sweep_tiles(args) -> None:
                 F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
 
         cudnn = bench_ms(dense)
-        for density in args.densities:
-            pattern = random_pattern(1, hq, t, bs, density, "cuda", seed=t)
+        cfg = FlashPrefillConfig(block_size=bs, alpha=args.alpha, min_seq_len=0)
+        sq, sk, sv = structured_qkv(1, t, t, hq, h, d, bs, dtype=torch.bfloat16, device="cuda")
+        cases = [("random", q, k, v, random_pattern(1, hq, t, bs, dens, "cuda", seed=t)) for dens in args.densities]
+        cases.append(("selected", sq, sk, sv, api._find_pattern_triton(sq, sk, cfg, d**-0.5)))
+        for kind, cq, ck, cv, pattern in cases:
             for choice in ATTENTION_CHOICES:
-                tiles, tma = choice[:4], choice[4]
+                tiles, tma, group_order = choice[:4], choice[4], choice[5]
                 if bs % tiles[0] or bs % tiles[1]:
                     continue
 
-                def run(tiles=tiles, tma=tma):
+                def run(tiles=tiles, tma=tma, group_order=group_order, cq=cq, ck=ck, cv=cv, pattern=pattern):
                     attention_kernels.sparse_attention(
-                        q, k, v, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5, d_pad=d_pad,
-                        upcast=False, tiles=tiles, tma=tma)
+                        cq, ck, cv, pattern.kv_num_blocks, pattern.kv_indices, bs, d**-0.5, d_pad=d_pad,
+                        upcast=False, tiles=tiles, tma=tma, group_order=group_order)
 
                 try:
                     ms = bench_ms(run)
@@ -174,10 +177,8 @@ def sweep_tiles(args) -> None:
                     compiled[choice] = _last_compiled(attention_kernels._sparse_attention_kernel)
                 regs, spills = compiled[choice]
                 ratio = ms / (pattern.density() * cudnn)
-                print(f"| {t} | {100 * pattern.density():.1f}% | {' | '.join(map(str, choice))} | {regs} | {spills} "
-                      f"| {ms:.3f} | {ratio:.2f} |", flush=True)
-        cfg = FlashPrefillConfig(block_size=bs, alpha=args.alpha, min_seq_len=0)
-        sq, sk, _ = structured_qkv(1, t, t, hq, h, d, bs, dtype=torch.bfloat16, device="cuda")
+                print(f"| {t} | {kind} | {100 * pattern.density():.1f}% | {' | '.join(map(str, choice))} | {regs} "
+                      f"| {spills} | {ms:.3f} | {ratio:.2f} |", flush=True)
         for choice in INDEX_CHOICES:
             saved = pattern_kernels.INDEX_TILES
             pattern_kernels.INDEX_TILES = choice

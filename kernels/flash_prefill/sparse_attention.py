@@ -70,11 +70,22 @@ def _sparse_attention_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, FIRST_TILE, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    UPCAST: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
     # Last query tiles first: they keep the most blocks, so the long programs start early.
-    tile = FIRST_TILE + (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    num_tiles = tl.num_programs(0)
+    if GROUP_ORDER:
+        # Launch order: the GROUP query heads sharing a KV head side by side for each tile, so
+        # the K/V blocks they have in common are read from L2 by programs running together.
+        lin = tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)
+        rest = lin // GROUP
+        kv_heads = NUM_Q_HEADS // GROUP
+        tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
+        bg = rest // num_tiles
+        pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + lin % GROUP
+    else:
+        tile = FIRST_TILE + (num_tiles - 1 - tl.program_id(0)).to(tl.int64)
+        pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // NUM_Q_HEADS
     h = pid_bh % NUM_Q_HEADS
     hk = h // GROUP
@@ -133,6 +144,7 @@ def _sparse_attention_kernel(
 # Q, K, V and O through host-built tensor descriptors: the fastest load path on the H200, 9-12%
 # faster than pointer loads at 64K-256K (BENCHMARKS.md, tile sweep).
 TMA_BY_DEFAULT = 2
+GROUP_ORDER_BY_DEFAULT = False
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -181,12 +193,15 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     tiles: tuple[int, int, int, int] | None = None,
     tma: int | None = None,
+    group_order: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
 
     tiles: (BM, BN, num_warps, num_stages) to override the default choice (benchmark sweeps).
     tma: 0 pointer loads, 1 K/V and 2 also Q/O through tensor descriptors; None picks the
     default where the GPU and the strides allow it (else pointer loads).
+    group_order: launch the query heads of a KV group side by side per tile instead of all tiles
+    of one head in a row; None picks the default.
     """
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
@@ -198,6 +213,8 @@ def sparse_attention(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if tma is None:
         tma = TMA_BY_DEFAULT
+    if group_order is None:
+        group_order = GROUP_ORDER_BY_DEFAULT
     if tma == 2 and (tk - tq) % bm:
         tma = 1
     if tma and (upcast or not _tma_ok(*((q, k, v, out) if tma == 2 else (k, v)))):
@@ -212,6 +229,6 @@ def sparse_attention(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BN=bn, UPCAST=upcast,
-        TMA=tma, num_warps=warps, num_stages=stages,
+        TMA=tma, GROUP_ORDER=group_order, num_warps=warps, num_stages=stages,
     )
     return out

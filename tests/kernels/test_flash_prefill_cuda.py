@@ -97,14 +97,16 @@ def test_every_load_path_matches_reference(tma, q_len, head_dim):
     q, k, v = structured_qkv(1, q_len, tk, 28, 4, head_dim, 128, dtype=torch.bfloat16, device="cuda")
     scale = head_dim**-0.5
     pattern = api._find_pattern_triton(q, k, cfg, scale)
-    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
-    attention_kernels.sparse_attention(
-        q, k, v, pattern.kv_num_blocks, pattern.kv_indices, 128, scale, d_pad=128, upcast=False, out=out, tma=tma
-    )
     exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale, torch.float32)
     low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None)
-    assert not torch.isnan(out).any(), "some output rows were never written"
-    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+    for group_order in (False, True):
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
+        attention_kernels.sparse_attention(
+            q, k, v, pattern.kv_num_blocks, pattern.kv_indices, 128, scale, d_pad=128, upcast=False, out=out,
+            tma=tma, group_order=group_order,
+        )
+        assert not torch.isnan(out).any(), "some output rows were never written"
+        assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
 
 
 def test_flash_prefill_replays_in_a_cuda_graph():

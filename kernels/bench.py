@@ -10,6 +10,7 @@ given as a ratio to cuDNN dense measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import FlashPrefillConfig, flash_prefill
+from kernels import FlashPrefillConfig, dense_attention, flash_prefill
 from kernels.flash_prefill import api
 from kernels.flash_prefill.config import BlockSparsePattern
-from kernels.testing import random_pattern, random_qkv, structured_qkv
+from kernels.testing import random_pattern, random_qkv, relative_error, structured_qkv
 
 
 def environment() -> str:
@@ -116,6 +117,15 @@ def run_length(t: int, args) -> dict:
     row["structured_density"] = pattern.density()
     row["structured_attention_ms"] = bench_ms(lambda: api._sparse_attention_triton(sq, sk, sv, pattern, scale))
     row["whole_ms"] = bench_ms(lambda: flash_prefill(sq, sk, sv, config=cfg))
+    # One pattern per KV head (config option): its density, index time and whole time.
+    kv_cfg = dataclasses.replace(cfg, pattern_per_kv_head=True)
+    _, kv_pattern = flash_prefill(sq, sk, sv, config=kv_cfg, return_pattern=True)
+    row["kv_head_density"] = kv_pattern.density()
+    row["kv_head_pattern_ms"] = bench_ms(lambda: api._find_pattern_triton(sq, sk, kv_cfg, scale))
+    row["kv_head_whole_ms"] = bench_ms(lambda: flash_prefill(sq, sk, sv, config=kv_cfg))
+    row["kv_head_output_rel_error"] = relative_error(
+        flash_prefill(sq, sk, sv, config=kv_cfg), dense_attention(sq, sk, sv, scale))
+    row["output_rel_error"] = relative_error(flash_prefill(sq, sk, sv, config=cfg), dense_attention(sq, sk, sv, scale))
     # The same two calls replayed from CUDA graphs: GPU time without Python launch overhead.
     row["pattern_graph_ms"] = bench_ms(graphed(lambda: api._find_pattern_triton(sq, sk, cfg, scale)))
     row["whole_graph_ms"] = bench_ms(graphed(lambda: flash_prefill(sq, sk, sv, config=cfg)))
@@ -215,6 +225,18 @@ def print_table(rows: list[dict], args) -> None:
             f"({100 * r['pattern_ms'] / c:.1f}%) | {pg:.3f} ({100 * pg / c:.1f}%) "
             f"| {100 * r['structured_density']:.1f}% | {r['whole_ms']:.3f} | {c / r['whole_ms']:.2f}x "
             f"| {r['whole_graph_ms']:.3f} | {c / r['whole_graph_ms']:.2f}x |"
+        )
+    print()
+    print("One pattern per query head (default) against one per KV head, same structured input:")
+    print("| tokens | density | whole ms | output rel. error vs dense | per-KV-head density | pattern ms | whole ms "
+          "| speed-up | output rel. error vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["cudnn_ms"]
+        print(
+            f"| {r['tokens']} | {100 * r['structured_density']:.1f}% | {r['whole_ms']:.3f} | "
+            f"{r['output_rel_error']:.4f} | {100 * r['kv_head_density']:.1f}% | {r['kv_head_pattern_ms']:.3f} | "
+            f"{r['kv_head_whole_ms']:.3f} | {c / r['kv_head_whole_ms']:.2f}x | {r['kv_head_output_rel_error']:.4f} |"
         )
     print()
     print("Sparse attention on random block masks: time / (density x cuDNN); FlexAttention the same")

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, help="sparsity block (default: the model's preset)")
     p.add_argument("--multiple-choice", action="store_true",
                    help="ask for an option letter instead of the colour word")
+    p.add_argument("--per-kv-head", action="store_true",
+                   help="also run each alpha with one pattern per KV head (pattern_per_kv_head=True)")
     p.add_argument("--device")
     p.add_argument("--json", default="accuracy.json")
     p.add_argument("--heatmap", default="accuracy.png")
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         base = dataclasses.replace(base, block_size=args.block_size)
     modes = ["dense"] + [f"alpha={a}" for a in args.alphas]
     configs = {f"alpha={a}": dataclasses.replace(base, alpha=a) for a in args.alphas}
+    if args.per_kv_head:
+        shared = {f"alpha={a}, per KV head": dataclasses.replace(base, alpha=a, pattern_per_kv_head=True)
+                  for a in args.alphas}
+        modes += list(shared)
+        configs.update(shared)
     rows = []
     started = time.perf_counter()
     for n in args.lengths:

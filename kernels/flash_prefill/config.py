@@ -31,6 +31,10 @@ class FlashPrefillConfig:
     window_blocks: blocks ending at the diagonal every query block keeps.
     last_full_blocks: the last query blocks of the sequence attend to every block before them.
     min_seq_len: below this key length attention runs dense.
+    pattern_per_kv_head: one pattern per KV head (FlashPrefill V2): the block scores of the query
+        heads of a group, each normalised by its own row maximum, are summed and thresholded once,
+        so every head of the group keeps the same blocks. Off by default (DESIGN.md's per-head
+        pattern); BENCHMARKS.md has its measured speed and accuracy.
     """
 
     block_size: int = 128
@@ -39,6 +43,7 @@ class FlashPrefillConfig:
     window_blocks: int = 4
     last_full_blocks: int = 2
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
+    pattern_per_kv_head: bool = False
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -50,6 +55,8 @@ class FlashPrefillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.pattern_per_kv_head, bool):
+            raise ValueError(f"pattern_per_kv_head must be a bool, got {self.pattern_per_kv_head!r}")
 
     @classmethod
     def for_model(cls, family: str, **overrides) -> FlashPrefillConfig:

@@ -12,6 +12,10 @@ reaches max + log2(alpha) or it is a sink, window or last-full block, and overwr
 row with the kept ids in ascending order; kv_num_blocks gets the count. No sort, no top-k, no
 host synchronisation. In place is safe: a block's compacted slot never exceeds its own, and
 each chunk is fully read before it is written.
+With config.pattern_per_kv_head the program covers the GROUP query heads of one KV head: pass 1
+runs per head into that head's own row (its M_I parked in kv_num_blocks), a middle pass sums
+exp2(log2 score - M_I) over the heads into the first head's row, and pass 2 thresholds that sum
+once and writes the same kept ids into every head's row.
 Head dims that are not powers of two are padded to D_PAD inside the kernels.
 """
 
@@ -52,7 +56,8 @@ def _block_means_kernel(
 @triton.jit
 def _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K,
                   D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, MASKED: tl.constexpr):
-    """log2 scores of key blocks jc*BJ .. jc*BJ+BJ-1 for one query block; rows reduce within a warp."""
+    """(key blocks, m, log2 score) of blocks jc*BJ .. jc*BJ+BJ-1 for one query block and head;
+    the rows of the query block reduce within a warp."""
     d = tl.arange(0, D_PAD)
     kblock = jc * BJ + tl.arange(0, BJ).to(tl.int64)
     kbar = tl.load(KBAR + (kv_row * NKB + kblock[:, None]) * D_PAD + d[None, :], mask=kblock[:, None] < NKB,
@@ -66,9 +71,47 @@ def _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K,
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         # total >= 1 wherever a row is visible (its own maximum adds exp2(0)).
-        return kblock, tl.where(total > 0, m + tl.log2(tl.maximum(total, 1.0)), float("-inf"))
+        return kblock, m, tl.where(total > 0, m + tl.log2(tl.maximum(total, 1.0)), float("-inf"))
     m = tl.max(s, axis=1)
-    return kblock, m + tl.log2(tl.sum(tl.exp2(s - m[:, None]), axis=1))
+    return kblock, m, m + tl.log2(tl.sum(tl.exp2(s - m[:, None]), axis=1))
+
+
+@triton.jit
+def _score_row(
+    q_base, KBAR, kv_row, row, block, stride_qt, stride_qd, T_Q, T_K, NKB,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Pass 1 for one query head: log2 scores of every J <= I into `row`; returns the largest
+    log2 score and the largest m_IJ (the head's row maximum M_I)."""
+    q_start = T_K - T_Q
+    d = tl.arange(0, D_PAD)
+    pos = block * BS + tl.arange(0, BS).to(tl.int64)
+    row_ok = (pos >= q_start) & (pos < T_K)
+    q = tl.load(
+        q_base + (pos - q_start)[:, None] * stride_qt + d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    best = tl.full([BJ], float("-inf"), dtype=tl.float32)
+    best_m = tl.full([BJ], float("-inf"), dtype=tl.float32)
+    # Chunks wholly before block I are seen by every row; only a block with missing rows
+    # (first or last of the sequence) and the chunk holding the diagonal need the mask.
+    all_rows = (block * BS >= q_start) & ((block + 1) * BS <= T_K)
+    num_plain = tl.where(all_rows, block // BJ, 0)
+    for jc in range(0, num_plain):
+        kblock, m, score = _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K, D_PAD, BS, BJ, False)
+        tl.store(row + kblock, score.to(tl.int32, bitcast=True))
+        best = tl.maximum(best, score)
+        best_m = tl.maximum(best_m, m)
+    for jc in range(num_plain, block // BJ + 1):
+        kblock, m, score = _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K, D_PAD, BS, BJ, True)
+        in_range = kblock <= block
+        tl.store(row + kblock, score.to(tl.int32, bitcast=True), mask=in_range)
+        best = tl.maximum(best, tl.where(in_range, score, float("-inf")))
+        best_m = tl.maximum(best_m, tl.where(in_range, m, float("-inf")))
+    return tl.max(best, axis=0), tl.max(best_m, axis=0)
 
 
 @triton.jit
@@ -78,42 +121,59 @@ def _index_kernel(
     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, log2_alpha,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, UPCAST: tl.constexpr,
     SINK: tl.constexpr, WINDOW: tl.constexpr, LAST_FULL: tl.constexpr, KEEP_ALL: tl.constexpr,
+    PER_KV_HEAD: tl.constexpr,
 ):
+    # One program per (query block, batch * query head), or per (query block, batch * KV head)
+    # with PER_KV_HEAD, where it writes the same kept ids into the rows of all GROUP heads.
     qb = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(1).to(tl.int64)
+    num_kv_heads = NUM_Q_HEADS // GROUP
     block = FIRST_QB + qb
-    row = IDX + (pid_bh * NQB + qb) * NKB
     num_chunks = block // BJ + 1
+    if PER_KV_HEAD:
+        b = pid // num_kv_heads
+        first_head = b * NUM_Q_HEADS + (pid % num_kv_heads) * GROUP  # batch * query-head row
+        heads = GROUP
+        kv_row = pid
+    else:
+        b = pid // NUM_Q_HEADS
+        first_head = pid
+        heads = 1
+        kv_row = b * num_kv_heads + (pid % NUM_Q_HEADS) // GROUP
+    row0 = IDX + (first_head * NQB + qb) * NKB
     threshold = 0.0
     if not KEEP_ALL:
-        b = pid_bh // NUM_Q_HEADS
-        h = pid_bh % NUM_Q_HEADS
-        kv_row = b * (NUM_Q_HEADS // GROUP) + h // GROUP
-        q_start = T_K - T_Q
-        d = tl.arange(0, D_PAD)
-        pos = block * BS + tl.arange(0, BS).to(tl.int64)
-        row_ok = (pos >= q_start) & (pos < T_K)
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + (pos - q_start)[:, None] * stride_qt + d[None, :] * stride_qd,
-            mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
-            other=0.0,
-        )
-        if UPCAST:
-            q = q.to(tl.float32)
-        best = tl.full([BJ], float("-inf"), dtype=tl.float32)
-        # Chunks wholly before block I are seen by every row; only a block with missing rows
-        # (first or last of the sequence) and the chunk holding the diagonal need the mask.
-        all_rows = (block * BS >= q_start) & ((block + 1) * BS <= T_K)
-        num_plain = tl.where(all_rows, block // BJ, 0)
-        for jc in range(0, num_plain):
-            kblock, score = _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K, D_PAD, BS, BJ, False)
-            tl.store(row + kblock, score.to(tl.int32, bitcast=True))
-            best = tl.maximum(best, score)
-        for jc in range(num_plain, num_chunks):
-            kblock, score = _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K, D_PAD, BS, BJ, True)
-            tl.store(row + kblock, score.to(tl.int32, bitcast=True), mask=kblock <= block)
-            best = tl.maximum(best, tl.where(kblock <= block, score, float("-inf")))
-        threshold = tl.max(best, axis=0) + log2_alpha
+        if PER_KV_HEAD:
+            for hi in range(0, GROUP):
+                r = (first_head + hi) * NQB + qb
+                q_base = Q + b * stride_qb + (first_head + hi - b * NUM_Q_HEADS) * stride_qh
+                _, top_m = _score_row(q_base, KBAR, kv_row, IDX + r * NKB, block, stride_qt, stride_qd,
+                                      T_Q, T_K, NKB, HEAD_DIM, D_PAD, BS, BJ, UPCAST)
+                tl.store(NUM + r, top_m.to(tl.int32, bitcast=True))  # scratch until the count lands
+            tl.debug_barrier()
+            # Pass 2: sum over the group of exp2(log2 score - M_I of the head), into the first row.
+            best = tl.full([BJ], float("-inf"), dtype=tl.float32)
+            for jc in range(0, num_chunks):
+                kblock = jc * BJ + tl.arange(0, BJ).to(tl.int64)
+                in_range = kblock <= block
+                total = tl.zeros([BJ], dtype=tl.float32)
+                for hi in range(0, GROUP):
+                    r = (first_head + hi) * NQB + qb
+                    top_m = tl.load(NUM + r).to(tl.float32, bitcast=True)
+                    bits = tl.load(IDX + r * NKB + kblock, mask=in_range, other=0)
+                    total += tl.where(in_range, tl.exp2(bits.to(tl.float32, bitcast=True) - top_m), 0.0)
+                # Each head's best block adds >= 1 to its J, so the clamp only touches blocks far
+                # below any threshold (and keeps log2 off zero).
+                score = tl.where(total > 0, tl.log2(tl.maximum(total, 1e-30)), float("-inf"))
+                tl.debug_barrier()  # the first row's chunk is read by every thread before it is overwritten
+                tl.store(row0 + kblock, score.to(tl.int32, bitcast=True), mask=in_range)
+                best = tl.maximum(best, tl.where(in_range, score, float("-inf")))
+            threshold = tl.max(best, axis=0) + log2_alpha
+        else:
+            q_base = Q + b * stride_qb + (pid % NUM_Q_HEADS) * stride_qh
+            top, _ = _score_row(q_base, KBAR, kv_row, row0, block, stride_qt, stride_qd,
+                                T_Q, T_K, NKB, HEAD_DIM, D_PAD, BS, BJ, UPCAST)
+            threshold = top + log2_alpha
         tl.debug_barrier()  # the whole row is written before any thread reads it back
 
     full_row = block >= NKB - LAST_FULL
@@ -125,15 +185,17 @@ def _index_kernel(
         if KEEP_ALL:
             keep = keep | in_range
         else:
-            bits = tl.load(row + kblock, mask=in_range, other=0)
+            bits = tl.load(row0 + kblock, mask=in_range, other=0)
             keep = keep | (bits.to(tl.float32, bitcast=True) >= threshold)
         keep = keep & in_range
         flags = keep.to(tl.int32)
         slot = count + tl.cumsum(flags, axis=0) - 1
         tl.debug_barrier()  # every thread has read this chunk before any slot in it is overwritten
-        tl.store(row + slot, kblock.to(tl.int32), mask=keep)
+        for hi in range(0, heads):
+            tl.store(IDX + ((first_head + hi) * NQB + qb) * NKB + slot, kblock.to(tl.int32), mask=keep)
         count += tl.sum(flags, axis=0)
-    tl.store(NUM + pid_bh * NQB + qb, count)
+    for hi in range(0, heads):
+        tl.store(NUM + (first_head + hi) * NQB + qb, count)
 
 
 def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -164,10 +226,11 @@ def build_index(
     nqb = nkb - first
     keep_all = config.alpha <= 0.0
     bj, warps = tiles or INDEX_TILES
-    _index_kernel[(nqb, b * hq)](
+    per_kv_head = config.pattern_per_kv_head and h < hq
+    _index_kernel[(nqb, b * (h if per_kv_head else hq))](
         q, kbar, kv_indices, kv_num_blocks, *q.stride(), tq, kv_len, hq, hq // h, nkb, nqb, first,
         0.0 if keep_all else math.log2(config.alpha),
         HEAD_DIM=d, D_PAD=d_pad, BS=bs, BJ=bj, UPCAST=upcast,
         SINK=config.sink_blocks, WINDOW=config.window_blocks, LAST_FULL=config.last_full_blocks,
-        KEEP_ALL=keep_all, num_warps=warps,
+        KEEP_ALL=keep_all, PER_KV_HEAD=per_kv_head, num_warps=warps,
     )

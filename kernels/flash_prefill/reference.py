@@ -80,10 +80,21 @@ def causal_pattern(
     return BlockSparsePattern.from_dense(keep, block_size, q_len, kv_len)
 
 
+def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Per-KV-head scores (B, HQ, NQB, NKB): each head's score (already divided by its own row
+    maximum, see block_scores) summed over the query heads of its group, repeated for each of them."""
+    b, hq = scores.shape[:2]
+    group = hq // num_kv_heads
+    summed = scores.view(b, num_kv_heads, group, *scores.shape[2:]).sum(2)
+    return summed.repeat_interleave(group, dim=1)
+
+
 def find_pattern(q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float) -> BlockSparsePattern:
     """Pattern discovery and selection for one (padded) batch."""
     kbar = block_means(k, config.block_size)
     scores = block_scores(q, kbar, config.block_size, k.shape[1], scale)
+    if config.pattern_per_kv_head:
+        scores = group_scores(scores, k.shape[2])
     return select_blocks(scores, config, q.shape[1], k.shape[1])
 
 

@@ -7,6 +7,7 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 (see conftest.py), so sha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -110,6 +111,38 @@ def test_chosen_blocks_match_reference(case, alpha):
     flips, unexplained = unexplained_flips(pattern, ref_pattern, scores, cfg, log_tol=0.02)
     assert unexplained == 0, f"{unexplained} of {flips} flipped blocks are not near the threshold"
     assert flips <= 0.01 * ref_pattern.to_dense().numel()
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]], ids=case_id)
+def test_per_kv_head_pattern_matches_reference(case):
+    """One pattern per KV head: the Triton index against the reference's summed group scores."""
+    q, k, v = make_inputs(case)
+    cfg = dataclasses.replace(small_config(case[-1], 0.2), pattern_per_kv_head=True)
+    scale = q.shape[-1] ** -0.5
+    _, pattern = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+    ref_pattern = reference.find_pattern(q, k, cfg, scale)
+    kbar = reference.block_means(k, cfg.block_size, torch.float64)
+    scores = reference.group_scores(reference.block_scores(q, kbar, cfg.block_size, k.shape[1], scale), k.shape[2])
+    check_pattern_layout(pattern)
+    flips, unexplained = unexplained_flips(pattern, ref_pattern, scores, cfg, log_tol=0.02)
+    assert unexplained == 0, f"{unexplained} of {flips} flipped blocks are not near the threshold"
+    group = q.shape[2] // k.shape[2]
+    for keep in (pattern.to_dense(), ref_pattern.to_dense()):
+        per_group = keep.view(keep.shape[0], k.shape[2], group, *keep.shape[2:])
+        assert torch.equal(per_group, per_group[:, :, :1].expand_as(per_group)), "heads of a group differ"
+    per_head = reference.find_pattern(q, k, dataclasses.replace(cfg, pattern_per_kv_head=False), scale)
+    if group > 1:
+        assert not torch.equal(ref_pattern.to_dense(), per_head.to_dense()), "the option changed nothing"
+
+
+def test_per_kv_head_pattern_without_groups_is_the_per_head_pattern():
+    case = (2, 256, 256, 2, 2, 96, torch.bfloat16, 32)  # one query head per KV head
+    q, k, v = make_inputs(case)
+    cfg = small_config(32, 0.2)
+    shared = dataclasses.replace(cfg, pattern_per_kv_head=True)
+    for backend in ("reference", "triton"):
+        a = find_pattern(q, k, cfg, backend=backend).to_dense()
+        assert torch.equal(find_pattern(q, k, shared, backend=backend).to_dense(), a)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

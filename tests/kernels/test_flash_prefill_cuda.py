@@ -125,3 +125,22 @@ def test_flash_prefill_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, flash_prefill(q2, k2, v2, config=cfg), atol=0, rtol=0)
+
+
+def test_per_kv_head_pattern_at_scale():
+    """One pattern per KV head on the GPU: same blocks for a group, flips only near the threshold."""
+    t = 16384
+    cfg = FlashPrefillConfig(alpha=0.1, min_seq_len=0, pattern_per_kv_head=True)
+    q, k, v = structured_qkv(1, t, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    out, pattern = flash_prefill(q, k, v, config=cfg, return_pattern=True)
+    check_pattern_layout(pattern)
+    kbar = reference.block_means(k, cfg.block_size, torch.float64)
+    scores = reference.group_scores(reference.block_scores(q, kbar, cfg.block_size, t, 128**-0.5), 4)
+    ref_pattern = reference.select_blocks(scores, cfg, t, t)
+    flips, unexplained = unexplained_flips(pattern, ref_pattern, scores, cfg, log_tol=0.1)
+    assert unexplained == 0, f"{unexplained} of {flips} flips are not near the threshold"
+    keep = pattern.to_dense().view(1, 4, 7, *pattern.kv_indices.shape[2:])
+    assert torch.equal(keep, keep[:, :, :1].expand_as(keep))
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, 128**-0.5, torch.float32)
+    low = reference.sparse_attention(q, k, v, pattern, 128**-0.5, compute_dtype=None)
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3

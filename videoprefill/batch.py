@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse")
     p.add_argument("--alpha", type=float)
     p.add_argument("--block-size", type=int)
+    p.add_argument("--pattern-per-kv-head", action="store_true",
+                   help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--max-frames", type=int, default=64)
     p.add_argument("--max-pixels", type=int, default=256 * 28 * 28)
@@ -530,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     qa = VideoQA(model, processor, mask_layers=())
     changes = {k: v for k, v in (("alpha", args.alpha), ("block_size", args.block_size)) if v is not None}
+    if args.pattern_per_kv_head:
+        changes["pattern_per_kv_head"] = True
     try:
         config = dataclasses.replace(qa.config, **changes)
     except ValueError as err:

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense attention below this many key tokens. Measured on an H200 (BENCHMARKS.md): the whole
-# flash_prefill was 0.80x of cuDNN dense at 8K and 1.29x at 16K on structured input.
-DEFAULT_MIN_SEQ_LEN = 16384
+# Dense attention below this many key tokens (Hopper). Measured on an H200 (BENCHMARKS.md,
+# crossover): the whole flash_prefill against cuDNN dense on structured input was 0.89x at 6K,
+# 1.04x at 8K, 1.12x at 10K and 1.9x at 12K-16K; 10K keeps a margin for denser real inputs.
+DEFAULT_MIN_SEQ_LEN = 10240
 
 # alpha per model family, from the FlashPrefill paper's settings.
 _FAMILY_ALPHA = {

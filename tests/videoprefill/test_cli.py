@@ -35,6 +35,25 @@ def test_json_sparse(sample_video):
     assert 0 < out["sparsity"]["density"] <= 1 and len(out["sparsity"]["per_layer"]) == 4
 
 
+def test_pattern_per_kv_head_flag():
+    """The demo model has 2 query heads over 1 KV head: with the flag both keep the same blocks.
+    The bundled sample (48 frames) gives 12 blocks, enough for heads to choose differently."""
+    from videoprefill.video import sample_video_path
+
+    sample_video = str(sample_video_path())
+    settings = ["--json", "--alpha", "0.4", "--min-seq-len", "0", "--fps", "2", "--max-frames", "48",
+                "--max-pixels", str(112 * 112), "--max-new-tokens", "2", "--device", "cpu"]
+    per_head = {}
+    for flag in ([], ["--pattern-per-kv-head"]):
+        proc = run(sample_video, *settings, *flag)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["config"]["pattern_per_kv_head"] is bool(flag)
+        per_head[bool(flag)] = out["sparsity"]["per_head"]
+    assert any(a != b for a, b in per_head[False]), "heads should differ with a pattern per query head"
+    assert all(a == b for a, b in per_head[True])
+
+
 def test_compare_human_output_and_map(sample_video, tmp_path):
     png = tmp_path / "map.png"
     proc = run(sample_video, "--attention", "compare", "--alpha", "0.5", "--sparsity-map", str(png), *SMALL)

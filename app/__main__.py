@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     layers = model.config.text_config.num_hidden_layers
     demo, _ = build(VideoQA(model, processor, mask_layers=tuple(range(layers))))
+    # Stop on SIGTERM as on Ctrl-C, so exit handlers remove the run's plot folder.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=f"{args.max_upload_mb}mb",
                 allowed_paths=[str(sample_video_path())], show_error=True, footer_links=["api"])
     return 0

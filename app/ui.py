@@ -6,8 +6,10 @@ queue one at a time (one GPU serves one prefill at a time).
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -130,6 +132,7 @@ class App:
         self.qa = qa
         self.runs: list[list] = []
         self.out_dir = Path(tempfile.mkdtemp(prefix="videoprefill-app-"))
+        atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)  # served plots live until exit
 
     def ask(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
             max_pixels=256 * 28 * 28, layer=-1, head=0, progress=None):

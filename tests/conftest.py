@@ -5,14 +5,18 @@ TRITON_INTERPRET is read when the kernel modules are imported, so it is set here
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
 # The demo model is built once per test session, away from the user's cache.
-os.environ.setdefault("VIDEOPREFILL_HOME", tempfile.mkdtemp(prefix="videoprefill-test-home-"))
+if "VIDEOPREFILL_HOME" not in os.environ:
+    os.environ["VIDEOPREFILL_HOME"] = tempfile.mkdtemp(prefix="videoprefill-test-home-")
+    atexit.register(shutil.rmtree, os.environ["VIDEOPREFILL_HOME"], ignore_errors=True)
 
 import torch  # noqa: E402
 

@@ -58,10 +58,11 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def ask(client, video, question, mode):
+def ask(client, video, question, mode, per_kv_head=False):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(video), question, mode, 0.1, 32, 2.0, 8, 56 * 56, -1, 0, api_name="/ask")
+    return client.predict(handle_file(video), question, mode, 0.1, 32, 2.0, 8, 56 * 56, -1, 0, per_kv_head,
+                          api_name="/ask")
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
@@ -80,6 +81,11 @@ def test_ask_api_compare(client):
     assert answer.startswith("dense:") and "\nsparse:" in answer and "TTFT speed-up" in answer
     assert [row[0] for row in table["data"]] == ["dense", "sparse"]
     assert len(runs["data"]) >= 2  # the session's runs accumulate
+
+
+def test_ask_api_pattern_per_kv_head(client):
+    runs = ask(client, SAMPLE, "What moves?", "sparse", per_kv_head=True)[7]
+    assert runs["data"][-1][1] == "sparse, per KV head"
 
 
 def test_bad_upload_is_reported_and_the_app_keeps_serving(client, tmp_path):

@@ -2,9 +2,9 @@
 
 Stage names follow the Triton kernels (block_means; block_scores + select_blocks, which the Triton
 index build fuses; sparse_attention). Works on any device and dtype; every stage upcasts to
-`compute_dtype` (fp32 by default). Layout as
-flash-attn: q (B, Tq, HQ, D), k/v (B, Tk, H, D), query head h reads KV head h // (HQ // H), and
-the Tq queries are the last Tq of the Tk positions (bottom-right causal alignment).
+`compute_dtype` (fp32 by default). Layout as flash-attn: q (B, Tq, HQ, D), k/v (B, Tk, H, D),
+query head h reads KV head h // (HQ // H), and the Tq queries are the last Tq of the Tk positions
+(bottom-right causal alignment).
 Optimised code never imports this module; tests and benchmarks compare against it.
 """
 

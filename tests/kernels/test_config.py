@@ -31,6 +31,12 @@ def test_negative_counts_rejected():
         FlashPrefillConfig(window_blocks=-1)
 
 
+def test_pattern_per_kv_head_is_a_bool_and_off_by_default():
+    assert FlashPrefillConfig().pattern_per_kv_head is False
+    with pytest.raises(ValueError, match="pattern_per_kv_head"):
+        FlashPrefillConfig(pattern_per_kv_head=1)  # type: ignore[arg-type]
+
+
 def test_presets():
     assert FlashPrefillConfig.for_model("qwen2.5-vl").alpha == 0.1
     assert FlashPrefillConfig.for_model("Qwen3-VL").alpha == 0.22

@@ -3,8 +3,10 @@
 Per length: PyTorch SDPA dense (cuDNN and flash backends), FlexAttention with the same block
 masks, our sparse attention at fixed densities on random block masks, our pattern discovery +
 selection alone, and our whole flash_prefill on structured input (local and sink structure)
-with the density it selects. Every time is a median of triton.testing.do_bench and is also
-given as a ratio to cuDNN dense measured in the same run.
+with the density it selects, eager and replayed from a CUDA graph, with one pattern per query
+head (default) and per KV head. Every time is a median of triton.testing.do_bench and is also
+given as a ratio to cuDNN dense measured in the same run. `--sweep-tiles` times the kernels'
+tile, load-path and launch-order choices instead.
 """
 
 from __future__ import annotations

@@ -143,6 +143,8 @@ def run_length(t: int, args) -> dict:
 ATTENTION_CHOICES = [
     (128, 128, 8, 2, 0, False), (128, 128, 8, 2, 2, False), (128, 128, 8, 2, 2, True), (128, 128, 8, 3, 2, False),
 ]
+# Hopper (Gluon) kernel choices swept by --sweep-tiles: (K/V ring slots, group order).
+HOPPER_CHOICES = [(2, True), (3, True), (3, False)]
 # Index kernel choices swept by --sweep-tiles: (key blocks per chunk, warps).
 INDEX_CHOICES = [(64, 4), (64, 8), (128, 8), (32, 4)]
 
@@ -151,6 +153,7 @@ def sweep_tiles(args) -> None:
     """Time the attention kernel per tile / load / schedule choice, and the index build per tile."""
     from kernels.flash_prefill import pattern as pattern_kernels
     from kernels.flash_prefill import sparse_attention as attention_kernels
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
 
     hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
     d_pad = api.triton_next_power_of_2(d)
@@ -192,6 +195,19 @@ def sweep_tiles(args) -> None:
                 ratio = ms / (pattern.density() * cudnn)
                 print(f"| {t} | {kind} | {100 * pattern.density():.1f}% | {' | '.join(map(str, choice))} | {regs} "
                       f"| {spills} | {ms:.3f} | {ratio:.2f} |", flush=True)
+            if not hopper_kernels.supported(cq, ck, cv, bs):
+                continue
+            for stages, group_order in HOPPER_CHOICES:
+
+                def run(stages=stages, group_order=group_order, cq=cq, ck=ck, cv=cv, pattern=pattern):
+                    hopper_kernels.sparse_attention_sm90(
+                        cq, ck, cv, pattern.kv_num_blocks, pattern.kv_indices, d**-0.5, stages=stages,
+                        group_order=group_order)
+
+                ms = bench_ms(run)
+                ratio = ms / (pattern.density() * cudnn)
+                print(f"| {t} | {kind} | {100 * pattern.density():.1f}% | 128 | 128 | 8 | {stages} | Gluon "
+                      f"| {group_order} | - | - | {ms:.3f} | {ratio:.2f} |", flush=True)
         for choice in INDEX_CHOICES:
             saved = pattern_kernels.INDEX_TILES
             pattern_kernels.INDEX_TILES = choice

@@ -144,3 +144,53 @@ def test_per_kv_head_pattern_at_scale():
     exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, 128**-0.5, torch.float32)
     low = reference.sparse_attention(q, k, v, pattern, 128**-0.5, compute_dtype=None)
     assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+requires_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Gluon attention kernel targets Hopper (sm_90)")
+
+
+@requires_hopper
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("q_len", [9000, 4904], ids=["Tq=Tk", "prefix-4096"])
+@pytest.mark.parametrize("head_dim,dtype", [(128, torch.bfloat16), (80, torch.bfloat16), (64, torch.float16)])
+def test_hopper_kernel_matches_reference(stages, q_len, head_dim, dtype):
+    """The Gluon kernel on selected patterns (rows keeping one block up to most of them), both
+    launch orders, against fp32 and the same computation in 16-bit floats."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    tk = 9000
+    cfg = FlashPrefillConfig(alpha=0.1, min_seq_len=0)
+    q, k, v = structured_qkv(2, q_len, tk, 28, 4, head_dim, 128, dtype=dtype, device="cuda")
+    scale = head_dim**-0.5
+    assert hopper_kernels.supported(q, k, v, 128)
+    pattern = api._find_pattern_triton(q, k, cfg, scale)
+    if q_len == tk:
+        assert pattern.kv_num_blocks.min().item() == 1, "the first row keeps only its diagonal block"
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale, torch.float32)
+    low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None)
+    for group_order in (False, True):
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+        hopper_kernels.sparse_attention_sm90(
+            q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out, group_order=group_order, stages=stages
+        )
+        assert not torch.isnan(out).any(), "some output rows were never written"
+        assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+@requires_hopper
+def test_hopper_kernel_declines_what_it_cannot_run():
+    """Calls outside the Gluon kernel's cases are reported unsupported (api then runs the Triton kernel)."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = structured_qkv(1, 4096, 4096, 8, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
+    assert hopper_kernels.supported(q, k, v, 128)
+    assert not hopper_kernels.supported(q[:, 100:], k, v, 128), "prefix of 100 keys: first tile off row 0"
+    assert not hopper_kernels.supported(q, k, v, 64), "block size 64"
+    assert not hopper_kernels.supported(q.float(), k.float(), v.float(), 128), "fp32"
+    q256, k256, v256 = structured_qkv(1, 4096, 4096, 8, 2, 256, 128, dtype=torch.bfloat16, device="cuda")
+    assert not hopper_kernels.supported(q256, k256, v256, 128), "head dim 256"
+    assert not hopper_kernels.supported(q.cpu(), k.cpu(), v.cpu(), 128), "CPU tensors"

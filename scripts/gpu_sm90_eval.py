@@ -1,0 +1,125 @@
+"""On the H200: check the Hopper (Gluon) attention kernel against the Triton one and the
+reference, then time both against cuDNN dense on random and selected patterns.
+
+`python3 scripts/gpu_sm90_eval.py [--lengths ...] [--json FILE]`; a development script for the
+kernel choice (results go to BENCHMARKS.md), not part of the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import FlashPrefillConfig
+from kernels.bench import bench_ms, environment
+from kernels.flash_prefill import api, reference
+from kernels.flash_prefill import sparse_attention_sm90 as sm90
+from kernels.testing import random_pattern, random_qkv, relative_error, structured_qkv
+
+
+def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_reference=False):
+    q, k, v = random_qkv(b, tq, tk, hq, h, d, dtype=dtype, device="cuda", seed=seed)
+    if strided:  # transformers' (B, H, T, D) storage seen as (B, T, H, D)
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    pattern = random_pattern(b, hq, tk, 128, density, "cuda", seed=seed, q_len=tq)
+    scale = d**-0.5
+    ok_shape = sm90.supported(q, k, v, 128, d)
+    if not ok_shape:
+        return {"case": name, "supported": False}
+    ours = sm90.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale)
+    torch.cuda.synchronize()
+    base = api._sparse_attention_triton(q, k, v, pattern, scale)
+    row = {"case": name, "supported": True, "density": pattern.density(),
+           "max_abs_vs_triton": (ours.float() - base.float()).abs().max().item(),
+           "rel_vs_triton": relative_error(ours, base), "finite": bool(torch.isfinite(ours).all())}
+    if vs_reference:
+        ref = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale)
+        row["max_abs_vs_reference"] = (ours.float() - ref).abs().max().item()
+        row["triton_max_abs_vs_reference"] = (base.float() - ref).abs().max().item()
+    return row
+
+
+def timing(t, densities, hq=28, h=4, d=128):
+    q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    cudnn = bench_ms(dense)
+    scale = d**-0.5
+    cfg = FlashPrefillConfig(block_size=128, alpha=0.1, min_seq_len=0)
+    sq, sk, sv = structured_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda")
+    cases = [("random", q, k, v, random_pattern(1, hq, t, 128, dens, "cuda", seed=t)) for dens in densities]
+    cases.append(("selected", sq, sk, sv, api._find_pattern_triton(sq, sk, cfg, scale)))
+    rows = []
+    for kind, cq, ck, cv, pattern in cases:
+        dens = pattern.density()
+        row = {"tokens": t, "pattern": kind, "density": dens, "cudnn_ms": cudnn}
+        row["triton_ms"] = bench_ms(lambda: api._sparse_attention_triton(cq, ck, cv, pattern, scale))
+        for stages in (2, 3):
+            for order in (True, False):
+                key = f"sm90_s{stages}_{'group' if order else 'head'}_ms"
+                try:
+                    row[key] = bench_ms(lambda: sm90.sparse_attention_sm90(
+                        cq, ck, cv, pattern.kv_num_blocks, pattern.kv_indices, scale, group_order=order,
+                        stages=stages))
+                except Exception as err:
+                    row[key] = None
+                    print(f"  {key} failed: {str(err).splitlines()[0][:300]}", file=sys.stderr)
+        for name in list(row):
+            if name.endswith("_ms") and name != "cudnn_ms" and row[name]:
+                row[name.replace("_ms", "_ratio")] = row[name] / (dens * cudnn)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    print(environment(), flush=True)
+    checks = [
+        check("16K 28/4 d128 bf16 10%", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 0.1),
+        check("16K 28/4 d128 bf16 diag only", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 0.0),
+        check("16K 28/4 d128 bf16 100%", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 1.0),
+        check("prefix 4K of 16K d128 bf16", 1, 4096, 16384, 28, 4, 128, torch.bfloat16, 0.2, seed=1),
+        check("unaligned 9000 d128 fp16 b2 strided", 2, 9000, 9000, 8, 2, 128, torch.float16, 0.3, strided=True,
+              seed=2),
+        check("d64 fp16 group 1 3000", 1, 3000, 3000, 4, 4, 64, torch.float16, 0.5, seed=3),
+        check("4K 28/4 d128 bf16 vs reference", 1, 4096, 4096, 28, 4, 128, torch.bfloat16, 0.3, seed=4,
+              vs_reference=True),
+        check("2K prefix 640 of 2048 d64 bf16 vs reference", 1, 640, 2048, 7, 1, 64, torch.bfloat16, 0.5, seed=5,
+              vs_reference=True),
+    ]
+    for c in checks:
+        print(json.dumps(c), flush=True)
+    rows = []
+    for t in args.lengths:
+        start = time.time()
+        rows += timing(t, args.densities)
+        print(f"  {t}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "checks": checks, "timing": rows}, f, indent=1)
+    print("| tokens | pattern | density | triton | sm90 s2 group | sm90 s2 head | sm90 s3 group | sm90 s3 head |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r.get(k + '_ratio', float('nan')):.2f}" for k in
+                 ("triton", "sm90_s2_group", "sm90_s2_head", "sm90_s3_group", "sm90_s3_head")]
+        print(f"| {r['tokens']} | {r['pattern']} | {100 * r['density']:.1f}% | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,8 +143,10 @@ def run_length(t: int, args) -> dict:
 ATTENTION_CHOICES = [
     (128, 128, 8, 2, 0, False), (128, 128, 8, 2, 2, False), (128, 128, 8, 2, 2, True), (128, 128, 8, 3, 2, False),
 ]
-# Hopper (Gluon) kernel choices swept by --sweep-tiles: (K/V ring slots, group order).
-HOPPER_CHOICES = [(2, True), (3, True), (3, False)]
+# Hopper (Gluon) kernel choices swept by --sweep-tiles: (K/V ring slots, group order, warp-specialised,
+# dynamic work items).
+HOPPER_CHOICES = [(3, True, True, True), (3, True, True, False), (2, True, True, True), (3, False, True, True),
+                  (3, True, False, True)]
 # Index kernel choices swept by --sweep-tiles: (key blocks per chunk, warps).
 INDEX_CHOICES = [(64, 4), (64, 8), (128, 8), (32, 4)]
 
@@ -197,17 +199,19 @@ def sweep_tiles(args) -> None:
                       f"| {spills} | {ms:.3f} | {ratio:.2f} |", flush=True)
             if not hopper_kernels.supported(cq, ck, cv, bs):
                 continue
-            for stages, group_order in HOPPER_CHOICES:
+            for stages, group_order, ws, dynamic in HOPPER_CHOICES:
 
-                def run(stages=stages, group_order=group_order, cq=cq, ck=ck, cv=cv, pattern=pattern):
+                def run(stages=stages, group_order=group_order, ws=ws, dynamic=dynamic, cq=cq, ck=ck, cv=cv,
+                        pattern=pattern):
                     hopper_kernels.sparse_attention_sm90(
                         cq, ck, cv, pattern.kv_num_blocks, pattern.kv_indices, d**-0.5, stages=stages,
-                        group_order=group_order)
+                        group_order=group_order, warp_specialized=ws, dynamic=dynamic)
 
                 ms = bench_ms(run)
                 ratio = ms / (pattern.density() * cudnn)
-                print(f"| {t} | {kind} | {100 * pattern.density():.1f}% | 128 | 128 | 8 | {stages} | Gluon "
-                      f"| {group_order} | - | - | {ms:.3f} | {ratio:.2f} |", flush=True)
+                kind_txt = ("Gluon WS" + (" dynamic" if dynamic else " round-robin")) if ws else "Gluon per tile"
+                print(f"| {t} | {kind} | {100 * pattern.density():.1f}% | 128 | 128 | {12 if ws else 8} | {stages} "
+                      f"| {kind_txt} | {group_order} | - | - | {ms:.3f} | {ratio:.2f} |", flush=True)
         for choice in INDEX_CHOICES:
             saved = pattern_kernels.INDEX_TILES
             pattern_kernels.INDEX_TILES = choice

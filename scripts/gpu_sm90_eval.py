@@ -20,7 +20,7 @@ from kernels import FlashPrefillConfig
 from kernels.bench import bench_ms, environment
 from kernels.flash_prefill import api, reference
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
-from kernels.testing import random_pattern, random_qkv, relative_error, structured_qkv
+from kernels.testing import random_pattern, random_qkv, structured_qkv
 
 
 def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_reference=False):
@@ -29,20 +29,37 @@ def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_r
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     pattern = random_pattern(b, hq, tk, 128, density, "cuda", seed=seed, q_len=tq)
     scale = d**-0.5
-    ok_shape = sm90.supported(q, k, v, 128, d)
+    ok_shape = sm90.supported(q, k, v, 128)
     if not ok_shape:
         return {"case": name, "supported": False}
-    ours = sm90.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale)
-    torch.cuda.synchronize()
+    api.USE_HOPPER_KERNEL = False
     base = api._sparse_attention_triton(q, k, v, pattern, scale)
-    row = {"case": name, "supported": True, "density": pattern.density(),
-           "max_abs_vs_triton": (ours.float() - base.float()).abs().max().item(),
-           "rel_vs_triton": relative_error(ours, base), "finite": bool(torch.isfinite(ours).all())}
+    api.USE_HOPPER_KERNEL = True
+    row = {"case": name, "supported": True, "density": pattern.density()}
     if vs_reference:
         ref = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale)
-        row["max_abs_vs_reference"] = (ours.float() - ref).abs().max().item()
         row["triton_max_abs_vs_reference"] = (base.float() - ref).abs().max().item()
+    variants = (("sm90", False, True), ("ws", True, True), ("ws_static", True, False))
+    for label, ws, dynamic in variants if WS_CHECKS else variants[:1]:
+        ours = torch.full_like(q, float("nan"))
+        try:
+            sm90.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=ours,
+                                       warp_specialized=ws, dynamic=dynamic)
+            torch.cuda.synchronize()
+        except Exception as err:
+            row[f"{label}_error"] = str(err).splitlines()[0][:300]
+            continue
+        row[f"{label}_max_abs_vs_triton"] = (ours.float() - base.float()).abs().max().item()
+        row[f"{label}_finite"] = bool(torch.isfinite(ours).all())
+        if vs_reference:
+            row[f"{label}_max_abs_vs_reference"] = (ours.float() - ref).abs().max().item()
     return row
+
+
+WS_CHECKS = "--no-ws" not in sys.argv
+# (label, ring slots, group order, warp-specialised persistent, dynamic work items)
+VARIANTS = [("sm90_s3", 3, True, False, True), ("ws_s3", 3, True, True, True), ("ws_s3_static", 3, True, True, False),
+            ("ws_s2", 2, True, True, True), ("ws_s3_head", 3, False, True, True)]
 
 
 def timing(t, densities, hq=28, h=4, d=128):
@@ -63,17 +80,17 @@ def timing(t, densities, hq=28, h=4, d=128):
     for kind, cq, ck, cv, pattern in cases:
         dens = pattern.density()
         row = {"tokens": t, "pattern": kind, "density": dens, "cudnn_ms": cudnn}
+        api.USE_HOPPER_KERNEL = False
         row["triton_ms"] = bench_ms(lambda: api._sparse_attention_triton(cq, ck, cv, pattern, scale))
-        for stages in (2, 3):
-            for order in (True, False):
-                key = f"sm90_s{stages}_{'group' if order else 'head'}_ms"
-                try:
-                    row[key] = bench_ms(lambda: sm90.sparse_attention_sm90(
-                        cq, ck, cv, pattern.kv_num_blocks, pattern.kv_indices, scale, group_order=order,
-                        stages=stages))
-                except Exception as err:
-                    row[key] = None
-                    print(f"  {key} failed: {str(err).splitlines()[0][:300]}", file=sys.stderr)
+        api.USE_HOPPER_KERNEL = True
+        for key, stages, order, ws, dynamic in VARIANTS:
+            try:
+                row[key + "_ms"] = bench_ms(lambda: sm90.sparse_attention_sm90(
+                    cq, ck, cv, pattern.kv_num_blocks, pattern.kv_indices, scale, group_order=order,
+                    stages=stages, warp_specialized=ws, dynamic=dynamic))
+            except Exception as err:
+                row[key + "_ms"] = None
+                print(f"  {key} failed: {str(err).splitlines()[0][:300]}", file=sys.stderr)
         for name in list(row):
             if name.endswith("_ms") and name != "cudnn_ms" and row[name]:
                 row[name.replace("_ms", "_ratio")] = row[name] / (dens * cudnn)
@@ -87,6 +104,8 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0])
     parser.add_argument("--json")
+    parser.add_argument("--checks-only", action="store_true")
+    parser.add_argument("--no-ws", action="store_true", help="leave the warp-specialised variants out")
     args = parser.parse_args()
     print(environment(), flush=True)
     checks = [
@@ -104,6 +123,10 @@ def main() -> int:
     ]
     for c in checks:
         print(json.dumps(c), flush=True)
+    if args.checks_only:
+        return 0
+    if args.no_ws:
+        VARIANTS[:] = [v for v in VARIANTS if not v[3]]
     rows = []
     for t in args.lengths:
         start = time.time()
@@ -112,11 +135,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment(), "checks": checks, "timing": rows}, f, indent=1)
-    print("| tokens | pattern | density | triton | sm90 s2 group | sm90 s2 head | sm90 s3 group | sm90 s3 head |")
-    print("|---|---|---|---|---|---|---|---|")
+    keys = ["triton"] + [v[0] for v in VARIANTS]
+    print("| tokens | pattern | density | " + " | ".join(keys) + " |")
+    print("|---|---|---|" + "---|" * len(keys))
     for r in rows:
-        cells = [f"{r.get(k + '_ratio', float('nan')):.2f}" for k in
-                 ("triton", "sm90_s2_group", "sm90_s2_head", "sm90_s3_group", "sm90_s3_head")]
+        cells = [f"{r.get(k + '_ratio', float('nan')):.2f}" for k in keys]
         print(f"| {r['tokens']} | {r['pattern']} | {100 * r['density']:.1f}% | " + " | ".join(cells) + " |")
     return 0
 

@@ -115,8 +115,8 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# Hopper: the Gluon attention kernel (sparse_attention_sm90.py) where the call qualifies, 5-13%
-# faster than the Triton one at 64K-128K tokens (BENCHMARKS.md). False forces the Triton kernel.
+# Hopper: the Gluon attention kernels (sparse_attention_sm90.py) where the call qualifies; 19-32%
+# less time than the Triton one at 16K-128K tokens (BENCHMARKS.md). False forces the Triton kernel.
 USE_HOPPER_KERNEL = True
 
 

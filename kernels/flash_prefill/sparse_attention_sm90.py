@@ -1,19 +1,25 @@
 """Block-sparse flash attention forward for Hopper (sm_90), written in Gluon (DESIGN.md step 4).
 
-The same computation as `sparse_attention.py`, one program per (query tile, batch * query
-head), with the schedule spelled out instead of left to Triton's pipeliner:
+The same computation as `sparse_attention.py` (same operations in the same order per row), with
+the schedule spelled out instead of left to Triton's pipeliner. Two kernels:
 
-- Q, K and V arrive through TMA into shared memory; K and V sit in a ring of STAGES slots with
-  one mbarrier each, so K of a block can be used while its V is still in flight.
-- The two matrix products of a step are asynchronous warpgroup MMAs, and step j issues
-  S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, then computes the softmax of S_j while
-  the P V product runs (the intra-warpgroup overlap of FlashAttention-3). Triton 3.6's own
-  pipeliner waits for S before the softmax and for P V before the next S, so the exponentials
-  and the tensor cores take turns there.
-- Only the last kept block is masked (it is the diagonal whenever the window keeps it), by a
-  branch inside the loop, so its loads stay in the pipeline.
+- `_sparse_attention_sm90_ws_kernel` (the default): persistent, one program per SM, warp-
+  specialised. A 1-warp producer claims work items (query tile, batch x head) from an atomic
+  counter in the launch order below and streams Q and the kept K/V blocks through a ring of
+  shared-memory slots with TMA (ready/empty mbarriers per slot), running ahead across work items;
+  two 4-warp consumer warpgroups each own 64 of the tile's 128 query rows and run the loop below
+  on them independently, storing their rows directly.
+- `_sparse_attention_sm90_kernel`: one program per (query tile, batch x head), 8 warps, issuing
+  its own TMA loads into the ring (kept for comparison and as a simpler fallback).
 
-It covers the common case only: bf16/fp16, block size 128, head dim up to 128, queries starting
+In both, the two matrix products of a step are asynchronous warpgroup MMAs: step j issues
+S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, then computes the softmax of S_j while the
+P V product runs (the intra-warpgroup overlap of FlashAttention-3). Triton 3.6's own pipeliner
+waits for S before the softmax and for P V before the next S, so the exponentials and the tensor
+cores take turns there. Only the last kept block is masked (it is the diagonal whenever the
+window keeps it), by a branch inside the loop, so its loads stay in the pipeline.
+
+They cover the common case only: bf16/fp16, block size 128, head dim up to 128, queries starting
 on a 128-row boundary ((Tk - Tq) % 128 == 0), TMA-compatible strides. `supported` says whether a
 call qualifies; the caller falls back to the Triton kernel otherwise.
 """
@@ -45,6 +51,8 @@ BLOCK = 128  # query rows per program = key rows per step = the sparsity block s
 # K/V ring depth: 3 slots (224 KiB of shared memory with Q) were 4-9% faster than 2 on the H200
 # (BENCHMARKS.md, Hopper kernel).
 DEFAULT_STAGES = 3
+# Registers per thread asked for the second consumer partition of the warp-specialised kernel.
+CONSUMER_REGS = 232
 
 if HAVE_GLUON:
 
@@ -185,6 +193,182 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
 
+    # ---- Warp-specialised, persistent kernel (the default) ----------------------------------
+
+    @gluon.jit
+    def _work_item(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM: gl.constexpr,
+                   GROUP_ORDER: gl.constexpr):
+        if GROUP_ORDER:
+            rest = w // GROUP
+            kv_heads = NUM_Q_HEADS // GROUP
+            tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
+            bg = rest // num_tiles
+            pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + w % GROUP
+        else:
+            tile = FIRST_TILE + num_tiles - 1 - w % num_tiles
+            pid_bh = w // num_tiles
+        b = pid_bh // NUM_Q_HEADS
+        h = pid_bh % NUM_Q_HEADS
+        q_row = tile * BM - (T_K - T_Q)
+        pattern_row = (pid_bh * NQB + tile - FIRST_TILE).to(gl.int64)
+        return tile, b, h, q_row, pattern_row
+
+    @gluon.jit
+    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                     kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB,
+                     NQB, FIRST_TILE, BM: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr,
+                     DYNAMIC: gl.constexpr):
+        info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        count = 0
+        t = 0
+        w = gl.program_id(0)
+        while w < total:
+            tile, b, h, q_row, pattern_row = _work_item(
+                w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM, GROUP_ORDER
+            )
+            hk = h // GROUP
+            num_kept = gl.load(KV_NUM + pattern_row)
+            idx = KV_IDX + pattern_row * NKB
+            # Both consumers are past their last S of the previous item: Q and `info` are free.
+            mbarrier.wait(q_empty, (t & 1) ^ 1)
+            info.store(gl.full([1], w, gl.int32, info_layout))
+            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, q_row, 0], q_ready, q_smem)
+            for j in range(num_kept):
+                slot = count % STAGES
+                mbarrier.wait(kv_empty.index(slot), ((count // STAGES) & 1) ^ 1)
+                row = gl.load(idx + j) * BM
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
+                count += 1
+            t += 1
+            if DYNAMIC:  # the next unclaimed item, as the hardware scheduler would hand out blocks
+                w = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+            else:
+                w = w + gl.num_programs(0)
+        # No item left: wake the consumers with an out-of-range item.
+        mbarrier.wait(q_empty, (t & 1) ^ 1)
+        info.store(gl.full([1], total, gl.int32, info_layout))
+        mbarrier.arrive(q_ready)
+
+    @gluon.jit
+    def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, O, stride_ob,
+                     stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
+                     FIRST_TILE, qk_scale, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, BM: gl.constexpr,
+                     ROW0: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr):
+        ROWS: gl.constexpr = BM // 2
+        BN: gl.constexpr = BM
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D_PAD, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_half = q_smem.slice(ROW0, ROWS)
+        s_zero = gl.zeros([ROWS, BN], gl.float32, s_layout)
+        info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        count = 0
+        t = 0
+        mbarrier.wait(q_ready, 0)
+        w = gl.max(info.load(info_layout), axis=0)
+        while w < total:
+            tile, b, h, q_row, pattern_row = _work_item(
+                w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM, GROUP_ORDER
+            )
+            num_kept = gl.load(KV_NUM + pattern_row)
+            idx = KV_IDX + pattern_row * NKB
+            rows = tile * BM + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([ROWS, D_PAD], gl.float32, o_layout)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+
+            slot = count % STAGES
+            mbarrier.wait(k_ready.index(slot), (count // STAGES) & 1)
+            s_tok = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(q_empty, pred=num_kept == 1)
+            kblock = gl.load(idx)
+            p, m_i, l_i, correction = _softmax_step(s, m_i, l_i, qk_scale, kblock, rows, T_K, num_kept == 1, BN,
+                                                    s_layout)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, num_kept):
+                prev = slot
+                slot = (count + j) % STAGES
+                mbarrier.wait(k_ready.index(slot), ((count + j) // STAGES) & 1)
+                s_tok = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((count + j - 1) // STAGES) & 1)
+                acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s_tok])
+                is_last = j == num_kept - 1
+                mbarrier.arrive(q_empty, pred=is_last)
+                kblock = gl.load(idx + j)
+                p, m_i, l_i, correction = _softmax_step(s, m_i, l_i, qk_scale, kblock, rows, T_K, is_last, BN,
+                                                        s_layout)
+                acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+                mbarrier.arrive(kv_empty.index(prev))
+                acc = acc * gl.convert_layout(correction, gl.SliceLayout(1, o_layout))[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(slot), ((count + num_kept - 1) // STAGES) & 1)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
+            acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+            mbarrier.arrive(kv_empty.index(slot))
+            count += num_kept
+            t += 1
+
+            out = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
+            r = q_row + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            d = gl.arange(0, D_PAD, layout=gl.SliceLayout(0, o_layout))
+            ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + r.to(gl.int64)[:, None] * stride_ot + d[None, :]
+            gl.store(ptrs, out.to(dtype), mask=(r[:, None] < T_Q) & (d[None, :] < HEAD_DIM))
+            mbarrier.wait(q_ready, t & 1)
+            w = gl.max(info.load(info_layout), axis=0)
+
+    @gluon.jit
+    def _sparse_attention_sm90_ws_kernel(
+        q_desc, k_desc, v_desc, O, stride_ob, stride_ot, stride_oh, KV_NUM, KV_IDX, COUNTER,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale,
+        HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+        GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = q_desc.dtype
+        tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [BM, D_PAD], tile_smem)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D_PAD], tile_smem)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D_PAD], tile_smem)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        info = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=2)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)
+        gl.warp_specialize(
+            [
+                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, O,
+                                stride_ob, stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
+                                NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, HEAD_DIM, D_PAD, BM, 0,
+                                STAGES, GROUP_ORDER)),
+                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, O,
+                                stride_ob, stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
+                                NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, HEAD_DIM, D_PAD, BM, BM // 2,
+                                STAGES, GROUP_ORDER)),
+                (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                                kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
+                                GROUP, NKB, NQB, FIRST_TILE, BM, STAGES, GROUP_ORDER, DYNAMIC)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, 24],
+        )
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether this kernel can run the call: Hopper, 16-bit floats, block 128, head dim up to 128
     (padded to 64 or 128 inside), queries on a 128-row boundary, strides TMA accepts."""
@@ -226,9 +410,17 @@ def sparse_attention_sm90(
     out: torch.Tensor | None = None,
     group_order: bool = True,
     stages: int = DEFAULT_STAGES,
+    warp_specialized: bool = True,
+    dynamic: bool = True,
 ) -> torch.Tensor:
     """Block-sparse attention on Hopper; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
-    The call must satisfy `supported` (block size 128)."""
+    The call must satisfy `supported` (block size 128).
+
+    warp_specialized: the persistent kernel with a producer warp and two consumer warpgroups
+    (default; 13-22% less time than the per-tile one at 16K-128K, BENCHMARKS.md) instead of one program
+    per tile. dynamic: its programs claim work items from an atomic counter (default) instead of
+    a fixed round-robin, which balances the uneven rows of selected patterns.
+    """
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
@@ -237,6 +429,18 @@ def sparse_attention_sm90(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     first_tile = (tk - tq) // BLOCK
     num_tiles = -(-tk // BLOCK) - first_tile
+    if warp_specialized:
+        total = num_tiles * b * hq
+        programs = min(total, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        _sparse_attention_sm90_ws_kernel[(programs,)](
+            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)),
+            out, out.stride(0), out.stride(1), out.stride(2), kv_num_blocks, kv_indices,
+            torch.zeros(1, dtype=torch.int32, device=q.device),
+            tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
+            HEAD_DIM=d, D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
+            CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        )
+        return out
     _sparse_attention_sm90_kernel[(num_tiles, b * hq)](
         *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v, out)),
         kv_num_blocks, kv_indices,

@@ -154,11 +154,14 @@ requires_hopper = pytest.mark.skipif(not _is_hopper(), reason="the Gluon attenti
 
 
 @requires_hopper
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize(
+    "stages,warp_specialized,dynamic", [(3, True, True), (2, True, True), (3, True, False), (3, False, True)],
+    ids=["ws-3-slots", "ws-2-slots", "ws-round-robin", "per-tile-3-slots"],
+)
 @pytest.mark.parametrize("q_len", [9000, 4904], ids=["Tq=Tk", "prefix-4096"])
 @pytest.mark.parametrize("head_dim,dtype", [(128, torch.bfloat16), (80, torch.bfloat16), (64, torch.float16)])
-def test_hopper_kernel_matches_reference(stages, q_len, head_dim, dtype):
-    """The Gluon kernel on selected patterns (rows keeping one block up to most of them), both
+def test_hopper_kernel_matches_reference(stages, warp_specialized, dynamic, q_len, head_dim, dtype):
+    """The Gluon kernels on selected patterns (rows keeping one block up to most of them), both
     launch orders, against fp32 and the same computation in 16-bit floats."""
     from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
 
@@ -175,7 +178,8 @@ def test_hopper_kernel_matches_reference(stages, q_len, head_dim, dtype):
     for group_order in (False, True):
         out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
         hopper_kernels.sparse_attention_sm90(
-            q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out, group_order=group_order, stages=stages
+            q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out, group_order=group_order,
+            stages=stages, warp_specialized=warp_specialized, dynamic=dynamic,
         )
         assert not torch.isnan(out).any(), "some output rows were never written"
         assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3

@@ -26,6 +26,8 @@ call qualifies; the caller falls back to the Triton kernel otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
@@ -390,13 +392,17 @@ def _d_pad(d: int) -> int | None:
     return 64 if 16 <= d <= 64 else 128 if 64 < d <= 128 else None
 
 
+@functools.cache
+def _smem_layout(rows: int, d_pad: int, fp16: bool):
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d_pad], gl.float16 if fp16 else gl.bfloat16)
+
+
 def _descriptor(t: torch.Tensor, rows: int, d_pad: int):
     """A TMA descriptor over (B, T, H, D) `t` in (B, H, T, D) order, one (rows, d_pad) tile per
     copy; rows past T and columns past D read as zeros and are not written."""
     b, n, h, d = t.shape
     sb, st, sh, sd = t.stride()
-    dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, d_pad], dtype)
+    layout = _smem_layout(rows, d_pad, t.dtype == torch.float16)
     return TensorDescriptor(t, [b, h, n, d], [sb, sh, st, sd], [1, 1, rows, d_pad], layout)
 
 

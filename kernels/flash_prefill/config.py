@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 
 # Dense attention below this many key tokens (Hopper). Measured on an H200 (BENCHMARKS.md,
-# crossover): the whole flash_prefill against cuDNN dense on structured input was 0.89x at 6K,
-# 1.04x at 8K, 1.12x at 10K and 1.9x at 12K-16K; 10K keeps a margin for denser real inputs.
+# crossover): with the Triton attention kernel the whole flash_prefill against cuDNN dense on
+# structured input was 0.89x at 6K, 1.04x at 8K and 1.12x at 10K; with the Hopper (Gluon) kernel
+# 1.26x at 6K and 1.58x at 10K. 10K stays: there a pattern that keeps every block costs about
+# cuDNN's time (kernel 0.94-1.03x plus the pattern stage), below it more.
 DEFAULT_MIN_SEQ_LEN = 10240
 
 # alpha per model family, from the FlashPrefill paper's settings.

@@ -50,8 +50,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 LOG2E = 1.4426950408889634
 BLOCK = 128  # query rows per program = key rows per step = the sparsity block size
-# K/V ring depth: 3 slots (224 KiB of shared memory with Q) were 4-9% faster than 2 on the H200
-# (BENCHMARKS.md, Hopper kernel).
+# K/V ring depth: 3 slots (224 KiB of shared memory with Q) took 3-15% less time than 2 in both
+# kernels on the H200 (BENCHMARKS.md, Hopper kernels).
 DEFAULT_STAGES = 3
 # Registers per thread asked for the second consumer partition of the warp-specialised kernel.
 CONSUMER_REGS = 232
@@ -86,9 +86,31 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_bars.index(slot), v_smem.index(slot), pred=pred)
 
     @gluon.jit
+    def _work_item(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM: gl.constexpr,
+                   GROUP_ORDER: gl.constexpr):
+        """Work item w (0, 1, ... in launch order) -> (query tile, batch, query head, first query
+        row, pattern row). Last query tiles first: they keep the most blocks, so the long items
+        start early; with GROUP_ORDER the GROUP query heads of a KV head side by side, so the K/V
+        blocks they share are read from L2 by items running together."""
+        if GROUP_ORDER:
+            rest = w // GROUP
+            kv_heads = NUM_Q_HEADS // GROUP
+            tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
+            bg = rest // num_tiles
+            pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + w % GROUP
+        else:
+            tile = FIRST_TILE + num_tiles - 1 - w % num_tiles
+            pid_bh = w // num_tiles
+        b = pid_bh // NUM_Q_HEADS
+        h = pid_bh % NUM_Q_HEADS
+        q_row = tile * BM - (T_K - T_Q)
+        pattern_row = (pid_bh * NQB + tile - FIRST_TILE).to(gl.int64)
+        return tile, b, h, q_row, pattern_row
+
+    @gluon.jit
     def _sparse_attention_sm90_kernel(
         q_desc, k_desc, v_desc, o_desc, KV_NUM, KV_IDX,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, FIRST_TILE, qk_scale,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale,
         D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr,
         num_warps: gl.constexpr,
     ):
@@ -103,24 +125,12 @@ if HAVE_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
 
-        # Launch order as in the Triton kernel: last query tiles first, optionally a KV group's
-        # heads side by side.
         num_tiles = gl.num_programs(0)
-        if GROUP_ORDER:
-            lin = gl.program_id(1) * num_tiles + gl.program_id(0)
-            rest = lin // GROUP
-            kv_heads = NUM_Q_HEADS // GROUP
-            tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
-            bg = rest // num_tiles
-            pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + lin % GROUP
-        else:
-            tile = FIRST_TILE + num_tiles - 1 - gl.program_id(0)
-            pid_bh = gl.program_id(1)
-        b = pid_bh // NUM_Q_HEADS
-        h = pid_bh % NUM_Q_HEADS
+        tile, b, h, q_row, pattern_row = _work_item(
+            gl.program_id(1) * num_tiles + gl.program_id(0), num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q,
+            T_K, BM, GROUP_ORDER,
+        )
         hk = h // GROUP
-        q_row = tile * BM - (T_K - T_Q)
-        pattern_row = (pid_bh * NQB + tile - FIRST_QB).to(gl.int64)
         num_kept = gl.load(KV_NUM + pattern_row)
         idx = KV_IDX + pattern_row * NKB
 
@@ -196,24 +206,6 @@ if HAVE_GLUON:
 
 
     # ---- Warp-specialised, persistent kernel (the default) ----------------------------------
-
-    @gluon.jit
-    def _work_item(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM: gl.constexpr,
-                   GROUP_ORDER: gl.constexpr):
-        if GROUP_ORDER:
-            rest = w // GROUP
-            kv_heads = NUM_Q_HEADS // GROUP
-            tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
-            bg = rest // num_tiles
-            pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + w % GROUP
-        else:
-            tile = FIRST_TILE + num_tiles - 1 - w % num_tiles
-            pid_bh = w // num_tiles
-        b = pid_bh // NUM_Q_HEADS
-        h = pid_bh % NUM_Q_HEADS
-        q_row = tile * BM - (T_K - T_Q)
-        pattern_row = (pid_bh * NQB + tile - FIRST_TILE).to(gl.int64)
-        return tile, b, h, q_row, pattern_row
 
     @gluon.jit
     def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
@@ -450,7 +442,7 @@ def sparse_attention_sm90(
     _sparse_attention_sm90_kernel[(num_tiles, b * hq)](
         *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v, out)),
         kv_num_blocks, kv_indices,
-        tq, tk, hq, hq // h, nkb, nqb, first_tile, first_tile, scale * LOG2E,
+        tq, tk, hq, hq // h, nkb, nqb, first_tile, scale * LOG2E,
         D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, num_warps=8,
     )
     return out

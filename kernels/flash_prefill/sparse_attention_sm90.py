@@ -372,11 +372,13 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
         return False
     if (k.shape[1] - q.shape[1]) % BLOCK:
         return False
-    size = q.element_size()
-    for t in (q, k, v):
-        if t.stride(3) != 1 or any((s * size) % 16 for s in t.stride()[:3]) or t.data_ptr() % 16:
-            return False
-    return True
+    return all(_tma_compatible(t) for t in (q, k, v))
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """Unit last stride, 16-byte aligned base and other strides (what a TMA descriptor needs)."""
+    size = t.element_size()
+    return t.stride(3) == 1 and not any((s * size) % 16 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0
 
 
 def _d_pad(d: int) -> int | None:
@@ -425,6 +427,11 @@ def sparse_attention_sm90(
     d_pad = _d_pad(d)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or not _tma_compatible(out):
+        raise ValueError(
+            f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype}, a unit last stride and 16-byte "
+            f"aligned strides; got {tuple(out.shape)}, {out.dtype}, strides {out.stride()}"
+        )
     first_tile = (tk - tq) // BLOCK
     num_tiles = -(-tk // BLOCK) - first_tile
     if warp_specialized:

@@ -27,6 +27,7 @@ from kernels.testing import (
     cosine_similarity,
     max_abs_error,
     random_pattern,
+    random_qkv,
     relative_error,
     structured_qkv,
     unexplained_flips,
@@ -348,3 +349,19 @@ def test_public_stages_compose_to_flash_prefill(backend):
     other = random_pattern(1, 4, 260, 32, 0.3, DEVICE, q_len=199)
     with pytest.raises(ValueError, match="does not fit"):
         block_sparse_attention(q, k, v, other, backend=backend)
+
+
+def test_hopper_kernel_rejects_an_output_buffer_it_cannot_write():
+    """The Hopper kernel's `out` must match q and suit TMA; it says so before launching anything."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = random_qkv(1, 256, 256, 4, 2, 128, dtype=torch.bfloat16)
+    pattern = random_pattern(1, 4, 256, 128, 0.5, "cpu")
+    args = (q, k, v, pattern.kv_num_blocks, pattern.kv_indices, 128**-0.5)
+    with pytest.raises(ValueError, match=r"out must have q's shape \(1, 256, 4, 128\).*got \(1, 256, 4, 64\)"):
+        hopper_kernels.sparse_attention_sm90(*args, out=torch.empty(1, 256, 4, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"got \(1, 256, 4, 128\), torch.float16"):
+        hopper_kernels.sparse_attention_sm90(*args, out=torch.empty_like(q, dtype=torch.float16))
+    transposed = torch.empty(1, 256, 128, 4, dtype=torch.bfloat16).transpose(2, 3)
+    with pytest.raises(ValueError, match=r"torch.bfloat16, strides \(131072, 512, 1, 4\)"):
+        hopper_kernels.sparse_attention_sm90(*args, out=transposed)

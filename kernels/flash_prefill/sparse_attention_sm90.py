@@ -204,7 +204,6 @@ if HAVE_GLUON:
         tma.async_copy_shared_to_global(o_desc, [b, h, q_row, 0], q_smem)
         tma.store_wait(0)
 
-
     # ---- Warp-specialised, persistent kernel (the default) ----------------------------------
 
     @gluon.jit
@@ -212,6 +211,9 @@ if HAVE_GLUON:
                      kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB,
                      NQB, FIRST_TILE, BM: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr,
                      DYNAMIC: gl.constexpr):
+        """1 warp: claims work items, publishes each one's index in `info` with its Q load on
+        `q_ready`, and streams the item's kept K/V blocks into the ring (slot = running block count
+        % STAGES), waiting on each slot's `kv_empty` (both consumers done with it)."""
         info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         count = 0
         t = 0
@@ -252,6 +254,9 @@ if HAVE_GLUON:
                      stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
                      FIRST_TILE, qk_scale, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, BM: gl.constexpr,
                      ROW0: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr):
+        """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
+        Arrives on `q_empty` once its last S of the item is done and on a slot's `kv_empty` once
+        its P V product with that slot is done; writes its rows of O with plain stores."""
         ROWS: gl.constexpr = BM // 2
         BN: gl.constexpr = BM
         dtype: gl.constexpr = q_smem.dtype
@@ -327,6 +332,8 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
+        """num_warps (4) run the first consumer; the second consumer and the producer are worker
+        partitions. COUNTER (zeroed by the caller) hands out items from num_programs on."""
         dtype: gl.constexpr = q_desc.dtype
         tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [BM, D_PAD], tile_smem)

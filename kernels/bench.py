@@ -48,6 +48,17 @@ def bench_ms(fn, seconds: float = 0.3) -> float:
     return triton.testing.do_bench(fn, warmup=max(once, 1.0), rep=rep, return_mode="median")
 
 
+def cudnn_dense_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+    """Causal GQA attention through SDPA's cuDNN backend, q (B, Tq, HQ, D), k/v (B, Tk, H, D): median ms."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    return bench_ms(dense)
+
+
 def graphed(fn):
     """fn captured once into a CUDA graph; the returned callable replays it (no host launch cost)."""
     fn()
@@ -164,13 +175,7 @@ def sweep_tiles(args) -> None:
     index_rows, compiled = [], {}
     for t in args.lengths:
         q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-        def dense():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-
-        cudnn = bench_ms(dense)
+        cudnn = cudnn_dense_ms(q, k, v)
         cfg = FlashPrefillConfig(block_size=bs, alpha=args.alpha, min_seq_len=0)
         sq, sk, sv = structured_qkv(1, t, t, hq, h, d, bs, dtype=torch.bfloat16, device="cuda")
         cases = [("random", q, k, v, random_pattern(1, hq, t, bs, dens, "cuda", seed=t)) for dens in args.densities]

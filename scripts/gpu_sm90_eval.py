@@ -8,22 +8,21 @@ kernel choice (results go to BENCHMARKS.md), not part of the product.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import FlashPrefillConfig
-from kernels.bench import bench_ms, environment
+from kernels.bench import bench_ms, cudnn_dense_ms, environment
 from kernels.flash_prefill import api, reference
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
 from kernels.testing import random_pattern, random_qkv, structured_qkv
 
 
-def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_reference=False):
+def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_reference=False, ws=True):
     q, k, v = random_qkv(b, tq, tk, hq, h, d, dtype=dtype, device="cuda", seed=seed)
     if strided:  # transformers' (B, H, T, D) storage seen as (B, T, H, D)
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
@@ -40,11 +39,11 @@ def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_r
         ref = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale)
         row["triton_max_abs_vs_reference"] = (base.float() - ref).abs().max().item()
     variants = (("sm90", False, True), ("ws", True, True), ("ws_static", True, False))
-    for label, ws, dynamic in variants if WS_CHECKS else variants[:1]:
+    for label, warp_specialized, dynamic in variants if ws else variants[:1]:
         ours = torch.full_like(q, float("nan"))
         try:
             sm90.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=ours,
-                                       warp_specialized=ws, dynamic=dynamic)
+                                       warp_specialized=warp_specialized, dynamic=dynamic)
             torch.cuda.synchronize()
         except Exception as err:
             row[f"{label}_error"] = str(err).splitlines()[0][:300]
@@ -56,7 +55,6 @@ def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_r
     return row
 
 
-WS_CHECKS = "--no-ws" not in sys.argv
 # (label, ring slots, group order, warp-specialised persistent, dynamic work items)
 VARIANTS = [("sm90_s3", 3, True, False, True), ("ws_s3", 3, True, True, True), ("ws_s3_static", 3, True, True, False),
             ("ws_s2", 2, True, True, True), ("ws_s3_head", 3, False, True, True)]
@@ -64,13 +62,7 @@ VARIANTS = [("sm90_s3", 3, True, False, True), ("ws_s3", 3, True, True, True), (
 
 def timing(t, densities, hq=28, h=4, d=128):
     q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def dense():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-
-    cudnn = bench_ms(dense)
+    cudnn = cudnn_dense_ms(q, k, v)
     scale = d**-0.5
     cfg = FlashPrefillConfig(block_size=128, alpha=0.1, min_seq_len=0)
     sq, sk, sv = structured_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda")
@@ -108,18 +100,19 @@ def main() -> int:
     parser.add_argument("--no-ws", action="store_true", help="leave the warp-specialised variants out")
     args = parser.parse_args()
     print(environment(), flush=True)
+    run = functools.partial(check, ws=not args.no_ws)
     checks = [
-        check("16K 28/4 d128 bf16 10%", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 0.1),
-        check("16K 28/4 d128 bf16 diag only", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 0.0),
-        check("16K 28/4 d128 bf16 100%", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 1.0),
-        check("prefix 4K of 16K d128 bf16", 1, 4096, 16384, 28, 4, 128, torch.bfloat16, 0.2, seed=1),
-        check("unaligned 9000 d128 fp16 b2 strided", 2, 9000, 9000, 8, 2, 128, torch.float16, 0.3, strided=True,
-              seed=2),
-        check("d64 fp16 group 1 3000", 1, 3000, 3000, 4, 4, 64, torch.float16, 0.5, seed=3),
-        check("4K 28/4 d128 bf16 vs reference", 1, 4096, 4096, 28, 4, 128, torch.bfloat16, 0.3, seed=4,
-              vs_reference=True),
-        check("2K prefix 640 of 2048 d64 bf16 vs reference", 1, 640, 2048, 7, 1, 64, torch.bfloat16, 0.5, seed=5,
-              vs_reference=True),
+        run("16K 28/4 d128 bf16 10%", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 0.1),
+        run("16K 28/4 d128 bf16 diag only", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 0.0),
+        run("16K 28/4 d128 bf16 100%", 1, 16384, 16384, 28, 4, 128, torch.bfloat16, 1.0),
+        run("prefix 4K of 16K d128 bf16", 1, 4096, 16384, 28, 4, 128, torch.bfloat16, 0.2, seed=1),
+        run("unaligned 9000 d128 fp16 b2 strided", 2, 9000, 9000, 8, 2, 128, torch.float16, 0.3, strided=True,
+            seed=2),
+        run("d64 fp16 group 1 3000", 1, 3000, 3000, 4, 4, 64, torch.float16, 0.5, seed=3),
+        run("4K 28/4 d128 bf16 vs reference", 1, 4096, 4096, 28, 4, 128, torch.bfloat16, 0.3, seed=4,
+            vs_reference=True),
+        run("2K prefix 640 of 2048 d64 bf16 vs reference", 1, 640, 2048, 7, 1, 64, torch.bfloat16, 0.5, seed=5,
+            vs_reference=True),
     ]
     for c in checks:
         print(json.dumps(c), flush=True)

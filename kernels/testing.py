@@ -58,6 +58,90 @@ def structured_qkv(
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def sink_local_qkv(
+    batch: int, q_len: int, kv_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu", seed: int = 0,
+    heavy_rate: float = 1 / 128, density: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v with sink, local and heavy-hitter structure, the shape of the paper's benchmark input.
+
+    Every query puts a scaled logit of about 6 on the sink (key block 0), about 4.5 on the heavy
+    blocks (a fraction heavy_rate of the key blocks, evenly spaced from a random phase per KV
+    head) and up to 2 on the other blocks of its neighbourhood (block position codes from a
+    random walk, so nearby blocks correlate). With the
+    default rule (alpha 0.1, 2 sink / 4 window / 2 last blocks) a query block keeps its forced
+    blocks plus the heavy ones before it: close to the densities the paper's code keeps on its
+    input at 4K-256K (ANCHORS.md), so whole-prefill speed-ups compare like for like. density:
+    instead of heavy_rate, the rate at which the default rule keeps this density in expectation
+    (`heavy_rate_for_density`).
+    """
+    if density is not None:
+        heavy_rate = heavy_rate_for_density(q_len, kv_len, block_size, density)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nkb = math.ceil(kv_len / block_size)
+    d = head_dim
+    root = math.sqrt(math.sqrt(d))  # q . k / sqrt(D) = logit when |q_dir| = |k_dir| = root * sqrt(logit)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q  # orthonormal directions
+    sink_dir, heavy_dir = basis[0], basis[1:1 + num_kv_heads]
+    # Position codes: a random walk on the sphere in the directions orthogonal to the two above.
+    steps = torch.randn(nkb, d - 1 - num_kv_heads, generator=g)
+    walk = torch.nn.functional.normalize(steps.cumsum(0) / 4 + steps, dim=-1)
+    codes = walk @ basis[1 + num_kv_heads:]  # (NKB, D)
+    # Evenly spaced heavy blocks, 1 / heavy_rate apart from a random phase per KV head; to hit a
+    # density, the phase of 32 candidates whose heavy blocks add the closest count of kept blocks.
+    phases = torch.rand(num_kv_heads, 32 if density is not None else 1, 1, generator=g)
+    position = torch.arange(nkb) * heavy_rate + phases
+    heavy = position.floor() > (position - heavy_rate).floor()  # (H, candidates, NKB)
+    heavy[..., :1] = False
+    if density is not None:
+        gain, want = _heavy_gain(q_len, kv_len, block_size, density)
+        best = (heavy.float() @ gain - want).abs().argmin(-1)
+        heavy = heavy[torch.arange(num_kv_heads), best]
+    else:
+        heavy = heavy[:, 0]
+    codes = (codes * root).to(device)
+    sink_dir, heavy_dir = sink_dir.to(device) * root, heavy_dir.to(device) * root
+    block_of_key = torch.arange(kv_len, device=device) // block_size
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    k = torch.randn(batch, kv_len, num_kv_heads, d, generator=noise, device=device) * 0.3
+    heavy_key = heavy.to(device)[:, block_of_key].T[..., None]  # (Tk, H, 1)
+    # Position codes on the plain blocks only, so sink and heavy logits do not depend on distance.
+    k += codes[block_of_key][:, None] * math.sqrt(2.0) * ~heavy_key * (block_of_key != 0)[:, None, None]
+    k[:, block_of_key == 0] += sink_dir * math.sqrt(6.0)
+    k += heavy_key * heavy_dir * math.sqrt(4.5)  # (Tk, H, D)
+    v = torch.randn(batch, kv_len, num_kv_heads, d, generator=noise, device=device)
+    q_block = torch.arange(kv_len - q_len, kv_len, device=device) // block_size
+    kv_head = torch.arange(num_q_heads, device=device) // (num_q_heads // num_kv_heads)
+    q = torch.randn(batch, q_len, num_q_heads, d, generator=noise, device=device) * 0.3
+    q += codes[q_block][:, None] * math.sqrt(2.0)
+    q += sink_dir * math.sqrt(6.0) + heavy_dir[kv_head] * math.sqrt(4.5)  # (HQ, D)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _heavy_gain(q_len: int, kv_len: int, block_size: int, density: float) -> tuple[torch.Tensor, float]:
+    """For `sink_local_qkv` under the default FlashPrefillConfig: how many rows keep key block J
+    only because it is heavy (float (NKB,)), and how many such kept blocks `density` asks for."""
+    from kernels import FlashPrefillConfig
+
+    cfg = FlashPrefillConfig(block_size=block_size)
+    nkb = math.ceil(kv_len / block_size)
+    first = (kv_len - q_len) // block_size
+    forced = forced_blocks(cfg, nkb - first, nkb, first)
+    gain = (~forced).tril(first).sum(0).float()
+    gain[0] = 0.0  # block 0 is the sink, never heavy
+    visible = sum(first + i + 1 for i in range(nkb - first))
+    return gain, density * visible - forced.sum().item()
+
+
+def heavy_rate_for_density(q_len: int, kv_len: int, block_size: int, density: float) -> float:
+    """The heavy-block rate of `sink_local_qkv` at which the default FlashPrefillConfig keeps
+    `density` of the visible blocks in expectation: the forced blocks plus, in each row, every
+    heavy block among the others."""
+    gain, want = _heavy_gain(q_len, kv_len, block_size, density)
+    total = gain.sum().item()
+    return min(1.0, max(0.0, want / total)) if total else 0.0
+
+
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

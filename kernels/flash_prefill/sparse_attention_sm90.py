@@ -244,6 +244,10 @@ if HAVE_GLUON:
                 w = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
             else:
                 w = w + gl.num_programs(0)
+        if DYNAMIC:  # the program that draws last leaves COUNTER at zero for the next launch
+            if gl.atomic_add(COUNTER + 1, 1) == gl.num_programs(0) - 1:
+                gl.atomic_xchg(COUNTER, 0)
+                gl.atomic_xchg(COUNTER + 1, 0)
         # No item left: wake the consumers with an out-of-range item.
         mbarrier.wait(q_empty, (t & 1) ^ 1)
         info.store(gl.full([1], total, gl.int32, info_layout))
@@ -333,7 +337,8 @@ if HAVE_GLUON:
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """num_warps (4) run the first consumer; the second consumer and the producer are worker
-        partitions. COUNTER (zeroed by the caller) hands out items from num_programs on."""
+        partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
+        items from num_programs on; the last program to finish drawing sets it back to zero."""
         dtype: gl.constexpr = q_desc.dtype
         tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [BM, D_PAD], tile_smem)
@@ -373,13 +378,40 @@ if HAVE_GLUON:
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether this kernel can run the call: Hopper, 16-bit floats, block 128, head dim up to 128
     (padded to 64 or 128 inside), queries on a 128-row boundary, strides TMA accepts."""
-    if not HAVE_GLUON or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if not HAVE_GLUON or q.device.type != "cuda" or _capability(q.device.index)[0] != 9:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or block_size != BLOCK or _d_pad(q.shape[-1]) is None:
         return False
     if (k.shape[1] - q.shape[1]) % BLOCK:
         return False
     return all(_tma_compatible(t) for t in (q, k, v))
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _work_counter(device: torch.device) -> torch.Tensor:
+    """The dynamic schedule's two int32 counters for launches on the current stream. Zeroed once;
+    each launch leaves them at zero, and launches on one stream run in order, so no per-call
+    memset (one set per stream, so kernels running concurrently never share one). Under CUDA
+    graph capture a fresh zeroed pair, its memset part of the graph."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
 
 
 def _tma_compatible(t: torch.Tensor) -> bool:
@@ -443,11 +475,11 @@ def sparse_attention_sm90(
     num_tiles = -(-tk // BLOCK) - first_tile
     if warp_specialized:
         total = num_tiles * b * hq
-        programs = min(total, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        programs = min(total, _sm_count(q.device.index))
         _sparse_attention_sm90_ws_kernel[(programs,)](
             *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)),
             out, out.stride(0), out.stride(1), out.stride(2), kv_num_blocks, kv_indices,
-            torch.zeros(1, dtype=torch.int32, device=q.device),
+            _work_counter(q.device),
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
             HEAD_DIM=d, D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
             CONSUMER_REGS=CONSUMER_REGS, num_warps=4,

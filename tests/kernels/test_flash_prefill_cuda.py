@@ -198,3 +198,27 @@ def test_hopper_kernel_declines_what_it_cannot_run():
     q256, k256, v256 = structured_qkv(1, 4096, 4096, 8, 2, 256, 128, dtype=torch.bfloat16, device="cuda")
     assert not hopper_kernels.supported(q256, k256, v256, 128), "head dim 256"
     assert not hopper_kernels.supported(q.cpu(), k.cpu(), v.cpu(), 128), "CPU tensors"
+
+
+@requires_hopper
+def test_hopper_work_counter_is_left_at_zero_on_every_stream():
+    """The dynamic schedule's counter is not zeroed per call: each launch must leave it at zero,
+    so back-to-back launches on one stream and launches on another stream all cover every item."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = structured_qkv(1, 8192, 8192, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    pattern = api._find_pattern_triton(q, k, FlashPrefillConfig(min_seq_len=0), 128**-0.5)
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, 128**-0.5, torch.float32)
+    bound = 2 * max_abs_error(reference.sparse_attention(q, k, v, pattern, 128**-0.5, compute_dtype=None), exact)
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                out = torch.full_like(q, float("nan"))
+                hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices,
+                                                     128**-0.5, out=out)
+                counter = hopper_kernels._work_counter(q.device)
+                stream.synchronize()
+                assert counter.tolist() == [0, 0]
+                assert not torch.isnan(out).any(), "some work items were never run"
+                assert max_abs_error(out, exact) <= bound + 1e-3

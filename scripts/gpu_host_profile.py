@@ -18,8 +18,9 @@ import time
 import torch
 
 from kernels import FlashPrefillConfig, flash_prefill
-from kernels.bench import bench_ms, environment
+from kernels.bench import bench_ms, environment, graphed
 from kernels.flash_prefill import api
+from kernels.flash_prefill import pattern as pattern_kernels
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
 from kernels.testing import structured_qkv
 
@@ -64,6 +65,13 @@ def profile_length(t: int) -> dict:
     with torch.cuda.graph(graph):
         flash_prefill(q, k, v, cfg)
     row["whole_graph_ms"] = bench_ms(graph.replay)
+    # GPU time of each pattern-stage kernel alone (CUDA-graph replay).
+    kbar = pattern_kernels.block_means(k, 128, d_pad, scale, q.dtype)
+    row["block_means_graph_ms"] = bench_ms(graphed(lambda: pattern_kernels.block_means(k, 128, d_pad, scale, q.dtype)))
+    row["build_index_graph_ms"] = bench_ms(graphed(lambda: pattern_kernels.build_index(
+        q, kbar, pattern.kv_indices.clone(), pattern.kv_num_blocks.clone(), cfg, t, False)))
+    row["pattern_graph_ms"] = bench_ms(graphed(lambda: api._find_pattern_triton(q, k, cfg, scale)))
+    row["attention_graph_ms"] = bench_ms(graphed(lambda: api._sparse_attention_triton(q, k, v, pattern, scale)))
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(200):
@@ -87,12 +95,15 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"environment": environment(), "rows": rows}, fh, indent=1)
     print("| tokens | density | whole host us | pattern | attention | sm90 call | supported | 3 descriptors | "
-          "zeroed counter | empty | Triton attention | whole eager ms | whole graph ms |")
+          "zeroed counter | empty | Triton attention | whole eager ms | whole graph ms | block means graph ms | "
+          "index graph ms | pattern graph ms | attention graph ms |")
     for r in rows:
         print(f"| {r['tokens']} | {100 * r['density']:.1f}% | {r['whole_host_us']:.0f} | {r['pattern_host_us']:.0f} | "
               f"{r['attention_host_us']:.0f} | {r['sm90_call_host_us']:.0f} | {r['supported_host_us']:.1f} | "
               f"{r['descriptors_host_us']:.1f} | {r['counter_host_us']:.1f} | {r['empty_host_us']:.1f} | "
-              f"{r['triton_attention_host_us']:.0f} | {r['whole_eager_ms']:.3f} | {r['whole_graph_ms']:.3f} |")
+              f"{r['triton_attention_host_us']:.0f} | {r['whole_eager_ms']:.3f} | {r['whole_graph_ms']:.3f} | "
+              f"{r['block_means_graph_ms']:.4f} | {r['build_index_graph_ms']:.4f} | {r['pattern_graph_ms']:.4f} | "
+              f"{r['attention_graph_ms']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import time
 import torch
 
 from kernels import FlashPrefillConfig
-from kernels.bench import bench_ms, cudnn_dense_ms, environment
+from kernels.bench import ANCHOR_V1, bench_ms, cudnn_dense_ms, environment
 from kernels.flash_prefill import api, reference
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
-from kernels.testing import random_pattern, random_qkv, structured_qkv
+from kernels.testing import random_pattern, random_qkv, sink_local_qkv, structured_qkv
 
 
 def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_reference=False, ws=True):
@@ -68,6 +68,10 @@ def timing(t, densities, hq=28, h=4, d=128):
     sq, sk, sv = structured_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda")
     cases = [("random", q, k, v, random_pattern(1, hq, t, 128, dens, "cuda", seed=t)) for dens in densities]
     cases.append(("selected", sq, sk, sv, api._find_pattern_triton(sq, sk, cfg, scale)))
+    if t in ANCHOR_V1:  # the whole-prefill comparison's input, at the paper code's density
+        lq, lk, lv = sink_local_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda",
+                                    density=ANCHOR_V1[t][0])
+        cases.append(("sink_local", lq, lk, lv, api._find_pattern_triton(lq, lk, cfg, scale)))
     rows = []
     for kind, cq, ck, cv, pattern in cases:
         dens = pattern.density()
@@ -98,6 +102,7 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--checks-only", action="store_true")
     parser.add_argument("--no-ws", action="store_true", help="leave the warp-specialised variants out")
+    parser.add_argument("--variants", nargs="+", help="time only these variants (labels of VARIANTS)")
     args = parser.parse_args()
     print(environment(), flush=True)
     run = functools.partial(check, ws=not args.no_ws)
@@ -120,6 +125,8 @@ def main() -> int:
         return 0
     if args.no_ws:
         VARIANTS[:] = [v for v in VARIANTS if not v[3]]
+    if args.variants:
+        VARIANTS[:] = [v for v in VARIANTS if v[0] in args.variants]
     rows = []
     for t in args.lengths:
         start = time.time()

@@ -7,8 +7,8 @@ from a CUDA graph: on structured input (heavy-tailed topics, one pattern per que
 KV head) and on sink / local / heavy-hitter input where it keeps as many blocks as the paper's
 code keeps on its benchmark (ANCHORS.md), so those speed-ups compare like for like. Every time
 is a median of triton.testing.do_bench and is also given as a ratio to cuDNN dense measured in
-the same run. `--sweep-tiles` times the kernels'
-tile, load-path and launch-order choices instead.
+the same run. `--sweep-tiles` times the kernels' tile, load-path and launch-order choices
+instead.
 """
 
 from __future__ import annotations
@@ -261,8 +261,6 @@ def _last_compiled(kernel) -> tuple[int | str, int | str]:
         return compiled.n_regs, compiled.n_spills
     except Exception:  # introspection differs across Triton versions; report nothing rather than fail
         return "?", "?"
-
-
 
 
 def print_table(rows: list[dict], args) -> None:

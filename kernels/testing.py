@@ -68,12 +68,12 @@ def sink_local_qkv(
     Every query puts a scaled logit of about 6 on the sink (key block 0), about 4.5 on the heavy
     blocks (a fraction heavy_rate of the key blocks, evenly spaced from a random phase per KV
     head) and up to 2 on the other blocks of its neighbourhood (block position codes from a
-    random walk, so nearby blocks correlate). With the
-    default rule (alpha 0.1, 2 sink / 4 window / 2 last blocks) a query block keeps its forced
-    blocks plus the heavy ones before it: close to the densities the paper's code keeps on its
-    input at 4K-256K (ANCHORS.md), so whole-prefill speed-ups compare like for like. density:
-    instead of heavy_rate, the rate at which the default rule keeps this density in expectation
-    (`heavy_rate_for_density`).
+    random walk, so nearby blocks correlate). With the default rule (alpha 0.1, 2 sink / 4
+    window / 2 last blocks) a query block keeps its forced blocks plus the heavy ones before it,
+    the structure of the paper's benchmark input (ANCHORS.md). density: instead of heavy_rate,
+    the rate at which the default rule keeps this density in expectation
+    (`heavy_rate_for_density`), and of 32 random phases per KV head the one closest to it; the
+    benchmark asks for the paper code's density so whole-prefill speed-ups compare like for like.
     """
     if density is not None:
         heavy_rate = heavy_rate_for_density(q_len, kv_len, block_size, density)

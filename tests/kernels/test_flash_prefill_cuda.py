@@ -211,6 +211,7 @@ def test_hopper_work_counter_is_left_at_zero_on_every_stream():
     exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, 128**-0.5, torch.float32)
     bound = 2 * max_abs_error(reference.sparse_attention(q, k, v, pattern, 128**-0.5, compute_dtype=None), exact)
     side = torch.cuda.Stream()
+    torch.cuda.synchronize()  # inputs and pattern ready before the side stream reads them
     for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
         with torch.cuda.stream(stream):
             for _ in range(3):

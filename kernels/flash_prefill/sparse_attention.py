@@ -62,6 +62,25 @@ def _attend_block(
 
 
 @triton.jit
+def launch_order(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, GROUP_ORDER: tl.constexpr):
+    """Work item w (0, 1, ... in launch order) -> (query tile, batch * NUM_Q_HEADS + query head).
+    Last query tiles first: they keep the most blocks, so the long items start early. With
+    GROUP_ORDER the GROUP query heads sharing a KV head side by side for each tile, so the K/V
+    blocks they have in common are read from L2 by items running together. Also called by the
+    Hopper (Gluon) kernels."""
+    if GROUP_ORDER:
+        rest = w // GROUP
+        kv_heads = NUM_Q_HEADS // GROUP
+        tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
+        bg = rest // num_tiles
+        pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + w % GROUP
+    else:
+        tile = FIRST_TILE + num_tiles - 1 - w % num_tiles
+        pid_bh = w // num_tiles
+    return tile, pid_bh
+
+
+@triton.jit
 def _sparse_attention_kernel(
     Q, K, V, O, KV_NUM, KV_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -72,20 +91,9 @@ def _sparse_attention_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
-    # Last query tiles first: they keep the most blocks, so the long programs start early.
     num_tiles = tl.num_programs(0)
-    if GROUP_ORDER:
-        # Launch order: the GROUP query heads sharing a KV head side by side for each tile, so
-        # the K/V blocks they have in common are read from L2 by programs running together.
-        lin = tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0)
-        rest = lin // GROUP
-        kv_heads = NUM_Q_HEADS // GROUP
-        tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
-        bg = rest // num_tiles
-        pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + lin % GROUP
-    else:
-        tile = FIRST_TILE + (num_tiles - 1 - tl.program_id(0)).to(tl.int64)
-        pid_bh = tl.program_id(1).to(tl.int64)
+    tile, pid_bh = launch_order(tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0), num_tiles,
+                                NUM_Q_HEADS, GROUP, FIRST_TILE, GROUP_ORDER)
     b = pid_bh // NUM_Q_HEADS
     h = pid_bh % NUM_Q_HEADS
     hk = h // GROUP

@@ -30,6 +30,8 @@ import functools
 
 import torch
 
+from .sparse_attention import launch_order
+
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -88,19 +90,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _work_item(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM: gl.constexpr,
                    GROUP_ORDER: gl.constexpr):
-        """Work item w (0, 1, ... in launch order) -> (query tile, batch, query head, first query
-        row, pattern row). Last query tiles first: they keep the most blocks, so the long items
-        start early; with GROUP_ORDER the GROUP query heads of a KV head side by side, so the K/V
-        blocks they share are read from L2 by items running together."""
-        if GROUP_ORDER:
-            rest = w // GROUP
-            kv_heads = NUM_Q_HEADS // GROUP
-            tile = FIRST_TILE + num_tiles - 1 - rest % num_tiles
-            bg = rest // num_tiles
-            pid_bh = (bg // kv_heads) * NUM_Q_HEADS + (bg % kv_heads) * GROUP + w % GROUP
-        else:
-            tile = FIRST_TILE + num_tiles - 1 - w % num_tiles
-            pid_bh = w // num_tiles
+        """Work item w (0, 1, ... in launch order, `sparse_attention.launch_order`) -> (query
+        tile, batch, query head, first query row, pattern row)."""
+        tile, pid_bh = launch_order(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, GROUP_ORDER)
         b = pid_bh // NUM_Q_HEADS
         h = pid_bh % NUM_Q_HEADS
         q_row = tile * BM - (T_K - T_Q)

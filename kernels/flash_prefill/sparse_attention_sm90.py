@@ -8,7 +8,7 @@ the schedule spelled out instead of left to Triton's pipeliner. Two kernels:
   counter in the launch order below and streams Q and the kept K/V blocks through a ring of
   shared-memory slots with TMA (ready/empty mbarriers per slot), running ahead across work items;
   two 4-warp consumer warpgroups each own 64 of the tile's 128 query rows and run the loop below
-  on them independently, storing their rows directly.
+  on them independently, storing their rows with TMA through the item's last K slot.
 - `_sparse_attention_sm90_kernel`: one program per (query tile, batch x head), 8 warps, issuing
   its own TMA loads into the ring (kept for comparison and as a simpler fallback).
 
@@ -73,6 +73,24 @@ if HAVE_GLUON:
         correction = gl.exp2(m_i - m_new)
         l_i = l_i * correction + gl.sum(p, axis=1)
         return p, m_new, l_i, correction
+
+    @gluon.jit
+    def _stamp(TRACE, item, k: gl.constexpr, anchor, TRACE_ITEMS: gl.constexpr, GLOBAL: gl.constexpr = False):
+        """Profiling only (TRACE_ITEMS > 0, compiled out otherwise): TRACE[program, item, k] = the
+        SM's clock (GLOBAL: the global nanosecond timer) once `anchor`, an int32 scalar, is known."""
+        if TRACE_ITEMS > 0:
+            if item < TRACE_ITEMS:
+                timer: gl.constexpr = "%globaltimer" if GLOBAL else "%clock64"
+                now = gl.inline_asm_elementwise("mov.u64 $0, " + timer + ";", "=l,r", [anchor], dtype=gl.int64,
+                                                is_pure=False, pack=1)
+                gl.store(TRACE + (gl.program_id(0) * TRACE_ITEMS + item) * 16 + k, now)
+
+    @gluon.jit
+    def _record(TRACE, item, k: gl.constexpr, value, TRACE_ITEMS: gl.constexpr):
+        """Profiling only: TRACE[program, item, k] = value."""
+        if TRACE_ITEMS > 0:
+            if item < TRACE_ITEMS:
+                gl.store(TRACE + (gl.program_id(0) * TRACE_ITEMS + item) * 16 + k, value.to(gl.int64))
 
     @gluon.jit
     def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, idx, j, num_kept, slot, b, hk,
@@ -201,8 +219,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                      kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB,
-                     NQB, FIRST_TILE, BM: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr,
-                     DYNAMIC: gl.constexpr):
+                     NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr,
+                     DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr):
         """1 warp: claims work items, publishes each one's index in `info` with its Q load on
         `q_ready`, and streams the item's kept K/V blocks into the ring (slot = running block count
         % STAGES), waiting on each slot's `kv_empty` (both consumers done with it)."""
@@ -217,8 +235,10 @@ if HAVE_GLUON:
             hk = h // GROUP
             num_kept = gl.load(KV_NUM + pattern_row)
             idx = KV_IDX + pattern_row * NKB
+            _stamp(TRACE, t, 8, num_kept, TRACE_ITEMS)
             # Both consumers are past their last S of the previous item: Q and `info` are free.
             mbarrier.wait(q_empty, (t & 1) ^ 1)
+            _stamp(TRACE, t, 9, num_kept, TRACE_ITEMS)
             info.store(gl.full([1], w, gl.int32, info_layout))
             mbarrier.expect(q_ready, q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [b, h, q_row, 0], q_ready, q_smem)
@@ -231,6 +251,7 @@ if HAVE_GLUON:
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
                 count += 1
+            _stamp(TRACE, t, 10, count, TRACE_ITEMS)
             t += 1
             if DYNAMIC:  # the next unclaimed item, as the hardware scheduler would hand out blocks
                 w = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
@@ -246,13 +267,14 @@ if HAVE_GLUON:
         mbarrier.arrive(q_ready)
 
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, O, stride_ob,
-                     stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                     FIRST_TILE, qk_scale, HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, BM: gl.constexpr,
-                     ROW0: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr):
+    def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc, KV_NUM,
+                     KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, TRACE,
+                     D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr, STAGES: gl.constexpr,
+                     GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr):
         """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
         Arrives on `q_empty` once its last S of the item is done and on a slot's `kv_empty` once
-        its P V product with that slot is done; writes its rows of O with plain stores."""
+        its P V product with that slot is done, except the item's last slot, which carries its
+        rows of O out (below) and is released after that."""
         ROWS: gl.constexpr = BM // 2
         BN: gl.constexpr = BM
         dtype: gl.constexpr = q_smem.dtype
@@ -269,11 +291,15 @@ if HAVE_GLUON:
         mbarrier.wait(q_ready, 0)
         w = gl.max(info.load(info_layout), axis=0)
         while w < total:
+            _stamp(TRACE, t, 0, w, TRACE_ITEMS)
+            _stamp(TRACE, t, 12, w, TRACE_ITEMS, GLOBAL=True)
             tile, b, h, q_row, pattern_row = _work_item(
                 w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, NQB, T_Q, T_K, BM, GROUP_ORDER
             )
             num_kept = gl.load(KV_NUM + pattern_row)
             idx = KV_IDX + pattern_row * NKB
+            _stamp(TRACE, t, 1, num_kept, TRACE_ITEMS)
+            _record(TRACE, t, 7, num_kept, TRACE_ITEMS)
             rows = tile * BM + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([ROWS, D_PAD], gl.float32, o_layout)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -281,8 +307,10 @@ if HAVE_GLUON:
 
             slot = count % STAGES
             mbarrier.wait(k_ready.index(slot), (count // STAGES) & 1)
+            _stamp(TRACE, t, 2, num_kept, TRACE_ITEMS)
             s_tok = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=[s_tok])
+            _stamp(TRACE, t, 3, num_kept, TRACE_ITEMS)
             mbarrier.arrive(q_empty, pred=num_kept == 1)
             kblock = gl.load(idx)
             p, m_i, l_i, correction = _softmax_step(s, m_i, l_i, qk_scale, kblock, rows, T_K, num_kept == 1, BN,
@@ -306,27 +334,39 @@ if HAVE_GLUON:
                 mbarrier.arrive(kv_empty.index(prev))
                 acc = acc * gl.convert_layout(correction, gl.SliceLayout(1, o_layout))[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
+            _stamp(TRACE, t, 4, num_kept, TRACE_ITEMS)
             mbarrier.wait(v_ready.index(slot), ((count + num_kept - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
             acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+            _stamp(TRACE, t, 5, num_kept, TRACE_ITEMS)
+            # Output rows: staged in this item's last K slot, which no S reads any more once both
+            # consumers are past their last S (this item's `q_empty` phase), and written with one
+            # TMA store (rows past T_Q and columns past the head dim are dropped); the slot goes
+            # back to the producer once the store has read it. Per-thread global stores from the
+            # MMA layout took about 2 us per item (BENCHMARKS.md).
+            out = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
+            stage = k_smem.index(slot).slice(ROW0, ROWS)
+            mbarrier.wait(q_empty, t & 1)
+            stage.store(out.to(dtype))
+            fence_async_shared()
+            _cta_barrier()
+            tma.async_copy_shared_to_global(o_desc, [b, h, q_row + ROW0, 0], stage)
+            tma.store_wait(0)
+            _cta_barrier()
             mbarrier.arrive(kv_empty.index(slot))
             count += num_kept
             t += 1
-
-            out = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
-            r = q_row + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-            d = gl.arange(0, D_PAD, layout=gl.SliceLayout(0, o_layout))
-            ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + r.to(gl.int64)[:, None] * stride_ot + d[None, :]
-            gl.store(ptrs, out.to(dtype), mask=(r[:, None] < T_Q) & (d[None, :] < HEAD_DIM))
+            _stamp(TRACE, t - 1, 6, num_kept, TRACE_ITEMS)
             mbarrier.wait(q_ready, t & 1)
             w = gl.max(info.load(info_layout), axis=0)
 
     @gluon.jit
     def _sparse_attention_sm90_ws_kernel(
-        q_desc, k_desc, v_desc, O, stride_ob, stride_ot, stride_oh, KV_NUM, KV_IDX, COUNTER,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale,
-        HEAD_DIM: gl.constexpr, D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-        GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        q_desc, k_desc, v_desc, o_desc, KV_NUM, KV_IDX, COUNTER,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE,
+        D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+        GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE_ITEMS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """num_warps (4) run the first consumer; the second consumer and the producer are worker
         partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
@@ -350,17 +390,16 @@ if HAVE_GLUON:
             mbarrier.init(kv_empty.index(i), count=2)
         gl.warp_specialize(
             [
-                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, O,
-                                stride_ob, stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
-                                NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, HEAD_DIM, D_PAD, BM, 0,
-                                STAGES, GROUP_ORDER)),
-                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, O,
-                                stride_ob, stride_ot, stride_oh, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
-                                NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, HEAD_DIM, D_PAD, BM, BM // 2,
-                                STAGES, GROUP_ORDER)),
+                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
+                                KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
+                                FIRST_TILE, qk_scale, TRACE, D_PAD, BM, 0, STAGES, GROUP_ORDER, TRACE_ITEMS)),
+                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
+                                KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
+                                FIRST_TILE, qk_scale, TRACE, D_PAD, BM, BM // 2, STAGES, GROUP_ORDER, 0)),
                 (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                 kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
-                                GROUP, NKB, NQB, FIRST_TILE, BM, STAGES, GROUP_ORDER, DYNAMIC)),
+                                GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
+                                TRACE_ITEMS)),
             ],
             [4, 1],
             [CONSUMER_REGS, 24],
@@ -443,6 +482,7 @@ def sparse_attention_sm90(
     stages: int = DEFAULT_STAGES,
     warp_specialized: bool = True,
     dynamic: bool = True,
+    trace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on Hopper; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
     The call must satisfy `supported` (block size 128).
@@ -451,6 +491,10 @@ def sparse_attention_sm90(
     (default; 13-22% less time than the per-tile one at 16K-128K, BENCHMARKS.md) instead of one program
     per tile. dynamic: its programs claim work items from an atomic counter (default) instead of
     a fixed round-robin, which balances the uneven rows of selected patterns.
+
+    trace: profiling only (`scripts/gpu_trace_sm90.py`), warp-specialised kernel: an int64 tensor
+    (programs, items, 16), programs = min(work items, SMs), that receives clock stamps of each
+    program's first `items` work items (the layout is in that script).
     """
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
@@ -468,13 +512,16 @@ def sparse_attention_sm90(
     if warp_specialized:
         total = num_tiles * b * hq
         programs = min(total, _sm_count(q.device.index))
+        if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 3 or trace.shape[0] != programs
+                                  or trace.shape[2] != 16 or not trace.is_contiguous()):
+            raise ValueError(f"trace must be a contiguous int64 tensor ({programs}, items, 16)")
         _sparse_attention_sm90_ws_kernel[(programs,)](
-            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)),
-            out, out.stride(0), out.stride(1), out.stride(2), kv_num_blocks, kv_indices,
-            _work_counter(q.device),
+            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
+            kv_num_blocks, kv_indices, _work_counter(q.device),
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
-            HEAD_DIM=d, D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
-            CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+            kv_num_blocks if trace is None else trace,
+            D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
+            CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1], num_warps=4,
         )
         return out
     _sparse_attention_sm90_kernel[(num_tiles, b * hq)](

@@ -223,3 +223,31 @@ def test_hopper_work_counter_is_left_at_zero_on_every_stream():
                 assert counter.tolist() == [0, 0]
                 assert not torch.isnan(out).any(), "some work items were never run"
                 assert max_abs_error(out, exact) <= bound + 1e-3
+
+
+@requires_hopper
+def test_hopper_trace_records_ordered_stamps_without_changing_the_output():
+    """The profiling hook (scripts/gpu_trace_sm90.py) stamps each traced item's phases in order,
+    records its kept count and leaves the output as the untraced kernel writes it."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = structured_qkv(1, 4096, 4096, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    pattern = api._find_pattern_triton(q, k, FlashPrefillConfig(min_seq_len=0), 128**-0.5)
+    args = (q, k, v, pattern.kv_num_blocks, pattern.kv_indices, 128**-0.5)
+    plain = hopper_kernels.sparse_attention_sm90(*args)
+    programs = min(pattern.kv_num_blocks.numel(), torch.cuda.get_device_properties(0).multi_processor_count)
+    trace = torch.zeros(programs, 8, 16, dtype=torch.int64, device="cuda")
+    traced = hopper_kernels.sparse_attention_sm90(*args, trace=trace)
+    assert torch.equal(traced, plain)
+    trace = trace.cpu()
+    items = trace[:, :, 0] > 0
+    assert items[:, 0].all(), "every program runs at least one item"
+    stamps = trace[items][:, [0, 1, 2, 3, 4, 5, 6]]
+    assert (stamps.diff(dim=1) >= 0).all(), "consumer phases out of order"
+    producer = trace[items][:, [8, 9, 10]]
+    assert (producer.diff(dim=1) >= 0).all(), "producer phases out of order"
+    kept = trace[items][:, 7]
+    assert kept.min() >= 1 and kept.max() <= pattern.kv_num_blocks.max().item()
+    with pytest.raises(ValueError, match="trace must be"):
+        hopper_kernels.sparse_attention_sm90(*args, trace=torch.zeros(programs, 8, 15, dtype=torch.int64,
+                                                                      device="cuda"))

@@ -496,6 +496,8 @@ def sparse_attention_sm90(
     (programs, items, 16), programs = min(work items, SMs), that receives clock stamps of each
     program's first `items` work items (the layout is in that script).
     """
+    if trace is not None and not warp_specialized:
+        raise ValueError("trace records the warp-specialised kernel only (warp_specialized=True)")
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]

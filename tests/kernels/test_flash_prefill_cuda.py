@@ -251,3 +251,5 @@ def test_hopper_trace_records_ordered_stamps_without_changing_the_output():
     with pytest.raises(ValueError, match="trace must be"):
         hopper_kernels.sparse_attention_sm90(*args, trace=torch.zeros(programs, 8, 15, dtype=torch.int64,
                                                                       device="cuda"))
+    with pytest.raises(ValueError, match="warp-specialised kernel only"):
+        hopper_kernels.sparse_attention_sm90(*args, trace=trace.cuda(), warp_specialized=False)

@@ -200,15 +200,18 @@ def check_pattern_layout(pattern) -> None:
     assert bool(((diffs > 0) | ~valid[..., 1:]).all()), "kept ids are not strictly ascending"
 
 
-def random_pattern(b: int, hq: int, t: int, bs: int, density: float, device, seed: int = 0, q_len: int | None = None):
-    """A BlockSparsePattern keeping each causal block with probability `density`, the diagonal always."""
+def random_pattern(b: int, hq: int, t: int, bs: int, density: float, device, seed: int = 0, q_len: int | None = None,
+                   group: int = 1):
+    """A BlockSparsePattern keeping each causal block with probability `density`, the diagonal always.
+    group: one mask drawn per `group` consecutive heads (a KV group) and shared by them."""
     from kernels.flash_prefill.config import BlockSparsePattern
 
     q_len = t if q_len is None else q_len
     nkb = math.ceil(t / bs)
     first = (t - q_len) // bs
     g = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(b, hq, nkb - first, nkb, generator=g, device=device) < density
+    keep = torch.rand(b, hq // group, nkb - first, nkb, generator=g, device=device) < density
+    keep = keep.repeat_interleave(group, dim=1)
     query_block = first + torch.arange(nkb - first, device=device)[:, None]
     key_block = torch.arange(nkb, device=device)[None, :]
     keep = (keep & (key_block <= query_block)) | (key_block == query_block)

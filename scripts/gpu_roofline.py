@@ -67,9 +67,7 @@ def main() -> None:
                    "floor_ratio": floor_ms / (dens * cudnn)}
             # Control: the same kind of mask shared by the 7 query heads of each KV group, whose
             # items run side by side (group launch order), so most K/V blocks come from L2.
-            shared = random_pattern(1, h, t, BLOCK, density, "cuda", seed=t)
-            shared.kv_num_blocks = shared.kv_num_blocks.repeat_interleave(hq // h, dim=1).contiguous()
-            shared.kv_indices = shared.kv_indices.repeat_interleave(hq // h, dim=1).contiguous()
+            shared = random_pattern(1, hq, t, BLOCK, density, "cuda", seed=t, group=hq // h)
             row["shared_density"] = shared.density()
             row["shared_ms"] = attention_ms(q, k, v, shared)
             row["shared_ratio"] = row["shared_ms"] / (row["shared_density"] * cudnn)

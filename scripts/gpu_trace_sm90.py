@@ -105,9 +105,7 @@ def main() -> None:
         cudnn = cudnn_dense_ms(q, k, v)
         cases = [(f"random {dens:.0%}", dens, random_pattern(1, hq, t, 128, dens, "cuda", seed=2))
                  for dens in args.densities]
-        shared = random_pattern(1, h, t, 128, 0.05, "cuda", seed=3)
-        shared.kv_num_blocks = shared.kv_num_blocks.repeat_interleave(hq // h, dim=1).contiguous()
-        shared.kv_indices = shared.kv_indices.repeat_interleave(hq // h, dim=1).contiguous()
+        shared = random_pattern(1, hq, t, 128, 0.05, "cuda", seed=3, group=hq // h)
         cases.append(("random 5%, shared by each KV group", 0.05, shared))
         for name, asked, pattern in cases:
             dens = pattern.density()

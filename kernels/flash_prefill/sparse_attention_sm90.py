@@ -75,6 +75,13 @@ if HAVE_GLUON:
         return p, m_new, l_i, correction
 
     @gluon.jit
+    def _record(TRACE, item, k: gl.constexpr, value, TRACE_ITEMS: gl.constexpr):
+        """Profiling only: TRACE[program, item, k] = value."""
+        if TRACE_ITEMS > 0:
+            if item < TRACE_ITEMS:
+                gl.store(TRACE + (gl.program_id(0) * TRACE_ITEMS + item) * 16 + k, value.to(gl.int64))
+
+    @gluon.jit
     def _stamp(TRACE, item, k: gl.constexpr, anchor, TRACE_ITEMS: gl.constexpr, GLOBAL: gl.constexpr = False):
         """Profiling only (TRACE_ITEMS > 0, compiled out otherwise): TRACE[program, item, k] = the
         SM's clock (GLOBAL: the global nanosecond timer) once `anchor`, an int32 scalar, is known."""
@@ -83,14 +90,7 @@ if HAVE_GLUON:
                 timer: gl.constexpr = "%globaltimer" if GLOBAL else "%clock64"
                 now = gl.inline_asm_elementwise("mov.u64 $0, " + timer + ";", "=l,r", [anchor], dtype=gl.int64,
                                                 is_pure=False, pack=1)
-                gl.store(TRACE + (gl.program_id(0) * TRACE_ITEMS + item) * 16 + k, now)
-
-    @gluon.jit
-    def _record(TRACE, item, k: gl.constexpr, value, TRACE_ITEMS: gl.constexpr):
-        """Profiling only: TRACE[program, item, k] = value."""
-        if TRACE_ITEMS > 0:
-            if item < TRACE_ITEMS:
-                gl.store(TRACE + (gl.program_id(0) * TRACE_ITEMS + item) * 16 + k, value.to(gl.int64))
+                _record(TRACE, item, k, now, TRACE_ITEMS)
 
     @gluon.jit
     def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, idx, j, num_kept, slot, b, hk,

@@ -1,8 +1,10 @@
 """On the H200: where the warp-specialised Hopper kernel spends a work item's time.
 
-`python3 scripts/gpu_trace_sm90.py [--tokens 65536] [--modules M ...] [--json FILE]`. Times each
-case (random block masks; --modules: several versions of the Hopper module, timed alternately
-three times on the same inputs, outputs compared with the first), then runs the --trace cases
+`python3 scripts/gpu_trace_sm90.py [--tokens 65536] [--selected 16384 ...] [--modules M ...] [--json FILE]`.
+Times each case (random block masks at --tokens; with --selected also the patterns FlashPrefill
+selects on the sink / local input at the paper code's density for those lengths, as in
+`kernels.bench`; --modules: several versions of the Hopper module, timed alternately three times
+on the same inputs, outputs compared with the first), then runs the --trace cases
 once with clock stamps (`sparse_attention_sm90(..., trace=...)`: each program's first ITEMS work
 items, the first consumer warpgroup and the producer warp, SM clock cycles converted to us with
 the clock rate measured against the global timer) and prints the median of each phase per work
@@ -23,9 +25,10 @@ import json
 
 import torch
 
-from kernels.bench import bench_ms, cudnn_dense_ms, environment
+from kernels.bench import ANCHOR_V1, bench_ms, cudnn_dense_ms, environment
+from kernels.flash_prefill import FlashPrefillConfig, flash_prefill
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
-from kernels.testing import random_pattern, random_qkv
+from kernels.testing import random_pattern, random_qkv, sink_local_qkv
 
 ITEMS = 512
 # (label, start stamp, end stamp, end on the next item): the consumer's phases, then the producer's.
@@ -90,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[65536])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.10, 0.25])
+    parser.add_argument("--selected", type=int, nargs="*", default=[],
+                        help="lengths at which to time selected patterns (sink / local input)")
     parser.add_argument("--modules", nargs="+", default=[sm90.__name__])
     parser.add_argument("--trace", nargs="*", type=float, default=[0.0, 0.05], help="densities to trace")
     parser.add_argument("--json", help="write the results here")
@@ -100,13 +105,21 @@ def main() -> None:
     print(environment())
     results = {"environment": environment(), "modules": args.modules, "cases": []}
     table = []
-    for t in args.tokens:
-        q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
+    inputs = [(t, False) for t in args.tokens] + [(t, True) for t in args.selected]
+    for t, selected in inputs:
+        if selected:
+            anchor = ANCHOR_V1[t][0] if t in ANCHOR_V1 else None
+            q, k, v = sink_local_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda", density=anchor)
+            _, pattern = flash_prefill(q, k, v, config=FlashPrefillConfig(alpha=0.1, min_seq_len=0),
+                                       return_pattern=True)
+            cases = [("selected (sink / local input)", None, pattern)]
+        else:
+            q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")
+            cases = [(f"random {dens:.0%}", dens, random_pattern(1, hq, t, 128, dens, "cuda", seed=2))
+                     for dens in args.densities]
+            shared = random_pattern(1, hq, t, 128, 0.05, "cuda", seed=3, group=hq // h)
+            cases.append(("random 5%, shared by each KV group", 0.05, shared))
         cudnn = cudnn_dense_ms(q, k, v)
-        cases = [(f"random {dens:.0%}", dens, random_pattern(1, hq, t, 128, dens, "cuda", seed=2))
-                 for dens in args.densities]
-        shared = random_pattern(1, hq, t, 128, 0.05, "cuda", seed=3, group=hq // h)
-        cases.append(("random 5%, shared by each KV group", 0.05, shared))
         for name, asked, pattern in cases:
             dens = pattern.density()
             row = {"tokens": t, "case": name, "density": dens, "cudnn_ms": cudnn}
@@ -126,7 +139,7 @@ def main() -> None:
                 row[f"{label}_ms"] = sorted(times[label])[1]
                 row[f"{label}_all_ms"] = times[label]
                 row[f"{label}_ratio"] = row[f"{label}_ms"] / (dens * cudnn)
-                if asked in args.trace and "shared" not in name:
+                if asked is not None and asked in args.trace and "shared" not in name:
                     row[f"{label}_trace"] = summarise(trace_case(mods[label], q, k, v, pattern, scale))
             results["cases"].append(row)
             table.append(row)

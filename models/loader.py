@@ -59,6 +59,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def _model_type(source: str) -> str:
     from transformers import AutoConfig
 
+    # An absolute or ./ ~/ path is a local folder, never a hub id: say so when it is missing
+    # instead of passing on the hub's complaint about the id's characters.
+    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(f"cannot load a model config from {source!r}: no such folder")
     try:
         return AutoConfig.from_pretrained(source).model_type
     except Exception as err:

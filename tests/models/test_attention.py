@@ -131,8 +131,10 @@ def test_switching_attention_needs_no_reload(tiny_models, sample_video):
 def test_load_rejects_unknown_models(tmp_path):
     from models import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="cannot load a model config"):
+    with pytest.raises(ModelLoadError, match="cannot load a model config from .*nothing-here.*: no such folder"):
         load(str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelLoadError, match="cannot load a model config from 'not-a-model'"):
+        load("not-a-model")
     with pytest.raises(ValueError, match="attention"):
         load("demo", attention="fast")
 

@@ -44,6 +44,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """The device to load on: `device` (cpu, cuda or cuda:N), checked against this machine, or
+    the default."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this machine has no usable CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -56,7 +76,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def _model_type(source: str) -> str:
+def _model_config(source: str):
     from transformers import AutoConfig
 
     # An absolute or ./ ~/ path is a local folder, never a hub id: say so when it is missing
@@ -64,7 +84,7 @@ def _model_type(source: str) -> str:
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
         raise ModelLoadError(f"cannot load a model config from {source!r}: no such folder")
     try:
-        return AutoConfig.from_pretrained(source).model_type
+        return AutoConfig.from_pretrained(source)
     except Exception as err:
         raise ModelLoadError(f"cannot load a model config from {source!r}: {str(err).splitlines()[0][:300]}") from err
 
@@ -91,13 +111,17 @@ def load(
         raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
     if dense_layers < 0:
         raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     is_demo = model == "demo"
     source = str(ensure_demo()) if is_demo else model
-    model_type = _model_type(source)
+    model_config = _model_config(source)
+    model_type = model_config.model_type
     if model_type not in SUPPORTED:
         raise ModelLoadError(f"{model!r} is a {model_type!r} model; supported: {', '.join(sorted(SUPPORTED))}")
+    layers = getattr(getattr(model_config, "text_config", model_config), "num_hidden_layers", None)
+    if layers is not None and dense_layers > layers:
+        raise ValueError(f"dense_layers ({dense_layers}) exceeds the {layers} language-model layers of {model!r}")
     family, class_name = SUPPORTED[model_type]
     if config is None:
         config = DEMO_CONFIG if is_demo else FlashPrefillConfig.for_model(family)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefill runs FlashPrefill."
 UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true",
                    help="time the very first run too (by default each attention mode runs once untimed first)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--sparsity-map", metavar="PNG", help="write density heatmap and a block mask to this PNG")
+    p.add_argument("--sparsity-map", metavar="PNG",
+                   help="write density heatmap and a block mask to this image (.png, .pdf, .svg or .jpg)")
     return p
 
 
@@ -91,6 +93,8 @@ def _main(args) -> int:
     try:
         if not question.strip():
             raise InputError("the question is empty")
+        if args.sparsity_map:
+            _check_map_path(args.sparsity_map, InputError)
         sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
                             total_pixels=args.total_pixels)
         probe(args.video)  # bad files fail before the model loads
@@ -123,10 +127,14 @@ def _main(args) -> int:
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
 
+    map_error = None
     if args.sparsity_map:
         from videoprefill.plots import save_sparsity_map
 
-        save_sparsity_map(primary, args.sparsity_map)
+        try:
+            save_sparsity_map(primary, args.sparsity_map)
+        except (OSError, ValueError) as err:  # the answer is still printed below
+            map_error = f"error: cannot write the sparsity map {args.sparsity_map}: {err}"
 
     if args.json:
         if result is None:
@@ -136,7 +144,7 @@ def _main(args) -> int:
                        "ttft_speedup": result["ttft_speedup"], "prefill_speedup": result["prefill_speedup"],
                        "answers_agree": result["answers_agree"]}
         print(json.dumps(payload, indent=1))
-        return 0
+        return _report_map_error(map_error)
 
     print(f"model: {primary.model}   video: {primary.video['path']} ({primary.video['duration_s']:.1f} s, "
           f"{primary.video['sampled_frames']} frames sampled)   question: {question}")
@@ -149,9 +157,30 @@ def _main(args) -> int:
         print(_human(result["runs"]["sparse"], "sparse"))
         print(f"TTFT speed-up {result['ttft_speedup']:.2f}x (LLM prefill {result['prefill_speedup']:.2f}x); "
               f"answers {'agree' if result['answers_agree'] else 'differ'}")
-    if args.sparsity_map:
+    if args.sparsity_map and map_error is None:
         print(f"sparsity map written to {args.sparsity_map}")
-    return 0
+    return _report_map_error(map_error)
+
+
+MAP_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _check_map_path(path: str, error: type[Exception]) -> None:
+    """Fail before the model runs when the sparsity map could not be written."""
+    target = Path(path).expanduser()
+    if target.suffix.lower() not in MAP_FORMATS:
+        raise error(f"the sparsity map must end in one of {', '.join(MAP_FORMATS)}, got {path!r}")
+    if not target.parent.is_dir():
+        raise error(f"cannot write the sparsity map {path!r}: folder {str(target.parent)!r} does not exist")
+    if target.is_dir():
+        raise error(f"cannot write the sparsity map {path!r}: it is a folder")
+
+
+def _report_map_error(message: str | None) -> int:
+    if message is None:
+        return 0
+    print(message, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

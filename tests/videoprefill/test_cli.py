@@ -100,3 +100,31 @@ def test_empty_question_exits_2(sample_video):
 def test_bad_settings_exit_2(sample_video):
     proc = run(sample_video, "--block-size", "48", *SMALL)
     assert proc.returncode == 2 and "block_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
+def test_unwritable_sparsity_map_fails_before_the_model_runs(sample_video, tmp_path):
+    missing = tmp_path / "no-such-folder" / "map.png"
+    proc = run(sample_video, "--sparsity-map", str(missing), *SMALL)
+    assert proc.returncode == 2 and "does not exist" in one_error_line(proc)
+    assert not missing.parent.exists()
+    proc = run(sample_video, "--sparsity-map", str(tmp_path / "map.txt"), *SMALL)
+    assert proc.returncode == 2 and "must end in one of" in one_error_line(proc)
+
+
+def test_bad_device_and_dense_layers_exit_2(sample_video):
+    import torch
+
+    proc = run(sample_video, "--device", "gpu", *SMALL[:-2])
+    assert proc.returncode == 2 and "unknown device 'gpu'" in one_error_line(proc)
+    if not torch.cuda.is_available():
+        proc = run(sample_video, "--device", "cuda", *SMALL[:-2])
+        assert proc.returncode == 2 and "no usable CUDA device" in one_error_line(proc)
+    proc = run(sample_video, "--dense-layers", "5", *SMALL)
+    assert proc.returncode == 2 and "exceeds the 4 language-model layers" in one_error_line(proc)

@@ -94,7 +94,7 @@ def _main(args) -> int:
         if not question.strip():
             raise InputError("the question is empty")
         if args.sparsity_map:
-            _check_map_path(args.sparsity_map, InputError)
+            args.sparsity_map = _check_map_path(args.sparsity_map)
         sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
                             total_pixels=args.total_pixels)
         probe(args.video)  # bad files fail before the model loads
@@ -165,15 +165,19 @@ def _main(args) -> int:
 MAP_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
-def _check_map_path(path: str, error: type[Exception]) -> None:
-    """Fail before the model runs when the sparsity map could not be written."""
+def _check_map_path(path: str) -> str:
+    """The sparsity map's path with ~ expanded; fails before the model runs when it could not be
+    written."""
+    from videoprefill.pipeline import InputError
+
     target = Path(path).expanduser()
     if target.suffix.lower() not in MAP_FORMATS:
-        raise error(f"the sparsity map must end in one of {', '.join(MAP_FORMATS)}, got {path!r}")
+        raise InputError(f"the sparsity map must end in one of {', '.join(MAP_FORMATS)}, got {path!r}")
     if not target.parent.is_dir():
-        raise error(f"cannot write the sparsity map {path!r}: folder {str(target.parent)!r} does not exist")
+        raise InputError(f"cannot write the sparsity map {path!r}: folder {str(target.parent)!r} does not exist")
     if target.is_dir():
-        raise error(f"cannot write the sparsity map {path!r}: it is a folder")
+        raise InputError(f"cannot write the sparsity map {path!r}: it is a folder")
+    return str(target)
 
 
 def _report_map_error(message: str | None) -> int:

@@ -102,6 +102,16 @@ ANCHOR_V1 = {1024: (1.0, 0.08), 2048: (0.735, 0.19), 4096: (0.432, 0.45), 8192: 
 WHOLE_GOALS = {4096: 1.3, 16384: 4.5, 65536: 14.0, 131072: 22.0, 262144: 30.0}
 
 
+def sink_local_case(t: int, hq: int, h: int, d: int, cfg: FlashPrefillConfig, dtype=torch.bfloat16):
+    """The sink / local / heavy-hitter input of length t on the GPU, with as many heavy blocks as
+    make the default rule keep the density the paper's code keeps there (ANCHORS.md; the default
+    heavy rate at other lengths, block sizes or alphas), and the pattern `cfg` selects on it:
+    (q, k, v, pattern)."""
+    density = ANCHOR_V1[t][0] if t in ANCHOR_V1 and cfg.block_size == 128 and cfg.alpha == 0.1 else None
+    q, k, v = sink_local_qkv(1, t, t, hq, h, d, cfg.block_size, dtype=dtype, device="cuda", density=density)
+    return q, k, v, api._find_pattern_triton(q, k, cfg, d**-0.5)
+
+
 def run_length(t: int, args) -> dict:
     hq, h, d, bs = args.q_heads, args.kv_heads, args.head_dim, args.block_size
     dtype = torch.bfloat16
@@ -153,11 +163,8 @@ def run_length(t: int, args) -> dict:
     # The same two calls replayed from CUDA graphs: GPU time without Python launch overhead.
     row["pattern_graph_ms"] = bench_ms(graphed(lambda: api._find_pattern_triton(sq, sk, cfg, scale)))
     row["whole_graph_ms"] = bench_ms(graphed(lambda: flash_prefill(sq, sk, sv, config=cfg)))
-    # Sink / local / heavy-hitter input with as many heavy blocks as make the default rule keep the
-    # density the paper's code keeps at this length (ANCHORS.md).
-    anchor_density = ANCHOR_V1[t][0] if t in ANCHOR_V1 and bs == 128 and args.alpha == 0.1 else None
-    lq, lk, lv = sink_local_qkv(1, t, t, hq, h, d, bs, dtype=dtype, device="cuda", density=anchor_density)
-    _, local_pattern = flash_prefill(lq, lk, lv, config=cfg, return_pattern=True)
+    # Sink / local input at the paper code's density (ANCHORS.md).
+    lq, lk, lv, local_pattern = sink_local_case(t, hq, h, d, cfg, dtype)
     row["sink_local_density"] = local_pattern.density()
     row["sink_local_pattern_ms"] = bench_ms(lambda: api._find_pattern_triton(lq, lk, cfg, scale))
     row["sink_local_attention_ms"] = bench_ms(

@@ -16,10 +16,10 @@ import time
 import torch
 
 from kernels import FlashPrefillConfig
-from kernels.bench import ANCHOR_V1, bench_ms, cudnn_dense_ms, environment
+from kernels.bench import ANCHOR_V1, bench_ms, cudnn_dense_ms, environment, sink_local_case
 from kernels.flash_prefill import api, reference
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
-from kernels.testing import random_pattern, random_qkv, sink_local_qkv, structured_qkv
+from kernels.testing import random_pattern, random_qkv, structured_qkv
 
 
 def check(name, b, tq, tk, hq, h, d, dtype, density, strided=False, seed=0, vs_reference=False, ws=True):
@@ -69,9 +69,7 @@ def timing(t, densities, hq=28, h=4, d=128):
     cases = [("random", q, k, v, random_pattern(1, hq, t, 128, dens, "cuda", seed=t)) for dens in densities]
     cases.append(("selected", sq, sk, sv, api._find_pattern_triton(sq, sk, cfg, scale)))
     if t in ANCHOR_V1:  # the whole-prefill comparison's input, at the paper code's density
-        lq, lk, lv = sink_local_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda",
-                                    density=ANCHOR_V1[t][0])
-        cases.append(("sink_local", lq, lk, lv, api._find_pattern_triton(lq, lk, cfg, scale)))
+        cases.append(("sink_local", *sink_local_case(t, hq, h, d, cfg)))
     rows = []
     for kind, cq, ck, cv, pattern in cases:
         dens = pattern.density()

@@ -25,10 +25,10 @@ import json
 
 import torch
 
-from kernels.bench import ANCHOR_V1, bench_ms, cudnn_dense_ms, environment
-from kernels.flash_prefill import FlashPrefillConfig, flash_prefill
+from kernels.bench import bench_ms, cudnn_dense_ms, environment, sink_local_case
+from kernels.flash_prefill import FlashPrefillConfig
 from kernels.flash_prefill import sparse_attention_sm90 as sm90
-from kernels.testing import random_pattern, random_qkv, sink_local_qkv
+from kernels.testing import random_pattern, random_qkv
 
 ITEMS = 512
 # (label, start stamp, end stamp, end on the next item): the consumer's phases, then the producer's.
@@ -108,10 +108,7 @@ def main() -> None:
     inputs = [(t, False) for t in args.tokens] + [(t, True) for t in args.selected]
     for t, selected in inputs:
         if selected:
-            anchor = ANCHOR_V1[t][0] if t in ANCHOR_V1 else None
-            q, k, v = sink_local_qkv(1, t, t, hq, h, d, 128, dtype=torch.bfloat16, device="cuda", density=anchor)
-            _, pattern = flash_prefill(q, k, v, config=FlashPrefillConfig(alpha=0.1, min_seq_len=0),
-                                       return_pattern=True)
+            q, k, v, pattern = sink_local_case(t, hq, h, d, FlashPrefillConfig(alpha=0.1, min_seq_len=0))
             cases = [("selected (sink / local input)", None, pattern)]
         else:
             q, k, v = random_qkv(1, t, t, hq, h, d, dtype=torch.bfloat16, device="cuda")

@@ -1,0 +1,99 @@
+"""The vision tower's attention as one batched SDPA call per chunk length.
+
+Qwen-VL vision towers attend within chunks of the packed patch sequence: windows of 8 x 8
+patches in Qwen2.5-VL's windowed layers, one frame pair otherwise (`cu_seqlens`). On every
+attention implementation but flash-attn, transformers' vision attention splits the sequence at
+`cu_seqlens` and calls SDPA once per chunk: for 128K video tokens that is about 8K windows x 28
+layers, a quarter of a million launches, and the vision encoder is bound by host time
+(BENCHMARKS.md). Chunks of one length are independent attention problems of one shape, so here
+they run as the batch of one SDPA call; a video at one resolution has one to four distinct
+lengths (windows at the right and bottom edges are smaller). The result is the same attention,
+computed by the same SDPA backends.
+
+transformers gives no interface point for packed chunks outside flash-attn (a registered
+function is called once per chunk, after the split), so `batch_vision_attention` replaces the
+`forward` of each vision attention module of a loaded model by `_batched_forward`: the module's
+own `qkv` and `proj` layers and its modeling file's `apply_rotary_pos_emb_vision`, with
+`chunked_attention` where the per-chunk loop was. Modules it does not recognise stay as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+_PATCHED = "_videoprefill_stock_forward"
+
+
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Non-causal attention within each chunk [cu_seqlens[i], cu_seqlens[i + 1]) of a packed sequence.
+
+    q, k, v: (S, H, D), any strides; cu_seqlens: int (n + 1,), 0 first and S last, non-decreasing.
+    Returns (S, H, D) in q's dtype. One SDPA call per distinct chunk length; reads the lengths on
+    the host (one synchronisation, as transformers' per-chunk split does).
+    """
+    s, h, d = q.shape
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != s or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
+    lengths = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+    distinct = set(lengths)
+    if len(distinct) == 1:  # every chunk of one length: a view, no copy
+        n = lengths[0]
+        qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(s, h, d)
+    out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
+    starts = torch.tensor(bounds[:-1], device=q.device)
+    sizes = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=q.device)
+    for n in sorted(distinct):
+        rows = starts[sizes == n][:, None] + torch.arange(n, device=q.device)  # (chunks, n) token ids
+        qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))
+        out[rows] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2)
+    return out
+
+
+def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    stock = getattr(self, _PATCHED)
+    if position_embeddings is None or (self.training and self.attention_dropout > 0):
+        return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    rope = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    s = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(s, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rope(q, k, cos, sin)
+    out = chunked_attention(q, k, v, cu_seqlens, self.scaling)
+    return self.proj(out.reshape(s, -1))
+
+
+def _recognised(module: torch.nn.Module) -> bool:
+    """A Qwen-VL vision attention module with the layout `_batched_forward` relies on."""
+    return (
+        type(module).__name__.endswith("VisionAttention")
+        and all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scaling", "config"))
+        and hasattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb_vision")
+        and getattr(module.config, "_attn_implementation", None) == "sdpa"
+    )
+
+
+def batch_vision_attention(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Run the vision attention modules of `model` batched per chunk length (enabled) or as
+    transformers wrote them (not enabled). Returns how many modules are now batched."""
+    count = 0
+    for module in model.modules():
+        patched = _PATCHED in module.__dict__
+        if enabled and not patched and _recognised(module):
+            setattr(module, _PATCHED, module.forward)
+            module.forward = types.MethodType(_batched_forward, module)
+            patched = True
+        elif not enabled and patched:
+            del module.forward
+            delattr(module, _PATCHED)
+            patched = False
+        count += patched
+    return count

@@ -1,0 +1,113 @@
+"""The vision tower's batched attention (models.vision) against per-chunk SDPA and the stock modules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.vision as vision
+from models.tiny import FAMILIES, build_config, build_tokenizer, model_class
+
+
+def per_chunk_reference(q, k, v, cu_seqlens, scale):
+    """What transformers' vision attention computes: one SDPA call per chunk."""
+    out = []
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        qc, kc, vc = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def packed(lengths, heads=3, dim=16, seed=0):
+    """q, k, v as strided (S, H, D) views of one (S, 3, H, D) projection, like the vision tower's."""
+    g = torch.Generator().manual_seed(seed)
+    s = sum(lengths)
+    qkv = torch.randn(s, 3, heads, dim, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return *qkv.permute(1, 0, 2, 3).unbind(0), cu
+
+
+@pytest.mark.parametrize("lengths", [[64] * 5, [16, 8, 16, 8, 4, 16], [7], [0, 12, 0, 12, 5, 0]],
+                         ids=["uniform", "interleaved", "one", "empty-chunks"])
+def test_chunked_attention_matches_per_chunk_sdpa(lengths):
+    q, k, v, cu = packed(lengths)
+    assert not q.is_contiguous()
+    out = vision.chunked_attention(q, k, v, cu, 0.25)
+    ref = per_chunk_reference(q, k, v, cu, 0.25)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # Attention stays inside the chunks: changing one chunk's keys leaves the others' rows alone.
+    bounds = cu.tolist()
+    first = next(i for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i])
+    a, b = bounds[first], bounds[first + 1]
+    k2 = k.clone()
+    k2[a] += 1.0  # one key (a shift of all of them would leave the softmax unchanged)
+    out2 = vision.chunked_attention(q, k2, v, cu, 0.25)
+    torch.testing.assert_close(out2[b:], out[b:], rtol=0, atol=0)
+    if b - a > 1:
+        assert not torch.allclose(out2[a:b], out[a:b])
+
+
+@pytest.mark.parametrize("cu", [[0, 4, 9], [1, 10], [0, 6, 3, 10], [0]], ids=["short", "start", "falling", "single"])
+def test_chunked_attention_rejects_bad_boundaries(cu):
+    q, k, v, _ = packed([10])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        vision.chunked_attention(q, k, v, torch.tensor(cu), 1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_vision_tower_matches_stock(family, monkeypatch):
+    """The whole vision tower of a small model: same output with and without batching, over two
+    videos whose grids give windows and frames of several lengths."""
+    config = build_config(family, build_tokenizer())
+    torch.manual_seed(0)
+    model = model_class(family)._from_config(
+        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
+    ).eval()
+    p = config.vision_config.patch_size
+    grid = torch.tensor([[2, 10, 14], [4, 6, 6]])  # (frames / 2, patch rows, patch columns) per video
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p)
+    seen = []
+
+    def spy(q, k, v, cu_seqlens, scale):
+        seen.append(sorted(set((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())))
+        return chunked(q, k, v, cu_seqlens, scale)
+
+    chunked = vision.chunked_attention
+    monkeypatch.setattr(vision, "chunked_attention", spy)
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.batch_vision_attention(model) == config.vision_config.depth
+        assert vision.batch_vision_attention(model) == config.vision_config.depth  # twice: no double wrap
+        batched = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert len(seen) == config.vision_config.depth
+        assert all(len(lengths) > 1 for lengths in seen)  # chunks of several lengths in every layer
+        assert vision.batch_vision_attention(model, enabled=False) == 0
+        restored = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    assert len(seen) == config.vision_config.depth  # the restored modules no longer call it
+    torch.testing.assert_close(batched, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, stock, rtol=0, atol=0)
+
+
+def test_other_attention_implementations_are_left_alone():
+    config = build_config("qwen2.5-vl", build_tokenizer())
+    model = model_class("qwen2.5-vl")._from_config(
+        config, attn_implementation={"text_config": "sdpa", "vision_config": "eager"}
+    )
+    assert vision.batch_vision_attention(model) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lengths", [[64] * 48, [64, 32, 64, 32, 16] * 8 + [1024, 1024]], ids=["windows", "mixed"])
+def test_chunked_attention_cuda_bf16(lengths):
+    """On the GPU SDPA may pick another backend for the batch than for one chunk: the error
+    against fp64 stays within twice that of per-chunk SDPA in bf16. Qwen2.5-VL's 16 heads of 80."""
+    q, k, v, cu = packed(lengths, heads=16, dim=80, seed=1)
+    exact = per_chunk_reference(q, k, v, cu, 80**-0.5)
+    q, k, v, cu = (x.cuda() for x in (q, k, v, cu))
+    q16, k16, v16 = (x.to(torch.bfloat16) for x in (q, k, v))
+    out = vision.chunked_attention(q16, k16, v16, cu, 80**-0.5)
+    per_chunk = per_chunk_reference(q16, k16, v16, cu, 80**-0.5)
+    assert out.dtype == torch.bfloat16
+    error = (out.double().cpu() - exact).abs().max().item()
+    assert error <= 2 * (per_chunk.double().cpu() - exact).abs().max().item() + 1e-3

@@ -11,7 +11,7 @@ import torch
 from kernels import FlashPrefillConfig
 
 from .attention import DENSE_NAME, RequestSettings, register, set_default_settings
-from .vision import batch_vision_attention
+from .vision import prepare_vision_tower
 
 # model_type in config.json -> (family, transformers class name)
 SUPPORTED = {
@@ -101,7 +101,7 @@ def load(
     """Load (model, processor). `model` is "demo", a hub id or a local checkpoint folder.
 
     The text tower runs FlashPrefill ("sparse") or SDPA ("dense"); the vision tower runs SDPA, one
-    batched call per chunk length (models.vision).
+    batched call per chunk length, with aligned MLP widths (models.vision).
     `config` defaults to the family's preset; the first `dense_layers` layers stay dense.
     The model gets a `videoprefill` attribute (ModelInfo).
     """
@@ -138,7 +138,7 @@ def load(
     except Exception as err:
         raise ModelLoadError(f"cannot load {model!r}: {str(err).splitlines()[0][:300]}") from err
     net = net.to(device).eval()
-    batch_vision_attention(net)
+    prepare_vision_tower(net)
     record = {"trained": True}
     marker = Path(source) / "videoprefill.json"
     if marker.exists():

@@ -15,6 +15,12 @@ function is called once per chunk, after the split), so `batch_vision_attention`
 `forward` of each vision attention module of a loaded model by `_batched_forward`: the module's
 own `qkv` and `proj` layers and its modeling file's `apply_rotary_pos_emb_vision`, with
 `chunked_attention` where the per-chunk loop was. Modules it does not recognise stay as they are.
+
+`align_mlp_width` zero-pads the hidden width of the vision tower's gated MLPs to a multiple of 64.
+Qwen2.5-VL's is 3420: rows of 6840 bytes, which cuBLAS's Hopper (TMA) kernels do not take, so
+its three MLP products ran on Ampere-generation kernels at a third of the speed (BENCHMARKS.md).
+The padded features are 0 after `up_proj`, so `act(gate) * up` is 0 there and `down_proj`'s
+padded columns add nothing: the same function. `prepare_vision_tower` applies both.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 _PATCHED = "_videoprefill_stock_forward"
+_WIDTH = "_videoprefill_stock_width"
 
 
 def chunked_attention(
@@ -97,3 +104,65 @@ def batch_vision_attention(model: torch.nn.Module, enabled: bool = True) -> int:
             patched = False
         count += patched
     return count
+
+
+def _resized(layer: torch.nn.Linear, out_features: int | None = None, in_features: int | None = None):
+    """A copy of `layer` with its weight (and bias) cut or zero-padded to the given sizes."""
+    out_features = out_features or layer.out_features
+    in_features = in_features or layer.in_features
+    w = layer.weight
+    new = torch.nn.Linear(in_features, out_features, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        rows, cols = min(out_features, layer.out_features), min(in_features, layer.in_features)
+        new.weight[:rows, :cols] = w[:rows, :cols]
+        if layer.bias is not None:
+            new.bias.zero_()
+            new.bias[:rows] = layer.bias[:rows]
+    return new.train(layer.training).requires_grad_(w.requires_grad)
+
+
+def _gated_mlp(module: torch.nn.Module) -> int | None:
+    """The hidden width of a `down(act(gate(x)) * up(x))` MLP, None for anything else."""
+    layers = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not type(module).__name__.endswith("MLP") or not all(isinstance(x, torch.nn.Linear) for x in layers):
+        return None
+    gate, up, down = layers
+    width = getattr(module, _WIDTH, gate.out_features)
+    return width if gate.out_features == up.out_features == down.in_features else None
+
+
+def align_mlp_width(model: torch.nn.Module, multiple: int = 64, enabled: bool = True) -> int:
+    """Zero-pad the hidden width of the vision tower's gated MLPs to a multiple of `multiple`
+    (enabled), or cut them back to their own width (not enabled). Returns how many are padded."""
+    count = 0
+    for module in _vision_tower(model).modules():
+        width = _gated_mlp(module)
+        if width is None:
+            continue
+        padded = -(-width // multiple) * multiple if enabled else width
+        if module.gate_proj.out_features != padded:
+            module.gate_proj = _resized(module.gate_proj, out_features=padded)
+            module.up_proj = _resized(module.up_proj, out_features=padded)
+            module.down_proj = _resized(module.down_proj, in_features=padded)
+            if enabled:
+                setattr(module, _WIDTH, width)
+            else:
+                delattr(module, _WIDTH)
+        count += module.gate_proj.out_features != width
+    return count
+
+
+def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "visual", None)
+    if tower is None:
+        raise ValueError(f"{type(model).__name__} has no vision tower (model.model.visual)")
+    return tower
+
+
+def prepare_vision_tower(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
+    """Batched attention and aligned MLP widths in the vision tower of a loaded Qwen-VL model
+    (enabled), or the tower as transformers runs it (not enabled)."""
+    return {"batched_attention": batch_vision_attention(model, enabled),
+            "padded_mlps": align_mlp_width(model, enabled=enabled)}

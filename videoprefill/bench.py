@@ -33,7 +33,7 @@ def build_7b(device: str = "cuda"):
 
     from models.attention import register
     from models.tiny import _ids, build_processor, build_tokenizer
-    from models.vision import batch_vision_attention
+    from models.vision import prepare_vision_tower
 
     tokenizer = build_tokenizer()
     config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B["text"], vision_config=QWEN25_VL_7B["vision"],
@@ -47,7 +47,7 @@ def build_7b(device: str = "cuda"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(
             config, dtype=torch.bfloat16, attn_implementation={"text_config": name, "vision_config": "sdpa"}
         )
-    batch_vision_attention(model)
+    prepare_vision_tower(model)
     return model.eval(), build_processor("qwen2.5-vl", tokenizer)
 
 
@@ -79,8 +79,8 @@ def prefill_main(argv: list[str]) -> int:
     parser.add_argument("--fixed-density", type=float, nargs="*", default=[],
                         help="benchmark only: also time sparse prefill with random blocks at these densities")
     parser.add_argument("--stock-vision", action="store_true",
-                        help="also time dense prefill with transformers' vision attention (one SDPA call per "
-                             "window or frame), the baseline of the batched vision attention (models.vision)")
+                        help="also time dense prefill with the vision tower as transformers runs it (one SDPA "
+                             "call per window or frame, MLP width 3420): the baseline of models.vision")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -90,7 +90,7 @@ def prefill_main(argv: list[str]) -> int:
     import triton
 
     from kernels import FlashPrefillConfig
-    from models.vision import batch_vision_attention
+    from models.vision import prepare_vision_tower
     from videoprefill.pipeline import VideoQA
 
     model, processor = build_7b()
@@ -103,15 +103,15 @@ def prefill_main(argv: list[str]) -> int:
     warm = synthetic_request(qa, 4096)
     for mode in ("dense", "sparse"):  # compile kernels, warm cuDNN
         qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
-    # (attention mode, fixed density or None, transformers' per-chunk vision attention)
+    # (attention mode, fixed density or None, the vision tower as transformers runs it)
     runs = [("dense", None, False), ("sparse", None, False)] + [("sparse", d, False) for d in args.fixed_density]
     runs += [("dense", None, True)] if args.stock_vision else []
     for tokens in args.video_tokens:
         prepared = synthetic_request(qa, tokens)
         for mode, fixed, stock_vision in runs:
-            batch_vision_attention(model, enabled=not stock_vision)
+            prepare_vision_tower(model, enabled=not stock_vision)
             label = mode if fixed is None else f"sparse, fixed {fixed:.0%} (benchmark only)"
-            label += ", per-chunk vision attention" if stock_vision else ""
+            label += ", stock vision tower" if stock_vision else ""
             best = None
             for _ in range(args.repeats):
                 answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
@@ -126,7 +126,7 @@ def prefill_main(argv: list[str]) -> int:
                          "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
             print(rows[-1], flush=True)
             torch.cuda.reset_peak_memory_stats()
-    batch_vision_attention(model)
+    prepare_vision_tower(model)
     print("| video tokens | attention | density | vision s | LLM prefill s | first token s | TTFT (no decode) s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -111,3 +111,53 @@ def test_chunked_attention_cuda_bf16(lengths):
     assert out.dtype == torch.bfloat16
     error = (out.double().cpu() - exact).abs().max().item()
     assert error <= 2 * (per_chunk.double().cpu() - exact).abs().max().item() + 1e-3
+
+
+def test_aligned_mlp_width_keeps_the_function():
+    """A Qwen2.5-VL vision MLP width of 100 (the real 3420 is not a multiple of 64 either) padded
+    to 128 gives the same tower output; cutting back restores the modules and the output exactly."""
+    family = "qwen2.5-vl"
+    config = build_config(family, build_tokenizer())
+    config.vision_config.intermediate_size = 100
+    torch.manual_seed(0)
+    model = model_class(family)._from_config(
+        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
+    ).eval()
+    p = config.vision_config.patch_size
+    grid = torch.tensor([[2, 6, 8]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p)
+    mlp = model.model.visual.blocks[0].mlp
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.align_mlp_width(model) == config.vision_config.depth
+        assert vision.align_mlp_width(model) == config.vision_config.depth  # twice: padded once
+        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (128, 128, 128)
+        assert mlp.up_proj.weight[100:].abs().sum() == 0 and mlp.down_proj.weight[:, 100:].abs().sum() == 0
+        padded = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.align_mlp_width(model, enabled=False) == 0
+        assert (mlp.gate_proj.out_features, mlp.down_proj.in_features) == (100, 100)
+        restored = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    torch.testing.assert_close(padded, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_ungated_mlps_are_left_alone(family):
+    """Qwen2-VL's and Qwen3-VL's vision MLPs are fc1 -> act -> fc2 (widths 5120 and 4304 on the
+    real models, both aligned): not padded."""
+    config = build_config(family, build_tokenizer())
+    model = model_class(family)._from_config(config, attn_implementation={"text_config": "sdpa",
+                                                                          "vision_config": "sdpa"})
+    before = [tuple(p.shape) for p in model.parameters()]
+    assert vision.align_mlp_width(model, multiple=256) == 0
+    assert [tuple(p.shape) for p in model.parameters()] == before
+
+
+def test_prepare_vision_tower_on_the_demo_model():
+    """The loader prepares the tower: batched attention in every block, nothing to pad (width 128)."""
+    from models import load
+
+    model, _ = load("demo", attention="dense", device="cpu")
+    depth = model.config.vision_config.depth
+    assert vision.prepare_vision_tower(model) == {"batched_attention": depth, "padded_mlps": 0}
+    assert vision.prepare_vision_tower(model, enabled=False) == {"batched_attention": 0, "padded_mlps": 0}

@@ -13,8 +13,9 @@ computed by the same SDPA backends.
 transformers gives no interface point for packed chunks outside flash-attn (a registered
 function is called once per chunk, after the split), so `batch_vision_attention` replaces the
 `forward` of each vision attention module of a loaded model by `_batched_forward`: the module's
-own `qkv` and `proj` layers and its modeling file's `apply_rotary_pos_emb_vision`, with
-`chunked_attention` where the per-chunk loop was. Modules it does not recognise stay as they are.
+own `qkv` and `proj` layers, the rotary embedding (`kernels.rope` on CUDA, the modeling file's
+`apply_rotary_pos_emb_vision` elsewhere: the same map), and `chunked_attention` where the
+per-chunk loop was. Modules it does not recognise stay as they are.
 
 `align_mlp_width` zero-pads the hidden width of the vision tower's gated MLPs to a multiple of 64.
 Qwen2.5-VL's is 3420: rows of 6840 bytes, which cuBLAS's Hopper (TMA) kernels do not take, so
@@ -31,6 +32,12 @@ import types
 import torch
 import torch.nn.functional as F
 
+from kernels.rope import check as check_rope
+from kernels.rope import rope
+
+# On CUDA the rotary embedding runs as one Triton kernel (kernels.rope) instead of transformers'
+# dozen fp32 passes; False keeps transformers' function (for comparisons).
+FUSED_ROPE = True
 _PATCHED = "_videoprefill_stock_forward"
 _WIDTH = "_videoprefill_stock_width"
 
@@ -69,13 +76,23 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     stock = getattr(self, _PATCHED)
     if position_embeddings is None or (self.training and self.attention_dropout > 0):
         return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
-    rope = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
     s = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(s, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
-    q, k = rope(q, k, cos, sin)
+    if FUSED_ROPE and q.is_cuda and _fused_rope_takes(q, k, cos, sin):
+        q, k = rope(q, k, cos, sin)
+    else:
+        q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
     out = chunked_attention(q, k, v, cu_seqlens, self.scaling)
     return self.proj(out.reshape(s, -1))
+
+
+def _fused_rope_takes(q, k, cos, sin) -> bool:
+    try:
+        check_rope(q, k, cos, sin)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _recognised(module: torch.nn.Module) -> bool:

@@ -3,7 +3,7 @@
 `python3 scripts/gpu_vision_profile.py [--video-tokens 131072] [--json FILE]`: the vision tower
 on a synthetic video of that many LLM tokens, timed per stage (patch embedding, rotary and window
 set-up, the blocks, the merger) with CUDA events on forward hooks, then a torch.profiler table of
-its top GPU kernels (batched attention, aligned MLPs). A development script (results go to BENCHMARKS.md).
+its top GPU kernels (as models.load prepares the tower). A development script (results go to BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import models.vision as vision
 from models.vision import align_mlp_width, batch_vision_attention
 from videoprefill.bench import build_7b, synthetic_request
 from videoprefill.pipeline import VideoQA
@@ -71,10 +72,13 @@ def main() -> None:
     result = {"video_tokens": prepared.tokens["video"], "patches": int(pixels.shape[0])}
     outputs = {}
     # As transformers runs it; with the attention batched per chunk length; with the MLP widths
-    # aligned too (what models.load does).
-    for name, batched, aligned in (("stock", False, False), ("batched", True, False), ("batched_aligned", True, True)):
+    # aligned too; with the fused rotary embedding too (what models.load does).
+    variants = (("stock", False, False, False), ("batched", True, False, False),
+                ("batched_aligned", True, True, False), ("batched_aligned_rope", True, True, True))
+    for name, batched, aligned, fused in variants:
         batch_vision_attention(model, enabled=batched)
         align_mlp_width(model, enabled=aligned)
+        vision.FUSED_ROPE = fused
         stage_times(visual, pixels, grid)  # warm-up
         result[name], outputs[name] = stage_times(visual, pixels, grid)
         print(name, {k: round(v, 3) for k, v in result[name].items()}, flush=True)
@@ -85,7 +89,7 @@ def main() -> None:
     _, exact = stage_times(reference, pixels.float(), grid)
     exact = exact.double()
     del reference
-    for name in ("stock", "batched", "batched_aligned"):
+    for name, *_ in variants:
         stock = (outputs[name].double() - outputs["stock"].double()).norm() / outputs["stock"].double().norm()
         fp32 = (outputs[name].double() - exact).norm() / exact.norm()
         result[f"{name}_relative_error"] = {"to_stock": stock.item(), "to_fp32": fp32.item()}

@@ -1,0 +1,105 @@
+"""Rotary position embedding in the rotate-half layout, fused: one read and one write of q and k.
+
+For x = (x1, x2) split at D / 2, and cos = (c1, c2), sin = (s1, s2) split the same way:
+    out = (x1 * c1 - x2 * s1,  x2 * c2 + x1 * s2)
+in fp32, rounded to x's dtype. That is `x * cos + rotate_half(x) * sin` in fp32, the rotary
+embedding of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers, which PyTorch computes in about
+a dozen fp32 passes over q and k (casts, broadcast products, the negation and concatenation of
+rotate_half); here it is one program per BLOCK_S tokens that loads cos and sin once and loops
+over the heads.
+
+q, k: (S, H, D), any strides with a unit last stride (the views of one packed qkv projection);
+cos, sin: (S, D), broadcast over the heads. Returns new contiguous (S, H, D) tensors in q's and
+k's dtype. fp16, bf16, fp32; D even, at most 256. `rope_reference` is the readable PyTorch form.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _rope_one(X, OUT, rows, cols, mask, h, stride_xs, stride_xh, H, c1, c2, s1, s2, HALF: tl.constexpr):
+    x = X + rows[:, None] * stride_xs + h * stride_xh + cols[None, :]
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    o = OUT + (rows[:, None] * H + h) * (2 * HALF) + cols[None, :]
+    tl.store(o, (x1 * c1 - x2 * s1).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(o + HALF, (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q, K, COS, SIN, QO, KO,
+    stride_qs, stride_qh, stride_ks, stride_kh, stride_cs, stride_ss,
+    S, H,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (rows[:, None] < S) & (cols[None, :] < HALF)
+    c = COS + rows[:, None] * stride_cs + cols[None, :]
+    s = SIN + rows[:, None] * stride_ss + cols[None, :]
+    c1 = tl.load(c, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(c + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
+    for h in range(H):
+        _rope_one(Q, QO, rows, cols, mask, h, stride_qs, stride_qh, H, c1, c2, s1, s2, HALF)
+        _rope_one(K, KO, rows, cols, mask, h, stride_ks, stride_kh, H, c1, c2, s1, s2, HALF)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The same map in PyTorch: x * cos + rotate_half(x) * sin in fp32, back in x's dtype."""
+
+    def one(x):
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (xf * cos[:, None].float() + rotated * sin[:, None].float()).to(x.dtype)
+
+    return one(q), one(k)
+
+
+def check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Raise ValueError / TypeError for inputs `rope` does not take."""
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must be (S, H, D) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    s, _, d = q.shape
+    if d % 2 or d > 256:
+        raise ValueError(f"head dim must be even and at most 256, got {d}")
+    if cos.shape != (s, d) or sin.shape != (s, d):
+        raise ValueError(f"cos and sin must be (S, D) = {(s, d)}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if q.dtype not in _DTYPES or k.dtype not in _DTYPES:
+        raise TypeError(f"q and k must be one of {_DTYPES}, got {q.dtype} and {k.dtype}")
+    if not all(x.stride(-1) == 1 for x in (q, k, cos, sin)):
+        raise ValueError("q, k, cos and sin need a unit last stride")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"rope runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {q.device}")
+    if not (q.device == k.device == cos.device == sin.device):
+        devices = ", ".join(str(x.device) for x in (q, k, cos, sin))
+        raise ValueError(f"q, k, cos, sin must be on one device, got {devices}")
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s: int = 32):
+    """Rotary embedding of q and k, (S, H, D) each, by cos and sin, (S, D): (q_out, k_out), contiguous."""
+    check(q, k, cos, sin)
+    s, h, d = q.shape
+    q_out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(s, h, d, dtype=k.dtype, device=k.device)
+    if s == 0 or h == 0:
+        return q_out, k_out
+    half = d // 2
+    _rope_kernel[(triton.cdiv(s, block_s),)](
+        q, k, cos, sin, q_out, k_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        s, h,
+        HALF=half, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )
+    return q_out, k_out

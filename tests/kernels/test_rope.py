@@ -1,0 +1,86 @@
+"""kernels.rope (Triton; the interpreter on CPU) against its PyTorch reference."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.rope import rope, rope_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (conftest)
+# One rounding step of the output dtype: the kernel and the reference differ only in how the
+# fp32 result is rounded (the CPU interpreter rounds bf16 towards zero).
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def inputs(s, h, d, dtype, device=DEVICE, seed=0):
+    """q, k as strided views of one (S, 3, H, D) projection; cos / sin of (S, D) angles, as the
+    vision towers build them (the half-width angles repeated)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(s, 3, h, d, generator=g).to(dtype)
+    q, k, _ = qkv.to(device).unbind(1)
+    angles = torch.randn(s, d // 2, generator=g) * 20
+    angles = torch.cat([angles, angles], -1).to(device)
+    return q, k, angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("s,h,d", [(1, 1, 64), (45, 3, 80), (100, 2, 128), (33, 1, 16)],
+                         ids=lambda x: str(x))
+def test_rope_matches_reference(s, h, d, dtype):
+    q, k, cos, sin = inputs(s, h, d, dtype)
+    assert s * h == 1 or not q.is_contiguous()
+    qo, ko = rope(q, k, cos, sin)
+    qr, kr = rope_reference(q, k, cos, sin)
+    for out, ref in ((qo, qr), (ko, kr)):
+        assert out.shape == (s, h, d) and out.dtype == dtype and out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=TOLERANCE[dtype], atol=1e-6)
+
+
+def test_reference_is_a_rotation():
+    """The reference rotates each pair (x_i, x_{i + D/2}) by its angle: norms kept, angle added
+    (to fp32 precision, which it computes in)."""
+    q, k, cos, sin = inputs(20, 2, 64, torch.float64, device="cpu")
+    qo, _ = rope_reference(q, k, cos, sin)
+    pair_in = torch.complex(q[..., :32], q[..., 32:])
+    pair_out = torch.complex(qo[..., :32], qo[..., 32:])
+    angle = torch.atan2(sin[:, :32], cos[:, :32])[:, None]
+    torch.testing.assert_close(pair_out, pair_in * torch.exp(1j * angle), rtol=1e-6, atol=1e-6)
+    assert math.isclose(qo.norm().item(), q.norm().item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["odd-dim", "cos-shape", "k-shape", "int", "stride", "rank"])
+def test_rope_rejects_bad_input(case):
+    q, k, cos, sin = inputs(8, 2, 64, torch.float32)
+    if case == "odd-dim":
+        q, k, cos, sin = q[..., :63], k[..., :63], cos[:, :63], sin[:, :63]
+    elif case == "cos-shape":
+        cos = cos[:, :32]
+    elif case == "k-shape":
+        k = k[:4]
+    elif case == "int":
+        q, k = q.to(torch.int32), k.to(torch.int32)
+    elif case == "stride":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        q, k = q[None], k[None]
+    with pytest.raises((ValueError, TypeError)):
+        rope(q, k, cos, sin)
+
+
+def test_rope_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, cos, sin = inputs(8, 2, 64, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        rope(q, k, cos, sin)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("s", [1, 70001])
+def test_rope_cuda_bf16(s):
+    """Qwen2.5-VL's vision shape (16 heads of 80) on the GPU: at most one bf16 rounding step from
+    the reference, and almost always none (both round to nearest there)."""
+    q, k, cos, sin = inputs(s, 16, 80, torch.bfloat16, device="cuda")
+    for out, ref in zip(rope(q, k, cos, sin), rope_reference(q, k, cos, sin)):
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-6)
+        assert (out != ref).float().mean().item() < 0.01

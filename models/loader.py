@@ -100,8 +100,9 @@ def load(
 ):
     """Load (model, processor). `model` is "demo", a hub id or a local checkpoint folder.
 
-    The text tower runs FlashPrefill ("sparse") or SDPA ("dense"); the vision tower runs SDPA, one
-    batched call per chunk length, with aligned MLP widths (models.vision).
+    The text tower runs FlashPrefill ("sparse") or SDPA ("dense"). The vision tower is prepared by
+    models.vision.prepare_vision_tower: SDPA batched per chunk length, MLP width padded to a
+    multiple of 64, and on CUDA the fused rotary embedding (the same outputs within bf16 rounding).
     `config` defaults to the family's preset; the first `dense_layers` layers stay dense.
     The model gets a `videoprefill` attribute (ModelInfo).
     """

@@ -72,18 +72,24 @@ def main() -> None:
     result = {"video_tokens": prepared.tokens["video"], "patches": int(pixels.shape[0])}
     outputs = {}
     # As transformers runs it; with the attention batched per chunk length; with the MLP widths
-    # aligned too; with the fused rotary embedding too (what models.load does).
-    variants = (("stock", False, False, False), ("batched", True, False, False),
-                ("batched_aligned", True, True, False), ("batched_aligned_rope", True, True, True))
-    for name, batched, aligned, fused in variants:
-        batch_vision_attention(model, enabled=batched)
-        align_mlp_width(model, enabled=aligned)
-        vision.FUSED_ROPE = fused
+    # aligned too; with the fused rotary embedding too; with the fused RMSNorms and the patch
+    # matmul too (what models.load does).
+    variants = (("stock", 0), ("batched", 1), ("batched_aligned", 2), ("batched_aligned_rope", 3),
+                ("prepared", 4))
+    for name, steps in variants:
+        batch_vision_attention(model, enabled=steps >= 1)
+        align_mlp_width(model, enabled=steps >= 2)
+        vision.FUSED_ROPE = steps >= 3
+        vision.fuse_norms(model, enabled=steps >= 4)
+        vision.patch_embed_as_matmul(model, enabled=steps >= 4)
         stage_times(visual, pixels, grid)  # warm-up
         result[name], outputs[name] = stage_times(visual, pixels, grid)
         print(name, {k: round(v, 3) for k, v in result[name].items()}, flush=True)
-    # The bf16 rounding scale: each bf16 output against the tower run in fp32 (no TF32), unpadded.
-    align_mlp_width(model, enabled=False)
+    # The bf16 rounding scale: each bf16 output against the tower run in fp32 (no TF32) as
+    # transformers computes it but for the batched attention (bit-identical to per-chunk SDPA).
+    vision.prepare_vision_tower(model, enabled=False)
+    vision.FUSED_ROPE = False
+    batch_vision_attention(model)
     reference = copy.deepcopy(visual).float()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
     _, exact = stage_times(reference, pixels.float(), grid)
@@ -94,20 +100,8 @@ def main() -> None:
         fp32 = (outputs[name].double() - exact).norm() / exact.norm()
         result[f"{name}_relative_error"] = {"to_stock": stock.item(), "to_fp32": fp32.item()}
         print(f"{name}: output's relative L2 error to stock {stock.item():.2e}, to fp32 {fp32.item():.2e}")
-    align_mlp_width(model)
-    # The patch embedding's Conv3d has kernel = stride = one patch: the same map as a matmul.
-    weight = visual.patch_embed.proj.weight
-    flat = pixels.reshape(pixels.shape[0], -1)
-    with torch.no_grad():
-        conv = visual.patch_embed(pixels)
-        as_matmul = flat @ weight.reshape(weight.shape[0], -1).t()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        flat @ weight.reshape(weight.shape[0], -1).t()
-        torch.cuda.synchronize()
-    result["patch_embed_as_matmul_s"] = time.perf_counter() - start
-    result["patch_embed_as_matmul_max_diff"] = (conv.float() - as_matmul.float()).abs().max().item()
-    print("patch embedding as a matmul", result["patch_embed_as_matmul_s"], result["patch_embed_as_matmul_max_diff"])
+    vision.prepare_vision_tower(model)
+    vision.FUSED_ROPE = True
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, torch.no_grad():
         visual(pixels, grid_thw=grid)
         torch.cuda.synchronize()

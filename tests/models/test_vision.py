@@ -153,14 +153,45 @@ def test_ungated_mlps_are_left_alone(family):
     assert [tuple(p.shape) for p in model.parameters()] == before
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_norms_and_patch_matmul_keep_the_function(family):
+    """RMSNorms through F.rms_norm (Qwen2.5-VL's; the others use LayerNorm) and the patch
+    embedding's Conv3d as a matmul: the same tower output; undone, the stock output exactly."""
+    config = build_config(family, build_tokenizer())
+    torch.manual_seed(0)
+    model = model_class(family)._from_config(
+        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
+    ).eval()
+    p = config.vision_config.patch_size
+    grid = torch.tensor([[2, 6, 8]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p)
+    norms = 2 * config.vision_config.depth + 1 if family == "qwen2.5-vl" else 0  # two per block, the merger's
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.fuse_norms(model) == norms
+        assert vision.patch_embed_as_matmul(model) == 1
+        assert vision.patch_embed_as_matmul(model) == 1  # twice: patched once
+        prepared = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.fuse_norms(model, enabled=False) == 0
+        assert vision.patch_embed_as_matmul(model, enabled=False) == 0
+        restored = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    torch.testing.assert_close(prepared, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, stock, rtol=0, atol=0)
+    conv = model.model.visual.patch_embed.proj
+    x = torch.randn(3, *conv.weight.shape[1:2], *conv.kernel_size)
+    torch.testing.assert_close(vision._patch_matmul_forward(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+
+
 def test_prepare_vision_tower_on_the_demo_model():
-    """The loader prepares the tower: batched attention in every block, nothing to pad (width 128)."""
+    """The loader prepares the tower: batched attention in every block, fused norms, the patch
+    matmul, nothing to pad (width 128)."""
     from models import load
 
     model, _ = load("demo", attention="dense", device="cpu")
     depth = model.config.vision_config.depth
-    assert vision.prepare_vision_tower(model) == {"batched_attention": depth, "padded_mlps": 0}
-    assert vision.prepare_vision_tower(model, enabled=False) == {"batched_attention": 0, "padded_mlps": 0}
+    assert vision.prepare_vision_tower(model) == {"batched_attention": depth, "padded_mlps": 0,
+                                                  "fused_norms": 2 * depth + 1, "patch_matmul": 1}
+    assert set(vision.prepare_vision_tower(model, enabled=False).values()) == {0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -102,7 +102,8 @@ def load(
 
     The text tower runs FlashPrefill ("sparse") or SDPA ("dense"). The vision tower is prepared by
     models.vision.prepare_vision_tower: SDPA batched per chunk length, MLP width padded to a
-    multiple of 64, and on CUDA the fused rotary embedding (the same outputs within bf16 rounding).
+    multiple of 64, fused RMSNorms, the patch embedding as a matmul and on CUDA the fused rotary
+    embedding (the same outputs within bf16 rounding).
     `config` defaults to the family's preset; the first `dense_layers` layers stay dense.
     The model gets a `videoprefill` attribute (ModelInfo).
     """

@@ -1,6 +1,7 @@
 """The vision tower of a loaded Qwen-VL model without transformers' slow paths: attention batched
-per chunk length, MLP widths aligned, the rotary embedding fused. Same outputs within bf16 rounding
-(BENCHMARKS.md: 6.3x less vision time at 128K video tokens on an H200).
+per chunk length, MLP widths aligned, the rotary embedding and the RMSNorms fused, the patch
+embedding as a matmul. Same outputs within bf16 rounding (BENCHMARKS.md: 8x less vision time at
+128K video tokens on an H200).
 
 Qwen-VL vision towers attend within chunks of the packed patch sequence: windows of 8 x 8
 patches in Qwen2.5-VL's windowed layers, one frame pair otherwise (`cu_seqlens`). On every
@@ -9,8 +10,8 @@ attention implementation but flash-attn, transformers' vision attention splits t
 layers, a quarter of a million launches, and the vision encoder is bound by host time
 (BENCHMARKS.md). Chunks of one length are independent attention problems of one shape, so here
 they run as the batch of one SDPA call; a video at one resolution has one to four distinct
-lengths (windows at the right and bottom edges are smaller). The result is the same attention,
-computed by the same SDPA backends.
+lengths (windows at the right and bottom edges are smaller). The result is the same attention
+(bit-identical to the per-chunk calls on an H200 at 128K video tokens, BENCHMARKS.md).
 
 transformers gives no interface point for packed chunks outside flash-attn (a registered
 function is called once per chunk, after the split), so `batch_vision_attention` replaces the
@@ -21,7 +22,7 @@ per-chunk loop was. Modules it does not recognise stay as they are.
 
 `align_mlp_width` zero-pads the hidden width of the vision tower's gated MLPs to a multiple of 64.
 Qwen2.5-VL's is 3420: rows of 6840 bytes, which cuBLAS's Hopper (TMA) kernels do not take, so
-its three MLP products ran on Ampere-generation kernels at a third of the speed (BENCHMARKS.md).
+its MLP products ran on Ampere-generation kernels at well under half the speed (BENCHMARKS.md).
 The padded features are 0 after `up_proj`, so `act(gate) * up` is 0 there and `down_proj`'s
 padded columns add nothing: the same function.
 

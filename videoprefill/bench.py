@@ -80,7 +80,8 @@ def prefill_main(argv: list[str]) -> int:
                         help="benchmark only: also time sparse prefill with random blocks at these densities")
     parser.add_argument("--stock-vision", action="store_true",
                         help="also time dense prefill with the vision tower as transformers runs it (one SDPA "
-                             "call per window or frame, MLP width 3420): the baseline of models.vision")
+                             "call per window or frame, MLP width 3420, fp32 rotary and RMSNorm chains, Conv3d "
+                             "patch embedding): the baseline of models.vision")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -27,6 +27,24 @@ def packed(lengths, heads=3, dim=16, seed=0):
     return *qkv.permute(1, 0, 2, 3).unbind(0), cu
 
 
+def tiny_model(family, device="cpu", **vision_config):
+    """A small model of `family` (vision tower on SDPA), eval mode, fixed seed."""
+    config = build_config(family, build_tokenizer())
+    for key, value in vision_config.items():
+        setattr(config.vision_config, key, value)
+    torch.manual_seed(0)
+    model = model_class(family)._from_config(
+        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
+    )
+    return model.eval().to(device), config
+
+
+def video_pixels(config, grid, device="cpu"):
+    """Random flattened patches for videos of `grid` rows (frames / 2, patch rows, patch columns)."""
+    p = config.vision_config.patch_size
+    return torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p, device=device)
+
+
 @pytest.mark.parametrize("lengths", [[64] * 5, [16, 8, 16, 8, 4, 16], [7], [0, 12, 0, 12, 5, 0]],
                          ids=["uniform", "interleaved", "one", "empty-chunks"])
 def test_chunked_attention_matches_per_chunk_sdpa(lengths):
@@ -59,14 +77,9 @@ def test_chunked_attention_rejects_bad_boundaries(cu):
 def test_batched_vision_tower_matches_stock(family, monkeypatch):
     """The whole vision tower of a small model: same output with and without batching, over two
     videos whose grids give windows and frames of several lengths."""
-    config = build_config(family, build_tokenizer())
-    torch.manual_seed(0)
-    model = model_class(family)._from_config(
-        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
-    ).eval()
-    p = config.vision_config.patch_size
-    grid = torch.tensor([[2, 10, 14], [4, 6, 6]])  # (frames / 2, patch rows, patch columns) per video
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p)
+    model, config = tiny_model(family)
+    grid = torch.tensor([[2, 10, 14], [4, 6, 6]])
+    pixels = video_pixels(config, grid)
     seen = []
 
     def spy(q, k, v, cu_seqlens, scale):
@@ -116,16 +129,9 @@ def test_chunked_attention_cuda_bf16(lengths):
 def test_aligned_mlp_width_keeps_the_function():
     """A Qwen2.5-VL vision MLP width of 100 (the real 3420 is not a multiple of 64 either) padded
     to 128 gives the same tower output; cutting back restores the modules and the output exactly."""
-    family = "qwen2.5-vl"
-    config = build_config(family, build_tokenizer())
-    config.vision_config.intermediate_size = 100
-    torch.manual_seed(0)
-    model = model_class(family)._from_config(
-        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
-    ).eval()
-    p = config.vision_config.patch_size
+    model, config = tiny_model("qwen2.5-vl", intermediate_size=100)
     grid = torch.tensor([[2, 6, 8]])
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p)
+    pixels = video_pixels(config, grid)
     mlp = model.model.visual.blocks[0].mlp
     with torch.no_grad():
         stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
@@ -145,9 +151,7 @@ def test_aligned_mlp_width_keeps_the_function():
 def test_ungated_mlps_are_left_alone(family):
     """Qwen2-VL's and Qwen3-VL's vision MLPs are fc1 -> act -> fc2 (widths 5120 and 4304 on the
     real models, both aligned): not padded."""
-    config = build_config(family, build_tokenizer())
-    model = model_class(family)._from_config(config, attn_implementation={"text_config": "sdpa",
-                                                                          "vision_config": "sdpa"})
+    model, _ = tiny_model(family)
     before = [tuple(p.shape) for p in model.parameters()]
     assert vision.align_mlp_width(model, multiple=256) == 0
     assert [tuple(p.shape) for p in model.parameters()] == before
@@ -157,14 +161,9 @@ def test_ungated_mlps_are_left_alone(family):
 def test_fused_norms_and_patch_matmul_keep_the_function(family):
     """RMSNorms through F.rms_norm (Qwen2.5-VL's; the others use LayerNorm) and the patch
     embedding's Conv3d as a matmul: the same tower output; undone, the stock output exactly."""
-    config = build_config(family, build_tokenizer())
-    torch.manual_seed(0)
-    model = model_class(family)._from_config(
-        config, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"}
-    ).eval()
-    p = config.vision_config.patch_size
+    model, config = tiny_model(family)
     grid = torch.tensor([[2, 6, 8]])
-    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * p * p)
+    pixels = video_pixels(config, grid)
     norms = 2 * config.vision_config.depth + 1 if family == "qwen2.5-vl" else 0  # two per block, the merger's
     with torch.no_grad():
         stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state

@@ -1,9 +1,11 @@
 """On the GPU: where the vision encoder's time goes (Qwen2.5-VL-7B architecture, random weights).
 
 `python3 scripts/gpu_vision_profile.py [--video-tokens 131072] [--json FILE]`: the vision tower
-on a synthetic video of that many LLM tokens, timed per stage (patch embedding, rotary and window
-set-up, the blocks, the merger) with CUDA events on forward hooks, then a torch.profiler table of
-its top GPU kernels (as models.load prepares the tower). A development script (results go to BENCHMARKS.md).
+on a synthetic video of that many LLM tokens, as transformers runs it and with each step of
+models.vision added in turn, timed per stage (patch embedding, rotary and window set-up, the
+blocks, the merger; forward hooks that synchronise and read the host clock); each variant's
+output against the tower run in fp32; then a torch.profiler table of the top GPU kernels of the
+tower as models.load prepares it. A development script (results go to BENCHMARKS.md).
 """
 
 from __future__ import annotations

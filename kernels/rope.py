@@ -5,12 +5,14 @@ For x = (x1, x2) split at D / 2, and cos = (c1, c2), sin = (s1, s2) split the sa
 in fp32, rounded to x's dtype. That is `x * cos + rotate_half(x) * sin` in fp32, the rotary
 embedding of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers, which PyTorch computes in about
 a dozen fp32 passes over q and k (casts, broadcast products, the negation and concatenation of
-rotate_half); here it is one program per BLOCK_S tokens that loads cos and sin once and loops
-over the heads.
+rotate_half), and of their language models (the same map with cos and sin in the model's dtype,
+computed in that dtype in five passes per tensor); here it is one program per BLOCK_S tokens
+that loads cos and sin once and loops over the heads.
 
-q, k: (S, H, D), any strides with a unit last stride (the views of one packed qkv projection);
-cos, sin: (S, D), broadcast over the heads. Returns new contiguous (S, H, D) tensors in q's and
-k's dtype. fp16, bf16, fp32; D even, at most 256. `rope_reference` is the readable PyTorch form.
+q: (S, HQ, D), k: (S, HK, D) (HK may differ from HQ: grouped KV heads), any strides with a unit
+last stride (views of the projections); cos, sin: (S, D), broadcast over the heads. Returns new
+contiguous tensors of q's and k's shapes and dtypes. fp16, bf16, fp32; D even, at most 256.
+`rope_reference` is the readable PyTorch form.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _rope_one(X, OUT, rows, cols, mask, h, stride_xs, stride_xh, H, c1, c2, s1, 
 def _rope_kernel(
     Q, K, COS, SIN, QO, KO,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_cs, stride_ss,
-    S, H,
+    S, HQ, HK,
     HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -50,9 +52,10 @@ def _rope_kernel(
     c2 = tl.load(c + HALF, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
-    for h in range(H):
-        _rope_one(Q, QO, rows, cols, mask, h, stride_qs, stride_qh, H, c1, c2, s1, s2, HALF)
-        _rope_one(K, KO, rows, cols, mask, h, stride_ks, stride_kh, H, c1, c2, s1, s2, HALF)
+    for h in range(HQ):
+        _rope_one(Q, QO, rows, cols, mask, h, stride_qs, stride_qh, HQ, c1, c2, s1, s2, HALF)
+    for h in range(HK):
+        _rope_one(K, KO, rows, cols, mask, h, stride_ks, stride_kh, HK, c1, c2, s1, s2, HALF)
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -69,8 +72,8 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 def check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Raise ValueError / TypeError for inputs `rope` does not take."""
-    if q.dim() != 3 or k.shape != q.shape:
-        raise ValueError(f"q and k must be (S, H, D) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"q and k must be (S, HQ, D) and (S, HK, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     s, _, d = q.shape
     if d % 2 or d > 256:
         raise ValueError(f"head dim must be even and at most 256, got {d}")
@@ -88,18 +91,19 @@ def check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s: int = 32):
-    """Rotary embedding of q and k, (S, H, D) each, by cos and sin, (S, D): (q_out, k_out), contiguous."""
+    """Rotary embedding of q (S, HQ, D) and k (S, HK, D) by cos and sin, (S, D): (q_out, k_out), contiguous."""
     check(q, k, cos, sin)
-    s, h, d = q.shape
-    q_out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(s, h, d, dtype=k.dtype, device=k.device)
-    if s == 0 or h == 0:
+    s, hq, d = q.shape
+    hk = k.shape[1]
+    q_out = torch.empty(s, hq, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(s, hk, d, dtype=k.dtype, device=k.device)
+    if s == 0 or hq + hk == 0:
         return q_out, k_out
     half = d // 2
     _rope_kernel[(triton.cdiv(s, block_s),)](
         q, k, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        s, h,
+        s, hq, hk,
         HALF=half, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
     )
     return q_out, k_out

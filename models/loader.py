@@ -11,6 +11,7 @@ import torch
 from kernels import FlashPrefillConfig
 
 from .attention import DENSE_NAME, RequestSettings, register, set_default_settings
+from .text import prepare_language_model
 from .vision import prepare_vision_tower
 
 # model_type in config.json -> (family, transformers class name)
@@ -103,7 +104,8 @@ def load(
     The text tower runs FlashPrefill ("sparse") or SDPA ("dense"). The vision tower is prepared by
     models.vision.prepare_vision_tower: SDPA batched per chunk length, MLP width padded to a
     multiple of 64, fused RMSNorms, the patch embedding as a matmul and on CUDA the fused rotary
-    embedding (the same outputs within bf16 rounding).
+    embedding (the same outputs within bf16 rounding). The language model's RMSNorms and, on CUDA,
+    its gated MLP activations run fused (models.text.prepare_language_model).
     `config` defaults to the family's preset; the first `dense_layers` layers stay dense.
     The model gets a `videoprefill` attribute (ModelInfo).
     """
@@ -141,6 +143,7 @@ def load(
         raise ModelLoadError(f"cannot load {model!r}: {str(err).splitlines()[0][:300]}") from err
     net = net.to(device).eval()
     prepare_vision_tower(net)
+    prepare_language_model(net)
     record = {"trained": True}
     marker = Path(source) / "videoprefill.json"
     if marker.exists():

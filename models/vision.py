@@ -27,7 +27,8 @@ The padded features are 0 after `up_proj`, so `act(gate) * up` is 0 there and `d
 padded columns add nothing: the same function.
 
 `fuse_norms` runs Qwen2.5-VL's RMSNorms through `torch.nn.functional.rms_norm` (one kernel)
-instead of transformers' fp32 chain of casts, power, mean and products; `patch_embed_as_matmul`
+instead of transformers' fp32 chain of casts, power, mean and products (models.fused, which also
+fuses the gated MLPs' `silu(gate) * up` on CUDA); `patch_embed_as_matmul`
 runs the patch embedding's Conv3d, whose kernel is its stride and its input one patch, as the
 matmul it is (cuDNN's implicit-GEMM convolution took 62 ms at 128K video tokens, the matmul 2.4).
 
@@ -38,7 +39,6 @@ undone by the same function with enabled=False (benchmarks compare with transfor
 from __future__ import annotations
 
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from kernels.rope import check as check_rope
 from kernels.rope import rope
 
+from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward
+
 # On CUDA the rotary embedding runs as one Triton kernel (kernels.rope) instead of transformers'
 # dozen fp32 passes; False keeps transformers' function (for comparisons).
 FUSED_ROPE = True
-_PATCHED = "_videoprefill_stock_forward"
 _WIDTH = "_videoprefill_stock_width"
 
 
@@ -84,7 +85,7 @@ def chunked_attention(
 
 def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
-    stock = getattr(self, _PATCHED)
+    stock = getattr(self, PATCHED)
     if position_embeddings is None or (self.training and self.attention_dropout > 0):
         return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     s = hidden_states.shape[0]
@@ -116,52 +117,21 @@ def _recognised(module: torch.nn.Module) -> bool:
     )
 
 
-def _set_forward(modules, recognised, forward, enabled: bool) -> int:
-    """Give each recognised module `forward` (its own kept as _PATCHED), or take it back.
-    Returns how many of `modules` run `forward` now."""
-    count = 0
-    for module in modules:
-        patched = getattr(module.__dict__.get("forward"), "__func__", None) is forward
-        if enabled and not patched and _PATCHED not in module.__dict__ and recognised(module):
-            setattr(module, _PATCHED, module.forward)
-            module.forward = types.MethodType(forward, module)
-            patched = True
-        elif not enabled and patched:
-            del module.forward
-            delattr(module, _PATCHED)
-            patched = False
-        count += patched
-    return count
-
-
 def batch_vision_attention(model: torch.nn.Module, enabled: bool = True) -> int:
     """Run the vision attention modules of `model` batched per chunk length (enabled) or as
     transformers wrote them (not enabled). Returns how many modules are now batched."""
-    return _set_forward(_vision_tower(model).modules(), _recognised, _batched_forward, enabled)
-
-
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.dtype != self.weight.dtype:  # transformers' result takes the wider dtype
-        return getattr(self, _PATCHED)(hidden_states)
-    return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
-
-
-def _is_rms_norm(module: torch.nn.Module) -> bool:
-    """transformers' RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)) over the last dim."""
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
-            and weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float))
+    return set_forward(_vision_tower(model).modules(), _recognised, _batched_forward, enabled)
 
 
 def fuse_norms(model: torch.nn.Module, enabled: bool = True) -> int:
     """Run the vision tower's RMSNorms as torch.nn.functional.rms_norm (enabled) or as
     transformers wrote them (not enabled). Returns how many run fused now."""
-    return _set_forward(_vision_tower(model).modules(), _is_rms_norm, _rms_norm_forward, enabled)
+    return fuse_rms_norms(_vision_tower(model), enabled)
 
 
 def _patch_matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
     if tuple(x.shape[2:]) != tuple(self.kernel_size):
-        return getattr(self, _PATCHED)(x)
+        return getattr(self, PATCHED)(x)
     flat = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
     return flat.reshape(x.shape[0], self.out_channels, 1, 1, 1)
 
@@ -175,7 +145,7 @@ def _is_patch_conv(module: torch.nn.Module) -> bool:
 def patch_embed_as_matmul(model: torch.nn.Module, enabled: bool = True) -> int:
     """Run the vision tower's patch embedding as a matmul (enabled) or as transformers' Conv3d (not
     enabled). Returns how many convolutions run as matmuls now."""
-    return _set_forward(_vision_tower(model).modules(), _is_patch_conv, _patch_matmul_forward, enabled)
+    return set_forward(_vision_tower(model).modules(), _is_patch_conv, _patch_matmul_forward, enabled)
 
 
 def _resized(layer: torch.nn.Linear, out_features: int | None = None, in_features: int | None = None):
@@ -194,22 +164,12 @@ def _resized(layer: torch.nn.Linear, out_features: int | None = None, in_feature
     return new.train(layer.training).requires_grad_(w.requires_grad)
 
 
-def _gated_mlp(module: torch.nn.Module) -> int | None:
-    """The hidden width of a `down(act(gate(x)) * up(x))` MLP, None for anything else."""
-    layers = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if not type(module).__name__.endswith("MLP") or not all(isinstance(x, torch.nn.Linear) for x in layers):
-        return None
-    gate, up, down = layers
-    width = getattr(module, _WIDTH, gate.out_features)
-    return width if gate.out_features == up.out_features == down.in_features else None
-
-
 def align_mlp_width(model: torch.nn.Module, multiple: int = 64, enabled: bool = True) -> int:
     """Zero-pad the hidden width of the vision tower's gated MLPs to a multiple of `multiple`
     (enabled), or cut them back to their own width (not enabled). Returns how many are padded."""
     count = 0
     for module in _vision_tower(model).modules():
-        width = _gated_mlp(module)
+        width = gated_mlp_width(module, _WIDTH)
         if width is None:
             continue
         padded = -(-width // multiple) * multiple if enabled else width
@@ -235,10 +195,11 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 def prepare_vision_tower(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
     """Batched attention (with the fused rotary embedding on CUDA while FUSED_ROPE), aligned MLP
-    widths, fused RMSNorms and the patch embedding as a matmul in the vision tower of a loaded
-    Qwen-VL model (enabled), or the tower as transformers runs it (not enabled). Returns how
-    many modules of each kind run the prepared way now."""
+    widths, fused RMSNorms, the patch embedding as a matmul and the fused MLP activation (on CUDA)
+    in the vision tower of a loaded Qwen-VL model (enabled), or the tower as transformers runs it
+    (not enabled). Returns how many modules of each kind run the prepared way now."""
     return {"batched_attention": batch_vision_attention(model, enabled),
             "padded_mlps": align_mlp_width(model, enabled=enabled),
             "fused_norms": fuse_norms(model, enabled),
-            "patch_matmul": patch_embed_as_matmul(model, enabled)}
+            "patch_matmul": patch_embed_as_matmul(model, enabled),
+            "fused_mlps": fuse_mlp_activations(_vision_tower(model), enabled)}

@@ -2,8 +2,9 @@
 
 `python3 scripts/gpu_vision_profile.py [--video-tokens 131072] [--json FILE]`: the vision tower
 on a synthetic video of that many LLM tokens, as transformers runs it and with each step of
-models.vision added in turn, timed per stage (patch embedding, rotary and window set-up, the
-blocks, the merger; forward hooks that synchronise and read the host clock); each variant's
+models.vision added in turn (the last, the fused MLP activation, from models.fused), timed per
+stage (patch embedding, rotary and window set-up, the blocks, the merger; forward hooks that
+synchronise and read the host clock); each variant's
 output against the tower run in fp32; then a torch.profiler table of the top GPU kernels of the
 tower as models.load prepares it. A development script (results go to BENCHMARKS.md).
 """
@@ -18,6 +19,7 @@ import time
 import torch
 
 import models.vision as vision
+from models.fused import fuse_mlp_activations
 from models.vision import align_mlp_width, batch_vision_attention
 from videoprefill.bench import build_7b, synthetic_request
 from videoprefill.pipeline import VideoQA
@@ -75,15 +77,16 @@ def main() -> None:
     outputs = {}
     # As transformers runs it; with the attention batched per chunk length; with the MLP widths
     # aligned too; with the fused rotary embedding too; with the fused RMSNorms and the patch
-    # matmul too (what models.load does).
+    # matmul too; with the fused MLP activation too (what models.load does).
     variants = (("stock", 0), ("batched", 1), ("batched_aligned", 2), ("batched_aligned_rope", 3),
-                ("prepared", 4))
+                ("batched_aligned_rope_norms_patch", 4), ("prepared", 5))
     for name, steps in variants:
         batch_vision_attention(model, enabled=steps >= 1)
         align_mlp_width(model, enabled=steps >= 2)
         vision.FUSED_ROPE = steps >= 3
         vision.fuse_norms(model, enabled=steps >= 4)
         vision.patch_embed_as_matmul(model, enabled=steps >= 4)
+        fuse_mlp_activations(visual, enabled=steps >= 5)
         stage_times(visual, pixels, grid)  # warm-up
         result[name], outputs[name] = stage_times(visual, pixels, grid)
         print(name, {k: round(v, 3) for k, v in result[name].items()}, flush=True)

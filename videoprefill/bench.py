@@ -32,6 +32,7 @@ def build_7b(device: str = "cuda"):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from models.attention import register
+    from models.text import prepare_language_model
     from models.tiny import _ids, build_processor, build_tokenizer
     from models.vision import prepare_vision_tower
 
@@ -48,6 +49,7 @@ def build_7b(device: str = "cuda"):
             config, dtype=torch.bfloat16, attn_implementation={"text_config": name, "vision_config": "sdpa"}
         )
     prepare_vision_tower(model)
+    prepare_language_model(model)
     return model.eval(), build_processor("qwen2.5-vl", tokenizer)
 
 
@@ -82,6 +84,10 @@ def prefill_main(argv: list[str]) -> int:
                         help="also time dense prefill with the vision tower as transformers runs it (one SDPA "
                              "call per window or frame, MLP width 3420, fp32 rotary and RMSNorm chains, Conv3d "
                              "patch embedding): the baseline of models.vision")
+    parser.add_argument("--stock-text", action="store_true",
+                        help="also time dense prefill with the language model's RMSNorms and MLP activations as "
+                             "transformers runs them (the baseline of models.text); with --stock-vision, one row "
+                             "with both towers as transformers runs them")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -91,6 +97,7 @@ def prefill_main(argv: list[str]) -> int:
     import triton
 
     from kernels import FlashPrefillConfig
+    from models.text import prepare_language_model
     from models.vision import prepare_vision_tower
     from videoprefill.pipeline import VideoQA
 
@@ -104,15 +111,19 @@ def prefill_main(argv: list[str]) -> int:
     warm = synthetic_request(qa, 4096)
     for mode in ("dense", "sparse"):  # compile kernels, warm cuDNN
         qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
-    # (attention mode, fixed density or None, the vision tower as transformers runs it)
-    runs = [("dense", None, False), ("sparse", None, False)] + [("sparse", d, False) for d in args.fixed_density]
-    runs += [("dense", None, True)] if args.stock_vision else []
+    # (attention mode, fixed density or None, the vision tower / the language model as transformers runs it)
+    runs = [("dense", None, False, False), ("sparse", None, False, False)]
+    runs += [("sparse", d, False, False) for d in args.fixed_density]
+    if args.stock_vision or args.stock_text:
+        runs.append(("dense", None, args.stock_vision, args.stock_text))
     for tokens in args.video_tokens:
         prepared = synthetic_request(qa, tokens)
-        for mode, fixed, stock_vision in runs:
+        for mode, fixed, stock_vision, stock_text in runs:
             prepare_vision_tower(model, enabled=not stock_vision)
+            prepare_language_model(model, enabled=not stock_text)
             label = mode if fixed is None else f"sparse, fixed {fixed:.0%} (benchmark only)"
             label += ", stock vision tower" if stock_vision else ""
+            label += ", stock language model" if stock_text else ""
             best = None
             for _ in range(args.repeats):
                 answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
@@ -128,6 +139,7 @@ def prefill_main(argv: list[str]) -> int:
             print(rows[-1], flush=True)
             torch.cuda.reset_peak_memory_stats()
     prepare_vision_tower(model)
+    prepare_language_model(model)
     print("| video tokens | attention | density | vision s | LLM prefill s | first token s | TTFT (no decode) s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

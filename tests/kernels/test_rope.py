@@ -37,6 +37,24 @@ def test_rope_matches_reference(s, h, d, dtype):
         torch.testing.assert_close(out, ref, rtol=TOLERANCE[dtype], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_rope_grouped_kv_heads(dtype):
+    """The language models' layout: q and k from separate projections, 7 query heads to 1 KV head
+    (Qwen2.5-VL-7B has 28 to 4), cos / sin in the model's dtype."""
+    g = torch.Generator().manual_seed(3)
+    s, d = 70, 64
+    q = torch.randn(1, s, 7 * d, generator=g).to(dtype).to(DEVICE).view(s, 7, d)
+    k = torch.randn(1, s, d, generator=g).to(dtype).to(DEVICE).view(s, 1, d)
+    angles = torch.randn(s, d // 2, generator=g) * 20
+    angles = torch.cat([angles, angles], -1).to(DEVICE)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    qo, ko = rope(q, k, cos, sin)
+    qr, kr = rope_reference(q, k, cos, sin)
+    assert qo.shape == (s, 7, d) and ko.shape == (s, 1, d)
+    torch.testing.assert_close(qo, qr, rtol=TOLERANCE[dtype], atol=1e-6)
+    torch.testing.assert_close(ko, kr, rtol=TOLERANCE[dtype], atol=1e-6)
+
+
 def test_reference_is_a_rotation():
     """The reference rotates each pair (x_i, x_{i + D/2}) by its angle: norms kept, angle added
     (to fp32 precision, which it computes in)."""
@@ -49,7 +67,7 @@ def test_reference_is_a_rotation():
     assert math.isclose(qo.norm().item(), q.norm().item(), rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["odd-dim", "cos-shape", "k-shape", "int", "stride", "rank"])
+@pytest.mark.parametrize("case", ["odd-dim", "cos-shape", "k-shape", "k-dim", "int", "stride", "rank"])
 def test_rope_rejects_bad_input(case):
     q, k, cos, sin = inputs(8, 2, 64, torch.float32)
     if case == "odd-dim":
@@ -58,6 +76,8 @@ def test_rope_rejects_bad_input(case):
         cos = cos[:, :32]
     elif case == "k-shape":
         k = k[:4]
+    elif case == "k-dim":
+        k = k[..., :32]
     elif case == "int":
         q, k = q.to(torch.int32), k.to(torch.int32)
     elif case == "stride":
@@ -81,6 +101,16 @@ def test_rope_cuda_bf16(s):
     """Qwen2.5-VL's vision shape (16 heads of 80) on the GPU: at most one bf16 rounding step from
     the reference, and almost always none (both round to nearest there)."""
     q, k, cos, sin = inputs(s, 16, 80, torch.bfloat16, device="cuda")
+    for out, ref in zip(rope(q, k, cos, sin), rope_reference(q, k, cos, sin)):
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-6)
+        assert (out != ref).float().mean().item() < 0.01
+
+
+@pytest.mark.cuda
+def test_rope_cuda_bf16_language_model_shape():
+    """Qwen2.5-VL-7B's language-model shape (28 query heads, 4 KV heads of 128) at 20,000 tokens."""
+    q, _, cos, sin = inputs(20000, 28, 128, torch.bfloat16, device="cuda")
+    k = torch.randn(20000, 4, 128, device="cuda").to(torch.bfloat16)
     for out, ref in zip(rope(q, k, cos, sin), rope_reference(q, k, cos, sin)):
         torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-6)
         assert (out != ref).float().mean().item() < 0.01

@@ -189,7 +189,8 @@ def test_prepare_vision_tower_on_the_demo_model():
     model, _ = load("demo", attention="dense", device="cpu")
     depth = model.config.vision_config.depth
     assert vision.prepare_vision_tower(model) == {"batched_attention": depth, "padded_mlps": 0,
-                                                  "fused_norms": 2 * depth + 1, "patch_matmul": 1}
+                                                  "fused_norms": 2 * depth + 1, "patch_matmul": 1,
+                                                  "fused_mlps": depth}
     assert set(vision.prepare_vision_tower(model, enabled=False).values()) == {0}
 
 

@@ -1,0 +1,96 @@
+"""Module rewrites shared by both towers: RMSNorm as one kernel, the gated MLP's activation fused.
+
+transformers writes Qwen-VL's RMSNorm as a chain of fp32 operations (cast, power, mean, rsqrt,
+product, cast back, weight product) and the gated MLP's middle as `silu(gate) * up`, two kernels
+that each write a tensor of the MLP's width. Over long inputs these elementwise passes add up
+(BENCHMARKS.md). Here:
+
+- `fuse_rms_norms` runs every RMSNorm under a module through `torch.nn.functional.rms_norm`;
+- `fuse_mlp_activations` runs every SiLU-gated MLP as `down(silu_mul(gate(x), up(x)))` with
+  `kernels.activation.silu_mul` writing over gate in place, on CUDA and without autograd (the
+  stock forward elsewhere).
+
+Both are the same functions within one bf16 rounding, replace `forward` per module instance
+(transformers has no interface point for either without the `kernels` hub package, which
+downloads), and are undone by calling them with enabled=False.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from kernels.activation import silu_mul
+
+PATCHED = "_videoprefill_stock_forward"
+
+
+def set_forward(modules, recognised, forward, enabled: bool) -> int:
+    """Give each recognised module `forward` (its own kept as PATCHED), or take it back.
+    Returns how many of `modules` run `forward` now."""
+    count = 0
+    for module in modules:
+        patched = getattr(module.__dict__.get("forward"), "__func__", None) is forward
+        if enabled and not patched and PATCHED not in module.__dict__ and recognised(module):
+            setattr(module, PATCHED, module.forward)
+            module.forward = types.MethodType(forward, module)
+            patched = True
+        elif not enabled and patched:
+            del module.forward
+            delattr(module, PATCHED)
+            patched = False
+        count += patched
+    return count
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != self.weight.dtype:  # transformers' result takes the wider dtype
+        return getattr(self, PATCHED)(hidden_states)
+    return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
+
+
+def is_rms_norm(module: torch.nn.Module) -> bool:
+    """transformers' RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)) over the last dim."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
+def fuse_rms_norms(root: torch.nn.Module, enabled: bool = True) -> int:
+    """Run the RMSNorms under `root` as F.rms_norm (enabled) or as transformers wrote them (not
+    enabled). Returns how many run fused now."""
+    return set_forward(root.modules(), is_rms_norm, _rms_norm_forward, enabled)
+
+
+def gated_mlp_width(module: torch.nn.Module, stock_width_attr: str | None = None) -> int | None:
+    """The hidden width of a `down(act(gate(x)) * up(x))` MLP, None for anything else."""
+    layers = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not type(module).__name__.endswith("MLP") or not all(isinstance(x, torch.nn.Linear) for x in layers):
+        return None
+    gate, up, down = layers
+    width = getattr(module, stock_width_attr, gate.out_features) if stock_width_attr else gate.out_features
+    return width if gate.out_features == up.out_features == down.in_features else None
+
+
+def _is_silu(act) -> bool:
+    return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
+    return gated_mlp_width(module) is not None and _is_silu(getattr(module, "act_fn", None))
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
+    if not x.is_cuda or differentiable:
+        return getattr(self, PATCHED)(x)
+    gate = self.gate_proj(x)
+    return self.down_proj(silu_mul(gate, self.up_proj(x), out=gate))
+
+
+def fuse_mlp_activations(root: torch.nn.Module, enabled: bool = True) -> int:
+    """Run the SiLU-gated MLPs under `root` with the fused activation (enabled) or as transformers
+    wrote them (not enabled). Returns how many run fused now."""
+    return set_forward(root.modules(), is_silu_gated_mlp, _fused_mlp_forward, enabled)

@@ -1,0 +1,104 @@
+"""The language model of a loaded Qwen-VL model without transformers' slow elementwise paths.
+
+Beside attention and the linear layers, a Qwen-VL language-model layer runs two RMSNorms, the
+rotary embedding of q and k and a gated MLP activation as chains of elementwise kernels: at 128K
+tokens in the 7B model these took about 0.6 s of a 3.6 s prefill at 5% density on an H200
+(BENCHMARKS.md). `prepare_language_model` runs them fused:
+
+- the RMSNorms and the MLP activation by models.fused (per module instance);
+- the rotary embedding by kernels.rope, on CUDA. The attention modules call their modeling
+  file's `apply_rotary_pos_emb(q, k, cos, sin)` (the same function in all three families), so
+  `fuse_text_rope` replaces that module-level function by one that runs the fused kernel when
+  its inputs fit it (q, k as (B, H, T, D), cos / sin as (B, T, D), on CUDA) and the original
+  otherwise. It is the same map within one rounding (the original rounds after each of its
+  steps), and being module-level it holds for every model of that family in the process.
+
+Attention is untouched (it is models.attention's, FlashPrefill or SDPA). `models.load` and the
+7B bench call `prepare_language_model`; enabled=False gives the language model as transformers
+runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kernels.rope import check as check_rope
+from kernels.rope import rope
+
+from .fused import fuse_mlp_activations, fuse_rms_norms
+
+_STOCK_ROPE = "_videoprefill_stock_apply_rotary_pos_emb"
+
+
+def _fused_rope_fits(q, k, cos, sin, unsqueeze_dim) -> bool:
+    if unsqueeze_dim != 1 or not q.is_cuda or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        return False
+    b, _, t, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != (t, d) or cos.shape != (b, t, d) or sin.shape != (b, t, d):
+        return False
+    try:  # kernels.rope's rules (dtypes, head dim, unit last stride), on one token's slices
+        check_rope(q[0, :, :1].transpose(0, 1), k[0, :, :1].transpose(0, 1), cos[0, :1], sin[0, :1])
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _make_fused_rope(stock):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        """kernels.rope where the inputs fit it, else the modeling file's own function."""
+        if not _fused_rope_fits(q, k, cos, sin, unsqueeze_dim):
+            return stock(q, k, cos, sin, unsqueeze_dim)
+        b, hq, t, d = q.shape
+        hk = k.shape[1]
+        # (B, H, T, D) views of (B, T, H, D) projections: tokens first, a view for B = 1.
+        q_out, k_out = rope(q.transpose(1, 2).reshape(b * t, hq, d), k.transpose(1, 2).reshape(b * t, hk, d),
+                            cos.reshape(b * t, d), sin.reshape(b * t, d))
+        return q_out.view(b, t, hq, d).transpose(1, 2), k_out.view(b, t, hk, d).transpose(1, 2)
+
+    apply_rotary_pos_emb._videoprefill_fused = True
+    return apply_rotary_pos_emb
+
+
+def _attention_modules(root: torch.nn.Module):
+    return [m for m in root.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(sys.modules.get(type(m).__module__),
+                                                                  "apply_rotary_pos_emb")]
+
+
+def fuse_text_rope(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Run the rotary embedding of the language model's attention through kernels.rope on CUDA
+    (enabled) or as the modeling file writes it (not enabled), for every model of the family.
+    Returns how many of this model's attention modules run it fused now."""
+    modules = _attention_modules(_language_model(model))
+    count = 0
+    for modeling in {sys.modules[type(m).__module__] for m in modules}:
+        current = modeling.apply_rotary_pos_emb
+        fused = getattr(current, "_videoprefill_fused", False)
+        if enabled and not fused:
+            setattr(modeling, _STOCK_ROPE, current)
+            modeling.apply_rotary_pos_emb = _make_fused_rope(current)
+        elif not enabled and fused:
+            modeling.apply_rotary_pos_emb = getattr(modeling, _STOCK_ROPE)
+            delattr(modeling, _STOCK_ROPE)
+    for m in modules:
+        count += getattr(sys.modules[type(m).__module__].apply_rotary_pos_emb, "_videoprefill_fused", False)
+    return count
+
+
+def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "language_model", None)
+    if tower is None:
+        raise ValueError(f"{type(model).__name__} has no language model (model.model.language_model)")
+    return tower
+
+
+def prepare_language_model(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
+    """Fused RMSNorms and, on CUDA, the fused gated-MLP activation and rotary embedding in the
+    language model of a loaded Qwen-VL model (enabled), or as transformers runs it (not enabled).
+    Returns how many modules of each kind run fused now."""
+    root = _language_model(model)
+    return {"fused_norms": fuse_rms_norms(root, enabled), "fused_mlps": fuse_mlp_activations(root, enabled),
+            "fused_rope": fuse_text_rope(model, enabled)}

@@ -1,0 +1,146 @@
+"""The language model's fused RMSNorms and MLP activations (models.text, models.fused)."""
+
+import copy
+import sys
+
+import pytest
+import torch
+
+import models.fused as fused
+from models.text import prepare_language_model
+from models.tiny import FAMILIES, build_config, build_tokenizer, model_class
+
+
+def tiny_model(family, device="cpu"):
+    config = build_config(family, build_tokenizer())
+    torch.manual_seed(0)
+    model = model_class(family)._from_config(config, attn_implementation={"text_config": "sdpa",
+                                                                          "vision_config": "sdpa"})
+    return model.eval().to(device), config
+
+
+@pytest.fixture
+def stock_rope_functions(monkeypatch):
+    """The modeling files' apply_rotary_pos_emb as transformers wrote them for the test (a model
+    loaded earlier in the process may have replaced them: the replacement is module-level), and
+    back as they were after it."""
+    for family in FAMILIES:
+        modeling = sys.modules[model_class(family).__module__]
+        stock = getattr(modeling, "_videoprefill_stock_apply_rotary_pos_emb", None)
+        if stock is not None:
+            monkeypatch.setattr(modeling, "apply_rotary_pos_emb", stock)
+            monkeypatch.delattr(modeling, "_videoprefill_stock_apply_rotary_pos_emb")
+
+
+def text_forward(model, ids):
+    with torch.no_grad():
+        return model.model.language_model(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepared_language_model_keeps_the_function(family, stock_rope_functions):
+    """Fused RMSNorms (two per layer, the final one, and Qwen3-VL's q / k norms) give the same
+    hidden states; the MLPs and the rotary embedding are recognised but run their stock code on
+    CPU; undone, the stock modules and function and the stock output exactly."""
+    model, config = tiny_model(family)
+    text = config.text_config
+    ids = torch.randint(0, text.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    norms = 2 * text.num_hidden_layers + 1 + (2 * text.num_hidden_layers if family == "qwen3-vl" else 0)
+    modeling = sys.modules[type(model).__module__]
+    stock_rope = modeling.apply_rotary_pos_emb
+    stock = text_forward(model, ids)
+    layers = text.num_hidden_layers
+    counts = {"fused_norms": norms, "fused_mlps": layers, "fused_rope": layers}
+    assert prepare_language_model(model) == counts
+    assert prepare_language_model(model) == counts  # twice: once
+    assert modeling.apply_rotary_pos_emb is not stock_rope
+    prepared = text_forward(model, ids)
+    assert set(prepare_language_model(model, enabled=False).values()) == {0}
+    assert modeling.apply_rotary_pos_emb is stock_rope
+    restored = text_forward(model, ids)
+    torch.testing.assert_close(prepared, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, stock, rtol=0, atol=0)
+
+
+def test_only_silu_gated_mlps_are_fused():
+    model, _ = tiny_model("qwen2.5-vl")
+    mlp = copy.deepcopy(model.model.language_model.layers[0].mlp)
+    assert fused.is_silu_gated_mlp(mlp)
+    mlp.act_fn = torch.nn.GELU()
+    assert not fused.is_silu_gated_mlp(mlp)
+    # Qwen2-VL's vision MLP is fc1 -> act -> fc2: not gated.
+    other, _ = tiny_model("qwen2-vl")
+    assert fused.fuse_mlp_activations(other.model.visual) == 0
+
+
+def test_the_loader_prepares_the_language_model():
+    from models import load
+
+    model, _ = load("demo", attention="dense", device="cpu")
+    layers = model.config.text_config.num_hidden_layers
+    forwards = [m.forward for m in model.model.language_model.layers[0].modules()
+                if hasattr(m.forward, "__func__")]
+    assert any(f.__func__ is fused._rms_norm_forward for f in forwards)
+    assert any(f.__func__ is fused._fused_mlp_forward for f in forwards)
+    assert prepare_language_model(model) == {"fused_norms": 2 * layers + 1, "fused_mlps": layers,
+                                             "fused_rope": layers}
+
+
+@pytest.mark.cuda
+def test_fused_mlp_cuda_bf16():
+    """On the GPU in bf16: the fused activation's MLP output is within one bf16 rounding of the
+    MLP computed in fp32, and no worse than the stock bf16 MLP."""
+    model, config = tiny_model("qwen2.5-vl", device="cuda")
+    mlp = model.model.language_model.layers[0].mlp
+    x = torch.randn(3, 257, config.text_config.hidden_size, device="cuda")
+    with torch.no_grad():
+        exact = mlp(x).double()
+        mlp16 = copy.deepcopy(mlp).to(torch.bfloat16)
+        stock = mlp16(x.to(torch.bfloat16)).double()
+        assert fused.fuse_mlp_activations(mlp16) == 1
+        prepared = mlp16(x.to(torch.bfloat16)).double()
+    assert not torch.equal(prepared, stock)  # the fused kernel ran (it rounds once, the stock twice)
+    stock_error = ((stock - exact).norm() / exact.norm()).item()
+    prepared_error = ((prepared - exact).norm() / exact.norm()).item()
+    assert 0 < prepared_error <= stock_error * 1.05 + 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_text_rope_cuda(family):
+    """The replacement of the modeling file's apply_rotary_pos_emb on (B, H, T, D) views of
+    (B, T, H, D) projections, batch 2 and grouped KV heads: within one bf16 rounding of the
+    function computed in fp32, and no further from it than the stock bf16 function."""
+    from models.text import _make_fused_rope
+
+    stock = sys.modules[model_class(family).__module__].apply_rotary_pos_emb
+    fused_rope = _make_fused_rope(stock)
+    g = torch.Generator().manual_seed(0)
+    b, t, hq, hk, d = 2, 300, 6, 2, 64
+    q = torch.randn(b, t, hq * d, generator=g).cuda().view(b, t, hq, d).transpose(1, 2)
+    k = torch.randn(b, t, hk * d, generator=g).cuda().view(b, t, hk, d).transpose(1, 2)
+    angles = torch.randn(b, t, d // 2, generator=g).cuda() * 30
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    bf = [x.to(torch.bfloat16) for x in (q, k, cos, sin)]
+    exact = stock(*(x.double() for x in bf))  # the same bf16 inputs, no rounding after
+    ours, theirs = fused_rope(*bf), stock(*bf)
+    for o, s, e in zip(ours, theirs, exact):
+        assert o.shape == e.shape and o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.double(), e, rtol=2**-7, atol=1e-5)
+        assert (o.double() - e).norm() <= (s.double() - e).norm()
+
+
+@pytest.mark.cuda
+def test_prepared_language_model_cuda_bf16():
+    """The whole small language model on the GPU in bf16, prepared: its error against fp32 is
+    within twice the stock bf16 model's."""
+    model, config = tiny_model("qwen2.5-vl", device="cuda")
+    ids = torch.randint(0, config.text_config.vocab_size, (1, 300), device="cuda")
+    exact = text_forward(model, ids).double()
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    stock = text_forward(model16, ids).double()
+    prepare_language_model(model16)
+    prepared = text_forward(model16, ids).double()
+    stock_error = ((stock - exact).norm() / exact.norm()).item()
+    prepared_error = ((prepared - exact).norm() / exact.norm()).item()
+    assert 0 < prepared_error <= 2 * stock_error + 1e-3

@@ -64,7 +64,7 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe this video."}]}]
     prompt = qa.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = qa.processor(text=[prompt], videos=[video], do_resize=False, return_tensors="pt",
-                          do_sample_frames=False).to(qa.device)
+                          do_sample_frames=False, **qa.processor_device()).to(qa.device)
     ids = inputs["input_ids"][0]
     is_video = ids == qa.video_token_id
     n = int(is_video.sum())

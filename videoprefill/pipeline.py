@@ -21,7 +21,7 @@ import torch
 from kernels import FlashPrefillConfig
 from models.attention import RequestSettings, SparsityRecorder, request_settings, set_attention
 
-from .video import Sampling, VideoError, VideoInfo, probe, sample_frames
+from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_frames
 
 DEFAULT_QUESTION = "Describe this video."
 ATTENTION_MODES = ("sparse", "dense")
@@ -33,13 +33,21 @@ class InputError(ValueError):
 
 @dataclass
 class DecodedVideo:
-    """Sampled, resized frames of one video, reusable for several questions."""
+    """The sampled frames of one video, reusable for several questions. They are resized on
+    first use, on the device asked for, and kept (`frames`)."""
 
     info: VideoInfo
-    frames: list
-    metadata: list
-    video_kwargs: dict
+    sampled: SampledFrames
     decode_s: float
+    _resized: tuple = field(default=(None, None), repr=False)
+
+    def frames(self, device: torch.device) -> torch.Tensor:
+        """Float (T, C, h, w) frames as qwen-vl-utils resizes them, on `device`."""
+        on, frames = self._resized
+        if on != device:
+            frames = self.sampled.resized(device if device.type == "cuda" else None)
+            self._resized = (device, frames)
+        return frames
 
 
 @dataclass
@@ -141,6 +149,7 @@ class VideoQA:
         self.mask_layers = mask_layers if mask_layers is not None else (num_layers // 2, num_layers - 1)
         self.video_token_id = model.config.video_token_id
         self._attention = None
+        self.processor_on_gpu = True  # False: resize and video processor on the CPU (for comparisons)
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
@@ -152,15 +161,21 @@ class VideoQA:
     def config(self) -> FlashPrefillConfig:
         return self.info.config if self.info else FlashPrefillConfig()
 
+    def processor_device(self) -> dict:
+        """Where the frames are resized and the video processor rescales, normalises and patchifies
+        them: on the model's GPU when it has one (transformers' video processors take `device`),
+        so that work and its fp32 output are not done and copied on the host (BENCHMARKS.md); on
+        the CPU otherwise."""
+        return {"device": str(self.device)} if self.device.type == "cuda" and self.processor_on_gpu else {}
+
     def decode(self, video: str, sampling: Sampling | None = None) -> DecodedVideo:
-        """Check the file, then sample and resize its frames (no GPU work; safe in a thread)."""
+        """Check the file, then read the frames qwen-vl-utils samples (no GPU work; safe in a
+        thread). They are resized by `prepare_decoded`, on the model's device."""
         start = time.perf_counter()
         sampling = sampling or Sampling()
         info = probe(video)
-        entry = sampling.video_entry(info.path)
-        frames, metadata, video_kwargs = sample_frames([{"role": "user", "content": [entry]}],
-                                                       self.processor.video_processor.patch_size)
-        return DecodedVideo(info, frames, metadata, video_kwargs, time.perf_counter() - start)
+        sampled = read_frames(sampling.video_entry(info.path), self.processor.video_processor.patch_size)
+        return DecodedVideo(info, sampled, time.perf_counter() - start)
 
     def prepare_decoded(self, decoded: DecodedVideo, question: str, count_decode: bool = True) -> Prepared:
         """Build the model inputs for a question about an already decoded video.
@@ -172,9 +187,10 @@ class VideoQA:
             raise InputError("the question is empty")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        frames = decoded.frames(self.device if self.processor_on_gpu else torch.device("cpu"))
         inputs = self.processor(
-            text=[prompt], videos=decoded.frames, video_metadata=decoded.metadata, do_resize=False,
-            return_tensors="pt", **decoded.video_kwargs,
+            text=[prompt], videos=[frames], video_metadata=[decoded.sampled.metadata], do_resize=False,
+            do_sample_frames=False, return_tensors="pt", **self.processor_device(),
         ).to(self.device)
         ids = inputs["input_ids"][0]
         is_video = ids == self.video_token_id
@@ -184,7 +200,7 @@ class VideoQA:
             video=decoded.info, question=question, inputs=dict(inputs),
             decode_s=(decoded.decode_s if count_decode else 0.0) + (end - start),
             tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
-            video_ranges=_runs(is_video), sampled_frames=int(decoded.frames[0].shape[0]),
+            video_ranges=_runs(is_video), sampled_frames=int(frames.shape[0]),
         )
 
     def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:

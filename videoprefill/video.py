@@ -1,5 +1,9 @@
 """Video input: check a file with decord first, then sample frames through qwen-vl-utils.
 
+Frames are read with qwen-vl-utils' reader and resized apart (`read_frames`, then
+`SampledFrames.resized` on the model's device), which gives qwen-vl-utils' frames (bit for bit
+on the CPU) without its CPU resize in the way of a GPU.
+
 qwen-vl-utils falls back to a torchvision reader that no longer exists when decord fails, which
 hides the real error; so every file is opened and its first and last frames decoded here first,
 and any failure becomes one VideoError that names the file and the cause.
@@ -11,6 +15,10 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
 
@@ -114,19 +122,56 @@ def _quiet_stderr():
         os.close(fd)
 
 
-def sample_frames(messages: list[dict], patch_size: int):
-    """Frames and metadata of the videos in `messages`, through qwen-vl-utils (decord backend)."""
-    from qwen_vl_utils import process_vision_info
+@dataclass
+class SampledFrames:
+    """The frames qwen-vl-utils samples from one video, as read (uint8 (T, C, H, W)), with the
+    size it resizes them to and its metadata. `resized(device)` gives them resized."""
+
+    raw: torch.Tensor
+    size: tuple[int, int]
+    metadata: dict
+    sample_fps: float
+
+    def resized(self, device=None) -> torch.Tensor:
+        """Float (T, C, h, w) frames, 0-255: qwen-vl-utils' bicubic antialiased resize, run on
+        `device` (the CPU by default). On the CPU it is qwen-vl-utils' result bit for bit; on CUDA
+        torchvision resizes in fp32 and rounds to uint8 levels, which differ from the CPU's
+        fixed-point path by one level in about one value in 80,000 (BENCHMARKS.md)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF  # noqa: N812
+
+        frames = self.raw if device is None else self.raw.to(device)
+        return TF.resize(frames, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True).float()
+
+
+def read_frames(entry: dict, patch_size: int) -> SampledFrames:
+    """Sample a video as qwen-vl-utils does (its decord reader: which frames, their metadata and
+    sampling rate) and work out the size it resizes them to, without resizing them.
+
+    qwen-vl-utils resizes inside `fetch_video` on the CPU, which for long videos takes seconds
+    (2.2 s for 1,040 frames on 16 cores, BENCHMARKS.md); reading and resizing apart lets the
+    resize run on the GPU. The size follows `fetch_video`'s rule (qwen-vl-utils 0.0.14);
+    tests check the whole result against `process_vision_info` on the CPU.
+    """
+    from qwen_vl_utils import smart_resize
+    from qwen_vl_utils import vision_process as vp
 
     try:
-        _, videos, video_kwargs = process_vision_info(
-            messages, return_video_kwargs=True, return_video_metadata=True, image_patch_size=patch_size
-        )
+        raw, metadata, sample_fps = vp.VIDEO_READER_BACKENDS["decord"](entry)
     except Exception as err:
         raise VideoError(f"cannot sample frames: {str(err).strip().splitlines()[0][:200]}") from err
-    frames = [v[0] for v in videos]
-    metadata = [v[1] for v in videos]
-    return frames, metadata, video_kwargs
+    factor = patch_size * vp.SPATIAL_MERGE_SIZE
+    nframes, _, height, width = raw.shape
+    min_pixels = entry.get("min_pixels", vp.VIDEO_MIN_TOKEN_NUM * factor * factor)
+    total_pixels = entry.get("total_pixels", vp.MODEL_SEQ_LEN * factor * factor * 0.9)
+    max_pixels = max(min(vp.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * vp.FRAME_FACTOR),
+                     int(min_pixels * 1.05))
+    max_pixels = min(entry.get("max_pixels", max_pixels), max_pixels)
+    if "resized_height" in entry and "resized_width" in entry:
+        size = smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
+    else:
+        size = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return SampledFrames(raw, tuple(size), metadata, float(sample_fps))
 
 
 def sample_video_path() -> Path:

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from videoprefill.video import Sampling, VideoError, probe, sample_video_path
+from videoprefill.video import Sampling, VideoError, probe, read_frames, sample_video_path
 
 
 def test_probe_reads_the_sample():
@@ -55,3 +56,46 @@ def test_sampling_entry_bounds_pixels():
     entry = Sampling(fps=1.0, max_frames=8, max_pixels=3136, min_pixels=10000, total_pixels=50000).video_entry("v.mp4")
     assert entry["max_pixels"] == 3136 and entry["min_pixels"] == 3136
     assert entry["fps"] == 1.0 and entry["max_frames"] == 8 and entry["total_pixels"] == 50000
+
+
+@pytest.mark.parametrize("entry", [
+    {"fps": 2.0, "max_frames": 64, "min_frames": 2},
+    {"fps": 4.0, "max_frames": 12, "min_frames": 2, "max_pixels": 60 * 28 * 28, "min_pixels": 4 * 28 * 28},
+    {"nframes": 6, "total_pixels": 6 * 50 * 28 * 28},
+    {"nframes": 4, "resized_height": 60, "resized_width": 90},
+], ids=["fps", "fps-small", "nframes-total", "resized"])
+def test_read_frames_is_qwen_vl_utils_sampling(sample_video, entry):
+    """read_frames + resize on the CPU give what qwen-vl-utils' process_vision_info gives: the
+    same frames bit for bit, the same metadata; so the size rule copied from it holds."""
+    from qwen_vl_utils import process_vision_info
+
+    entry = {"type": "video", "video": str(sample_video), **entry}
+    _, videos, kwargs = process_vision_info([{"role": "user", "content": [entry]}], return_video_kwargs=True,
+                                            return_video_metadata=True, image_patch_size=14)
+    expected, metadata = videos[0]
+    sampled = read_frames(entry, 14)
+    frames = sampled.resized()
+    assert sampled.raw.dtype == torch.uint8 and frames.dtype == torch.float32
+    assert frames.shape == expected.shape and tuple(frames.shape[2:]) == sampled.size
+    assert torch.equal(frames, expected)
+    assert sampled.metadata == metadata and kwargs == {"do_sample_frames": False}
+
+
+def test_read_frames_reports_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(VideoError, match="cannot sample frames"):
+        read_frames({"type": "video", "video": str(bad), "nframes": 4}, 14)
+
+
+@pytest.mark.cuda
+def test_resize_on_cuda_matches_the_cpu(sample_video):
+    """The resize on the GPU rounds to the same uint8 levels as qwen-vl-utils' CPU resize but for
+    rare values one level apart."""
+    sampled = read_frames({"type": "video", "video": str(sample_video), "nframes": 16,
+                           "resized_height": 84, "resized_width": 140}, 14)
+    cpu, gpu = sampled.resized(), sampled.resized("cuda")
+    assert gpu.is_cuda and gpu.shape == cpu.shape
+    diff = (gpu.cpu() - cpu).abs()
+    assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 1e-3
+    assert torch.equal(gpu, gpu.round())

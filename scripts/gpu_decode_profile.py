@@ -1,0 +1,108 @@
+"""On the GPU machine: where the time before the model goes for a long video file.
+
+`python3 scripts/gpu_decode_profile.py VIDEO [--fps 2] [--max-pixels 200704] [--no-model] [--out DIR]`:
+reads the frames qwen-vl-utils samples from VIDEO (`VideoQA.decode`, timed), times their resize
+on the CPU (qwen-vl-utils' result) and on the GPU with the difference, then the resize and the
+video processor together on the CPU and on the GPU (`VideoQA.prepare_decoded`,
+`processor_on_gpu`) with the difference of the pixel values, and, unless --no-model, whole
+requests from the file (decoding included) with the Qwen2.5-VL-7B-architecture model (random
+bf16 weights), dense and FlashPrefill at a fixed 5% (benchmark only), frames prepared on the CPU
+and on the GPU. A development script (results go to BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, sync=False):
+    if sync:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if sync:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("video")
+    parser.add_argument("--fps", type=float, default=2.0)
+    parser.add_argument("--max-pixels", type=int, default=448 * 448)
+    parser.add_argument("--max-frames", type=int, default=2048)
+    parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    from kernels import FlashPrefillConfig
+    from videoprefill.bench import build_7b, synthetic_request
+    from videoprefill.pipeline import VideoQA
+    from videoprefill.video import Sampling
+
+    sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+                        total_pixels=args.max_frames * args.max_pixels)
+    result: dict = {"video": args.video, "threads": torch.get_num_threads()}
+    model, processor = build_7b()
+    qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
+    config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    warm = synthetic_request(qa, 4096)
+    for mode in ("dense", "sparse"):  # compile kernels, warm cuDNN
+        qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
+    decoded = qa.decode(args.video, sampling)  # warm: file cache, decord, qwen-vl-utils
+    decoded = qa.decode(args.video, sampling)
+    sampled = decoded.sampled
+    result["decode_s"] = decoded.decode_s  # probe + read the sampled frames (decord)
+    result["raw_frames"], result["resized_to"] = list(sampled.raw.shape), list(sampled.size)
+    cpu, result["resize_cpu_s"] = timed(sampled.resized)
+    sampled.resized("cuda")
+    gpu, result["resize_gpu_s_with_copy"] = timed(lambda: sampled.resized("cuda"), sync=True)
+    diff = (gpu.cpu() - cpu).abs()
+    result["resize_gpu_vs_cpu"] = {"max": diff.max().item(), "mean": diff.mean().item(),
+                                   "fraction_differing": (diff > 0).float().mean().item()}
+    del gpu, cpu, diff
+    # Resize + processor on the CPU and on the GPU (prepare_decoded; a fresh DecodedVideo each
+    # time, so the resize is not reused).
+    times, pixels = {}, {}
+    for on_gpu in (False, True, False, True):  # each twice, the second timed
+        qa.processor_on_gpu = on_gpu
+        fresh = dataclasses.replace(decoded, _resized=(None, None))
+        prepared = qa.prepare_decoded(fresh, "Describe this video.", count_decode=False)
+        times[on_gpu] = prepared.decode_s
+        pixels[on_gpu] = prepared.inputs["pixel_values_videos"].float()
+    result["resize_and_processor_cpu_s"], result["resize_and_processor_gpu_s"] = times[False], times[True]
+    result["pixel_values_gpu_vs_cpu_max_abs"] = (pixels[True] - pixels[False]).abs().max().item()
+    result["video_tokens"] = prepared.tokens["video"]
+    del pixels
+    print(json.dumps(result, indent=1), flush=True)
+    if not args.no_model:
+        rows = []
+        for mode in ("dense", "sparse"):  # first calls at this length (cuDNN plans, autotuning) untimed
+            qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=0.05 if mode == "sparse" else None)
+        for on_gpu in (False, True):
+            qa.processor_on_gpu = on_gpu
+            for mode, fixed in (("dense", None), ("sparse", 0.05)):
+                prepared = qa.prepare(args.video, "Describe this video.", sampling)
+                answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
+                t = answer.timings
+                rows.append({"frames_prepared_on": "GPU" if on_gpu else "CPU", "attention": mode if fixed is None
+                             else "sparse, fixed 5% (benchmark only)", "density": answer.sparsity["density"], **t})
+                print(rows[-1], flush=True)
+        result["requests"] = rows
+        print("| resize + processor | attention | density | decode video s | vision s | LLM prefill s | TTFT s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['frames_prepared_on']} | {r['attention']} | {r['density']:.1%} | {r['decode_video_s']:.2f} | "
+                  f"{r['vision_s']:.2f} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} |")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "decode.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -480,19 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _init_distributed() -> tuple[int, int, int]:
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Join the torchrun group (NCCL when the ranks run on CUDA, gloo otherwise): (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, 0
+        return 0, 1
     import torch
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), local
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,12 +518,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import VideoQA
 
-    rank, world, local = _init_distributed()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or (f"cuda:{local}" if _cuda() else "cpu")
+    if args.device is None and _cuda() and local >= _gpu_count():
+        print(f"error: rank {local} of this host has no GPU ({_gpu_count()} visible): run at most that many ranks "
+              "per host, or pass --device cpu", file=sys.stderr)
+        return 2
+    rank, world = _init_distributed(device)
     args.world = world
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     part = out_path if world == 1 else out_path.with_name(f"{out_path.stem}.rank{rank}-of-{world}{out_path.suffix}")
-    device = args.device or (f"cuda:{local}" if _cuda() else "cpu")
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 device=device, dtype=args.dtype)
@@ -569,6 +574,12 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _all_reduce_flags(stopped: bool, failed: int) -> tuple[bool, int]:

@@ -27,6 +27,14 @@ from kernels.activation import silu_mul
 PATCHED = "_videoprefill_stock_forward"
 
 
+def tower(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """`model.model.<name>` of a loaded Qwen-VL model: "visual" or "language_model"."""
+    found = getattr(getattr(model, "model", model), name, None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no {name} (model.model.{name})")
+    return found
+
+
 def set_forward(modules, recognised, forward, enabled: bool) -> int:
     """Give each recognised module `forward` (its own kept as PATCHED), or take it back.
     Returns how many of `modules` run `forward` now."""

@@ -27,7 +27,7 @@ import torch
 from kernels.rope import check as check_rope
 from kernels.rope import rope
 
-from .fused import fuse_mlp_activations, fuse_rms_norms
+from .fused import fuse_mlp_activations, fuse_rms_norms, tower
 
 _STOCK_ROPE = "_videoprefill_stock_apply_rotary_pos_emb"
 
@@ -88,11 +88,7 @@ def fuse_text_rope(model: torch.nn.Module, enabled: bool = True) -> int:
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "language_model", None)
-    if tower is None:
-        raise ValueError(f"{type(model).__name__} has no language model (model.model.language_model)")
-    return tower
+    return tower(model, "language_model")
 
 
 def prepare_language_model(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from kernels.rope import check as check_rope
 from kernels.rope import rope
 
-from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward
+from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward, tower
 
 # On CUDA the rotary embedding runs as one Triton kernel (kernels.rope) instead of transformers'
 # dozen fp32 passes; False keeps transformers' function (for comparisons).
@@ -186,11 +186,7 @@ def align_mlp_width(model: torch.nn.Module, multiple: int = 64, enabled: bool = 
 
 
 def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "visual", None)
-    if tower is None:
-        raise ValueError(f"{type(model).__name__} has no vision tower (model.model.visual)")
-    return tower
+    return tower(model, "visual")
 
 
 def prepare_vision_tower(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:

@@ -71,7 +71,7 @@ def main() -> None:
     times, pixels = {}, {}
     for on_gpu in (False, True, False, True):  # each twice, the second timed
         qa.processor_on_gpu = on_gpu
-        fresh = dataclasses.replace(decoded, _resized=(None, None))
+        fresh = dataclasses.replace(decoded, _resized_on_cpu=None)
         prepared = qa.prepare_decoded(fresh, "Describe this video.", count_decode=False)
         times[on_gpu] = prepared.decode_s
         pixels[on_gpu] = prepared.inputs["pixel_values_videos"].float()

@@ -99,3 +99,13 @@ def test_resize_on_cuda_matches_the_cpu(sample_video):
     diff = (gpu.cpu() - cpu).abs()
     assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 1e-3
     assert torch.equal(gpu, gpu.round())
+
+
+def test_decoded_video_resizes_once_on_the_cpu(sample_video):
+    from videoprefill.pipeline import DecodedVideo
+
+    sampled = read_frames({"type": "video", "video": str(sample_video), "nframes": 4}, 14)
+    decoded = DecodedVideo(probe(sample_video), sampled, 0.0)
+    first = decoded.frames(torch.device("cpu"))
+    assert decoded.frames(torch.device("cpu")) is first
+    assert torch.equal(first, sampled.resized())

@@ -2,8 +2,9 @@
 
 Beside attention and the linear layers, a Qwen-VL language-model layer runs two RMSNorms, the
 rotary embedding of q and k and a gated MLP activation as chains of elementwise kernels: at 128K
-tokens in the 7B model these took about 0.6 s of a 3.6 s prefill at 5% density on an H200
-(BENCHMARKS.md). `prepare_language_model` runs them fused:
+tokens in the 7B model these took about 0.8 s of GPU time in a 3.5 s prefill at 5% density on an
+H200; fused, the prefill takes 0.48 s less (BENCHMARKS.md). `prepare_language_model` runs them
+fused:
 
 - the RMSNorms and the MLP activation by models.fused (per module instance);
 - the rotary embedding by kernels.rope, on CUDA. The attention modules call their modeling

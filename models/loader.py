@@ -105,7 +105,7 @@ def load(
     models.vision.prepare_vision_tower: SDPA batched per chunk length, MLP width padded to a
     multiple of 64, fused RMSNorms, the patch embedding as a matmul and on CUDA the fused rotary
     embedding (the same outputs within bf16 rounding). The language model's RMSNorms and, on CUDA,
-    its gated MLP activations run fused (models.text.prepare_language_model).
+    its rotary embedding and gated MLP activations run fused (models.text.prepare_language_model).
     `config` defaults to the family's preset; the first `dense_layers` layers stay dense.
     The model gets a `videoprefill` attribute (ModelInfo).
     """

@@ -1,4 +1,4 @@
-"""The language model's fused RMSNorms and MLP activations (models.text, models.fused)."""
+"""The language model's fused RMSNorms, rotary embedding and MLP activations (models.text, models.fused)."""
 
 import copy
 import sys

@@ -211,7 +211,8 @@ def random_pattern(b: int, hq: int, t: int, bs: int, density: float, device, see
     first = (t - q_len) // bs
     g = torch.Generator(device=device).manual_seed(seed)
     keep = torch.rand(b, hq // group, nkb - first, nkb, generator=g, device=device) < density
-    keep = keep.repeat_interleave(group, dim=1)
+    if group > 1:
+        keep = keep.repeat_interleave(group, dim=1)
     query_block = first + torch.arange(nkb - first, device=device)[:, None]
     key_block = torch.arange(nkb, device=device)[None, :]
     keep = (keep & (key_block <= query_block)) | (key_block == query_block)

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     from kernels import FlashPrefillConfig
-    from videoprefill.bench import build_7b, synthetic_request
+    from videoprefill.bench import build_7b, warm_up
     from videoprefill.pipeline import VideoQA
     from videoprefill.video import Sampling
 
@@ -51,9 +51,7 @@ def main() -> None:
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
-    warm = synthetic_request(qa, 4096)
-    for mode in ("dense", "sparse"):  # compile kernels, warm cuDNN
-        qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
+    warm_up(qa)
     decoded = qa.decode(args.video, sampling)  # warm: file cache, decord, qwen-vl-utils
     decoded = qa.decode(args.video, sampling)
     sampled = decoded.sampled

@@ -73,6 +73,16 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
                     {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames)
 
 
+def warm_up(qa) -> None:
+    """Both attention modes once on a short synthetic request, FlashPrefill forced on (min_seq_len
+    0): compiles the kernels and warms cuDNN before anything is timed."""
+    from kernels import FlashPrefillConfig
+
+    warm = synthetic_request(qa, 4096)
+    for mode in ("dense", "sparse"):
+        qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
+
+
 def prefill_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m videoprefill.bench prefill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,9 +118,7 @@ def prefill_main(argv: list[str]) -> int:
               f"transformers {transformers.__version__}; Qwen2.5-VL-7B architecture, random bf16 weights; {config}")
     print(header)
     rows = []
-    warm = synthetic_request(qa, 4096)
-    for mode in ("dense", "sparse"):  # compile kernels, warm cuDNN
-        qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
+    warm_up(qa)
     # (attention mode, fixed density or None, the vision tower / the language model as transformers runs it)
     runs = [("dense", None, False, False), ("sparse", None, False, False)]
     runs += [("sparse", d, False, False) for d in args.fixed_density]

@@ -162,12 +162,18 @@ class VideoQA:
     def config(self) -> FlashPrefillConfig:
         return self.info.config if self.info else FlashPrefillConfig()
 
-    def processor_device(self) -> dict:
+    @property
+    def frames_device(self) -> torch.device:
         """Where the frames are resized and the video processor rescales, normalises and patchifies
-        them: on the model's GPU when it has one (transformers' video processors take `device`),
-        so that work and its fp32 output are not done and copied on the host (BENCHMARKS.md); on
-        the CPU otherwise."""
-        return {"device": str(self.device)} if self.device.type == "cuda" and self.processor_on_gpu else {}
+        them: on the model's GPU when it has one, so that work and its fp32 output are not done and
+        copied on the host (BENCHMARKS.md); on the CPU otherwise."""
+        return self.device if self.device.type == "cuda" and self.processor_on_gpu else torch.device("cpu")
+
+    def processor_device(self) -> dict:
+        """The video processor's keyword for `frames_device` (transformers' video processors take
+        `device`; none means the CPU)."""
+        device = self.frames_device
+        return {"device": str(device)} if device.type == "cuda" else {}
 
     def decode(self, video: str, sampling: Sampling | None = None) -> DecodedVideo:
         """Check the file, then read the frames qwen-vl-utils samples (no GPU work; safe in a
@@ -188,7 +194,7 @@ class VideoQA:
             raise InputError("the question is empty")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        frames = decoded.frames(self.device if self.processor_on_gpu else torch.device("cpu"))
+        frames = decoded.frames(self.frames_device)
         inputs = self.processor(
             text=[prompt], videos=[frames], video_metadata=[decoded.sampled.metadata], do_resize=False,
             do_sample_frames=False, return_tensors="pt", **self.processor_device(),

@@ -1,13 +1,15 @@
 """On the GPU machine: where the time before the model goes for a long video file.
 
-`python3 scripts/gpu_decode_profile.py VIDEO [--fps 2] [--max-pixels 200704] [--no-model] [--out DIR]`:
-reads the frames qwen-vl-utils samples from VIDEO (`VideoQA.decode`, timed), times their resize
-on the CPU (qwen-vl-utils' result) and on the GPU with the difference, then the resize and the
-video processor together on the CPU and on the GPU (`VideoQA.prepare_decoded`,
-`processor_on_gpu`) with the difference of the pixel values, and, unless --no-model, whole
-requests from the file (decoding included) with the Qwen2.5-VL-7B-architecture model (random
-bf16 weights), dense and FlashPrefill at a fixed 5% (benchmark only), frames prepared on the CPU
-and on the GPU. A development script (results go to BENCHMARKS.md).
+`python3 scripts/gpu_decode_profile.py VIDEO [--fps 2] [--max-pixels 200704] [--read-threads 1 2 4 ...]
+[--no-model] [--out DIR]`: times reading the sampled frames on each number of threads
+(`read_frames`, checked equal to one thread's); reads the frames qwen-vl-utils samples from VIDEO
+(`VideoQA.decode`, timed); times their resize on the CPU (qwen-vl-utils' result) and on the GPU,
+with the difference; then the resize and the video processor together on the CPU and on the GPU
+(`VideoQA.prepare_decoded`, `processor_on_gpu`), with the difference of the pixel values; and,
+unless --no-model, whole requests from the file (decoding included) with the
+Qwen2.5-VL-7B-architecture model (random bf16 weights), dense and FlashPrefill at a fixed 5%
+(benchmark only), frames prepared on the CPU and on the GPU. A development script (results go to
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -37,17 +39,31 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--max-pixels", type=int, default=448 * 448)
     parser.add_argument("--max-frames", type=int, default=2048)
+    parser.add_argument("--read-threads", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     parser.add_argument("--no-model", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     from kernels import FlashPrefillConfig
     from videoprefill.bench import build_7b, warm_up
     from videoprefill.pipeline import VideoQA
-    from videoprefill.video import Sampling
+    from videoprefill.video import Sampling, read_frames, read_threads
 
     sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
                         total_pixels=args.max_frames * args.max_pixels)
-    result: dict = {"video": args.video, "threads": torch.get_num_threads()}
+    result: dict = {"video": args.video, "threads": torch.get_num_threads(), "read_threads_default": read_threads()}
+    entry = sampling.video_entry(args.video)
+    one = read_frames(entry, 14, threads=1).raw  # also warms the file cache
+    result["read_s"] = {}
+    for threads in args.read_threads:  # twice each, alternating, the faster kept
+        result["read_s"][threads] = float("inf")
+    for _ in range(2):
+        for threads in args.read_threads:
+            frames, seconds = timed(lambda: read_frames(entry, 14, threads=threads).raw)  # noqa: B023
+            assert torch.equal(frames, one), f"{threads} threads read different frames"
+            result["read_s"][threads] = min(result["read_s"][threads], seconds)
+    del one, frames
+    print("| threads | read s |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in result["read_s"].items()),
+          flush=True)
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
     config = FlashPrefillConfig.for_model("qwen2.5-vl")

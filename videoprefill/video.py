@@ -144,7 +144,55 @@ class SampledFrames:
         return TF.resize(frames, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True).float()
 
 
-def read_frames(entry: dict, patch_size: int) -> SampledFrames:
+# Frames per reading thread at least: each thread opens its own reader and decodes from the key
+# frame before its first frame, so very short runs cost more than they save.
+MIN_FRAMES_PER_THREAD = 8
+
+
+def read_threads() -> int:
+    """Threads `read_frames` reads a long video with by default: the host's cores, at most 8 (one
+    reader per thread; BENCHMARKS.md has the sweep)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
+    """qwen-vl-utils' decord reader (0.0.14: the same frame range, frame count, indices, metadata
+    and sampling rate, through its own functions), with the sampled frames read in contiguous runs
+    on up to `threads` threads, each with its own decord reader. decord decodes every frame up to
+    the sampled ones, on one core per reader, and releases the GIL while it does; the frames are
+    the same bit for bit (tests compare them with qwen-vl-utils' reader)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import decord
+    import numpy as np
+    import torch
+    from qwen_vl_utils import vision_process as vp
+
+    path = entry["video"]
+    reader = decord.VideoReader(path, num_threads=1 if threads > 1 else 0)
+    total_frames, video_fps = len(reader), reader.get_avg_fps()
+    start_frame, end_frame, total_frames = vp.calculate_video_frame_range(entry, total_frames, video_fps)
+    nframes = vp.smart_nframes(entry, total_frames=total_frames, video_fps=video_fps)
+    idx = torch.linspace(start_frame, end_frame, nframes).round().long().tolist()
+    parts = max(1, min(threads, len(idx) // MIN_FRAMES_PER_THREAD))
+    bounds = np.linspace(0, len(idx), parts + 1).round().astype(int)
+    runs = [idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def read(k: int) -> np.ndarray:
+        own = reader if k == 0 else decord.VideoReader(path, num_threads=1)
+        return own.get_batch(runs[k]).asnumpy()
+
+    if parts == 1:
+        frames = read(0)
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            frames = np.concatenate(list(pool.map(read, range(parts))))
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    metadata = {"fps": video_fps, "frames_indices": idx, "total_num_frames": total_frames, "video_backend": "decord"}
+    return video, metadata, nframes / max(total_frames, 1e-6) * video_fps
+
+
+def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> SampledFrames:
     """Sample a video as qwen-vl-utils does (its decord reader: which frames, their metadata and
     sampling rate) and work out the size it resizes them to, without resizing them.
 
@@ -152,12 +200,18 @@ def read_frames(entry: dict, patch_size: int) -> SampledFrames:
     (2.2 s for 1,040 frames on 16 cores, BENCHMARKS.md); reading and resizing apart lets the
     resize run on the GPU. The size follows `fetch_video`'s rule (qwen-vl-utils 0.0.14);
     tests check the whole result against `process_vision_info` on the CPU.
+
+    threads: how many threads read the frames (`read_threads()` when None); 1 reads them as
+    qwen-vl-utils does, with one reader.
     """
     from qwen_vl_utils import smart_resize
     from qwen_vl_utils import vision_process as vp
 
+    threads = read_threads() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     try:
-        raw, metadata, sample_fps = vp.VIDEO_READER_BACKENDS["decord"](entry)
+        raw, metadata, sample_fps = _read_decord(entry, threads)
     except Exception as err:
         raise VideoError(f"cannot sample frames: {str(err).strip().splitlines()[0][:200]}") from err
     factor = patch_size * vp.SPATIAL_MERGE_SIZE

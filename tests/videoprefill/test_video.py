@@ -81,6 +81,32 @@ def test_read_frames_is_qwen_vl_utils_sampling(sample_video, entry):
     assert sampled.metadata == metadata and kwargs == {"do_sample_frames": False}
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("entry", [
+    {"nframes": 24},
+    {"fps": 8.0, "max_frames": 64, "min_frames": 2, "video_start": 0.5, "video_end": 3.5},
+], ids=["nframes", "fps-range"])
+def test_reading_on_threads_gives_qwen_vl_utils_frames(sample_video, monkeypatch, entry, threads):
+    """The frames read in runs on several threads are the ones qwen-vl-utils' own decord reader
+    returns, in order, bit for bit, with its metadata and sampling rate."""
+    from qwen_vl_utils import vision_process as vp
+
+    import videoprefill.video as video
+
+    monkeypatch.setattr(video, "MIN_FRAMES_PER_THREAD", 4)  # the sample is short: several runs anyway
+    entry = {"type": "video", "video": str(sample_video), **entry}
+    expected, metadata, sample_fps = vp.VIDEO_READER_BACKENDS["decord"](entry)
+    sampled = read_frames(entry, 14, threads=threads)
+    assert sampled.raw.shape == expected.shape and sampled.raw.shape[0] >= 8
+    assert torch.equal(sampled.raw, expected)
+    assert sampled.metadata == metadata and sampled.sample_fps == pytest.approx(sample_fps)
+
+
+def test_read_frames_rejects_no_threads(sample_video):
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        read_frames({"type": "video", "video": str(sample_video), "nframes": 4}, 14, threads=0)
+
+
 def test_read_frames_reports_a_bad_file(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all" * 100)

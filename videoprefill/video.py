@@ -1,8 +1,8 @@
-"""Video input: check a file with decord first, then sample frames through qwen-vl-utils.
+"""Video input: check a file with decord first, then sample frames as qwen-vl-utils does.
 
-Frames are read with qwen-vl-utils' reader and resized apart (`read_frames`, then
-`SampledFrames.resized` on the model's device), which gives qwen-vl-utils' frames (bit for bit
-on the CPU) without its CPU resize in the way of a GPU.
+Frames are read as qwen-vl-utils' decord reader reads them, but on several threads, and resized
+apart (`read_frames`, then `SampledFrames.resized` on the model's device), which gives
+qwen-vl-utils' frames (bit for bit on the CPU) without its CPU resize in the way of a GPU.
 
 qwen-vl-utils falls back to a torchvision reader that no longer exists when decord fails, which
 hides the real error; so every file is opened and its first and last frames decoded here first,
@@ -150,23 +150,26 @@ MIN_FRAMES_PER_THREAD = 8
 
 
 def read_threads() -> int:
-    """Threads `read_frames` reads a long video with by default: the host's cores, at most 8 (one
-    reader per thread; BENCHMARKS.md has the sweep)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads `read_frames` reads a long video with by default: the cores this process may use, at
+    most 16 (one decord reader each; the sweep in BENCHMARKS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, cores or 1))
 
 
 def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
     """qwen-vl-utils' decord reader (0.0.14: the same frame range, frame count, indices, metadata
     and sampling rate, through its own functions), with the sampled frames read in contiguous runs
-    on up to `threads` threads, each with its own decord reader. decord decodes every frame up to
-    the sampled ones, on one core per reader, and releases the GIL while it does; the frames are
-    the same bit for bit (tests compare them with qwen-vl-utils' reader)."""
+    on up to `threads` threads, each with its own decord reader, straight into one uint8 tensor.
+    decord decodes every frame up to the sampled ones, on one core per reader, and releases the
+    GIL while it does; the frames are the same bit for bit (tests compare them with qwen-vl-utils'
+    reader)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import decord
     import numpy as np
     import torch
     from qwen_vl_utils import vision_process as vp
+    from torch.utils.dlpack import from_dlpack
 
     path = entry["video"]
     reader = decord.VideoReader(path, num_threads=1 if threads > 1 else 0)
@@ -175,21 +178,21 @@ def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
     nframes = vp.smart_nframes(entry, total_frames=total_frames, video_fps=video_fps)
     idx = torch.linspace(start_frame, end_frame, nframes).round().long().tolist()
     parts = max(1, min(threads, len(idx) // MIN_FRAMES_PER_THREAD))
-    bounds = np.linspace(0, len(idx), parts + 1).round().astype(int)
-    runs = [idx[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def read(k: int) -> np.ndarray:
-        own = reader if k == 0 else decord.VideoReader(path, num_threads=1)
-        return own.get_batch(runs[k]).asnumpy()
-
     if parts == 1:
-        frames = read(0)
+        frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
     else:
+        bounds = np.linspace(0, len(idx), parts + 1).round().astype(int).tolist()
+        frames = torch.empty((len(idx), *reader[idx[0]].shape), dtype=torch.uint8)
+
+        def read(k: int) -> None:  # decord's batch is taken as a tensor (DLPack) and copied once, in place
+            own = reader if k == 0 else decord.VideoReader(path, num_threads=1)
+            a, b = bounds[k], bounds[k + 1]
+            frames[a:b].copy_(from_dlpack(own.get_batch(idx[a:b]).to_dlpack()))
+
         with ThreadPoolExecutor(parts) as pool:
-            frames = np.concatenate(list(pool.map(read, range(parts))))
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2)
+            list(pool.map(read, range(parts)))  # list() re-raises a thread's error here
     metadata = {"fps": video_fps, "frames_indices": idx, "total_num_frames": total_frames, "video_backend": "decord"}
-    return video, metadata, nframes / max(total_frames, 1e-6) * video_fps
+    return frames.permute(0, 3, 1, 2), metadata, nframes / max(total_frames, 1e-6) * video_fps
 
 
 def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> SampledFrames:

@@ -5,7 +5,8 @@
 (`read_frames`, checked equal to one thread's); reads the frames qwen-vl-utils samples from VIDEO
 (`VideoQA.decode`, timed); times their resize on the CPU (qwen-vl-utils' result) and on the GPU,
 with the difference; then the resize and the video processor together on the CPU and on the GPU
-(`VideoQA.prepare_decoded`, `processor_on_gpu`), with the difference of the pixel values; and,
+(`VideoQA.prepare_decoded`, `processor_on_gpu`), with the difference of the pixel values; the
+prompt's tokenization with and without the placeholder's runs collapsed; and,
 unless --no-model, whole requests from the file (decoding included) with the
 Qwen2.5-VL-7B-architecture model (random bf16 weights), dense and FlashPrefill at a fixed 5%
 (benchmark only), frames prepared on the CPU and on the GPU. A development script (results go to
@@ -15,6 +16,7 @@ BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -46,6 +48,7 @@ def main() -> None:
     from kernels import FlashPrefillConfig
     from videoprefill.bench import build_7b, warm_up
     from videoprefill.pipeline import VideoQA
+    from videoprefill.tokens import collapsed_runs
     from videoprefill.video import Sampling, read_frames, read_threads
 
     sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
@@ -93,6 +96,18 @@ def main() -> None:
     result["pixel_values_gpu_vs_cpu_max_abs"] = (pixels[True] - pixels[False]).abs().max().item()
     result["video_tokens"] = prepared.tokens["video"]
     del pixels
+    # The prompt's tokenization: the processor's expanded text tokenized as it is, and with the
+    # video placeholder's runs tokenized once (`videoprefill.tokens`, as prepare_decoded does).
+    token = qa.processor.video_token
+    text = [qa.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe this video."}]}],
+        tokenize=False, add_generation_prompt=True).replace(token, token * result["video_tokens"])]
+    ids = {}
+    for collapsed in (False, True, False, True):  # each twice, the second timed
+        with collapsed_runs(qa.processor) if collapsed else contextlib.nullcontext():
+            ids[collapsed], result[f"tokenize_{'collapsed' if collapsed else 'stock'}_s"] = timed(
+                lambda: qa.processor.tokenizer(text, return_tensors="pt", padding_side="left")["input_ids"])
+    assert torch.equal(ids[False], ids[True]), "collapsed runs gave other ids"
     print(json.dumps(result, indent=1), flush=True)
     if not args.no_model:
         rows = []

@@ -21,6 +21,7 @@ import torch
 from kernels import FlashPrefillConfig
 from models.attention import RequestSettings, SparsityRecorder, request_settings, set_attention
 
+from .tokens import collapsed_runs
 from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_frames
 
 DEFAULT_QUESTION = "Describe this video."
@@ -195,10 +196,11 @@ class VideoQA:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         frames = decoded.frames(self.frames_device)
-        inputs = self.processor(
-            text=[prompt], videos=[frames], video_metadata=[decoded.sampled.metadata], do_resize=False,
-            do_sample_frames=False, return_tensors="pt", **self.processor_device(),
-        ).to(self.device)
+        with collapsed_runs(self.processor):  # the same ids; the video placeholder's runs tokenized once
+            inputs = self.processor(
+                text=[prompt], videos=[frames], video_metadata=[decoded.sampled.metadata], do_resize=False,
+                do_sample_frames=False, return_tensors="pt", **self.processor_device(),
+            ).to(self.device)
         ids = inputs["input_ids"][0]
         is_video = ids == self.video_token_id
         n_video = int(is_video.sum())

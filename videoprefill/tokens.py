@@ -60,22 +60,25 @@ class RunCollapsingTokenizer:
         if not kept_whole or not set(encoded) <= set(_PER_TOKEN):
             # not one id per run, or an output this path does not know: tokenize as the processor does
             return self._tokenizer(text, return_tensors=return_tensors, **kwargs)
-        data = {key: [self._expand(i, row, counts) for i, row, counts in zip(ids, rows, runs)]
-                for key, rows in encoded.items()}
+        repeats = [self._repeats(row, counts) for row, counts in zip(ids, runs)]
+        if return_tensors == "pt" and len({sum(r) for r in repeats}) == 1:
+            import torch  # the long rows built as tensors: no Python list of 131,040 ints to convert
+
+            data = {key: torch.stack([torch.repeat_interleave(torch.tensor(row), torch.tensor(r))
+                                      for row, r in zip(rows, repeats)]) for key, rows in encoded.items()}
+            return_tensors = None
+        else:
+            data = {key: [[v for v, n in zip(row, r) for _ in range(n)] for row, r in zip(rows, repeats)]
+                    for key, rows in encoded.items()}
         if isinstance(text, str):
             data = {key: rows[0] for key, rows in data.items()}
         return BatchEncoding(data, tensor_type=return_tensors)
 
-    def _expand(self, ids: list[int], row: list[int], counts: list[int]) -> list[int]:
-        """`row` (aligned with `ids`) with the entry at the k-th placeholder repeated counts[k] times."""
-        out: list[int] = []
+    def _repeats(self, ids: list[int], counts: list[int]) -> list[int]:
+        """How many times each of `ids` stands in the processor's text: the k-th placeholder
+        counts[k] times, every other token once."""
         runs = iter(counts)
-        for token_id, value in zip(ids, row):
-            if token_id == self._token_id:
-                out.extend([value] * next(runs))
-            else:
-                out.append(value)
-        return out
+        return [next(runs) if token_id == self._token_id else 1 for token_id in ids]
 
 
 @contextlib.contextmanager

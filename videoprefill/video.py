@@ -144,9 +144,9 @@ class SampledFrames:
         return TF.resize(frames, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True).float()
 
 
-# Frames per reading thread at least: each thread opens its own reader and decodes from the key
-# frame before its first frame, so very short runs cost more than they save.
-MIN_FRAMES_PER_THREAD = 8
+# Frames each reading thread decodes at least (sampled or not): each thread opens its own reader
+# (10-20 ms) and decodes from the key frame before its first frame, so short clips read on one.
+MIN_DECODED_FRAMES_PER_THREAD = 256
 
 
 def read_threads() -> int:
@@ -177,7 +177,7 @@ def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
     start_frame, end_frame, total_frames = vp.calculate_video_frame_range(entry, total_frames, video_fps)
     nframes = vp.smart_nframes(entry, total_frames=total_frames, video_fps=video_fps)
     idx = torch.linspace(start_frame, end_frame, nframes).round().long().tolist()
-    parts = max(1, min(threads, len(idx) // MIN_FRAMES_PER_THREAD))
+    parts = max(1, min(threads, len(idx), (idx[-1] - idx[0] + 1) // MIN_DECODED_FRAMES_PER_THREAD))
     if parts == 1:
         frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
     else:

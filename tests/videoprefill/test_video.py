@@ -93,7 +93,7 @@ def test_reading_on_threads_gives_qwen_vl_utils_frames(sample_video, monkeypatch
 
     import videoprefill.video as video
 
-    monkeypatch.setattr(video, "MIN_FRAMES_PER_THREAD", 4)  # the sample is short: several runs anyway
+    monkeypatch.setattr(video, "MIN_DECODED_FRAMES_PER_THREAD", 4)  # the sample is short: several runs anyway
     entry = {"type": "video", "video": str(sample_video), **entry}
     expected, metadata, sample_fps = vp.VIDEO_READER_BACKENDS["decord"](entry)
     sampled = read_frames(entry, 14, threads=threads)

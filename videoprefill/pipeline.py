@@ -181,7 +181,7 @@ class VideoQA:
         thread). They are resized by `prepare_decoded`, on the model's device."""
         start = time.perf_counter()
         sampling = sampling or Sampling()
-        info = probe(video)
+        info = probe(video, decode_last=False)  # the read below decodes through the last frame
         sampled = read_frames(sampling.video_entry(info.path), self.processor.video_processor.patch_size)
         return DecodedVideo(info, sampled, time.perf_counter() - start)
 

@@ -77,8 +77,11 @@ class Sampling:
         return entry
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """Open the file with decord and decode its first and last frames, or raise VideoError."""
+def probe(path: str | os.PathLike, decode_last: bool = True) -> VideoInfo:
+    """Open the file with decord and decode its first and (with decode_last) last frames, or raise
+    VideoError. decord's open already reads every packet, so it rejects a cut file; the last
+    frame's decode (from the key frame before it: 0.2 s for a 1080p clip on 2 cores) is for a
+    check before anything else runs, as the CLI does before loading the model."""
     p = Path(path)
     if not p.exists():
         raise VideoError(f"video not found: {p}")
@@ -95,7 +98,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             if count == 0:
                 raise VideoError(f"video has no frames: {p}")
             first = reader[0]
-            reader[count - 1]
+            if decode_last:
+                reader[count - 1]
             fps = float(reader.get_avg_fps())
     except VideoError:
         raise

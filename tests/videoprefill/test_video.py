@@ -43,6 +43,29 @@ def test_truncated(tmp_path, sample_video):
         probe(path)
 
 
+def test_cut_file_fails_at_open_without_the_last_frame(tmp_path):
+    """A file cut short with its index at the front (faststart) still opens in FFmpeg, but decord's
+    open reads every packet and fails, so skipping the last frame's decode keeps the check."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "front.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(64):
+            frame = np.full((48, 64, 3), (i * 7) % 255, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = path.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")  # the index is before the frames
+    assert probe(path, decode_last=False) == probe(path)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(VideoError, match="cannot decode"):
+        probe(cut, decode_last=False)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"fps": 0.0}, "fps"), ({"fps": None, "num_frames": None}, "exactly one"), ({"max_frames": 1}, "max_frames"),
     ({"max_pixels": 0}, "pixel"),

@@ -13,12 +13,12 @@ TRITON_INTERPRET=1). `silu_mul_reference` is the readable PyTorch form.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .runtime import check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,8 +49,7 @@ def check(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None)
     if out is not None and (out.shape != gate.shape or out.dtype != gate.dtype or not out.is_contiguous()
                             or out.device != gate.device):
         raise ValueError("out must be a contiguous tensor of gate's shape, dtype and device")
-    if gate.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"silu_mul runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {gate.device}")
+    check_device("silu_mul", gate.device)
     if up.device != gate.device:
         raise ValueError(f"gate and up must be on one device, got {gate.device} and {up.device}")
 

@@ -17,11 +17,11 @@ contiguous tensors of q's and k's shapes and dtypes. fp16, bf16, fp32; D even, a
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -83,11 +83,19 @@ def check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         raise TypeError(f"q and k must be one of {_DTYPES}, got {q.dtype} and {k.dtype}")
     if not all(x.stride(-1) == 1 for x in (q, k, cos, sin)):
         raise ValueError("q, k, cos and sin need a unit last stride")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"rope runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {q.device}")
+    check_device("rope", q.device)
     if not (q.device == k.device == cos.device == sin.device):
         devices = ", ".join(str(x.device) for x in (q, k, cos, sin))
         raise ValueError(f"q, k, cos, sin must be on one device, got {devices}")
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope` takes these inputs (`check` passes)."""
+    try:
+        check(q, k, cos, sin)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s: int = 32):

@@ -43,8 +43,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kernels.rope import check as check_rope
 from kernels.rope import rope
+from kernels.rope import supported as rope_supported
 
 from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward, tower
 
@@ -91,20 +91,12 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     s = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(s, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
-    if FUSED_ROPE and q.is_cuda and _fused_rope_takes(q, k, cos, sin):
+    if FUSED_ROPE and q.is_cuda and rope_supported(q, k, cos, sin):
         q, k = rope(q, k, cos, sin)
     else:
         q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
     out = chunked_attention(q, k, v, cu_seqlens, self.scaling)
     return self.proj(out.reshape(s, -1))
-
-
-def _fused_rope_takes(q, k, cos, sin) -> bool:
-    try:
-        check_rope(q, k, cos, sin)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _recognised(module: torch.nn.Module) -> bool:

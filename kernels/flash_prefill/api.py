@@ -9,21 +9,17 @@ backend, fp32 on the reference backend. Strided views work without a copy on the
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ..runtime import interpreting as _interpreting
 from .config import BlockSparsePattern, FlashPrefillConfig
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 BACKENDS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.rope import rope, rope_reference
+from kernels.rope import rope, rope_reference, supported
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (conftest)
 # One rounding step of the output dtype: the kernel and the reference differ only in how the
@@ -86,6 +86,13 @@ def test_rope_rejects_bad_input(case):
         q, k = q[None], k[None]
     with pytest.raises((ValueError, TypeError)):
         rope(q, k, cos, sin)
+
+
+def test_supported_says_what_rope_takes():
+    q, k, cos, sin = inputs(8, 2, 64, torch.float32)
+    assert supported(q, k, cos, sin)
+    assert not supported(q[..., :63], k[..., :63], cos[:, :63], sin[:, :63])
+    assert not supported(q, k, cos[:, :32], sin)
 
 
 def test_rope_refuses_cpu_tensors_without_the_interpreter(monkeypatch):

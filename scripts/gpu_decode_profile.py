@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     from kernels import FlashPrefillConfig
-    from videoprefill.bench import build_7b, warm_up
+    from videoprefill.bench import build_7b, markdown_table, warm_up
     from videoprefill.pipeline import VideoQA
     from videoprefill.tokens import collapsed_runs
     from videoprefill.video import Sampling, read_frames, read_threads
@@ -65,8 +65,8 @@ def main() -> None:
             assert torch.equal(frames, one), f"{threads} threads read different frames"
             result["read_s"][threads] = min(result["read_s"][threads], seconds)
     del one, frames
-    print("| threads | read s |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in result["read_s"].items()),
-          flush=True)
+    print(markdown_table([{"threads": k, "read_s": v} for k, v in result["read_s"].items()],
+                         [("threads", "threads", ""), ("read s", "read_s", ".3f")]), flush=True)
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
@@ -123,11 +123,10 @@ def main() -> None:
                              else "sparse, fixed 5% (benchmark only)", "density": answer.sparsity["density"], **t})
                 print(rows[-1], flush=True)
         result["requests"] = rows
-        print("| resize + processor | attention | density | decode video s | vision s | LLM prefill s | TTFT s |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['frames_prepared_on']} | {r['attention']} | {r['density']:.1%} | {r['decode_video_s']:.2f} | "
-                  f"{r['vision_s']:.2f} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} |")
+        print(markdown_table(rows, [("resize + processor", "frames_prepared_on", ""), ("attention", "attention", ""),
+                                    ("density", "density", ".1%"), ("decode video s", "decode_video_s", ".2f"),
+                                    ("vision s", "vision_s", ".2f"), ("LLM prefill s", "prefill_s", ".2f"),
+                                    ("TTFT s", "ttft_s", ".2f")]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "decode.json").write_text(json.dumps(result, indent=1))

@@ -73,6 +73,13 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
                     {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames)
 
 
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table of `rows`, one column per (title, key, format spec)."""
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format(r[key], spec) for _, key, spec in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def warm_up(qa) -> None:
     """Both attention modes once on a short synthetic request, FlashPrefill forced on (min_seq_len
     0): compiles the kernels and warms cuDNN before anything is timed."""
@@ -148,11 +155,10 @@ def prefill_main(argv: list[str]) -> int:
             torch.cuda.reset_peak_memory_stats()
     prepare_vision_tower(model)
     prepare_language_model(model)
-    print("| video tokens | attention | density | vision s | LLM prefill s | first token s | TTFT (no decode) s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['video_tokens']} | {r['attention']} | {r['density']:.1%} | {r['vision_s']:.3f} | "
-              f"{r['prefill_s']:.3f} | {r['first_token_s']:.4f} | {r['ttft_without_decode_s']:.3f} |")
+    print(markdown_table(rows, [("video tokens", "video_tokens", ""), ("attention", "attention", ""),
+                                ("density", "density", ".1%"), ("vision s", "vision_s", ".3f"),
+                                ("LLM prefill s", "prefill_s", ".3f"), ("first token s", "first_token_s", ".4f"),
+                                ("TTFT (no decode) s", "ttft_without_decode_s", ".3f")]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": header, "rows": rows}, f, indent=1)

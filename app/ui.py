@@ -173,6 +173,9 @@ class App:
                  for name, a in answers.items()]
         tok = main.tokens
         tokens = f"video tokens: {tok['video']}   text tokens: {tok['text']}   total: {tok['total']}"
+        if tok.get("cached"):
+            tokens += (f"   (the video's {tok['cached']} prompt tokens came from the previous question's cache: "
+                       "no decoding, no vision encoder, only the question prefilled)")
         line, heat = density_plots(main)
         layers = main.sparsity.get("layers") or [0]
         chosen = layers[-1] if int(layer) < 0 else int(layer)

@@ -44,7 +44,10 @@ class SparsityRecorder:
     mask_size: int = 256
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> kept blocks per head (HQ,)
     visible: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> visible blocks per head (HQ,)
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (HQ, n, m) kept fraction
+    # layer -> bool (HQ, NQB, NKB) kept blocks of batch row 0, query blocks counted from block 0; a
+    # query chunk right after the keys recorded so far (a prompt prefilled in two calls) adds its rows.
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    mask_tokens: dict[int, int] = field(default_factory=dict)  # layer -> keys its mask covers
     block_size: int | None = None
     num_tokens: int | None = None
 
@@ -58,16 +61,44 @@ class SparsityRecorder:
         visible = pattern.causal_blocks().to(torch.float32).sum() * batch
         self._add(layer, pattern.kv_num_blocks.to(torch.float32).sum((0, 2)), visible.expand(heads))
         self.block_size, self.num_tokens = pattern.block_size, pattern.kv_len
-        if layer in self.mask_layers and layer not in self.masks:
-            self.masks[layer] = downsample_mask(pattern.to_dense()[0], self.mask_size)
+        if layer in self.mask_layers:
+            self._record_mask(layer, pattern)
+
+    def _record_mask(self, layer: int, pattern: BlockSparsePattern) -> None:
+        kept = self.masks.get(layer)
+        if kept is not None and self.mask_tokens[layer] != pattern.kv_len - pattern.q_len:
+            return  # not the chunk after the recorded keys (another row of a padded batch)
+        new = pattern.to_dense()[0]
+        heads, nq, nk = new.shape
+        q0 = pattern.first_q_block
+        if kept is None and q0 == 0:
+            merged = new
+        else:
+            merged = torch.zeros(heads, q0 + nq, nk, dtype=torch.bool, device=new.device)
+            if kept is not None:
+                merged[:, : kept.shape[1], : kept.shape[2]] = kept
+            merged[:, q0:] |= new
+        self.masks[layer] = merged
+        self.mask_tokens[layer] = pattern.kv_len
 
     def record_dense(self, layer: int, num_heads: int, num_tokens: int, device) -> None:
         ones = torch.ones(num_heads, device=device)
         self._add(layer, ones, ones)
         self.num_tokens = num_tokens
 
+    def copy(self, mask_layers: tuple[int, ...] | None = None) -> SparsityRecorder:
+        """A recorder holding what this one has recorded (its tensors shared, never written in
+        place), recording on from there; masks only of `mask_layers` (default: this one's)."""
+        layers = self.mask_layers if mask_layers is None else mask_layers
+        return SparsityRecorder(mask_layers=layers, mask_size=self.mask_size, kept=dict(self.kept),
+                                visible=dict(self.visible),
+                                masks={i: m for i, m in self.masks.items() if i in layers},
+                                mask_tokens={i: n for i, n in self.mask_tokens.items() if i in layers},
+                                block_size=self.block_size, num_tokens=self.num_tokens)
+
     def finish(self) -> dict:
-        """{"density": float, "per_layer": [...], "per_head": [[...]], "masks": {layer: tensor}}."""
+        """{"density": float, "per_layer": [...], "per_head": [[...]], "masks": {layer: (HQ, n, m) kept
+        fraction, n, m <= mask_size}}."""
         layers = sorted(self.kept)
         per_head = [(self.kept[i] / self.visible[i]).cpu() for i in layers]
         kept = sum(float(self.kept[i].sum()) for i in layers)
@@ -77,7 +108,7 @@ class SparsityRecorder:
             "per_layer": [float(h.mean()) for h in per_head],
             "per_head": [h.tolist() for h in per_head],
             "layers": layers,
-            "masks": {i: m.cpu() for i, m in self.masks.items()},
+            "masks": {i: downsample_mask(m, self.mask_size).cpu() for i, m in self.masks.items()},
             "block_size": self.block_size,
             "num_tokens": self.num_tokens,
         }
@@ -173,6 +204,13 @@ def sparse_attention_forward(
                       **kwargs)
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    ranges = None
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        key_valid = mask[:, 0, -1, :] if mask.dim() == 4 else mask
+        ranges = [_valid_range(key_valid[i, -tk:]) for i in range(b)]
+        if b == 1 and ranges[0] == (0, tk):
+            attention_mask = None  # causal and no padding: a question's tokens over a cached prefix
     if settings.fixed_density is not None and attention_mask is None:
         find_pattern(q, k, settings.config, scaling, settings.backend)
         pattern = random_pattern(b, hq, tk, settings.config.block_size, settings.fixed_density, q.device,
@@ -192,9 +230,6 @@ def sparse_attention_forward(
         return out, None
 
     # Padded batch: each row attends within its own contiguous run of valid keys.
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    key_valid = mask[:, 0, -1, :] if mask.dim() == 4 else mask
-    ranges = [_valid_range(key_valid[i, -tk:]) for i in range(b)]
     if any(r is None or r[1] != tk for r in ranges):
         # Not left padding (the last query must see every valid key): dense with the mask.
         return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,

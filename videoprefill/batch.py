@@ -268,11 +268,11 @@ def _run_one(qa, decoded, item: Item, first: bool, args, config) -> dict:
         prediction, correct = _score(item, ans.text)
         record[mode] = {"prediction": prediction, "output": ans.text, "correct": correct,
                         "ttft_s": ans.timings["ttft_s"], "prefill_s": ans.timings["prefill_s"],
-                        "density": ans.sparsity["density"]}
+                        "density": ans.sparsity["density"], "cached_tokens": ans.tokens["cached"]}
     main = record["sparse"] if "sparse" in record else record[args.attention]
     row = {"prediction": main["prediction"], "output": main["output"], "correct": main["correct"],
            "ttft_s": main["ttft_s"], "prefill_s": main["prefill_s"], "density": main["density"],
-           "tokens": prepared.tokens, "decode_shared": not first}
+           "tokens": prepared.tokens, "decode_shared": not first, "cached_tokens": main["cached_tokens"]}
     if args.attention == "compare":
         row["runs"] = record
         row["agree"] = record["sparse"]["prediction"] == record["dense"]["prediction"]
@@ -377,6 +377,12 @@ def summarize(rows: list[dict], compare: bool) -> dict:
         "density": sum(r["density"] for r in ok) / len(ok) if ok else None,
         "by_category": {}, "by_duration": {},
     }
+    # A later question about the same video reuses its prefix's KV cache (videoprefill.prefix).
+    for name, rows_of in (("first", [r for r in ok if not r.get("cached_tokens")]),
+                          ("follow_up", [r for r in ok if r.get("cached_tokens")])):
+        t = [r["ttft_s"] for r in rows_of if r.get("ttft_s") is not None]
+        summary[f"ttft_{name}_question_mean_s"] = sum(t) / len(t) if t else None
+        summary[f"{name}_questions"] = len(rows_of)
     for field, key in (("category", "by_category"), ("duration", "by_duration")):
         groups = defaultdict(list)
         for r in ok:
@@ -406,6 +412,11 @@ def summary_markdown(summary: dict) -> str:
              f"| {summary['items']} | {summary['answered']} | {summary['errors']} | {pct(summary['accuracy'])} | "
              f"{sec(summary['ttft_s']['mean'])} | {sec(summary['ttft_s']['p50'])} | {sec(summary['ttft_s']['p90'])} | "
              f"{pct(summary['density'])} |"]
+    if summary.get("follow_up_questions"):
+        lines += ["", "| first question about a video: items | TTFT mean s | later questions (video prefix cached): "
+                  "items | TTFT mean s |", "|---|---|---|---|",
+                  f"| {summary['first_questions']} | {sec(summary['ttft_first_question_mean_s'])} "
+                  f"| {summary['follow_up_questions']} | {sec(summary['ttft_follow_up_question_mean_s'])} |"]
     if "agreement" in summary:
         lines += ["", "| agreement sparse/dense | sparse accuracy | dense accuracy | sparse TTFT s | dense TTFT s |",
                   "|---|---|---|---|---|",

@@ -70,7 +70,8 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     n = int(is_video.sum())
     info = VideoInfo("synthetic", frames, 2.0, side, side)
     return Prepared(info, "Describe this video.", dict(inputs), 0.0,
-                    {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames)
+                    {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames,
+                    video_key=("synthetic", video_tokens, side))
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -90,6 +91,17 @@ def warm_up(qa) -> None:
         qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
 
 
+def _row(prepared, label: str, answer) -> dict:
+    t = answer.timings
+    row = {"video_tokens": prepared.tokens["video"], "total_tokens": prepared.tokens["total"], "attention": label,
+           "density": answer.sparsity["density"], "cached_tokens": answer.tokens["cached"],
+           "vision_s": t["vision_s"], "prefill_s": t["prefill_s"], "first_token_s": t["first_token_s"],
+           "ttft_without_decode_s": t["ttft_s"] - t["decode_video_s"],
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(row, flush=True)
+    return row
+
+
 def prefill_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m videoprefill.bench prefill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +117,9 @@ def prefill_main(argv: list[str]) -> int:
                         help="also time dense prefill with the language model's RMSNorms and MLP activations as "
                              "transformers runs them (the baseline of models.text); with --stock-vision, one row "
                              "with both towers as transformers runs them")
+    parser.add_argument("--later-question", action="store_true",
+                        help="also time a second question about the same video, its video prefix kept from the "
+                             "first (videoprefill.prefix): what a user asking again waits")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,6 +135,7 @@ def prefill_main(argv: list[str]) -> int:
 
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
+    qa.prefix_cache = False  # every request cold: its prefix computed, nothing kept
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"transformers {transformers.__version__}; Qwen2.5-VL-7B architecture, random bf16 weights; {config}")
@@ -144,15 +160,21 @@ def prefill_main(argv: list[str]) -> int:
                 answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
                 if best is None or answer.timings["prefill_s"] < best.timings["prefill_s"]:
                     best = answer
-            t = best.timings
-            rows.append({"video_tokens": prepared.tokens["video"], "total_tokens": prepared.tokens["total"],
-                         "attention": label,
-                         "density": best.sparsity["density"],
-                         "vision_s": t["vision_s"], "prefill_s": t["prefill_s"], "first_token_s": t["first_token_s"],
-                         "ttft_without_decode_s": t["ttft_s"] - t["decode_video_s"],
-                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
-            print(rows[-1], flush=True)
+            rows.append(_row(prepared, label, best))
             torch.cuda.reset_peak_memory_stats()
+            if args.later_question and not (stock_vision or stock_text):
+                qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed, reuse_prefix=True)
+                later = qa.follow_up(prepared, "What happens at the end of this video?")
+                best = None
+                for _ in range(args.repeats):
+                    answer = qa.run(later, mode, max_new_tokens=2, config=config, fixed_density=fixed,
+                                    reuse_prefix=True)
+                    assert answer.tokens["cached"] > 0, "the later question did not reuse the prefix"
+                    if best is None or answer.timings["ttft_s"] < best.timings["ttft_s"]:
+                        best = answer
+                rows.append(_row(later, f"{label}, later question (video prefix cached)", best))
+                qa.forget_prefix()
+                torch.cuda.reset_peak_memory_stats()
     prepare_vision_tower(model)
     prepare_language_model(model)
     print(markdown_table(rows, [("video tokens", "video_tokens", ""), ("attention", "attention", ""),

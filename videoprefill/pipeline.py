@@ -4,23 +4,30 @@ Stages, each closed by a GPU synchronisation so a stage's time is its own:
   decode_video_s  open and check the file, sample and resize frames, build the prompt and the
                   processor's tensors (everything before the model runs)
   vision_s        the vision encoder
-  prefill_s       the language model over the whole prompt (FlashPrefill or dense)
+  prefill_s       the language model over the whole prompt (FlashPrefill or dense): the video
+                  prefix, then the question's tokens over its KV cache (videoprefill.prefix)
   first_token_s   from the end of prefill to the first token chosen (LM head, sampling)
   ttft_s          from the request (a video path) to the first token
   total_s         the whole request, all new tokens included
+
+A question about the video of the previous question, with the same sampling and attention
+settings, reuses that video's prefix: no decoding, no vision encoder, and a prefill of the
+question's tokens only (`tokens["cached"]` says how many tokens came from the cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from kernels import FlashPrefillConfig
-from models.attention import RequestSettings, SparsityRecorder, request_settings, set_attention
+from models.attention import RequestSettings, SparsityRecorder, current_settings, request_settings, set_attention
 
+from . import prefix as prefixes
 from .tokens import collapsed_runs
 from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_frames
 
@@ -41,6 +48,7 @@ class DecodedVideo:
     info: VideoInfo
     sampled: SampledFrames
     decode_s: float
+    sampling: Sampling = field(default_factory=Sampling)
     _resized_on_cpu: torch.Tensor | None = field(default=None, repr=False)
 
     def frames(self, device: torch.device) -> torch.Tensor:
@@ -58,11 +66,15 @@ class Prepared:
 
     video: VideoInfo
     question: str
-    inputs: dict
+    inputs: dict  # without pixels when built on a kept prefix (videoprefill.prefix)
     decode_s: float
     tokens: dict
     video_ranges: list[tuple[int, int]]
     sampled_frames: int
+    sampling: Sampling = field(default_factory=Sampling)
+    prefix_len: int = 0  # tokens through the last video token (0: counted when it runs)
+    video_key: tuple | None = None
+    decoded: DecodedVideo | None = field(default=None, repr=False)  # frames, for inputs built on a prefix
 
 
 @dataclass
@@ -94,12 +106,15 @@ def _sync(device: torch.device) -> float:
 
 
 class _StageClock:
-    """Forward hooks that time the first call of the vision tower and of the language model,
-    and a logits processor that stamps the first chosen token."""
+    """Forward hooks that add up the time of the vision tower's and the language model's calls
+    before the first token (the prefix and the question's tokens: two language-model calls), and
+    a stopping criterion that stamps the first chosen token."""
 
     def __init__(self, model, device: torch.device):
         self.device = device
         self.marks: dict[str, float] = {}
+        self.totals = {"vision": 0.0, "prefill": 0.0}
+        self._open: dict[str, float] = {}
         self.handles = []
         for name, module in (("vision", model.model.visual), ("prefill", model.model.language_model)):
             self.handles.append(module.register_forward_pre_hook(self._start(name)))
@@ -107,14 +122,16 @@ class _StageClock:
 
     def _start(self, name):
         def hook(module, args):
-            if f"{name}_start" not in self.marks:
-                self.marks[f"{name}_start"] = _sync(self.device)
+            if "first_token" not in self.marks:
+                self._open[name] = _sync(self.device)
         return hook
 
     def _end(self, name):
         def hook(module, args, output):
-            if f"{name}_end" not in self.marks:
-                self.marks[f"{name}_end"] = _sync(self.device)
+            if name in self._open:
+                now = _sync(self.device)
+                self.totals[name] += now - self._open.pop(name)
+                self.marks[f"{name}_end"] = now
         return hook
 
     def first_token_stopper(self):
@@ -152,6 +169,10 @@ class VideoQA:
         self.video_token_id = model.config.video_token_id
         self._attention = None
         self.processor_on_gpu = True  # False: resize and video processor on the CPU (for comparisons)
+        # Keep the last video's prefix and one KV cache of it for the next question (False: every
+        # question computes its prefix and nothing is held between requests).
+        self.prefix_cache = True
+        self._prefix: prefixes.VideoPrefix | None = None
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
@@ -183,18 +204,54 @@ class VideoQA:
         sampling = sampling or Sampling()
         info = probe(video, decode_last=False)  # the read below decodes through the last frame
         sampled = read_frames(sampling.video_entry(info.path), self.processor.video_processor.patch_size)
-        return DecodedVideo(info, sampled, time.perf_counter() - start)
+        return DecodedVideo(info, sampled, time.perf_counter() - start, sampling)
 
-    def prepare_decoded(self, decoded: DecodedVideo, question: str, count_decode: bool = True) -> Prepared:
-        """Build the model inputs for a question about an already decoded video.
-
-        count_decode: add the video's decode time to this request (False for a video decoded for
-        an earlier question, whose frames are reused)."""
-        start = _sync(self.device)
+    def _prompt(self, question: str) -> str:
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _kept_prefix(self, key: tuple | None) -> prefixes.VideoPrefix | None:
+        kept = self._prefix
+        return kept if kept is not None and key is not None and kept.key == key else None
+
+    def _question_ids(self, question: str) -> torch.Tensor:
+        """(1, n) ids of the prompt's text after its video placeholder, tokenized alone: the
+        placeholder and the tokens around it are added tokens, never merged across."""
+        prompt = self._prompt(question)
+        token = self.processor.video_token
+        tail = prompt[prompt.rindex(token) + len(token):]
+        return self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    def _prepare_on_prefix(self, kept: prefixes.VideoPrefix, question: str, decode_s: float = 0.0,
+                           decoded: DecodedVideo | None = None) -> Prepared:
+        """The inputs of a question about the kept prefix's video: its tokens, then the question's
+        (checked against the processor's when the prefix was kept: `prefixes.bridge_inputs`)."""
+        start = _sync(self.device)
+        inputs = prefixes.extend_inputs(kept.inputs, kept.bridge, self._question_ids(question).to(self.device))
+        total = int(inputs["input_ids"].shape[1])
+        end = _sync(self.device)
+        return Prepared(
+            video=kept.video, question=question, inputs=inputs, decode_s=decode_s + (end - start),
+            tokens={"video": kept.video_tokens, "text": total - kept.video_tokens, "total": total},
+            video_ranges=list(kept.video_ranges), sampled_frames=kept.sampled_frames, sampling=kept.sampling,
+            prefix_len=kept.length, video_key=kept.key, decoded=decoded,
+        )
+
+    def prepare_decoded(self, decoded: DecodedVideo, question: str, count_decode: bool = True,
+                        reuse_prefix: bool = True) -> Prepared:
+        """Build the model inputs for a question about an already decoded video.
+
+        count_decode: add the video's decode time to this request (False for a video decoded for
+        an earlier question, whose frames are reused).
+        reuse_prefix: build on the kept prefix of this video when there is one (no processor)."""
+        key = prefixes.video_key(decoded.info.path, decoded.sampling, self.frames_device)
+        kept = self._kept_prefix(key) if reuse_prefix else None
+        if kept is not None and kept.bridge is not None:
+            return self._prepare_on_prefix(kept, question, decoded.decode_s if count_decode else 0.0, decoded)
+        start = _sync(self.device)
+        prompt = self._prompt(question)
         frames = decoded.frames(self.frames_device)
         with collapsed_runs(self.processor):  # the same ids; the video placeholder's runs tokenized once
             inputs = self.processor(
@@ -209,19 +266,38 @@ class VideoQA:
             video=decoded.info, question=question, inputs=dict(inputs),
             decode_s=(decoded.decode_s if count_decode else 0.0) + (end - start),
             tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
-            video_ranges=_runs(is_video), sampled_frames=int(frames.shape[0]),
+            video_ranges=_runs(is_video), sampled_frames=int(frames.shape[0]), sampling=decoded.sampling,
+            prefix_len=prefixes.prefix_length(ids[None], self.video_token_id), video_key=key,
         )
 
     def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
-        """Decode and sample the video and build the model inputs (the decode_video stage)."""
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("the question is empty")
+        """Decode and sample the video and build the model inputs (the decode_video stage). A
+        question about the kept prefix's video (same file, unchanged, same sampling) skips that."""
+        self._prompt(question)  # an empty question fails before any decoding
+        sampling = sampling or Sampling()
+        kept = self._kept_prefix(prefixes.video_key(os.fspath(video), sampling, self.frames_device))
+        if kept is not None and kept.bridge is not None:
+            return self._prepare_on_prefix(kept, question)
         return self.prepare_decoded(self.decode(video, sampling), question)
+
+    def follow_up(self, prepared: Prepared, question: str) -> Prepared:
+        """Another question about the video of `prepared`: built on its kept prefix when there is
+        one (no decoding, no processor), else from its frames or the file."""
+        kept = self._kept_prefix(prepared.video_key)
+        if kept is not None and kept.bridge is not None:
+            return self._prepare_on_prefix(kept, question, decoded=prepared.decoded)
+        decoded = prepared.decoded or self.decode(prepared.video.path, prepared.sampling)
+        return self.prepare_decoded(decoded, question)
 
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
-            record_masks: bool = True, fixed_density: float | None = None) -> Answer:
-        """Prefill and generate for a prepared request with the chosen attention."""
+            record_masks: bool = True, fixed_density: float | None = None,
+            reuse_prefix: bool | None = None) -> Answer:
+        """Prefill and generate for a prepared request with the chosen attention.
+
+        reuse_prefix: use the kept KV cache of this video's prefix when it was made with the same
+        settings, and keep this one's (default `self.prefix_cache`); False computes the prefix
+        and keeps nothing, a cold request (what the benchmarks time)."""
         if attention not in ATTENTION_MODES:
             raise InputError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if max_new_tokens < 1:
@@ -232,49 +308,116 @@ class VideoQA:
             self._attention = attention
         if dense_layers is None:
             dense_layers = self.info.dense_layers if self.info else 0
-        recorder = SparsityRecorder(mask_layers=self.mask_layers if record_masks else ())
-        settings = RequestSettings(config=config, recorder=recorder, fixed_density=fixed_density,
-                                   dense_layers=dense_layers)
+        if prepared.prefix_len <= 0:
+            prepared.prefix_len = prefixes.prefix_length(prepared.inputs["input_ids"], self.video_token_id)
+        reuse = self.prefix_cache if reuse_prefix is None else reuse_prefix
+        key = (attention, config, dense_layers, fixed_density)
+        kept = self._kept_prefix(prepared.video_key) if reuse else None
+        state = kept.state if kept is not None and kept.state is not None and kept.state.settings == key else None
+        if state is None:
+            if self._prefix is not None:
+                self._prefix.state = None  # free the kept KV cache before computing another
+            if not any(k in prepared.inputs for k in prefixes.PIXEL_KEYS):
+                self._reload(prepared)  # built on a prefix kept for other settings
+        else:
+            self._warm.add(attention)  # the request that made the cache ran this mode
+        settings = RequestSettings(config=config, fixed_density=fixed_density, dense_layers=dense_layers)
         if self.warmup and attention not in self._warm:
-            with torch.inference_mode(), request_settings(dataclasses.replace(settings, recorder=None)):
-                self.model.generate(**prepared.inputs, max_new_tokens=1, do_sample=False,
-                                    pad_token_id=self.processor.tokenizer.pad_token_id)
+            with torch.inference_mode(), request_settings(settings):
+                self._generate(prepared, key, None, max_new_tokens=1)
             self._warm.add(attention)
+        mask_layers = self.mask_layers if record_masks else ()
+        # A cold prefix records masks of every mask layer, so that its kept record serves any request.
+        recorder = state.recorder.copy(mask_layers) if state else SparsityRecorder(mask_layers=self.mask_layers)
+        settings = dataclasses.replace(settings, recorder=recorder)
+        cached = prepared.prefix_len if state else 0
         clock = _StageClock(self.model, self.device)
         try:
             start = _sync(self.device)
             with torch.inference_mode(), request_settings(settings):
-                out = self.model.generate(
-                    **prepared.inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                    stopping_criteria=[clock.first_token_stopper()], pad_token_id=self.processor.tokenizer.pad_token_id,
-                )
+                out, state = self._generate(prepared, key, state, max_new_tokens, [clock.first_token_stopper()])
             end = _sync(self.device)
         finally:
             clock.close()
+        if reuse and prepared.video_key is not None:
+            self._keep(prepared, state)
         m = clock.marks
         new = out[0, prepared.inputs["input_ids"].shape[1] :]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-        vision_s = m["vision_end"] - m["vision_start"] if "vision_end" in m else 0.0
-        prefill_s = m["prefill_end"] - m["prefill_start"]
         timings = {
             "decode_video_s": prepared.decode_s,
-            "vision_s": vision_s,
-            "prefill_s": prefill_s,
+            "vision_s": clock.totals["vision"],
+            "prefill_s": clock.totals["prefill"],
             "first_token_s": m["first_token"] - m["prefill_end"],
             "ttft_s": prepared.decode_s + (m["first_token"] - start),
             "total_s": prepared.decode_s + (end - start),
         }
         sparsity = recorder.finish() if attention == "sparse" else _dense_record(self.model)
+        if not record_masks:
+            sparsity["masks"] = {}
         sparsity["video_ranges"] = prepared.video_ranges
         sparsity["num_tokens"] = prepared.tokens["total"]
         return Answer(
             text=text, attention=attention, model=self.info.name if self.info else "model",
-            trained=self.info.trained if self.info else True, timings=timings, tokens=dict(prepared.tokens),
-            sparsity=sparsity,
+            trained=self.info.trained if self.info else True, timings=timings,
+            tokens={**prepared.tokens, "cached": cached}, sparsity=sparsity,
             video={"path": prepared.video.path, "frames": prepared.video.num_frames, "fps": prepared.video.fps,
                    "duration_s": round(prepared.video.duration_s, 3), "sampled_frames": prepared.sampled_frames},
             new_tokens=int(new.numel()), config=dataclasses.asdict(config),
         )
+
+    def _generate(self, prepared: Prepared, key: tuple, state: prefixes.PrefixState | None, max_new_tokens: int,
+                  stopping_criteria=None, **generate_kwargs) -> tuple[torch.Tensor, prefixes.PrefixState]:
+        """Prefill the prefix into a new KV cache (state None), then generate over the prefix's
+        cache from the question's tokens on; the cache is cut back to the prefix afterwards. Both
+        calls take the positions `generate` gives the whole prompt, so they are those of one call."""
+        cache_arg = prefixes.cache_argument(self.model)
+        prefix_inputs, inputs = prefixes.split_inputs(prepared.inputs, prepared.prefix_len)
+        positions = prefixes.prompt_positions(self.model, inputs)
+        if state is None:
+            cache = prefixes.new_cache(self.model)
+            self.model.model(**prefix_inputs, position_ids=positions[..., : prepared.prefix_len],
+                             **{cache_arg: cache}, use_cache=True)
+            recorder = current_settings().recorder
+            state = prefixes.PrefixState(settings=key, cache=cache,
+                                         recorder=recorder.copy() if recorder is not None else SparsityRecorder())
+        try:
+            out = self.model.generate(
+                **inputs, position_ids=positions, **{cache_arg: state.cache}, max_new_tokens=max_new_tokens,
+                do_sample=False, stopping_criteria=stopping_criteria,
+                pad_token_id=self.processor.tokenizer.pad_token_id, **generate_kwargs,
+            )
+        finally:
+            prefixes.crop(state.cache, prepared.prefix_len)
+        return out, state
+
+    def _reload(self, prepared: Prepared) -> None:
+        """Give a request built on a kept prefix its pixels (decoding the video again unless its
+        frames came with it)."""
+        decoded = prepared.decoded or self.decode(prepared.video.path, prepared.sampling)
+        fresh = self.prepare_decoded(decoded, prepared.question, count_decode=prepared.decoded is None,
+                                     reuse_prefix=False)
+        prepared.inputs, prepared.prefix_len = fresh.inputs, fresh.prefix_len
+        prepared.decode_s += fresh.decode_s
+
+    def _keep(self, prepared: Prepared, state: prefixes.PrefixState) -> None:
+        kept = self._prefix
+        if kept is None or kept.key != prepared.video_key:
+            prefix_inputs, _ = prefixes.split_inputs(prepared.inputs, prepared.prefix_len)
+            kept = prefixes.VideoPrefix(
+                key=prepared.video_key, length=prepared.prefix_len,
+                inputs={k: v for k, v in prefix_inputs.items() if k not in prefixes.PIXEL_KEYS},
+                bridge=prefixes.bridge_inputs(prepared.inputs, prepared.prefix_len,
+                                              self._question_ids(prepared.question)),
+                video=prepared.video, sampling=prepared.sampling, sampled_frames=prepared.sampled_frames,
+                video_tokens=prepared.tokens["video"], video_ranges=list(prepared.video_ranges),
+            )
+        kept.state = state
+        self._prefix = kept
+
+    def forget_prefix(self) -> None:
+        """Drop the kept prefix and its KV cache (GPU memory back to the allocator)."""
+        self._prefix = None
 
     def ask(self, video: str, question: str = DEFAULT_QUESTION, attention: str = "sparse",
             sampling: Sampling | None = None, max_new_tokens: int = 32,

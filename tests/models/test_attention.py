@@ -84,7 +84,8 @@ def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch
     answer = qa.run(prepared, "sparse", max_new_tokens=5)
     layers = model.config.text_config.num_hidden_layers
     assert answer.new_tokens == 5
-    assert calls == [prepared.tokens["total"]] * layers  # prefill only, once per layer
+    # prefill only, once per layer: the video prefix, then the question's tokens over its cache
+    assert calls == [prepared.prefix_len] * layers + [prepared.tokens["total"] - prepared.prefix_len] * layers
 
 
 def test_dense_layers_stay_dense(tiny_models, sample_video, monkeypatch):
@@ -93,7 +94,7 @@ def test_dense_layers_stay_dense(tiny_models, sample_video, monkeypatch):
     calls = count_flash_calls(monkeypatch)
     answer = qa.ask(sample_video, "Describe this video.", sampling=SMALL, max_new_tokens=2)
     layers = model.config.text_config.num_hidden_layers
-    assert len(calls) == layers - 2
+    assert len(calls) == 2 * (layers - 2)  # the prefix and the question, each in the sparse layers
     assert answer.sparsity["per_layer"][:2] == [1.0, 1.0]
 
 

@@ -1,0 +1,192 @@
+"""The video prefix: two-call prefill, and its KV cache kept for the next question (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from kernels import BlockSparsePattern, FlashPrefillConfig
+from models import load, set_attention
+from models.attention import SparsityRecorder
+from models.tiny import FAMILIES
+from videoprefill.pipeline import VideoQA
+from videoprefill.synthetic import DEMO_QUESTION
+from videoprefill.video import Sampling, sample_video_path
+
+SMALL = Sampling(fps=4.0, max_frames=8, max_pixels=56 * 56, min_pixels=28 * 28)
+EXACT = Sampling(fps=2.0, max_frames=512, min_pixels=112 * 112, max_pixels=112 * 112)  # the demo's frames
+SPARSE = FlashPrefillConfig(block_size=16, alpha=0.3, sink_blocks=1, window_blocks=1, last_full_blocks=1,
+                            min_seq_len=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, sample_video):
+    """The prefix, then the question over its cache, with the positions generate gives the whole
+    prompt: the same logits as one generate call over the prompt (dense attention)."""
+    model, processor = load(tiny_models[family], device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    set_attention(model, "dense")
+    prepared = qa.prepare(sample_video, "What happens in this video?", SMALL)
+    assert 0 < prepared.prefix_len < prepared.tokens["total"]
+    ids = prepared.inputs["input_ids"][0]
+    assert int(ids[prepared.prefix_len - 1]) == model.config.video_token_id
+    assert not bool((ids[prepared.prefix_len:] == model.config.video_token_id).any())
+    options = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
+               "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.inference_mode():
+        one = model.generate(**prepared.inputs, **options)
+        two, state = qa._generate(prepared, ("dense",), None, 6, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(one.sequences, two.sequences)
+    assert len(one.scores) == len(two.scores) == 6
+    for a, b in zip(one.scores, two.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert state.cache.get_seq_length() == prepared.prefix_len  # the question's positions were dropped
+
+
+def _decodes(qa, monkeypatch) -> list[str]:
+    seen: list[str] = []
+    real = qa.decode
+
+    def counting(video, sampling=None):
+        seen.append(video)
+        return real(video, sampling)
+
+    monkeypatch.setattr(qa, "decode", counting)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The trained demo model (its FlashPrefill settings keep part of the blocks on the sample)."""
+    return load("demo", device="cpu")
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_a_later_question_reuses_the_prefix(attention, demo, monkeypatch):
+    model, processor = demo
+    video = str(sample_video_path())
+    qa = VideoQA(model, processor, warmup=False)
+    decodes = _decodes(qa, monkeypatch)
+    questions = (DEMO_QUESTION, "What colour is the flash?", DEMO_QUESTION)
+    first, second, again = (qa.ask(video, q, attention, EXACT, max_new_tokens=4) for q in questions)
+    assert decodes == [video]  # the later questions neither decode nor run the vision encoder
+    assert first.text.lower().startswith("yellow")
+    assert first.tokens["cached"] == 0 and first.timings["vision_s"] > 0
+    for later in (second, again):
+        assert later.tokens["cached"] > 0 and later.timings["vision_s"] == 0.0
+        assert later.tokens["video"] == first.tokens["video"]
+    # The same answers, density and block masks as requests that compute their prefix.
+    cold = VideoQA(model, processor, warmup=False)
+    cold.prefix_cache = False
+    for later, question in zip((second, again), questions[1:]):
+        fresh = cold.ask(video, question, attention, EXACT, max_new_tokens=4)
+        assert fresh.tokens["cached"] == 0 and cold._prefix is None
+        assert later.text == fresh.text and later.new_tokens == fresh.new_tokens
+        assert later.tokens == {**fresh.tokens, "cached": later.tokens["cached"]}
+        assert later.sparsity["density"] == pytest.approx(fresh.sparsity["density"])
+        assert later.sparsity["per_layer"] == pytest.approx(fresh.sparsity["per_layer"])
+        assert set(later.sparsity["masks"]) == set(fresh.sparsity["masks"])
+        for layer, mask in fresh.sparsity["masks"].items():
+            assert torch.equal(later.sparsity["masks"][layer], mask)
+    if attention == "sparse":
+        assert 0 < second.sparsity["density"] < 1 and second.sparsity["masks"]
+        n_blocks = -(-second.tokens["total"] // qa.config.block_size)
+        for mask in second.sparsity["masks"].values():
+            assert mask.shape == (model.config.text_config.num_attention_heads, n_blocks, n_blocks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inputs_built_on_a_prefix_are_the_processors(family, tiny_models, sample_video):
+    """A later question's tokens (the kept prefix's, then the question's text tokenized alone)
+    are exactly what the processor gives for the whole prompt."""
+    model, processor = load(tiny_models[family], device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    qa.ask(sample_video, "Describe this video.", "dense", SMALL, max_new_tokens=1)
+    for question in ("How many squares are there?", "Is it red, green or blue? Answer with one word.", "a"):
+        on_prefix = qa.prepare(sample_video, question, SMALL)
+        assert "pixel_values_videos" not in on_prefix.inputs
+        full = qa.prepare_decoded(qa.decode(sample_video, SMALL), question, reuse_prefix=False)
+        assert set(on_prefix.inputs) == set(full.inputs) - {"pixel_values_videos"}
+        for key, value in on_prefix.inputs.items():
+            assert torch.equal(value, full.inputs[key]), key
+        assert on_prefix.prefix_len == full.prefix_len and on_prefix.tokens == full.tokens
+        assert on_prefix.video_ranges == full.video_ranges
+
+
+def test_other_settings_or_a_changed_file_compute_the_prefix_again(tiny_models, sample_video, tmp_path, monkeypatch):
+    model, processor = load(tiny_models["qwen2.5-vl"], config=SPARSE, device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    video = str(tmp_path / "clip.mp4")
+    shutil.copy(sample_video, video)
+    decodes = _decodes(qa, monkeypatch)
+    question = "What colour is the square?"
+    assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] == 0
+    assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] > 0
+    assert len(decodes) == 1
+    # Another attention mode: the request was built on the prefix, so its frames are read again.
+    prepared = qa.prepare(video, question, SMALL)
+    dense = qa.run(prepared, "dense", max_new_tokens=2)
+    assert dense.tokens["cached"] == 0 and len(decodes) == 2 and dense.timings["vision_s"] > 0
+    cold = VideoQA(model, processor, warmup=False)
+    cold.prefix_cache = False
+    assert dense.text == cold.ask(video, question, "dense", SMALL, max_new_tokens=2).text
+    assert qa.ask(video, question, "dense", SMALL, max_new_tokens=2).tokens["cached"] > 0
+    # Other FlashPrefill settings, other sampling, a modified file: not the kept prefix.
+    other = FlashPrefillConfig(**{**SPARSE.__dict__, "alpha": 0.3})
+    assert qa.ask(video, question, "dense", SMALL, max_new_tokens=2).tokens["cached"] > 0
+    assert qa.run(qa.prepare(video, question, SMALL), "sparse", 2, other).tokens["cached"] == 0
+    assert qa.ask(video, question, "sparse", Sampling(fps=2.0, max_frames=8, max_pixels=56 * 56),
+                  max_new_tokens=2).tokens["cached"] == 0
+    n = len(decodes)
+    stat = os.stat(video)
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] == 0
+    assert len(decodes) == n + 1
+    # A request asking not to reuse computes its prefix and leaves nothing kept.
+    assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] > 0
+    prepared = qa.prepare(video, question, SMALL)
+    assert qa.run(prepared, "sparse", 2, reuse_prefix=False).tokens["cached"] == 0
+    assert qa._prefix is not None and qa._prefix.state is None
+    qa.forget_prefix()
+    assert qa._prefix is None
+
+
+def test_a_removed_video_fails_as_before(tiny_models, sample_video, tmp_path):
+    model, processor = load(tiny_models["qwen2.5-vl"], device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    video = str(tmp_path / "clip.mp4")
+    shutil.copy(sample_video, video)
+    qa.ask(video, "Describe this video.", "dense", SMALL, max_new_tokens=1)
+    os.remove(video)
+    with pytest.raises(ValueError, match="not found|No such|does not exist|cannot"):
+        qa.prepare(video, "Describe this video.", SMALL)
+    with pytest.raises(ValueError, match="question is empty"):
+        qa.prepare(sample_video, "  ", SMALL)
+
+
+def test_recorder_adds_a_chunk_after_its_keys():
+    """A mask recorded over a prefix, then over the question's query chunk: one mask over the
+    whole prompt; a pattern that does not continue the recorded keys is left out."""
+    bs, heads, prefix, total = 4, 2, 10, 17
+    gen = torch.Generator().manual_seed(0)
+    n_prefix, n_total = -(-prefix // bs), -(-total // bs)
+    first_mask = (torch.rand(1, heads, n_prefix, n_prefix, generator=gen) < 0.5).tril()
+    first_q = prefix // bs
+    chunk_mask = (torch.rand(1, heads, n_total - first_q, n_total, generator=gen) < 0.5).tril(diagonal=first_q)
+    rec = SparsityRecorder(mask_layers=(0,))
+    rec.record(0, BlockSparsePattern.from_dense(first_mask, bs, prefix, prefix))
+    snapshot = rec.copy()
+    rec.record(0, BlockSparsePattern.from_dense(chunk_mask, bs, total - prefix, total))
+    rec.record(0, BlockSparsePattern.from_dense(first_mask, bs, prefix, prefix))  # another padded row: ignored
+    merged = rec.masks[0]
+    assert merged.shape == (heads, n_total, n_total)
+    expected = torch.zeros(heads, n_total, n_total, dtype=torch.bool)
+    expected[:, :n_prefix, :n_prefix] = first_mask[0]
+    expected[:, first_q:] |= chunk_mask[0]
+    assert torch.equal(merged, expected)
+    assert torch.equal(snapshot.masks[0], first_mask[0])  # the copy was not written
+    out = rec.finish()
+    assert out["masks"][0].shape == (heads, n_total, n_total) and out["num_tokens"] == prefix

@@ -1,0 +1,139 @@
+"""The video prefix: a video's prompt tokens and their KV cache, kept for the next question.
+
+The prompt puts the video before the question, so every question about one video shares the
+prompt up to and including its last video token: the prefix. `VideoQA.run` prefills in two
+calls, the prefix (the vision encoder and the language model over its P tokens, into a KV cache)
+and then the question's tokens through `generate` over that cache, which attend to the whole
+prefix (DESIGN.md: Tq < Tk, bottom-right). Asked first or later, a question is answered the same
+way. The last video's prefix and one KV cache of it (one attention setting) are kept, so the
+next question about it skips decoding, the vision encoder and the prefix's prefill.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from models.attention import SparsityRecorder
+
+from .video import Sampling, VideoInfo
+
+# Processor outputs with one entry per prompt token, and the value a question's token takes there.
+PER_TOKEN_FILL = {"input_ids": None, "attention_mask": 1, "mm_token_type_ids": 0, "token_type_ids": 0}
+PIXEL_KEYS = ("pixel_values_videos", "pixel_values")
+
+
+def video_key(path: str, sampling: Sampling, frames_device: torch.device) -> tuple | None:
+    """What identifies a video's prefix: the file (path, size, modification time), how its frames
+    are sampled and where they are processed. None when the file cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, sampling, str(frames_device))
+
+
+def prefix_length(input_ids: torch.Tensor, video_token_id: int) -> int:
+    """Tokens through the last video token of a (1, L) prompt."""
+    where = (input_ids[0] == video_token_id).nonzero()
+    if where.numel() == 0:
+        raise ValueError("the prompt holds no video token")
+    return int(where[-1]) + 1
+
+
+def split_inputs(inputs: dict, length: int) -> tuple[dict, dict]:
+    """(the prefix's model inputs, the inputs `generate` takes over the prefix's cache): the
+    first P tokens with the pixels, and the whole prompt without them."""
+    prefix, rest = {}, {}
+    for key, value in inputs.items():
+        if key in PER_TOKEN_FILL:
+            prefix[key] = value[:, :length]
+            rest[key] = value
+        elif key in PIXEL_KEYS:
+            prefix[key] = value
+        else:
+            prefix[key] = rest[key] = value
+    return prefix, rest
+
+
+def bridge_inputs(inputs: dict, length: int, question_ids: torch.Tensor) -> dict | None:
+    """What the processor put between the last video token and the question's own text tokens
+    (Qwen3-VL closes its last frame group with a token of its own; Qwen2-VL and Qwen2.5-VL put
+    nothing), as per-token inputs; None when the prompt does not end in `question_ids`."""
+    tail = inputs["input_ids"][0, length:]
+    n = tail.numel() - question_ids.numel()
+    if n < 0 or not torch.equal(tail[n:].cpu(), question_ids[0].cpu()):
+        return None
+    return {key: value[:, length : length + n] for key, value in inputs.items() if key in PER_TOKEN_FILL}
+
+
+def extend_inputs(prefix_inputs: dict, bridge: dict, question_ids: torch.Tensor) -> dict:
+    """The model inputs of a prompt made of a kept prefix, its bridge and a question's (1, n)
+    text token ids."""
+    out = {}
+    for key, value in prefix_inputs.items():
+        if key in PIXEL_KEYS:
+            continue
+        if key in PER_TOKEN_FILL:
+            fill = PER_TOKEN_FILL[key]
+            tail = question_ids if fill is None else torch.full_like(question_ids, fill)
+            out[key] = torch.cat([value, bridge[key], tail.to(device=value.device, dtype=value.dtype)], dim=1)
+        else:
+            out[key] = value
+    return out
+
+
+def cache_argument(model) -> str:
+    """The name under which this transformers version's models (and so `generate`) take a KV
+    cache: `cache` from 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def prompt_positions(model, inputs: dict) -> torch.Tensor:
+    """The position ids `generate` gives the whole prompt (mRoPE: text and 3-D vision positions),
+    computed by the model's own method, for the prefix's call and the question's alike. (With a
+    cache passed in, `generate` would instead continue from the stored rope deltas, which for Qwen-VL
+    put text after a video at the wrong positions.)"""
+    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    return model._prepare_position_ids_for_generation(inputs["input_ids"], kwargs)
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def crop(cache, length: int) -> None:
+    """Drop every position from `length` on (what a question added to a kept prefix)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)  # a negative count removes that many positions on every version
+
+
+@dataclass
+class PrefixState:
+    """One KV cache of a prefix, for one attention setting."""
+
+    settings: tuple
+    cache: object
+    recorder: SparsityRecorder
+
+
+@dataclass
+class VideoPrefix:
+    """The kept prefix of the last video: its inputs (no pixels) and at most one KV cache."""
+
+    key: tuple
+    length: int
+    inputs: dict
+    bridge: dict | None  # None: later questions are built by the processor (see bridge_inputs)
+    video: VideoInfo
+    sampling: Sampling
+    sampled_frames: int
+    video_tokens: int
+    video_ranges: list[tuple[int, int]]
+    state: PrefixState | None = field(default=None, repr=False)

@@ -56,6 +56,7 @@ def build_7b(device: str = "cuda"):
 def synthetic_request(qa, video_tokens: int, side: int = 448):
     """A Prepared request whose video gives `video_tokens` tokens (frames of side x side)."""
     from videoprefill.pipeline import Prepared, _runs
+    from videoprefill.prefix import prefix_length
     from videoprefill.video import VideoInfo
 
     per_pair = (side // 28) ** 2
@@ -71,6 +72,7 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     info = VideoInfo("synthetic", frames, 2.0, side, side)
     return Prepared(info, "Describe this video.", dict(inputs), 0.0,
                     {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames,
+                    prefix_len=prefix_length(inputs["input_ids"], qa.video_token_id),
                     video_key=("synthetic", video_tokens, side))
 
 

@@ -23,7 +23,8 @@ from .runtime import check_device
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["N"])
 def _silu_mul_kernel(GATE, UP, OUT, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N

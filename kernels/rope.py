@@ -36,7 +36,8 @@ def _rope_one(X, OUT, rows, cols, mask, h, stride_xs, stride_xh, H, c1, c2, s1, 
     tl.store(o + HALF, (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["S"])
 def _rope_kernel(
     Q, K, COS, SIN, QO, KO,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_cs, stride_ss,

@@ -31,7 +31,7 @@ def main() -> int:
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=True)
     sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                        min_pixels=min(args.max_pixels, 4 * 28 * 28))
+                        total_pixels=args.max_frames * args.max_pixels)  # as scripts/gpu_decode_profile.py
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     questions = ("Describe this video.", "What happens at the end?", "How many people appear?")
     rows = []

@@ -30,7 +30,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["T_K", "NKB"])
 def _block_means_kernel(
     K, KBAR,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -114,7 +115,8 @@ def _score_row(
     return tl.max(best, axis=0), tl.max(best_m, axis=0)
 
 
-@triton.jit
+# Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
+@triton.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_QB"])
 def _index_kernel(
     Q, KBAR, IDX, NUM,
     stride_qb, stride_qt, stride_qh, stride_qd,

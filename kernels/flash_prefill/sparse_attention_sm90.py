@@ -117,7 +117,8 @@ if HAVE_GLUON:
         pattern_row = (pid_bh * NQB + tile - FIRST_TILE).to(gl.int64)
         return tile, b, h, q_row, pattern_row
 
-    @gluon.jit
+    # Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
+    @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE"])
     def _sparse_attention_sm90_kernel(
         q_desc, k_desc, v_desc, o_desc, KV_NUM, KV_IDX,
         T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale,
@@ -360,7 +361,8 @@ if HAVE_GLUON:
             mbarrier.wait(q_ready, t & 1)
             w = gl.max(info.load(info_layout), axis=0)
 
-    @gluon.jit
+    # Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
+    @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total"])
     def _sparse_attention_sm90_ws_kernel(
         q_desc, k_desc, v_desc, o_desc, KV_NUM, KV_IDX, COUNTER,
         T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE,

@@ -221,7 +221,7 @@ def test_each_video_is_decoded_once_ahead_of_the_model(tmp_path):
 
         def run(self, prepared, mode, max_new_tokens, config, record_masks=False):
             return SimpleNamespace(text="B", timings={"ttft_s": 0.1, "prefill_s": 0.05},
-                                   sparsity={"density": 0.5})
+                                   sparsity={"density": 0.5}, tokens={"video": 4, "text": 2, "total": 6, "cached": 0})
 
     items = [Item(f"q{i}", v, "Q?", ["x", "y"], "B") for i, v in enumerate(["a", "b", "a", "bad", "b", "a"])]
     args = build_parser().parse_args(["in.jsonl", "--video-dir", ".", "--out", "o.jsonl", "--quiet"])

@@ -314,6 +314,9 @@ class VideoQA:
         key = (attention, config, dense_layers, fixed_density)
         kept = self._kept_prefix(prepared.video_key) if reuse else None
         state = kept.state if kept is not None and kept.state is not None and kept.state.settings == key else None
+        if state is not None and not (prepared.prefix_len == kept.length and torch.equal(
+                prepared.inputs["input_ids"][:, : kept.length], kept.inputs["input_ids"])):
+            state = None  # another prompt before the question (not built by this pipeline)
         if state is None:
             if self._prefix is not None:
                 self._prefix.state = None  # free the kept KV cache before computing another

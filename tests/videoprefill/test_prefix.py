@@ -126,10 +126,14 @@ def test_other_settings_or_a_changed_file_compute_the_prefix_again(tiny_models, 
     assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] == 0
     assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] > 0
     assert len(decodes) == 1
+    cold = qa.prepare_decoded(qa.decode(video, SMALL), question, reuse_prefix=False)
+    later = qa.follow_up(cold, "Where does it go?")
+    assert "pixel_values_videos" not in later.inputs and later.prefix_len == cold.prefix_len
+    assert qa.run(later, "sparse", 2).tokens["cached"] > 0 and len(decodes) == 2
     # Another attention mode: the request was built on the prefix, so its frames are read again.
     prepared = qa.prepare(video, question, SMALL)
     dense = qa.run(prepared, "dense", max_new_tokens=2)
-    assert dense.tokens["cached"] == 0 and len(decodes) == 2 and dense.timings["vision_s"] > 0
+    assert dense.tokens["cached"] == 0 and len(decodes) == 3 and dense.timings["vision_s"] > 0
     cold = VideoQA(model, processor, warmup=False)
     cold.prefix_cache = False
     assert dense.text == cold.ask(video, question, "dense", SMALL, max_new_tokens=2).text

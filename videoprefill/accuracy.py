@@ -24,15 +24,26 @@ from .synthetic import is_correct, needle
 from .train_demo import HELD_OUT_SEED, encode
 
 
-def run_one(model, processor, inputs, mode: str, config, max_new_tokens: int = 3) -> tuple[str, float, dict]:
+def run_one(model, processor, inputs, mode: str, config, max_new_tokens: int = 3,
+            one_call: bool = False) -> tuple[str, float, dict]:
+    """One answer as the pipeline computes it: the video prefix, then the question over its KV
+    cache (videoprefill.prefix); one_call: one `generate` over the whole prompt instead."""
     from models.attention import RequestSettings, SparsityRecorder, request_settings, set_attention
+
+    from . import prefix as prefixes
 
     set_attention(model, "dense" if mode == "dense" else "sparse")
     settings = RequestSettings(config=config, recorder=SparsityRecorder(),
                                output_errors={} if mode != "dense" else None)
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
     with torch.inference_mode(), request_settings(settings):
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=processor.tokenizer.pad_token_id)
+        if one_call:
+            out = model.generate(**inputs, **options)
+        else:
+            length = prefixes.prefix_length(inputs["input_ids"], model.config.video_token_id)
+            positions = prefixes.prompt_positions(model, inputs)
+            cache = prefixes.prefill_prefix(model, inputs, length, positions)
+            out = prefixes.generate_over_prefix(model, inputs, length, cache, positions, **options)
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     density = settings.recorder.finish()["density"] if mode != "dense" else 1.0
     return text, density, settings.output_errors or {}
@@ -75,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="ask for an option letter instead of the colour word")
     p.add_argument("--per-kv-head", action="store_true",
                    help="also run each alpha with one pattern per KV head (pattern_per_kv_head=True)")
+    p.add_argument("--one-call", action="store_true",
+                   help="prefill each prompt in one generate call, not as the pipeline does (the video prefix, "
+                        "then the question over its cache)")
     p.add_argument("--device")
     p.add_argument("--json", default="accuracy.json")
     p.add_argument("--heatmap", default="accuracy.png")
@@ -108,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"frames": n, "depth": d, "seed": s.seed, "tokens": int(inputs["input_ids"].shape[1]),
                        "answer": s.answer}
                 for mode in modes:
-                    text, density, errors = run_one(model, processor, inputs, mode, configs.get(mode, base))
+                    text, density, errors = run_one(model, processor, inputs, mode, configs.get(mode, base),
+                                                    one_call=args.one_call)
                     row[mode] = {"output": text, "correct": is_correct(s, text), "density": density,
                                  "output_rel_error": errors}
                 rows.append(row)

@@ -374,24 +374,17 @@ class VideoQA:
         """Prefill the prefix into a new KV cache (state None), then generate over the prefix's
         cache from the question's tokens on; the cache is cut back to the prefix afterwards. Both
         calls take the positions `generate` gives the whole prompt, so they are those of one call."""
-        cache_arg = prefixes.cache_argument(self.model)
-        prefix_inputs, inputs = prefixes.split_inputs(prepared.inputs, prepared.prefix_len)
-        positions = prefixes.prompt_positions(self.model, inputs)
+        positions = prefixes.prompt_positions(self.model, prepared.inputs)
         if state is None:
-            cache = prefixes.new_cache(self.model)
-            self.model.model(**prefix_inputs, position_ids=positions[..., : prepared.prefix_len],
-                             **{cache_arg: cache}, use_cache=True)
+            cache = prefixes.prefill_prefix(self.model, prepared.inputs, prepared.prefix_len, positions)
             recorder = current_settings().recorder
             state = prefixes.PrefixState(settings=key, cache=cache,
                                          recorder=recorder.copy() if recorder is not None else SparsityRecorder())
-        try:
-            out = self.model.generate(
-                **inputs, position_ids=positions, **{cache_arg: state.cache}, max_new_tokens=max_new_tokens,
-                do_sample=False, stopping_criteria=stopping_criteria,
-                pad_token_id=self.processor.tokenizer.pad_token_id, **generate_kwargs,
-            )
-        finally:
-            prefixes.crop(state.cache, prepared.prefix_len)
+        out = prefixes.generate_over_prefix(
+            self.model, prepared.inputs, prepared.prefix_len, state.cache, positions, max_new_tokens=max_new_tokens,
+            do_sample=False, stopping_criteria=stopping_criteria, pad_token_id=self.processor.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
         return out, state
 
     def _reload(self, prepared: Prepared) -> None:

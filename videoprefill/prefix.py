@@ -97,7 +97,7 @@ def prompt_positions(model, inputs: dict) -> torch.Tensor:
     computed by the model's own method, for the prefix's call and the question's alike. (With a
     cache passed in, `generate` would instead continue from the stored rope deltas, which for Qwen-VL
     put text after a video at the wrong positions.)"""
-    kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+    kwargs = {k: v for k, v in inputs.items() if k != "input_ids" and k not in PIXEL_KEYS}
     return model._prepare_position_ids_for_generation(inputs["input_ids"], kwargs)
 
 
@@ -112,6 +112,26 @@ def crop(cache, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)  # a negative count removes that many positions on every version
+
+
+def prefill_prefix(model, inputs: dict, length: int, positions: torch.Tensor):
+    """The vision encoder and the language model over the prompt's first `length` tokens, into a
+    new KV cache (returned). `positions`: `prompt_positions` of the whole prompt."""
+    prefix_inputs, _ = split_inputs(inputs, length)
+    cache = new_cache(model)
+    model.model(**prefix_inputs, position_ids=positions[..., :length], **{cache_argument(model): cache},
+                use_cache=True)
+    return cache
+
+
+def generate_over_prefix(model, inputs: dict, length: int, cache, positions: torch.Tensor, **generate_kwargs):
+    """`generate` from the prompt's token `length` on, over `cache` holding the first `length`
+    positions; the cache is cut back to them afterwards."""
+    _, rest = split_inputs(inputs, length)
+    try:
+        return model.generate(**rest, position_ids=positions, **{cache_argument(model): cache}, **generate_kwargs)
+    finally:
+        crop(cache, length)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -194,3 +195,22 @@ def test_recorder_adds_a_chunk_after_its_keys():
     assert torch.equal(snapshot.masks[0], first_mask[0])  # the copy was not written
     out = rec.finish()
     assert out["masks"][0].shape == (heads, n_total, n_total) and out["num_tokens"] == prefix
+
+
+def test_the_needle_benchmark_answers_as_the_pipeline_does(demo):
+    """videoprefill.bench accuracy prefills in the pipeline's two calls; dense, that is the one
+    call's answer, and FlashPrefill's density is recorded over both calls."""
+    from videoprefill.accuracy import run_one
+    from videoprefill.synthetic import is_correct, needle
+    from videoprefill.train_demo import HELD_OUT_SEED, encode
+
+    model, processor = demo
+    sample = needle(HELD_OUT_SEED + 31, 64, depth=0.5, multiple_choice=False)
+    inputs = encode(processor, sample, False, "cpu")
+    config = FlashPrefillConfig(block_size=32, sink_blocks=1, window_blocks=2, last_full_blocks=1, min_seq_len=0)
+    two, _, _ = run_one(model, processor, inputs, "dense", config)
+    one, _, _ = run_one(model, processor, inputs, "dense", config, one_call=True)
+    assert two == one and is_correct(sample, two)
+    text, density, errors = run_one(model, processor, inputs, "alpha=0.4", dataclasses.replace(config, alpha=0.4))
+    assert 0 < density < 1 and is_correct(sample, text)
+    assert set(errors) == set(range(model.config.text_config.num_hidden_layers))

@@ -132,8 +132,10 @@ class RequestSettings:
     recorder: SparsityRecorder | None = None
     backend: str = "auto"
     # Benchmarks only: layer -> relative error of the sparse attention output against dense
-    # attention on the same q, k, v (costs a dense attention per layer).
+    # attention on the same q, k, v, over every prefill call of the request (a video prefix and
+    # its question: costs a dense attention per layer and call; error_sums holds the squared norms).
     output_errors: dict[int, float] | None = None
+    error_sums: dict[int, list[float]] = field(default_factory=dict)
     # Benchmarks only: run pattern discovery for its cost, then attend over random blocks at this
     # density instead (to read speed at the densities trained checkpoints select).
     fixed_density: float | None = None
@@ -223,10 +225,12 @@ def sparse_attention_forward(
                                      return_pattern=True)
         if recorder is not None:
             recorder.record(layer, pattern)
-        if settings.output_errors is not None and layer not in settings.output_errors:
-            dense = dense_attention(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5)
-            err = (out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-30)
-            settings.output_errors[layer] = float(err)
+        if settings.output_errors is not None:
+            dense = dense_attention(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5).float()
+            sums = settings.error_sums.setdefault(layer, [0.0, 0.0])
+            sums[0] += float((out.float() - dense).square().sum())
+            sums[1] += float(dense.square().sum())
+            settings.output_errors[layer] = (sums[0] / max(sums[1], 1e-60)) ** 0.5
         return out, None
 
     # Padded batch: each row attends within its own contiguous run of valid keys.

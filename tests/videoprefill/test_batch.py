@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from videoprefill.batch import BatchInputError, extract_letter, load_items, summarize
+from videoprefill.batch import BatchInputError, extract_letter, load_items, summarize, summary_markdown
 from videoprefill.video import write_test_video
 
 FAST = ["--fps", "2", "--max-frames", "4", "--max-pixels", str(56 * 56), "--max-new-tokens", "2", "--quiet",
@@ -121,6 +121,14 @@ def test_summary_groups_and_percentiles():
     assert s["accuracy"] == pytest.approx(0.5)
     assert s["ttft_s"]["p50"] == pytest.approx(5.5) and s["ttft_s"]["p90"] == pytest.approx(9.1)
     assert s["by_category"]["c0"]["accuracy"] == 1.0 and s["by_category"]["c1"]["accuracy"] == 0.0
+    assert s["follow_up_questions"] == 0 and "later questions" not in summary_markdown(s)
+    for r in rows[:10]:
+        r["cached_tokens"] = 0 if int(r["id"]) <= 4 else 1000  # ids 5-10 reused their video's prefix
+    s = summarize(rows, compare=False)
+    assert (s["first_questions"], s["follow_up_questions"]) == (4, 6)
+    assert s["ttft_first_question_mean_s"] == pytest.approx(2.5)
+    assert s["ttft_follow_up_question_mean_s"] == pytest.approx(7.5)
+    assert "| 4 | 2.500 | 6 | 7.500 |" in summary_markdown(s)
 
 
 def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):

@@ -56,7 +56,6 @@ def build_7b(device: str = "cuda"):
 def synthetic_request(qa, video_tokens: int, side: int = 448):
     """A Prepared request whose video gives `video_tokens` tokens (frames of side x side)."""
     from videoprefill.pipeline import Prepared, _runs
-    from videoprefill.prefix import prefix_length
     from videoprefill.video import VideoInfo
 
     per_pair = (side // 28) ** 2
@@ -69,11 +68,11 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     ids = inputs["input_ids"][0]
     is_video = ids == qa.video_token_id
     n = int(is_video.sum())
+    ranges = _runs(is_video)
     info = VideoInfo("synthetic", frames, 2.0, side, side)
     return Prepared(info, "Describe this video.", dict(inputs), 0.0,
-                    {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, _runs(is_video), frames,
-                    prefix_len=prefix_length(inputs["input_ids"], qa.video_token_id),
-                    video_key=("synthetic", video_tokens, side))
+                    {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, ranges, frames,
+                    prefix_len=ranges[-1][1], video_key=("synthetic", video_tokens, side))
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

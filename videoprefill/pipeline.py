@@ -206,15 +206,24 @@ class VideoQA:
         sampled = read_frames(sampling.video_entry(info.path), self.processor.video_processor.patch_size)
         return DecodedVideo(info, sampled, time.perf_counter() - start, sampling)
 
-    def _prompt(self, question: str) -> str:
+    @staticmethod
+    def _check_question(question: str) -> None:
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
+
+    def _prompt(self, question: str) -> str:
+        self._check_question(question)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _kept_prefix(self, key: tuple | None) -> prefixes.VideoPrefix | None:
         kept = self._prefix
         return kept if kept is not None and key is not None and kept.key == key else None
+
+    def _prefix_to_build_on(self, key: tuple | None) -> prefixes.VideoPrefix | None:
+        """The kept prefix of this video when a question's inputs can be built on it."""
+        kept = self._kept_prefix(key)
+        return kept if kept is not None and kept.bridge is not None else None
 
     def _question_ids(self, question: str) -> torch.Tensor:
         """(1, n) ids of the prompt's text after its video placeholder, tokenized alone: the
@@ -234,7 +243,7 @@ class VideoQA:
         end = _sync(self.device)
         return Prepared(
             video=kept.video, question=question, inputs=inputs, decode_s=decode_s + (end - start),
-            tokens={"video": kept.video_tokens, "text": total - kept.video_tokens, "total": total},
+            tokens={"video": kept.video_tokens(), "text": total - kept.video_tokens(), "total": total},
             video_ranges=list(kept.video_ranges), sampled_frames=kept.sampled_frames, sampling=kept.sampling,
             prefix_len=kept.length, video_key=kept.key, decoded=decoded,
         )
@@ -247,8 +256,8 @@ class VideoQA:
         an earlier question, whose frames are reused).
         reuse_prefix: build on the kept prefix of this video when there is one (no processor)."""
         key = prefixes.video_key(decoded.info.path, decoded.sampling, self.frames_device)
-        kept = self._kept_prefix(key) if reuse_prefix else None
-        if kept is not None and kept.bridge is not None:
+        kept = self._prefix_to_build_on(key) if reuse_prefix else None
+        if kept is not None:
             return self._prepare_on_prefix(kept, question, decoded.decode_s if count_decode else 0.0, decoded)
         start = _sync(self.device)
         prompt = self._prompt(question)
@@ -261,30 +270,31 @@ class VideoQA:
         ids = inputs["input_ids"][0]
         is_video = ids == self.video_token_id
         n_video = int(is_video.sum())
+        video_ranges = _runs(is_video)
         end = _sync(self.device)
         return Prepared(
             video=decoded.info, question=question, inputs=dict(inputs),
             decode_s=(decoded.decode_s if count_decode else 0.0) + (end - start),
             tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
-            video_ranges=_runs(is_video), sampled_frames=int(frames.shape[0]), sampling=decoded.sampling,
-            prefix_len=prefixes.prefix_length(ids[None], self.video_token_id), video_key=key,
+            video_ranges=video_ranges, sampled_frames=int(frames.shape[0]), sampling=decoded.sampling,
+            prefix_len=video_ranges[-1][1], video_key=key,
         )
 
     def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
         """Decode and sample the video and build the model inputs (the decode_video stage). A
         question about the kept prefix's video (same file, unchanged, same sampling) skips that."""
-        self._prompt(question)  # an empty question fails before any decoding
+        self._check_question(question)  # an empty question fails before any decoding
         sampling = sampling or Sampling()
-        kept = self._kept_prefix(prefixes.video_key(os.fspath(video), sampling, self.frames_device))
-        if kept is not None and kept.bridge is not None:
+        kept = self._prefix_to_build_on(prefixes.video_key(os.fspath(video), sampling, self.frames_device))
+        if kept is not None:
             return self._prepare_on_prefix(kept, question)
         return self.prepare_decoded(self.decode(video, sampling), question)
 
     def follow_up(self, prepared: Prepared, question: str) -> Prepared:
         """Another question about the video of `prepared`: built on its kept prefix when there is
         one (no decoding, no processor), else from its frames or the file."""
-        kept = self._kept_prefix(prepared.video_key)
-        if kept is not None and kept.bridge is not None:
+        kept = self._prefix_to_build_on(prepared.video_key)
+        if kept is not None:
             return self._prepare_on_prefix(kept, question, decoded=prepared.decoded)
         decoded = prepared.decoded or self.decode(prepared.video.path, prepared.sampling)
         return self.prepare_decoded(decoded, question)
@@ -406,7 +416,7 @@ class VideoQA:
                 bridge=prefixes.bridge_inputs(prepared.inputs, prepared.prefix_len,
                                               self._question_ids(prepared.question)),
                 video=prepared.video, sampling=prepared.sampling, sampled_frames=prepared.sampled_frames,
-                video_tokens=prepared.tokens["video"], video_ranges=list(prepared.video_ranges),
+                video_ranges=list(prepared.video_ranges),
             )
         kept.state = state
         self._prefix = kept

@@ -154,6 +154,8 @@ class VideoPrefix:
     video: VideoInfo
     sampling: Sampling
     sampled_frames: int
-    video_tokens: int
     video_ranges: list[tuple[int, int]]
     state: PrefixState | None = field(default=None, repr=False)
+
+    def video_tokens(self) -> int:
+        return sum(end - start for start, end in self.video_ranges)

@@ -39,6 +39,7 @@ undone by the same function with enabled=False (benchmarks compare with transfor
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,45 @@ FUSED_ROPE = True
 _WIDTH = "_videoprefill_stock_width"
 
 
+class _Layout:
+    """A cu_seqlens tensor's bounds on the host and, per device, the token ids of its chunks
+    grouped by length."""
+
+    def __init__(self, bounds: list[int]):
+        self.bounds = bounds
+        self.rows: dict[str, list[torch.Tensor]] = {}
+
+    def grouped(self, device: torch.device) -> list[torch.Tensor]:
+        """For each chunk length n, the (chunks, n) token ids of the chunks of that length, on `device`."""
+        if str(device) not in self.rows:
+            starts = torch.tensor(self.bounds[:-1])
+            sizes = torch.tensor(self.bounds[1:]) - starts
+            self.rows[str(device)] = [(starts[sizes == n][:, None] + torch.arange(n)).to(device)
+                                      for n in sorted(set(sizes.tolist()) - {0})]
+        return self.rows[str(device)]
+
+
+_LAYOUTS: list[tuple[weakref.ref, int | None, _Layout]] = []
+
+
+def _layout(cu_seqlens: torch.Tensor) -> _Layout:
+    """cu_seqlens read on the host, with its chunks' token ids. The tower builds it once per forward
+    and hands every layer of a kind the same tensor, so it is read once per forward, not once per
+    layer: each read waits for the GPU, and so does each copy of token ids to it, which drains the
+    GPU's queue (a video encoded in pieces, videoprefill.streaming, calls the tower dozens of
+    times). The last few tensors read are remembered by identity (a weak reference, so a freed
+    tensor never matches) and version counter (inference tensors have none: the towers never
+    write to cu_seqlens after building it)."""
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    for ref, seen, layout in _LAYOUTS:
+        if ref() is cu_seqlens and seen == version:
+            return layout
+    layout = _Layout(cu_seqlens.tolist())
+    _LAYOUTS.insert(0, (weakref.ref(cu_seqlens), version, layout))
+    del _LAYOUTS[4:]
+    return layout
+
+
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -61,23 +101,20 @@ def chunked_attention(
 
     q, k, v: (S, H, D), any strides; cu_seqlens: int (n + 1,), 0 first and S last, non-decreasing.
     Returns (S, H, D) in q's dtype. One SDPA call per distinct chunk length; reads the lengths on
-    the host (one synchronisation, as transformers' per-chunk split does).
+    the host once per cu_seqlens tensor (`_layout`).
     """
     s, h, d = q.shape
-    bounds = cu_seqlens.tolist()
+    layout = _layout(cu_seqlens)
+    bounds = layout.bounds
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != s or any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
     lengths = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
-    distinct = set(lengths)
-    if len(distinct) == 1:  # every chunk of one length: a view, no copy
+    if len(set(lengths)) == 1:  # every chunk of one length: a view, no copy
         n = lengths[0]
         qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))
         return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(s, h, d)
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
-    starts = torch.tensor(bounds[:-1], device=q.device)
-    sizes = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=q.device)
-    for n in sorted(distinct):
-        rows = starts[sizes == n][:, None] + torch.arange(n, device=q.device)  # (chunks, n) token ids
+    for rows in layout.grouped(q.device):  # (chunks, n) token ids
         qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))
         out[rows] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2)
     return out

@@ -66,6 +66,29 @@ def test_chunked_attention_matches_per_chunk_sdpa(lengths):
         assert not torch.allclose(out2[a:b], out[a:b])
 
 
+def test_chunked_attention_reads_each_cu_seqlens_once():
+    """A tower hands every layer the same cu_seqlens: it is read on the host once, and a new tensor
+    or an in-place change is read again (never a stale layout)."""
+    q, k, v, cu = packed([16, 8, 16, 8, 4])
+    reads = []
+    real = cu.tolist
+    cu.tolist = lambda: reads.append(1) or real()
+    first = vision.chunked_attention(q, k, v, cu, 0.25)
+    second = vision.chunked_attention(q, k, v, cu, 0.25)
+    assert len(reads) == 1
+    torch.testing.assert_close(first, per_chunk_reference(q, k, v, cu.clone(), 0.25), rtol=1e-12, atol=1e-12)
+    assert torch.equal(first, second)
+    cu[1:3] = torch.tensor([8, 24], dtype=cu.dtype)  # other chunks, same tensor: its version changed
+    moved = vision.chunked_attention(q, k, v, cu, 0.25)
+    assert len(reads) == 2
+    torch.testing.assert_close(moved, per_chunk_reference(q, k, v, cu.clone(), 0.25), rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():  # inference tensors have no version counter: a new tensor each forward
+        for lengths in ([8, 16, 8, 16, 4], [4, 16, 8, 16, 8]):
+            fresh = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            out = vision.chunked_attention(q, k, v, fresh, 0.25)
+            torch.testing.assert_close(out, per_chunk_reference(q, k, v, fresh, 0.25), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cu", [[0, 4, 9], [1, 10], [0, 6, 3, 10], [0]], ids=["short", "start", "falling", "single"])
 def test_chunked_attention_rejects_bad_boundaries(cu):
     q, k, v, _ = packed([10])

@@ -10,10 +10,6 @@ Stages, each closed by a GPU synchronisation so a stage's time is its own:
   ttft_s          from the request (a video path) to the first token
   total_s         the whole request, all new tokens included
 
-On a GPU, `prepare` runs the vision encoder on the frames while the rest are still being read
-(videoprefill.streaming); then vision_s is the encoder's GPU time and decode_video_s the rest of
-that stage's wall time, so the stages still add up to the TTFT.
-
 A question about the video of the previous question, with the same sampling and attention
 settings, reuses that video's prefix: no decoding, no vision encoder, and a prefill of the
 question's tokens only (`tokens["cached"]` says how many tokens came from the cache).
@@ -32,19 +28,8 @@ from kernels import FlashPrefillConfig
 from models.attention import RequestSettings, SparsityRecorder, current_settings, request_settings, set_attention
 
 from . import prefix as prefixes
-from . import streaming
 from .tokens import collapsed_runs
-from .video import (
-    SampledFrames,
-    Sampling,
-    VideoError,
-    VideoInfo,
-    plan_frames,
-    probe,
-    read_frames,
-    read_threads,
-    resize_frames,
-)
+from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_frames
 
 DEFAULT_QUESTION = "Describe this video."
 ATTENTION_MODES = ("sparse", "dense")
@@ -90,8 +75,6 @@ class Prepared:
     prefix_len: int = 0  # tokens through the last video token (0: counted when it runs)
     video_key: tuple | None = None
     decoded: DecodedVideo | None = field(default=None, repr=False)  # frames, for inputs built on a prefix
-    vision: streaming.VisionOutput | None = field(default=None, repr=False)  # computed while reading
-    vision_s: float = 0.0  # the vision encoder's time within the prepare stage
 
 
 @dataclass
@@ -190,10 +173,6 @@ class VideoQA:
         # question computes its prefix and nothing is held between requests).
         self.prefix_cache = True
         self._prefix: prefixes.VideoPrefix | None = None
-        # Run the vision encoder on the frames while they are read (videoprefill.streaming): None
-        # when the frames are processed on the GPU, True or False always or never.
-        self.stream_vision: bool | None = None
-        self._vision_warm = False
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
@@ -302,76 +281,14 @@ class VideoQA:
         )
 
     def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
-        """Decode and sample the video and build the model inputs (the decode_video stage), with the
-        vision encoder run on the frames as they are read when `stream_vision` says so. A question
-        about the kept prefix's video (same file, unchanged, same sampling) skips that."""
+        """Decode and sample the video and build the model inputs (the decode_video stage). A
+        question about the kept prefix's video (same file, unchanged, same sampling) skips that."""
         self._check_question(question)  # an empty question fails before any decoding
         sampling = sampling or Sampling()
         kept = self._prefix_to_build_on(prefixes.video_key(os.fspath(video), sampling, self.frames_device))
         if kept is not None:
             return self._prepare_on_prefix(kept, question)
-        stream = self.stream_vision if self.stream_vision is not None else self.frames_device.type == "cuda"
-        if stream:
-            return self._prepare_streamed(video, question, sampling)
         return self.prepare_decoded(self.decode(video, sampling), question)
-
-    def _prepare_streamed(self, video: str, question: str, sampling: Sampling) -> Prepared:
-        """`prepare` with the vision encoder run on the frames while the rest are read."""
-        processor = self.processor
-        device = self.frames_device
-        if self.warmup and not self._vision_warm:
-            self._warm_vision(video, sampling)
-        start = _sync(self.device)
-        info = probe(video, decode_last=False)  # the read below decodes through the last frame
-        threads = max(1, read_threads() - 1)  # a core left for this thread, which feeds the GPU
-        plan = plan_frames(sampling.video_entry(info.path), processor.video_processor.patch_size,
-                           decoder_threads=1 if threads > 1 else 0)
-        # The ids come from a stand-in of the frames' shape: they depend on the count, size and metadata only.
-        h, w = plan.size
-        stand_in = torch.zeros((1, plan.shape[2], h, w), device=device).expand(plan.num_frames, -1, -1, -1)
-        with collapsed_runs(processor):
-            inputs = dict(processor(
-                text=[self._prompt(question)], videos=[stand_in], video_metadata=[plan.metadata], do_resize=False,
-                do_sample_frames=False, return_tensors="pt", **self.processor_device(),
-            ).to(self.device))
-        streaming.placeholder(self.model, inputs)
-        raw, vision = streaming.encode_while_reading(self.model, processor, plan, threads, device,
-                                                     self.processor_device())
-        if not torch.equal(vision.grid.cpu(), inputs["video_grid_thw"].cpu()):
-            raise RuntimeError(f"the pieces' grid {vision.grid.tolist()} is not the video's "
-                               f"{inputs['video_grid_thw'].tolist()}")
-        ids = inputs["input_ids"][0]
-        is_video = ids == self.video_token_id
-        n_video = int(is_video.sum())
-        video_ranges = _runs(is_video)
-        end = _sync(self.device)
-        vision_s = vision.seconds  # after the synchronisation: every event has completed
-        decode_s = end - start - vision_s
-        decoded = DecodedVideo(info, SampledFrames(raw, plan.size, plan.metadata, float(plan.sample_fps)), decode_s,
-                               sampling)
-        return Prepared(
-            video=info, question=question, inputs=inputs, decode_s=decode_s,
-            tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
-            video_ranges=video_ranges, sampled_frames=plan.num_frames, sampling=sampling,
-            prefix_len=video_ranges[-1][1], video_key=prefixes.video_key(info.path, sampling, device),
-            decoded=decoded, vision=vision, vision_s=vision_s,
-        )
-
-    @torch.inference_mode()
-    def _warm_vision(self, video: str, sampling: Sampling) -> None:
-        """One untimed piece of blank frames through the resize, the video processor and the vision
-        tower, at this video's size, so one-time costs stay out of the first streamed request."""
-        info = probe(video, decode_last=False)
-        plan = plan_frames(sampling.video_entry(info.path), self.processor.video_processor.patch_size)
-        n = min(streaming.PIECE_FRAMES, plan.num_frames)
-        h, w, c = plan.shape
-        frames = resize_frames(torch.zeros((n, c, h, w), dtype=torch.uint8), plan.size, self.frames_device)
-        pixels = self.processor.video_processor(videos=[frames], do_resize=False, do_sample_frames=False,
-                                                return_tensors="pt", **self.processor_device())
-        visual = self.model.model.visual
-        visual(pixels[streaming.PIXELS].to(device=visual.device, dtype=visual.dtype),
-               grid_thw=pixels["video_grid_thw"].to(visual.device))
-        self._vision_warm = True
 
     def follow_up(self, prepared: Prepared, question: str) -> Prepared:
         """Another question about the video of `prepared`: built on its kept prefix when there is
@@ -438,16 +355,15 @@ class VideoQA:
         if reuse and prepared.video_key is not None:
             self._keep(prepared, state)
         m = clock.marks
-        before = prepared.decode_s + prepared.vision_s  # the prepare stage
         new = out[0, prepared.inputs["input_ids"].shape[1] :]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
         timings = {
             "decode_video_s": prepared.decode_s,
-            "vision_s": clock.totals["vision"] + prepared.vision_s,
+            "vision_s": clock.totals["vision"],
             "prefill_s": clock.totals["prefill"],
             "first_token_s": m["first_token"] - m["prefill_end"],
-            "ttft_s": before + (m["first_token"] - start),
-            "total_s": before + (end - start),
+            "ttft_s": prepared.decode_s + (m["first_token"] - start),
+            "total_s": prepared.decode_s + (end - start),
         }
         sparsity = recorder.finish() if attention == "sparse" else _dense_record(self.model)
         if not record_masks:
@@ -470,9 +386,7 @@ class VideoQA:
         calls take the positions `generate` gives the whole prompt, so they are those of one call."""
         positions = prefixes.prompt_positions(self.model, prepared.inputs)
         if state is None:
-            with streaming.vision_output(self.model, prepared.vision):
-                cache = prefixes.prefill_prefix(self.model, prepared.inputs, prepared.prefix_len, positions)
-            self._vision_warm = True
+            cache = prefixes.prefill_prefix(self.model, prepared.inputs, prepared.prefix_len, positions)
             recorder = current_settings().recorder
             state = prefixes.PrefixState(settings=key, cache=cache,
                                          recorder=recorder.copy() if recorder is not None else SparsityRecorder())

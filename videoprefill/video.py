@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
 
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
@@ -143,18 +141,11 @@ class SampledFrames:
         `device` (the CPU by default). On the CPU it is qwen-vl-utils' result bit for bit; on CUDA
         torchvision resizes in fp32 and rounds to uint8 levels, which differ from the CPU's
         fixed-point path by one level in about one value in 80,000 (BENCHMARKS.md)."""
-        return resize_frames(self.raw, self.size, device)
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF  # noqa: N812
 
-
-def resize_frames(raw: torch.Tensor, size: tuple[int, int], device=None) -> torch.Tensor:
-    """uint8 (T, C, H, W) frames resized to `size` as qwen-vl-utils resizes them, on `device` (the
-    CPU by default), as float (T, C, h, w), 0-255. Frame by frame: any slice of the frames gives
-    that slice of the whole."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF  # noqa: N812
-
-    frames = raw if device is None else raw.to(device)
-    return TF.resize(frames, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True).float()
+        frames = self.raw if device is None else self.raw.to(device)
+        return TF.resize(frames, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True).float()
 
 
 # Frames each reading thread decodes at least (sampled or not): each thread opens its own reader
@@ -169,117 +160,43 @@ def read_threads() -> int:
     return max(1, min(16, cores or 1))
 
 
-@dataclass
-class FramePlan:
-    """What qwen-vl-utils' decord reader takes from one video, decided before any frame is read:
-    the sampled frame indices, their metadata and sampling rate, the frames' size as read and the
-    size it resizes them to. `read_planned` reads them."""
+def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
+    """qwen-vl-utils' decord reader (0.0.14: the same frame range, frame count, indices, metadata
+    and sampling rate, through its own functions), with the sampled frames read in contiguous runs
+    on up to `threads` threads, each with its own decord reader, straight into one uint8 tensor.
+    decord decodes every frame up to the sampled ones, on one core per reader, and releases the
+    GIL while it does; the frames are the same bit for bit (tests compare them with qwen-vl-utils'
+    reader)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    path: str
-    indices: list[int]
-    metadata: dict
-    sample_fps: float
-    shape: tuple[int, int, int]  # (H, W, C) as decoded
-    size: tuple[int, int]  # (h, w) after the resize
-    reader: object = None  # the open decord reader (reused by the first reading thread)
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.indices)
-
-
-def _plan_decord(entry: dict, patch_size: int, decoder_threads: int) -> FramePlan:
-    """qwen-vl-utils' decord reader (0.0.14) up to the read: the same frame range, frame count,
-    indices, metadata and sampling rate, through its own functions; and the size `fetch_video`
-    resizes to, by its rule."""
     import decord
+    import numpy as np
     import torch
-    from qwen_vl_utils import smart_resize
     from qwen_vl_utils import vision_process as vp
+    from torch.utils.dlpack import from_dlpack
 
     path = entry["video"]
-    reader = decord.VideoReader(path, num_threads=decoder_threads)
+    reader = decord.VideoReader(path, num_threads=1 if threads > 1 else 0)
     total_frames, video_fps = len(reader), reader.get_avg_fps()
     start_frame, end_frame, total_frames = vp.calculate_video_frame_range(entry, total_frames, video_fps)
     nframes = vp.smart_nframes(entry, total_frames=total_frames, video_fps=video_fps)
     idx = torch.linspace(start_frame, end_frame, nframes).round().long().tolist()
-    metadata = {"fps": video_fps, "frames_indices": idx, "total_num_frames": total_frames, "video_backend": "decord"}
-    shape = tuple(int(d) for d in reader[idx[0]].shape)
-    height, width = shape[0], shape[1]
-    factor = patch_size * vp.SPATIAL_MERGE_SIZE
-    min_pixels = entry.get("min_pixels", vp.VIDEO_MIN_TOKEN_NUM * factor * factor)
-    total_pixels = entry.get("total_pixels", vp.MODEL_SEQ_LEN * factor * factor * 0.9)
-    max_pixels = max(min(vp.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * vp.FRAME_FACTOR),
-                     int(min_pixels * 1.05))
-    max_pixels = min(entry.get("max_pixels", max_pixels), max_pixels)
-    if "resized_height" in entry and "resized_width" in entry:
-        size = smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
+    parts = max(1, min(threads, len(idx), (idx[-1] - idx[0] + 1) // MIN_DECODED_FRAMES_PER_THREAD))
+    if parts == 1:
+        frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
     else:
-        size = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return FramePlan(path, idx, metadata, nframes / max(total_frames, 1e-6) * video_fps, shape, tuple(size), reader)
+        bounds = np.linspace(0, len(idx), parts + 1).round().astype(int).tolist()
+        frames = torch.empty((len(idx), *reader[idx[0]].shape), dtype=torch.uint8)
 
-
-def plan_frames(entry: dict, patch_size: int, decoder_threads: int = 1) -> FramePlan:
-    """The frames qwen-vl-utils samples from a video and the size it resizes them to, decided with
-    one decoded frame; VideoError when the file cannot be sampled. decoder_threads: decord's own
-    threads for the plan's reader (0: its default, as qwen-vl-utils opens it), which the first
-    reading thread goes on with."""
-    try:
-        return _plan_decord(entry, patch_size, decoder_threads)
-    except Exception as err:
-        raise VideoError(f"cannot sample frames: {str(err).strip().splitlines()[0][:200]}") from err
-
-
-def _runs_for(n: int, threads: int, first: int, last: int, align: int) -> list[int]:
-    """Bounds of the contiguous runs that `threads` readers take of n sampled frames (original
-    indices first..last), each starting at a multiple of `align`."""
-    parts = max(1, min(threads, n // align, (last - first + 1) // MIN_DECODED_FRAMES_PER_THREAD))
-    bounds = sorted({min(n, round(n * k / parts / align) * align) for k in range(parts)} | {n})
-    return bounds if bounds[0] == 0 else [0, *bounds]
-
-
-def _pieces(a: int, b: int, piece: int | None, align: int) -> list[tuple[int, int]]:
-    """[a, b) cut into near-equal pieces of at most `piece` frames starting at multiples of `align`
-    (one piece when piece is None)."""
-    if piece is None or b - a <= piece:
-        return [(a, b)]
-    count = -(-(b - a) // piece)
-    cuts = sorted({a + round((b - a) * k / count / align) * align for k in range(count)} | {b})
-    return list(zip(cuts, cuts[1:]))
-
-
-def read_planned(plan: FramePlan, threads: int, piece: int | None = None, align: int = 1,
-                 on_piece: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Read a plan's frames into one uint8 (T, C, H, W) tensor: contiguous runs on up to `threads`
-    threads, each with its own decord reader (decord decodes every frame up to the sampled ones,
-    on one core per reader, and releases the GIL while it does). Each run is read in pieces of at
-    most `piece` frames that start at multiples of `align`; `on_piece(a, b)` is called from the
-    reading thread once frames [a, b) are in the tensor. The frames are qwen-vl-utils' bit for bit
-    (tests compare them with its reader)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import decord
-    import torch
-    from torch.utils.dlpack import from_dlpack
-
-    idx = plan.indices
-    h, w, c = plan.shape
-    frames = torch.empty((len(idx), h, w, c), dtype=torch.uint8)
-    bounds = _runs_for(len(idx), threads, idx[0], idx[-1], align)
-
-    def read(k: int) -> None:  # decord's batch is taken as a tensor (DLPack) and copied once, in place
-        own = plan.reader if k == 0 and plan.reader is not None else decord.VideoReader(plan.path, num_threads=1)
-        for a, b in _pieces(bounds[k], bounds[k + 1], piece, align):
+        def read(k: int) -> None:  # decord's batch is taken as a tensor (DLPack) and copied once, in place
+            own = reader if k == 0 else decord.VideoReader(path, num_threads=1)
+            a, b = bounds[k], bounds[k + 1]
             frames[a:b].copy_(from_dlpack(own.get_batch(idx[a:b]).to_dlpack()))
-            if on_piece is not None:
-                on_piece(a, b, frames[a:b].permute(0, 3, 1, 2))
 
-    if len(bounds) == 2:
-        read(0)
-    else:
-        with ThreadPoolExecutor(len(bounds) - 1) as pool:
-            list(pool.map(read, range(len(bounds) - 1)))  # list() re-raises a thread's error here
-    return frames.permute(0, 3, 1, 2)
+        with ThreadPoolExecutor(parts) as pool:
+            list(pool.map(read, range(parts)))  # list() re-raises a thread's error here
+    metadata = {"fps": video_fps, "frames_indices": idx, "total_num_frames": total_frames, "video_backend": "decord"}
+    return frames.permute(0, 3, 1, 2), metadata, nframes / max(total_frames, 1e-6) * video_fps
 
 
 def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> SampledFrames:
@@ -294,15 +211,28 @@ def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> Sam
     threads: how many threads read the frames (`read_threads()` when None); 1 reads them as
     qwen-vl-utils does, with one reader.
     """
+    from qwen_vl_utils import smart_resize
+    from qwen_vl_utils import vision_process as vp
+
     threads = read_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    plan = plan_frames(entry, patch_size, decoder_threads=1 if threads > 1 else 0)
     try:
-        raw = read_planned(plan, threads)
+        raw, metadata, sample_fps = _read_decord(entry, threads)
     except Exception as err:
         raise VideoError(f"cannot sample frames: {str(err).strip().splitlines()[0][:200]}") from err
-    return SampledFrames(raw, plan.size, plan.metadata, float(plan.sample_fps))
+    factor = patch_size * vp.SPATIAL_MERGE_SIZE
+    nframes, _, height, width = raw.shape
+    min_pixels = entry.get("min_pixels", vp.VIDEO_MIN_TOKEN_NUM * factor * factor)
+    total_pixels = entry.get("total_pixels", vp.MODEL_SEQ_LEN * factor * factor * 0.9)
+    max_pixels = max(min(vp.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * vp.FRAME_FACTOR),
+                     int(min_pixels * 1.05))
+    max_pixels = min(entry.get("max_pixels", max_pixels), max_pixels)
+    if "resized_height" in entry and "resized_width" in entry:
+        size = smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
+    else:
+        size = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return SampledFrames(raw, tuple(size), metadata, float(sample_fps))
 
 
 def sample_video_path() -> Path:

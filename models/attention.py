@@ -28,6 +28,8 @@ from kernels import (
 )
 from kernels.testing import random_pattern
 
+from .host import ReadOnce
+
 ATTENTION_NAME = "videoprefill_sparse"
 DENSE_NAME = "sdpa"
 
@@ -100,13 +102,18 @@ class SparsityRecorder:
         """{"density": float, "per_layer": [...], "per_head": [[...]], "masks": {layer: (HQ, n, m) kept
         fraction, n, m <= mask_size}}."""
         layers = sorted(self.kept)
-        per_head = [(self.kept[i] / self.visible[i]).cpu() for i in layers]
-        kept = sum(float(self.kept[i].sum()) for i in layers)
-        visible = sum(float(self.visible[i].sum()) for i in layers)
+        if layers:  # one copy from the device, not a few per layer
+            kept_all = torch.stack([self.kept[i] for i in layers]).cpu()
+            visible_all = torch.stack([self.visible[i] for i in layers]).cpu()
+        else:
+            kept_all = visible_all = torch.zeros(0, 0)
+        per_head = kept_all / visible_all
+        kept = float(kept_all.sum())
+        visible = float(visible_all.sum())
         return {
             "density": kept / visible if visible else 1.0,
-            "per_layer": [float(h.mean()) for h in per_head],
-            "per_head": [h.tolist() for h in per_head],
+            "per_layer": per_head.mean(1).tolist() if layers else [],
+            "per_head": per_head.tolist(),
             "layers": layers,
             "masks": {i: downsample_mask(m, self.mask_size).cpu() for i, m in self.masks.items()},
             "block_size": self.block_size,
@@ -173,13 +180,32 @@ def _dense(module, query, key, value, attention_mask, scaling, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
-def _valid_range(row_mask: torch.Tensor) -> tuple[int, int] | None:
-    """(start, end) if the True entries of a 1-D mask are one contiguous run, else None."""
-    idx = row_mask.nonzero().flatten()
-    if idx.numel() == 0:
-        return None
-    start, end = int(idx[0]), int(idx[-1]) + 1
-    return (start, end) if idx.numel() == end - start else None
+def _valid_ranges(key_valid: torch.Tensor) -> list[tuple[int, int] | None]:
+    """Per row of a (B, T) bool mask, (start, end) if its True entries are one contiguous run,
+    else None; read from the device in one copy."""
+    t = key_valid.shape[1]
+    valid = key_valid.to(torch.int32)
+    count = valid.sum(1)
+    start = valid.argmax(1)  # the first True (argmax gives the first of equal maxima)
+    end = t - valid.flip(1).argmax(1)
+    stats = torch.stack([count, start, end]).tolist()
+    return [(s, e) if c > 0 and e - s == c else None for c, s, e in zip(*stats)]
+
+
+_MASK_READS = ReadOnce()
+
+
+def _key_ranges(attention_mask: torch.Tensor, tk: int) -> list[tuple[int, int] | None]:
+    """Per batch row, the contiguous run of its last `tk` keys that the last query sees
+    (`_valid_ranges`), from a 2-D or 4-D mask; read once per mask (models.host: transformers hands
+    every layer the same mask)."""
+
+    def read() -> list[tuple[int, int] | None]:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        key_valid = mask[:, 0, -1, :] if mask.dim() == 4 else mask
+        return _valid_ranges(key_valid[:, -tk:])
+
+    return _MASK_READS.get(attention_mask, read, key=tk)
 
 
 def sparse_attention_forward(
@@ -208,9 +234,7 @@ def sparse_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     ranges = None
     if attention_mask is not None:
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        key_valid = mask[:, 0, -1, :] if mask.dim() == 4 else mask
-        ranges = [_valid_range(key_valid[i, -tk:]) for i in range(b)]
+        ranges = _key_ranges(attention_mask, tk)
         if b == 1 and ranges[0] == (0, tk):
             attention_mask = None  # causal and no padding: a question's tokens over a cached prefix
     if settings.fixed_density is not None and attention_mask is None:

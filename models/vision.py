@@ -39,7 +39,6 @@ undone by the same function with enabled=False (benchmarks compare with transfor
 from __future__ import annotations
 
 import sys
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,7 @@ from kernels.rope import rope
 from kernels.rope import supported as rope_supported
 
 from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward, tower
+from .host import ReadOnce
 
 # On CUDA the rotary embedding runs as one Triton kernel (kernels.rope) instead of transformers'
 # dozen fp32 passes; False keeps transformers' function (for comparisons).
@@ -73,25 +73,14 @@ class _Layout:
         return self.rows[str(device)]
 
 
-_LAYOUTS: list[tuple[weakref.ref, int | None, _Layout]] = []
+_LAYOUT_READS = ReadOnce()
 
 
 def _layout(cu_seqlens: torch.Tensor) -> _Layout:
-    """cu_seqlens read on the host, with its chunks' token ids. The tower builds it once per forward
-    and hands every layer of a kind the same tensor, so it is read once per forward, not once per
-    layer: each read waits for the GPU, and so does each copy of token ids to it, which drains the
-    GPU's queue (a video encoded in pieces, videoprefill.streaming, calls the tower dozens of
-    times). The last few tensors read are remembered by identity (a weak reference, so a freed
-    tensor never matches) and version counter (inference tensors have none: the towers never
-    write to cu_seqlens after building it)."""
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    for ref, seen, layout in _LAYOUTS:
-        if ref() is cu_seqlens and seen == version:
-            return layout
-    layout = _Layout(cu_seqlens.tolist())
-    _LAYOUTS.insert(0, (weakref.ref(cu_seqlens), version, layout))
-    del _LAYOUTS[4:]
-    return layout
+    """cu_seqlens read on the host, with its chunks' token ids: once per tensor (models.host; the
+    tower hands every layer of a kind the same one). Each read waits for the GPU, and so does each
+    copy of token ids to it."""
+    return _LAYOUT_READS.get(cu_seqlens, lambda: _Layout(cu_seqlens.tolist()))
 
 
 def chunked_attention(

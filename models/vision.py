@@ -56,11 +56,15 @@ _WIDTH = "_videoprefill_stock_width"
 
 
 class _Layout:
-    """A cu_seqlens tensor's bounds on the host and, per device, the token ids of its chunks
+    """A cu_seqlens tensor read on the host: its bounds, whether they rise from 0, the one chunk
+    length when every non-empty chunk has it, and, per device, the token ids of its chunks
     grouped by length."""
 
     def __init__(self, bounds: list[int]):
         self.bounds = bounds
+        self.rising = len(bounds) >= 2 and bounds[0] == 0 and all(b >= a for a, b in zip(bounds, bounds[1:]))
+        lengths = {b - a for a, b in zip(bounds, bounds[1:])} - {0}
+        self.uniform = next(iter(lengths)) if len(lengths) == 1 else None
         self.rows: dict[str, list[torch.Tensor]] = {}
 
     def grouped(self, device: torch.device) -> list[torch.Tensor]:
@@ -95,11 +99,10 @@ def chunked_attention(
     s, h, d = q.shape
     layout = _layout(cu_seqlens)
     bounds = layout.bounds
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != s or any(b < a for a, b in zip(bounds, bounds[1:])):
+    if not layout.rising or bounds[-1] != s:
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
-    lengths = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
-    if len(set(lengths)) == 1:  # every chunk of one length: a view, no copy
-        n = lengths[0]
+    if layout.uniform is not None:  # every chunk of one length: a view, no copy
+        n = layout.uniform
         qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))
         return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(s, h, d)
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)

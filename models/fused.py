@@ -7,8 +7,9 @@ that each write a tensor of the MLP's width. Over long inputs these elementwise 
 
 - `fuse_rms_norms` runs every RMSNorm under a module through `torch.nn.functional.rms_norm`;
 - `fuse_mlp_activations` runs every SiLU-gated MLP as `down(silu_mul(gate(x), up(x)))` with
-  `kernels.activation.silu_mul` writing over gate in place, on CUDA and without autograd (the
-  stock forward elsewhere).
+  `kernels.activation.silu_mul` writing over gate in place, on CUDA (the stock forward
+  elsewhere), and without autograd over at most `MLP_CHUNK_TOKENS` tokens at a time, so that a
+  long prefill never holds the MLP's hidden width for every token.
 
 Both are the same functions within one bf16 rounding, replace `forward` per module instance
 (transformers has no interface point for either without the `kernels` hub package, which
@@ -90,12 +91,34 @@ def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
     return gated_mlp_width(module) is not None and _is_silu(getattr(module, "act_fn", None))
 
 
-def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
-    if not x.is_cuda or differentiable:
+# Tokens a gated MLP takes at a time over a long input. Its two hidden-width tensors then hold at
+# most this many rows: 2 x 16,384 x 18,944 bf16 values (1.2 GB) in the 7B language model, against
+# 9.9 GB for 131K tokens at once, the largest buffer of a long prefill (BENCHMARKS.md). The
+# products stay large enough to run at full speed. 0: the whole input at once.
+MLP_CHUNK_TOKENS = 16384
+
+
+def _gated_rows(self, x: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda:
         return getattr(self, PATCHED)(x)
     gate = self.gate_proj(x)
     return self.down_proj(silu_mul(gate, self.up_proj(x), out=gate))
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
+    if differentiable:
+        return getattr(self, PATCHED)(x)
+    rows = x.reshape(-1, x.shape[-1])
+    chunk = MLP_CHUNK_TOKENS
+    if not chunk or rows.shape[0] <= chunk:
+        return _gated_rows(self, x)
+    first = _gated_rows(self, rows[:chunk])  # each token's output depends on that token alone
+    out = torch.empty(rows.shape[0], first.shape[-1], dtype=first.dtype, device=first.device)
+    out[:chunk] = first
+    for a in range(chunk, rows.shape[0], chunk):
+        out[a : a + chunk] = _gated_rows(self, rows[a : a + chunk])
+    return out.view(*x.shape[:-1], first.shape[-1])
 
 
 def fuse_mlp_activations(root: torch.nn.Module, enabled: bool = True) -> int:

@@ -86,6 +86,28 @@ def test_the_loader_prepares_the_language_model():
                                              "fused_rope": layers}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_long_inputs_go_through_the_mlp_in_chunks(device, monkeypatch):
+    """Over more tokens than MLP_CHUNK_TOKENS the MLP runs chunk by chunk (its hidden width never
+    held for every token): the same output, each token's depending on that token alone."""
+    model, config = tiny_model("qwen2.5-vl", device=device)
+    mlp = copy.deepcopy(model.model.language_model.layers[0].mlp)
+    if device == "cuda":
+        mlp = mlp.to(torch.bfloat16)
+    x = torch.randn(2, 37, config.text_config.hidden_size, device=device, dtype=mlp.gate_proj.weight.dtype)
+    with torch.no_grad():
+        assert fused.fuse_mlp_activations(mlp) == 1
+        whole = mlp(x)
+        monkeypatch.setattr(fused, "MLP_CHUNK_TOKENS", 10)
+        rows = []
+        mlp.gate_proj.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+        chunked = mlp(x)
+    assert rows == [10] * 7 + [4]  # 74 tokens
+    assert chunked.shape == whole.shape
+    tolerance = 1e-2 if device == "cuda" else 1e-6
+    torch.testing.assert_close(chunked, whole, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.cuda
 def test_fused_mlp_cuda_bf16():
     """On the GPU in bf16: the fused activation's MLP output is within one bf16 rounding of the

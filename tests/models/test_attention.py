@@ -81,7 +81,7 @@ def _reference_range(row):
     return (idx[0], idx[-1] + 1) if idx and len(idx) == idx[-1] + 1 - idx[0] else None
 
 
-def test_key_ranges_of_masks_are_read_once_per_mask():
+def test_key_ranges_of_masks_are_read_once_per_mask(monkeypatch):
     """Each row's run of valid keys, from the last query's row of a 4-D mask (or a 2-D one); a mask
     handed to every layer is read once, and a new mask or an in-place change is read again."""
     rows = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0],
@@ -92,17 +92,14 @@ def test_key_ranges_of_masks_are_read_once_per_mask():
     mask[:, 0, -1] = rows
     reads = []
     real = attention_module._valid_ranges
-    attention_module._valid_ranges = lambda x: reads.append(1) or real(x)
-    try:
-        first = attention_module._key_ranges(mask, 6)
-        assert attention_module._key_ranges(mask, 6) == first and len(reads) == 1
-        assert attention_module._key_ranges(mask, 4) == [_reference_range(r[-4:]) for r in rows]  # fewer keys
-        mask[0, 0, -1, 0] = True  # written in place: read again
-        assert attention_module._key_ranges(mask, 6)[0] is None and len(reads) == 3
-        float_mask = torch.where(mask, 0.0, float("-inf"))  # an additive mask: 0 where visible
-        assert attention_module._key_ranges(float_mask, 6) == attention_module._key_ranges(mask.clone(), 6)
-    finally:
-        attention_module._valid_ranges = real
+    monkeypatch.setattr(attention_module, "_valid_ranges", lambda x: reads.append(1) or real(x))
+    first = attention_module._key_ranges(mask, 6)
+    assert attention_module._key_ranges(mask, 6) == first and len(reads) == 1
+    assert attention_module._key_ranges(mask, 4) == [_reference_range(r[-4:]) for r in rows]  # fewer keys
+    mask[0, 0, -1, 0] = True  # written in place: read again
+    assert attention_module._key_ranges(mask, 6)[0] is None and len(reads) == 3
+    float_mask = torch.where(mask, 0.0, float("-inf"))  # an additive mask: 0 where visible
+    assert attention_module._key_ranges(float_mask, 6) == attention_module._key_ranges(mask.clone(), 6)
 
 
 def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch):

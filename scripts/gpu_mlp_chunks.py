@@ -21,13 +21,9 @@ def main() -> int:
 
     import models.fused as fused
     from kernels import FlashPrefillConfig
-    from videoprefill.bench import build_7b, markdown_table, synthetic_request, warm_up
-    from videoprefill.pipeline import VideoQA
+    from videoprefill.bench import cold_qa, markdown_table, synthetic_request
 
-    model, processor = build_7b()
-    qa = VideoQA(model, processor, mask_layers=(), warmup=False)
-    qa.prefix_cache = False
-    warm_up(qa)
+    qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     prepared = synthetic_request(qa, args.video_tokens)
     kept = fused.MLP_CHUNK_TOKENS

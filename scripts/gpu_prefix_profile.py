@@ -26,13 +26,10 @@ def main() -> int:
 
     from kernels import FlashPrefillConfig
     from models.attention import RequestSettings, request_settings, set_attention
-    from videoprefill.bench import build_7b, markdown_table, synthetic_request, warm_up
-    from videoprefill.pipeline import VideoQA
+    from videoprefill.bench import cold_qa, markdown_table, synthetic_request
 
-    model, processor = build_7b()
-    qa = VideoQA(model, processor, mask_layers=(), warmup=False)
-    qa.prefix_cache = False
-    warm_up(qa)
+    qa = cold_qa()
+    model, processor = qa.model, qa.processor
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     rows = []
     for tokens in args.video_tokens:

@@ -92,6 +92,18 @@ def warm_up(qa) -> None:
         qa.run(warm, mode, max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0))
 
 
+def cold_qa():
+    """A VideoQA over the 7B-architecture model (`build_7b`) whose every request is cold (its video
+    prefix computed, nothing kept), with the kernels compiled and cuDNN warmed (`warm_up`)."""
+    from videoprefill.pipeline import VideoQA
+
+    model, processor = build_7b()
+    qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly
+    qa.prefix_cache = False
+    warm_up(qa)
+    return qa
+
+
 def _row(prepared, label: str, answer) -> dict:
     t = answer.timings
     row = {"video_tokens": prepared.tokens["video"], "total_tokens": prepared.tokens["total"], "attention": label,
@@ -132,17 +144,14 @@ def prefill_main(argv: list[str]) -> int:
     from kernels import FlashPrefillConfig
     from models.text import prepare_language_model
     from models.vision import prepare_vision_tower
-    from videoprefill.pipeline import VideoQA
 
-    model, processor = build_7b()
-    qa = VideoQA(model, processor, mask_layers=(), warmup=False)  # warmed explicitly below
-    qa.prefix_cache = False  # every request cold: its prefix computed, nothing kept
+    qa = cold_qa()
+    model = qa.model
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     header = (f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"transformers {transformers.__version__}; Qwen2.5-VL-7B architecture, random bf16 weights; {config}")
     print(header)
     rows = []
-    warm_up(qa)
     # (attention mode, fixed density or None, the vision tower / the language model as transformers runs it)
     runs = [("dense", None, False, False), ("sparse", None, False, False)]
     runs += [("sparse", d, False, False) for d in args.fixed_density]

@@ -8,8 +8,8 @@ that each write a tensor of the MLP's width. Over long inputs these elementwise 
 - `fuse_rms_norms` runs every RMSNorm under a module through `torch.nn.functional.rms_norm`;
 - `fuse_mlp_activations` runs every SiLU-gated MLP as `down(silu_mul(gate(x), up(x)))` with
   `kernels.activation.silu_mul` writing over gate in place, on CUDA (the stock forward
-  elsewhere), and without autograd over at most `MLP_CHUNK_TOKENS` tokens at a time, so that a
-  long prefill never holds the MLP's hidden width for every token.
+  elsewhere), and without autograd over as many tokens at a time as fit `MLP_CHUNK_BYTES`, so
+  that a long prefill never holds the MLP's hidden width for every token.
 
 Both are the same functions within one bf16 rounding, replace `forward` per module instance
 (transformers has no interface point for either without the `kernels` hub package, which
@@ -91,18 +91,39 @@ def is_silu_gated_mlp(module: torch.nn.Module) -> bool:
     return gated_mlp_width(module) is not None and _is_silu(getattr(module, "act_fn", None))
 
 
-# Tokens a gated MLP takes at a time over a long input. Its two hidden-width tensors then hold at
-# most this many rows: 2 x 16,384 x 18,944 bf16 values (1.2 GB) in the 7B language model, against
-# 9.9 GB for 131K tokens at once, the largest buffer of a long prefill (BENCHMARKS.md). The
-# products stay large enough to run at full speed. 0: the whole input at once.
-MLP_CHUNK_TOKENS = 16384
+# Bytes of the two hidden-width tensors a gated MLP holds at a time over a long input: it takes
+# MLP_CHUNK_BYTES // (2 x width x element size) tokens at a time. In the 7B language model (width
+# 18,944) that is 17,712 tokens and 1.25 GiB, against 9.9 GB for 131K tokens at once, the largest
+# buffer of a long prefill; in its vision tower (width 3,456 padded) 97,090 of the 4 x 131K patch
+# tokens (BENCHMARKS.md). The products stay large enough to run at full speed. 0: the whole input
+# at once.
+MLP_CHUNK_BYTES = 5 * 2**28
 
 
-def _gated_rows(self, x: torch.Tensor) -> torch.Tensor:
+def chunk_tokens(width: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of a gated MLP of hidden `width` (0: all at once)."""
+    if not MLP_CHUNK_BYTES:
+        return 0
+    return max(1, MLP_CHUNK_BYTES // (2 * width * dtype.itemsize))
+
+
+def _gated_rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) (the activation fused on CUDA), written into `out` when given."""
     if not x.is_cuda:
-        return getattr(self, PATCHED)(x)
+        y = getattr(self, PATCHED)(x)
+        return y if out is None else out.copy_(y)
     gate = self.gate_proj(x)
-    return self.down_proj(silu_mul(gate, self.up_proj(x), out=gate))
+    hidden = silu_mul(gate, self.up_proj(x), out=gate)
+    down = self.down_proj
+    if out is None:
+        return down(hidden)
+    if type(down) is torch.nn.Linear and hidden.dtype == down.weight.dtype == out.dtype:
+        # the product straight into out: what F.linear runs, without a copy
+        if down.bias is None:
+            return torch.mm(hidden, down.weight.t(), out=out)
+        return torch.addmm(down.bias, hidden, down.weight.t(), out=out)
+    out.copy_(down(hidden))
+    return out
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,15 +131,14 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if differentiable:
         return getattr(self, PATCHED)(x)
     rows = x.reshape(-1, x.shape[-1])
-    chunk = MLP_CHUNK_TOKENS
+    chunk = chunk_tokens(self.gate_proj.out_features, x.dtype)
     if not chunk or rows.shape[0] <= chunk:
         return _gated_rows(self, x)
-    first = _gated_rows(self, rows[:chunk])  # each token's output depends on that token alone
-    out = torch.empty(rows.shape[0], first.shape[-1], dtype=first.dtype, device=first.device)
-    out[:chunk] = first
-    for a in range(chunk, rows.shape[0], chunk):
-        out[a : a + chunk] = _gated_rows(self, rows[a : a + chunk])
-    return out.view(*x.shape[:-1], first.shape[-1])
+    # each token's output depends on that token alone
+    out = torch.empty(rows.shape[0], self.down_proj.out_features, dtype=x.dtype, device=x.device)
+    for a in range(0, rows.shape[0], chunk):
+        _gated_rows(self, rows[a : a + chunk], out[a : a + chunk])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def fuse_mlp_activations(root: torch.nn.Module, enabled: bool = True) -> int:

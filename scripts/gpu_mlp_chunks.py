@@ -1,4 +1,4 @@
-"""The gated MLPs over a long prefill in chunks of MLP_CHUNK_TOKENS tokens (as kept) against all
+"""The gated MLPs over a long prefill in chunks of at most MLP_CHUNK_BYTES (as kept) against all
 tokens at once (as before): peak GPU memory and time of whole requests, alternating. Qwen2.5-VL-7B
 architecture, random bf16 weights, a synthetic request of VIDEO_TOKENS video tokens.
 
@@ -26,25 +26,25 @@ def main() -> int:
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     prepared = synthetic_request(qa, args.video_tokens)
-    kept = fused.MLP_CHUNK_TOKENS
+    kept = fused.MLP_CHUNK_BYTES
     rows = []
     for mode, fixed in (("sparse", args.fixed_density), ("dense", None)):
         label = mode if fixed is None else f"sparse, fixed {fixed:.0%} (benchmark only)"
         best: dict = {}
         for _ in range(args.repeats):
             for chunk in (kept, 0):
-                fused.MLP_CHUNK_TOKENS = chunk
+                fused.MLP_CHUNK_BYTES = chunk
                 torch.cuda.reset_peak_memory_stats()
                 answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
                 t = answer.timings
-                row = {"attention": label, "mlp": f"chunks of {chunk} tokens" if chunk else "all tokens at once",
+                row = {"attention": label, "mlp": f"chunks of {chunk / 2**30:.2f} GiB" if chunk else "all tokens at once",
                        "vision": t["vision_s"], "prefill": t["prefill_s"],
                        "peak": torch.cuda.max_memory_allocated() / 2**30}
                 print(row, flush=True)
                 if chunk not in best or row["prefill"] < best[chunk]["prefill"]:
                     best[chunk] = {**row, "peak": max(row["peak"], best.get(chunk, row)["peak"])}
         rows += [best[kept], best[0]]
-    fused.MLP_CHUNK_TOKENS = kept
+    fused.MLP_CHUNK_BYTES = kept
     print(f"video tokens {prepared.tokens['video']}")
     print(markdown_table(rows, [("attention", "attention", ""), ("gated MLPs", "mlp", ""),
                                 ("vision s", "vision", ".3f"), ("LLM prefill s", "prefill", ".3f"),

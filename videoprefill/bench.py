@@ -56,6 +56,7 @@ def build_7b(device: str = "cuda"):
 def synthetic_request(qa, video_tokens: int, side: int = 448):
     """A Prepared request whose video gives `video_tokens` tokens (frames of side x side)."""
     from videoprefill.pipeline import Prepared, _runs
+    from videoprefill.prefix import pixels_for
     from videoprefill.video import VideoInfo
 
     per_pair = (side // 28) ** 2
@@ -65,12 +66,13 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     prompt = qa.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = qa.processor(text=[prompt], videos=[video], do_resize=False, return_tensors="pt",
                           do_sample_frames=False, **qa.processor_device()).to(qa.device)
+    inputs = pixels_for(qa.model, dict(inputs))  # as VideoQA.prepare_decoded
     ids = inputs["input_ids"][0]
     is_video = ids == qa.video_token_id
     n = int(is_video.sum())
     ranges = _runs(is_video)
     info = VideoInfo("synthetic", frames, 2.0, side, side)
-    return Prepared(info, "Describe this video.", dict(inputs), 0.0,
+    return Prepared(info, "Describe this video.", inputs, 0.0,
                     {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, ranges, frames,
                     prefix_len=ranges[-1][1], video_key=("synthetic", video_tokens, side))
 

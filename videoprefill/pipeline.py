@@ -266,14 +266,16 @@ class VideoQA:
             inputs = self.processor(
                 text=[prompt], videos=[frames], video_metadata=[decoded.sampled.metadata], do_resize=False,
                 do_sample_frames=False, return_tensors="pt", **self.processor_device(),
-            ).to(self.device)
+            )
+        inputs = prefixes.pixels_for(self.model, dict(inputs))
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         ids = inputs["input_ids"][0]
         is_video = ids == self.video_token_id
         n_video = int(is_video.sum())
         video_ranges = _runs(is_video)
         end = _sync(self.device)
         return Prepared(
-            video=decoded.info, question=question, inputs=dict(inputs),
+            video=decoded.info, question=question, inputs=inputs,
             decode_s=(decoded.decode_s if count_decode else 0.0) + (end - start),
             tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
             video_ranges=video_ranges, sampled_frames=int(frames.shape[0]), sampling=decoded.sampling,

@@ -87,22 +87,28 @@ def test_the_loader_prepares_the_language_model():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_long_inputs_go_through_the_mlp_in_chunks(device, monkeypatch):
-    """Over more tokens than MLP_CHUNK_TOKENS the MLP runs chunk by chunk (its hidden width never
-    held for every token): the same output, each token's depending on that token alone."""
+@pytest.mark.parametrize("tower", ["language_model", "visual"])  # down_proj without and with a bias
+def test_long_inputs_go_through_the_mlp_in_chunks(device, tower, monkeypatch):
+    """Over more tokens than fit MLP_CHUNK_BYTES the MLP runs chunk by chunk (its hidden width never
+    held for every token), its output written in place: the same output, each token's depending on
+    that token alone."""
     model, config = tiny_model("qwen2.5-vl", device=device)
-    mlp = copy.deepcopy(model.model.language_model.layers[0].mlp)
+    layer = model.model.language_model.layers[0] if tower == "language_model" else model.model.visual.blocks[0]
+    mlp = copy.deepcopy(layer.mlp)
+    assert (mlp.down_proj.bias is not None) == (tower == "visual")
     if device == "cuda":
         mlp = mlp.to(torch.bfloat16)
-    x = torch.randn(2, 37, config.text_config.hidden_size, device=device, dtype=mlp.gate_proj.weight.dtype)
+    x = torch.randn(2, 37, mlp.gate_proj.in_features, device=device, dtype=mlp.gate_proj.weight.dtype)
     with torch.no_grad():
         assert fused.fuse_mlp_activations(mlp) == 1
         whole = mlp(x)
-        monkeypatch.setattr(fused, "MLP_CHUNK_TOKENS", 10)
+        width = mlp.gate_proj.out_features
+        monkeypatch.setattr(fused, "MLP_CHUNK_BYTES", 10 * 2 * width * x.dtype.itemsize + 1)
         rows = []
         mlp.gate_proj.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
         chunked = mlp(x)
     assert rows == [10] * 7 + [4]  # 74 tokens
+    assert fused.chunk_tokens(width, x.dtype) == 10
     assert chunked.shape == whole.shape
     tolerance = 1e-2 if device == "cuda" else 1e-6
     torch.testing.assert_close(chunked, whole, rtol=tolerance, atol=tolerance)

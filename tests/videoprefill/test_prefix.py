@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from kernels import BlockSparsePattern, FlashPrefillConfig
 from models import load, set_attention
 from models.attention import SparsityRecorder
 from models.tiny import FAMILIES
+from videoprefill import prefix as prefixes
 from videoprefill.pipeline import VideoQA
 from videoprefill.synthetic import DEMO_QUESTION
 from videoprefill.video import Sampling, sample_video_path
@@ -45,6 +47,56 @@ def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, samp
     for a, b in zip(one.scores, two.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert state.cache.get_seq_length() == prepared.prefix_len  # the question's positions were dropped
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_prefix_frees_the_patch_states_before_the_language_model(family, tiny_models, sample_video):
+    """transformers' forward keeps the vision tower's patch states from before the merger alive
+    through the language model's prefill; the prefix's call drops them from the tower's output, and
+    its KV cache is the one of the stock call (merged tokens and Qwen3-VL's deepstack features kept)."""
+    model, processor = load(tiny_models[family], device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    set_attention(model, "dense")
+    prepared = qa.prepare(sample_video, "What happens in this video?", SMALL)
+    length = prepared.prefix_len
+    positions = prefixes.prompt_positions(model, prepared.inputs)
+    states, alive = [], []
+    # registered before the prefix's own hook, so it sees the tower's whole output
+    seen = model.model.visual.register_forward_hook(lambda m, a, out: states.append(weakref.ref(out.last_hidden_state)))
+    check = model.model.language_model.register_forward_pre_hook(lambda m, a: alive.append(states[-1]() is not None))
+    try:
+        with torch.inference_mode():
+            lean = prefixes.prefill_prefix(model, prepared.inputs, length, positions)
+            stock = prefixes.new_cache(model)
+            stock_inputs, _ = prefixes.split_inputs(prepared.inputs, length)
+            model.model(**stock_inputs, position_ids=positions[..., :length],
+                        **{prefixes.cache_argument(model): stock}, use_cache=True)
+    finally:
+        seen.remove()
+        check.remove()
+    assert alive == [False, True]  # dropped in the prefix's call, alive through the stock call
+    assert len(lean.layers) == len(stock.layers) > 0
+    for a, b in zip(lean.layers, stock.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_pixels_are_prepared_in_the_vision_towers_dtype(tiny_models, sample_video):
+    """A bf16 model gets bf16 pixels (half the processor's fp32) and computes the same prefix from
+    them: it casts them to its vision tower's dtype first thing. Other float inputs keep theirs."""
+    model, processor = load(tiny_models["qwen2.5-vl"], device="cpu", dtype=torch.bfloat16)
+    qa = VideoQA(model, processor, warmup=False)
+    set_attention(model, "dense")
+    prepared = qa.prepare(sample_video, "What happens in this video?", SMALL)
+    assert prepared.inputs["pixel_values_videos"].dtype == torch.bfloat16
+    assert prepared.inputs["second_per_grid_ts"].dtype == torch.float32
+    fp32 = dict(prepared.inputs, pixel_values_videos=prepared.inputs["pixel_values_videos"].float())
+    length = prepared.prefix_len
+    positions = prefixes.prompt_positions(model, prepared.inputs)
+    with torch.inference_mode():
+        ours = prefixes.prefill_prefix(model, prepared.inputs, length, positions)
+        theirs = prefixes.prefill_prefix(model, fp32, length, positions)
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def _decodes(qa, monkeypatch) -> list[str]:

@@ -79,6 +79,12 @@ class _Layout:
 
 _LAYOUT_READS = ReadOnce()
 
+# Chunks of unequal lengths are gathered into a batch per length, at most this many tokens at a
+# time: the copies of q, k and v and the result then hold at most 4 x 65,536 tokens (0.67 GB in
+# Qwen2.5-VL's tower) instead of most of the video's patches (3.2 GB at 131K video tokens of
+# 640 x 360 frames, the vision encoder's peak and the request's, BENCHMARKS.md). 0: all at once.
+GATHER_TOKENS = 65536
+
 
 def _layout(cu_seqlens: torch.Tensor) -> _Layout:
     """cu_seqlens read on the host, with its chunks' token ids: once per tensor (models.host; the
@@ -93,8 +99,9 @@ def chunked_attention(
     """Non-causal attention within each chunk [cu_seqlens[i], cu_seqlens[i + 1]) of a packed sequence.
 
     q, k, v: (S, H, D), any strides; cu_seqlens: int (n + 1,), 0 first and S last, non-decreasing.
-    Returns (S, H, D) in q's dtype. One SDPA call per distinct chunk length; reads the lengths on
-    the host once per cu_seqlens tensor (`_layout`).
+    Returns (S, H, D) in q's dtype. One SDPA call per distinct chunk length (per GATHER_TOKENS
+    tokens of it when the lengths differ); reads the lengths on the host once per cu_seqlens tensor
+    (`_layout`).
     """
     s, h, d = q.shape
     layout = _layout(cu_seqlens)
@@ -106,9 +113,12 @@ def chunked_attention(
         qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))
         return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(s, h, d)
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
-    for rows in layout.grouped(q.device):  # (chunks, n) token ids
-        qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))
-        out[rows] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2)
+    for group in layout.grouped(q.device):  # (chunks, n) token ids
+        step = max(1, GATHER_TOKENS // group.shape[1]) if GATHER_TOKENS else group.shape[0]
+        for first in range(0, group.shape[0], step):
+            rows = group[first : first + step]
+            qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))
+            out[rows] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2)
     return out
 
 

@@ -1,8 +1,9 @@
 """GPU memory of a long request, stage by stage, as kept against the way before, alternating:
 - as kept: the pixels in the vision tower's dtype (`prefix.pixels_for`), its patch states dropped
-  from its output (`prefix.without_patch_states`), the gated MLPs in chunks of `MLP_CHUNK_BYTES`;
-- before: the processor's fp32 pixels, the patch states kept through the prefill, the MLPs of both
-  towers in chunks of 16,384 tokens.
+  from its output (`prefix.without_patch_states`), windows of unequal lengths gathered at most
+  `models.vision.GATHER_TOKENS` tokens at a time, the gated MLPs in chunks of `MLP_CHUNK_BYTES`;
+- before: the processor's fp32 pixels, the patch states kept as the model's forward keeps them,
+  each window length gathered whole, the MLPs of both towers in chunks of 16,384 tokens.
 Per request: the peak of the vision encoder, what is allocated when the language model starts,
 the peak of the prefill, and the stages' times. Then the vision tower alone per MLP chunk size.
 Qwen2.5-VL-7B architecture, random bf16 weights, VIDEO prepared as the pipeline prepares it.
@@ -32,6 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import models.fused as fused
+    import models.vision as vision
     from kernels import FlashPrefillConfig
     from videoprefill import prefix
     from videoprefill.bench import cold_qa, markdown_table
@@ -63,12 +65,13 @@ def main() -> int:
 
     hooks = [visual.register_forward_pre_hook(vision_start), visual.register_forward_hook(vision_end),
              language.register_forward_pre_hook(prefill_start)]
-    stock_lean, stock_chunks = prefix.without_patch_states, fused.chunk_tokens
+    stock_lean, stock_chunks, stock_gather = prefix.without_patch_states, fused.chunk_tokens, vision.GATHER_TOKENS
 
     def set_way(way: str) -> None:
         old = way == "before"
         prefix.without_patch_states = (lambda model: contextlib.nullcontext()) if old else stock_lean
         fused.chunk_tokens = (lambda width, dtype: 16384) if old else stock_chunks
+        vision.GATHER_TOKENS = 0 if old else stock_gather
 
     rows, texts = {}, {}
     for repeat in range(args.repeats):

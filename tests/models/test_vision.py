@@ -66,6 +66,24 @@ def test_chunked_attention_matches_per_chunk_sdpa(lengths):
         assert not torch.allclose(out2[a:b], out[a:b])
 
 
+def test_chunks_of_unequal_lengths_are_gathered_in_bounded_pieces(monkeypatch):
+    """Chunks of one length go to SDPA at most GATHER_TOKENS tokens at a time (at least one chunk):
+    the same result as all at once."""
+    lengths = [16, 8, 16, 8, 4, 16, 16, 40]
+    q, k, v, cu = packed(lengths)
+    whole = vision.chunked_attention(q, k, v, cu, 0.25)
+    batches = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(vision.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: batches.append(tuple(q.shape[:3:2])) or sdpa(q, *a, **kw))
+    monkeypatch.setattr(vision, "GATHER_TOKENS", 33)
+    pieces = vision.chunked_attention(q, k, v, cu, 0.25)
+    # (chunks, tokens per chunk) per call: 2 of 8 fit 33 tokens, 2 of 16 (of 4), 1 of 40 (alone)
+    assert sorted(batches) == [(1, 4), (1, 40), (2, 8), (2, 16), (2, 16)]
+    torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pieces, per_chunk_reference(q, k, v, cu, 0.25), rtol=1e-12, atol=1e-12)
+
+
 def test_chunked_attention_reads_each_cu_seqlens_once():
     """A tower hands every layer the same cu_seqlens: it is read on the host once, and a new tensor
     or an in-place change is read again (never a stale layout)."""

@@ -51,7 +51,7 @@ def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, samp
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_prefix_frees_the_patch_states_before_the_language_model(family, tiny_models, sample_video):
-    """transformers' forward keeps the vision tower's patch states from before the merger alive
+    """transformers' forward may keep the vision tower's patch states from before the merger alive
     through the language model's prefill; the prefix's call drops them from the tower's output, and
     its KV cache is the one of the stock call (merged tokens and Qwen3-VL's deepstack features kept)."""
     model, processor = load(tiny_models[family], device="cpu")
@@ -74,7 +74,9 @@ def test_the_prefix_frees_the_patch_states_before_the_language_model(family, tin
     finally:
         seen.remove()
         check.remove()
-    assert alive == [False, True]  # dropped in the prefix's call, alive through the stock call
+    # Dropped in the prefix's call. The stock call keeps them alive where the model's forward holds
+    # the tower's output (transformers 5.24 on this machine's CI: all three families; 5.17: Qwen3-VL).
+    assert len(alive) == 2 and alive[0] is False
     assert len(lean.layers) == len(stock.layers) > 0
     for a, b in zip(lean.layers, stock.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

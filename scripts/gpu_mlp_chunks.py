@@ -37,7 +37,8 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
                 answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
                 t = answer.timings
-                row = {"attention": label, "mlp": f"chunks of {chunk / 2**30:.2f} GiB" if chunk else "all tokens at once",
+                mlp = f"chunks of {chunk / 2**30:.2f} GiB" if chunk else "all tokens at once"
+                row = {"attention": label, "mlp": mlp,
                        "vision": t["vision_s"], "prefill": t["prefill_s"],
                        "peak": torch.cuda.max_memory_allocated() / 2**30}
                 print(row, flush=True)

@@ -29,10 +29,13 @@ from models.attention import RequestSettings, SparsityRecorder, current_settings
 
 from . import prefix as prefixes
 from .tokens import collapsed_runs
-from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_frames
+from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_frames, sample_video_path
 
 DEFAULT_QUESTION = "Describe this video."
 ATTENTION_MODES = ("sparse", "dense")
+# The warm-up request's frames: the bundled sample video at 112 x 112 pixels, 414 prompt tokens
+# on Qwen2.5-VL (`VideoQA.warm_up`).
+WARMUP_SAMPLING = Sampling(fps=2.0, max_frames=512, min_pixels=112 * 112, max_pixels=112 * 112)
 
 
 class InputError(ValueError):
@@ -156,11 +159,13 @@ class VideoQA:
     """Question answering over a video with a loaded Qwen-VL model (see models.load)."""
 
     def __init__(self, model, processor, mask_layers: tuple[int, ...] | None = None, warmup: bool = True):
-        """warmup: run the first request of each attention mode once untimed, so one-time costs
-        (Triton compilation, cuDNN plans, lazy allocations) stay out of the reported timings."""
+        """warmup: before the first request with given settings, run a short one untimed
+        (`warm_up`), so one-time costs (Triton compilation, cuDNN plans, lazy loading) stay out of
+        the reported timings."""
         self.model = model
         self.warmup = warmup
-        self._warm: set[str] = set()
+        self._warm: set[tuple] = set()  # settings keys (`_settings`) a request ran with
+        self._warmup_request: Prepared | None = None
         self.processor = processor
         self.info = getattr(model, "videoprefill", None)
         self.device = next(model.parameters()).device
@@ -310,20 +315,12 @@ class VideoQA:
         reuse_prefix: use the kept KV cache of this video's prefix when it was made with the same
         settings, and keep this one's (default `self.prefix_cache`); False computes the prefix
         and keeps nothing, a cold request (what the benchmarks time)."""
-        if attention not in ATTENTION_MODES:
-            raise InputError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        config = config or self.config
-        if self._attention != attention:
-            set_attention(self.model, attention)
-            self._attention = attention
-        if dense_layers is None:
-            dense_layers = self.info.dense_layers if self.info else 0
+        key, settings = self._settings(attention, config, dense_layers, fixed_density)
         if prepared.prefix_len <= 0:
             prepared.prefix_len = prefixes.prefix_length(prepared.inputs["input_ids"], self.video_token_id)
         reuse = self.prefix_cache if reuse_prefix is None else reuse_prefix
-        key = (attention, config, dense_layers, fixed_density)
         kept = self._kept_prefix(prepared.video_key) if reuse else None
         state = kept.state if kept is not None and kept.state is not None and kept.state.settings == key else None
         if state is not None and not (prepared.prefix_len == kept.length and torch.equal(
@@ -335,12 +332,10 @@ class VideoQA:
             if not any(k in prepared.inputs for k in prefixes.PIXEL_KEYS):
                 self._reload(prepared)  # built on a prefix kept for other settings
         else:
-            self._warm.add(attention)  # the request that made the cache ran this mode
-        settings = RequestSettings(config=config, fixed_density=fixed_density, dense_layers=dense_layers)
-        if self.warmup and attention not in self._warm:
-            with torch.inference_mode(), request_settings(settings):
-                self._generate(prepared, key, None, max_new_tokens=1)
-            self._warm.add(attention)
+            self._warm.add(key)  # the request that made the cache ran with these settings
+        if self.warmup:
+            self.warm_up(attention, settings.config, settings.dense_layers, fixed_density)
+        self._use(attention)
         mask_layers = self.mask_layers if record_masks else ()
         # A cold prefix records masks of every mask layer, so that its kept record serves any request.
         recorder = state.recorder.copy(mask_layers) if state else SparsityRecorder(mask_layers=self.mask_layers)
@@ -378,8 +373,48 @@ class VideoQA:
             tokens={**prepared.tokens, "cached": cached}, sparsity=sparsity,
             video={"path": prepared.video.path, "frames": prepared.video.num_frames, "fps": prepared.video.fps,
                    "duration_s": round(prepared.video.duration_s, 3), "sampled_frames": prepared.sampled_frames},
-            new_tokens=int(new.numel()), config=dataclasses.asdict(config),
+            new_tokens=int(new.numel()), config=dataclasses.asdict(settings.config),
         )
+
+    def _settings(self, attention: str, config: FlashPrefillConfig | None, dense_layers: int | None,
+                  fixed_density: float | None) -> tuple[tuple, RequestSettings]:
+        """A request's settings, defaults filled in, and the key of a prefix's KV cache made with them."""
+        if attention not in ATTENTION_MODES:
+            raise InputError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        config = config or self.config
+        if dense_layers is None:
+            dense_layers = self.info.dense_layers if self.info else 0
+        settings = RequestSettings(config=config, fixed_density=fixed_density, dense_layers=dense_layers)
+        return (attention, config, dense_layers, fixed_density), settings
+
+    def _use(self, attention: str) -> None:
+        if self._attention != attention:
+            set_attention(self.model, attention)
+            self._attention = attention
+
+    def warm_up(self, attention: str = "sparse", config: FlashPrefillConfig | None = None,
+                dense_layers: int | None = None, fixed_density: float | None = None) -> None:
+        """Run a short request with these settings once, untimed, unless one ran: the bundled sample
+        video (`WARMUP_SAMPLING`), with FlashPrefill from its first block (min_seq_len 0) and, in
+        sparse mode, once more as configured (dense attention below min_seq_len). It pays what the
+        first request of a process would otherwise count in its timings: compiling the kernels for
+        these settings, CUDA's lazy loading of kernels, the first cuDNN and cuBLAS calls, the first
+        use of the decode path (reading, resizing, the video processor). `run` calls it when
+        `warmup` is set, and `ask` and `compare` before they decode."""
+        key, settings = self._settings(attention, config, dense_layers, fixed_density)
+        if key in self._warm:
+            return
+        if self._warmup_request is None:
+            decoded = self.decode(str(sample_video_path()), WARMUP_SAMPLING)
+            self._warmup_request = self.prepare_decoded(decoded, DEFAULT_QUESTION, reuse_prefix=False)
+        self._use(attention)
+        configs = [dataclasses.replace(settings.config, min_seq_len=0)]
+        if attention == "sparse" and settings.config.min_seq_len > 0:
+            configs.append(settings.config)
+        for config in configs:
+            with torch.inference_mode(), request_settings(dataclasses.replace(settings, config=config)):
+                self._generate(self._warmup_request, key, None, max_new_tokens=1)
+        self._warm.add(key)
 
     def _generate(self, prepared: Prepared, key: tuple, state: prefixes.PrefixState | None, max_new_tokens: int,
                   stopping_criteria=None, **generate_kwargs) -> tuple[torch.Tensor, prefixes.PrefixState]:
@@ -431,11 +466,18 @@ class VideoQA:
             sampling: Sampling | None = None, max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None) -> Answer:
         """Answer `question` about `video`. Raises InputError (VideoError) for bad input."""
+        self._check_question(question)
+        if self.warmup:
+            self.warm_up(attention, config)  # before decoding: the decode path is warmed too
         return self.run(self.prepare(video, question, sampling), attention, max_new_tokens, config)
 
     def compare(self, video: str, question: str = DEFAULT_QUESTION, sampling: Sampling | None = None,
                 max_new_tokens: int = 32, config: FlashPrefillConfig | None = None) -> dict:
         """Dense and sparse on the same decoded inputs: both answers, TTFT speed-up, agreement."""
+        self._check_question(question)
+        if self.warmup:
+            for attention in ("dense", "sparse"):
+                self.warm_up(attention, config)
         prepared = self.prepare(video, question, sampling)
         dense = self.run(prepared, "dense", max_new_tokens, config)
         sparse = self.run(prepared, "sparse", max_new_tokens, config)

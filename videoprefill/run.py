@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     p.add_argument("--no-warmup", action="store_true",
-                   help="time the very first run too (by default each attention mode runs once untimed first)")
+                   help="no untimed warm-up: by default a short request on the bundled sample runs first in each "
+                        "attention mode, so compilation and first-call costs stay out of the timings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sparsity-map", metavar="PNG",
                    help="write density heatmap and a block mask to this image (.png, .pdf, .svg or .jpg)")

@@ -148,16 +148,18 @@ class App:
             config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size),
                                          pattern_per_kv_head=bool(per_kv_head))
             sampling = Sampling(fps=float(fps), max_frames=int(max_frames), max_pixels=int(max_pixels))
+            modes = ("dense", "sparse") if mode == "compare" else (mode,)
+            if self.qa.warmup and question and question.strip():  # as VideoQA.ask: before decoding
+                if progress is not None:
+                    progress(0.05, desc="warming up (once per settings)")
+                for m in modes:
+                    self.qa.warm_up(m, config)
             if progress is not None:
                 progress(0.1, desc="decoding the video")
             prepared = self.qa.prepare(str(video), question if question is not None else "", sampling)
             if progress is not None:
                 progress(0.4, desc="prefill and first token")
-            if mode == "compare":
-                answers = {"dense": self.qa.run(prepared, "dense", 32, config),
-                           "sparse": self.qa.run(prepared, "sparse", 32, config)}
-            else:
-                answers = {mode: self.qa.run(prepared, mode, 32, config)}
+            answers = {m: self.qa.run(prepared, m, 32, config) for m in modes}
         except (InputError, VideoError, ValueError) as err:
             raise gr.Error(str(err)) from None
         main = answers.get("sparse") or answers[mode]

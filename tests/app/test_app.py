@@ -146,3 +146,25 @@ def test_serves_no_file_outside_its_folders(server):
                     assert b"root:" not in body and b"[project]" not in body
             except urllib.error.HTTPError as err:
                 assert err.code in (403, 404)
+
+
+def test_the_ui_warms_up_before_it_decodes(monkeypatch):
+    """As VideoQA.ask: the warm-up of each mode asked for runs before the video is decoded, once."""
+    from app.ui import App
+    from models import load
+    from videoprefill.pipeline import VideoQA
+
+    qa = VideoQA(*load("demo", device="cpu"))
+    events = []
+    warm_up, prepare = qa.warm_up, qa.prepare
+
+    def spy_warm_up(mode, *args, **kwargs):
+        before = len(qa._warm)
+        warm_up(mode, *args, **kwargs)
+        if len(qa._warm) > before:  # it ran (later calls with the same settings return at once)
+            events.append(("warm_up", mode))
+
+    monkeypatch.setattr(qa, "warm_up", spy_warm_up)
+    monkeypatch.setattr(qa, "prepare", lambda *a, **kw: events.append(("prepare",)) or prepare(*a, **kw))
+    App(qa).ask(SAMPLE, DEMO_QUESTION, "compare", max_frames=8)
+    assert events == [("warm_up", "dense"), ("warm_up", "sparse"), ("prepare",)]

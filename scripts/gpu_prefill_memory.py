@@ -5,7 +5,8 @@
 - before: the processor's fp32 pixels, the patch states kept as the model's forward keeps them,
   each window length gathered whole, the MLPs of both towers in chunks of 16,384 tokens.
 Per request: the peak of the vision encoder, what is allocated when the language model starts,
-the peak of the prefill, and the stages' times. Then the vision tower alone per MLP chunk size.
+the peak of the prefill, the peak the allocator reserved (PYTORCH_CUDA_ALLOC_CONF applies), and
+the stages' times. Then the vision tower alone per MLP chunk size.
 Qwen2.5-VL-7B architecture, random bf16 weights, VIDEO prepared as the pipeline prepares it.
 
     PYTHONPATH=$PWD python3 scripts/gpu_prefill_memory.py VIDEO --max-pixels 200704 --fixed-density 0.05
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--max-pixels", type=int, default=448 * 448)
     parser.add_argument("--fixed-density", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-sweep", action="store_true", help="leave out the vision tower's MLP chunk sizes")
     args = parser.parse_args()
 
     import models.fused as fused
@@ -57,6 +59,7 @@ def main() -> int:
 
     def vision_end(module, args, output):
         marks["vision"] = torch.cuda.max_memory_allocated() / GIB
+        marks["vision reserved"] = torch.cuda.max_memory_reserved() / GIB
 
     def prefill_start(module, args):
         if "held" not in marks:  # the prefix's call, not the question's
@@ -89,6 +92,7 @@ def main() -> int:
                        "way": way, "pixels": str(kept.inputs["pixel_values_videos"].dtype).replace("torch.", ""),
                        "vision peak": marks["vision"], "held": marks["held"],
                        "prefill peak": torch.cuda.max_memory_allocated() / GIB,
+                       "reserved": max(marks["vision reserved"], torch.cuda.max_memory_reserved() / GIB),
                        "vision": t["vision_s"], "prefill": t["prefill_s"], "ttft": t["ttft_s"] - t["decode_video_s"]}
                 print(repeat, row, flush=True)
                 texts.setdefault((mode, way), set()).add(answer.text)
@@ -102,10 +106,12 @@ def main() -> int:
     print(markdown_table(list(rows.values()), [
         ("attention", "attention", ""), ("way", "way", ""), ("pixels", "pixels", ""),
         ("vision peak GiB", "vision peak", ".2f"), ("allocated at prefill start GiB", "held", ".2f"),
-        ("prefill peak GiB", "prefill peak", ".2f"), ("vision s", "vision", ".3f"),
-        ("LLM prefill s", "prefill", ".3f"), ("TTFT without decode s", "ttft", ".3f")]))
+        ("prefill peak GiB", "prefill peak", ".2f"), ("reserved peak GiB", "reserved", ".2f"),
+        ("vision s", "vision", ".3f"), ("LLM prefill s", "prefill", ".3f"), ("TTFT without decode s", "ttft", ".3f")]))
 
     kept.inputs.pop("pixel_values_videos")
+    if args.no_sweep:
+        return 0
     x = fp32.to("cuda", visual.dtype)
     grid = kept.inputs["video_grid_thw"]
     sweep = []

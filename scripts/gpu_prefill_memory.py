@@ -20,16 +20,14 @@ import time
 
 import torch
 
+from videoprefill.bench import add_file_arguments, file_sampling
+
 GIB = 2**30
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video")
-    parser.add_argument("--fps", type=float, default=2.0)
-    parser.add_argument("--max-frames", type=int, default=2048)
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    add_file_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-sweep", action="store_true", help="leave out the vision tower's MLP chunk sizes")
     args = parser.parse_args()
@@ -39,11 +37,9 @@ def main() -> int:
     from kernels import FlashPrefillConfig
     from videoprefill import prefix
     from videoprefill.bench import cold_qa, markdown_table
-    from videoprefill.video import Sampling
 
     qa = cold_qa()
-    sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                        total_pixels=args.max_frames * args.max_pixels)  # as scripts/gpu_prefix_from_file.py
+    sampling = file_sampling(args)
     stock_pixels = prefix.pixels_for
     prefix.pixels_for = lambda model, inputs: inputs  # the processor's fp32 pixels, kept on the host
     kept = qa.prepare(args.video, "Describe this video.", sampling)

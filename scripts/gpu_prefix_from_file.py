@@ -15,14 +15,12 @@ import argparse
 
 import torch
 
+from videoprefill.bench import add_file_arguments, file_sampling
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video")
-    parser.add_argument("--fps", type=float, default=2.0)
-    parser.add_argument("--max-frames", type=int, default=2048)
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    add_file_arguments(parser)
     parser.add_argument("--cold-decode", action="store_true",
                         help="no untimed request first: the first question pays the process's one-time decode costs")
     args = parser.parse_args()
@@ -30,12 +28,10 @@ def main() -> int:
     from kernels import FlashPrefillConfig
     from videoprefill.bench import build_7b, markdown_table
     from videoprefill.pipeline import VideoQA
-    from videoprefill.video import Sampling
 
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=True)
-    sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                        total_pixels=args.max_frames * args.max_pixels)  # as scripts/gpu_decode_profile.py
+    sampling = file_sampling(args)
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     questions = ("Describe this video.", "What happens at the end?", "How many people appear?")
     if not args.cold_decode:  # a whole untimed request per mode: the decode path's one-time costs too

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from videoprefill.bench import add_file_arguments, file_sampling
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,21 +54,16 @@ def counted(step):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video")
-    parser.add_argument("--max-frames", type=int, default=256)
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    add_file_arguments(parser, max_frames=256)
     args = parser.parse_args()
 
     from kernels import FlashPrefillConfig
     from videoprefill.bench import build_7b
     from videoprefill.pipeline import VideoQA
-    from videoprefill.video import Sampling
 
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=True)
-    sampling = Sampling(fps=2.0, max_frames=args.max_frames, max_pixels=args.max_pixels,
-                        total_pixels=args.max_frames * args.max_pixels)
+    sampling = file_sampling(args)
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     run = {"config": config, "fixed_density": args.fixed_density, "max_new_tokens": 2}
     qa.run(qa.prepare(args.video, "Describe this video.", sampling), "sparse", **run)  # warm

@@ -19,18 +19,19 @@ import time
 
 import torch
 
+from videoprefill.bench import add_file_arguments, file_sampling
+
 
 def child(args) -> None:
     from kernels import FlashPrefillConfig
     from models.attention import request_settings
     from videoprefill.bench import build_7b
     from videoprefill.pipeline import VideoQA
-    from videoprefill.video import Sampling
 
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=args.way == "sample")
     qa.prefix_cache = False
-    sampling = Sampling(fps=2.0, max_frames=2048, max_pixels=args.max_pixels, total_pixels=2048 * args.max_pixels)
+    sampling = file_sampling(args)
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     warmed = set()
     for n, (mode, fixed) in enumerate((("sparse", args.fixed_density), ("dense", None)) * 2):
@@ -61,9 +62,7 @@ def child(args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("video")
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    add_file_arguments(parser)
     parser.add_argument("--way", choices=("sample", "request"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.way:

@@ -106,6 +106,25 @@ def cold_qa():
     return qa
 
 
+def add_file_arguments(parser: argparse.ArgumentParser, max_frames: int = 2048) -> None:
+    """The arguments of the GPU scripts that time requests on a video file: VIDEO, how its frames
+    are sampled (`file_sampling`) and the benchmark-only fixed density of sparse requests."""
+    parser.add_argument("video")
+    parser.add_argument("--fps", type=float, default=2.0)
+    parser.add_argument("--max-frames", type=int, default=max_frames)
+    parser.add_argument("--max-pixels", type=int, default=448 * 448)
+    parser.add_argument("--fixed-density", type=float, default=0.05)
+
+
+def file_sampling(args):
+    """Frames at --fps, at most --max-frames of them, each of at most --max-pixels, and no pixel cap
+    over the clip beyond that (as scripts/gpu_decode_profile.py samples)."""
+    from videoprefill.video import Sampling
+
+    return Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
+                    total_pixels=args.max_frames * args.max_pixels)
+
+
 def _row(prepared, label: str, answer) -> dict:
     t = answer.timings
     row = {"video_tokens": prepared.tokens["video"], "total_tokens": prepared.tokens["total"], "attention": label,

@@ -9,6 +9,7 @@ import pytest
 
 from models import load
 from models.attention import current_settings
+from models.tiny import FAMILIES
 from videoprefill.pipeline import InputError, VideoQA
 from videoprefill.video import Sampling, sample_video_path
 
@@ -71,3 +72,18 @@ def test_no_warm_up_when_turned_off_and_bad_questions_fail_first(spied, sample_v
     qa.ask(sample_video, "What happens?", "sparse", SMALL, max_new_tokens=1)
     assert [e[:2] for e in events] == [("decode", os.path.basename(sample_video)),
                                        ("generate", os.path.basename(sample_video))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_warms_up_on_the_sample(family, tiny_models):
+    """The sample's frames suit each family's processor (its patch and merge sizes): the warm-up
+    prefills a prompt with video tokens and counts these settings as warm."""
+    model, processor = load(tiny_models[family], device="cpu")
+    qa = VideoQA(model, processor)
+    seen = []
+    generate = qa._generate
+    qa._generate = lambda prepared, *a, **kw: seen.append(prepared) or generate(prepared, *a, **kw)
+    qa.warm_up("sparse")
+    assert len(seen) == (1 if qa.config.min_seq_len == 0 else 2)
+    assert seen[0].video.path.endswith(sample_video_path().name) and seen[0].tokens["video"] > 0
+    assert ("sparse", qa.config, 0, None) in qa._warm

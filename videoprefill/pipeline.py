@@ -33,8 +33,8 @@ from .video import SampledFrames, Sampling, VideoError, VideoInfo, probe, read_f
 
 DEFAULT_QUESTION = "Describe this video."
 ATTENTION_MODES = ("sparse", "dense")
-# The warm-up request's frames: the bundled sample video at 112 x 112 pixels, 414 prompt tokens
-# on Qwen2.5-VL (`VideoQA.warm_up`).
+# The warm-up request's frames: the bundled sample video at 112 x 112 pixels, 384 video tokens on
+# Qwen2.5-VL (`VideoQA.warm_up`).
 WARMUP_SAMPLING = Sampling(fps=2.0, max_frames=512, min_pixels=112 * 112, max_pixels=112 * 112)
 
 

@@ -64,9 +64,10 @@ def _drop_patch_states(module, args, output):
 @contextlib.contextmanager
 def without_patch_states(model):
     """The vision tower's outputs without their patch states before the merger (`last_hidden_state`:
-    4 x the video tokens x the tower's width, 1.3 GB at 131K video tokens), which the model's
-    forward keeps through the language model's prefill and never reads; it reads the merged tokens
-    (`pooler_output`) and, in Qwen3-VL, the deepstack features."""
+    4 x the video tokens x the tower's width, 1.3 GB at 131K video tokens). The model's forward may
+    hold that output through the language model's prefill (transformers 5.24 does for all three
+    families) and never reads those states; it reads the merged tokens (`pooler_output`) and, in
+    Qwen3-VL, the deepstack features."""
     handle = tower(model, "visual").register_forward_hook(_drop_patch_states)
     try:
         yield

@@ -1,16 +1,18 @@
-"""The vision tower over a whole video per SDPA backend of its windowed and frame attention: the
-first call at the video's shapes (each backend's first, in this order: flash, cuDNN, after an
-untimed call with the memory-efficient one) and the best of three after it, with the output's
-difference from the default backend's. Qwen2.5-VL-7B architecture, random bf16 weights, the
-frames of VIDEO prepared as the pipeline prepares them.
+"""The vision tower per SDPA backend of its windowed and frame attention, over the same video
+sampled at several frame counts (each a new set of attention shapes: the windows' batch sizes):
+per backend and frame count, the first call at those shapes and the one after it, with the
+output's difference from the cuDNN backend's (PyTorch's choice on the H200). An untimed call with
+the memory-efficient backend at the largest count comes first (the allocator's growth, cuBLAS's
+first products). Qwen2.5-VL-7B architecture, random bf16 weights, the frames of VIDEO prepared as
+the pipeline prepares them.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_vision_backends.py VIDEO --max-pixels 200704
+    PYTHONPATH=$PWD python3 scripts/gpu_vision_backends.py VIDEO --max-pixels 200704 --frames 1040 1024 992
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import time
 
 import torch
@@ -22,6 +24,8 @@ from videoprefill.bench import add_file_arguments, file_sampling
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_file_arguments(parser)
+    parser.add_argument("--frames", type=int, nargs="+", default=[1040, 1024, 992],
+                        help="sample at most this many frames, one video per count")
     args = parser.parse_args()
 
     from videoprefill.bench import build_7b, markdown_table
@@ -30,13 +34,16 @@ def main() -> int:
 
     model, processor = build_7b()
     visual = model.model.visual
-    sampled = read_frames(file_sampling(args).video_entry(args.video), processor.video_processor.patch_size)
-    inputs = processor.video_processor(videos=[sampled.resized("cuda")], do_resize=False, do_sample_frames=False,
-                                       return_tensors="pt", device="cuda")
-    x = pixels_for(model, dict(inputs))["pixel_values_videos"]
-    grid = inputs["video_grid_thw"].to("cuda")
+    videos = {}
+    for frames in args.frames:
+        sampling = dataclasses.replace(file_sampling(args), max_frames=frames)
+        sampled = read_frames(sampling.video_entry(args.video), processor.video_processor.patch_size)
+        inputs = processor.video_processor(videos=[sampled.resized("cuda")], do_resize=False,
+                                           do_sample_frames=False, return_tensors="pt", device="cuda")
+        videos[frames] = (pixels_for(model, dict(inputs))["pixel_values_videos"], inputs["video_grid_thw"].cuda())
 
-    def forward():
+    def forward(frames):
+        x, grid = videos[frames]
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -44,32 +51,25 @@ def main() -> int:
         torch.cuda.synchronize()
         return time.perf_counter() - start, out.pooler_output if hasattr(out, "pooler_output") else out
 
-    # One untimed call with the memory-efficient backend first: the allocator's growth, cuBLAS's
-    # first products and the other kernels' loading are paid before any row.
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        forward()
+        forward(max(args.frames))
     rows, outputs = [], {}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
-                          ("memory-efficient (after the untimed call)", SDPBackend.EFFICIENT_ATTENTION),
-                          ("default (PyTorch's choice)", None)):
-        try:
-            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-                first, out = forward()
-                best = min(forward()[0] for _ in range(3))
-        except RuntimeError as err:
-            print(f"{name}: {str(err).splitlines()[0]}")
-            continue
-        outputs[name] = out
-        rows.append({"backend": name, "first": first, "best": best})
-        print(rows[-1], flush=True)
-    ref = outputs.get("default (PyTorch's choice)")
+    for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        for frames in args.frames:
+            with sdpa_kernel([backend]):
+                first, out = forward(frames)
+                second, _ = forward(frames)
+            outputs[name, frames] = out
+            rows.append({"backend": name, "frames": frames, "tokens": videos[frames][0].shape[0],
+                         "first": first, "second": second})
+            print(rows[-1], flush=True)
     for row in rows:
-        out = outputs[row["backend"]].float()
-        row["diff"] = ((out - ref.float()).norm() / ref.float().norm()).item() if ref is not None else float("nan")
-    print(f"patch tokens {x.shape[0]}")
-    print(markdown_table(rows, [("SDPA backend", "backend", ""), ("first call s", "first", ".3f"),
-                                ("best of 3 s", "best", ".3f"),
-                                ("relative L2 difference from default", "diff", ".2e")]))
+        out, ref = outputs[row["backend"], row["frames"]].float(), outputs["cuDNN", row["frames"]].float()
+        row["diff"] = ((out - ref).norm() / ref.norm()).item()
+    print(markdown_table(rows, [("SDPA backend", "backend", ""), ("frames", "frames", "d"),
+                                ("patch tokens", "tokens", "d"), ("first call s", "first", ".3f"),
+                                ("second call s", "second", ".3f"),
+                                ("relative L2 difference from cuDNN", "diff", ".2e")]))
     return 0
 
 

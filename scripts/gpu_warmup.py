@@ -1,7 +1,7 @@
 """The first requests of a process, warmed on the bundled sample ("sample", as kept: `VideoQA.warm_up`
 before decoding, as `ask` does) against warmed on the request itself ("request", as before: its
 prefill run once untimed with one new token, after decoding). Each way in fresh processes, in the
-order sample, request, sample (the first fills Triton's cache on disk): the Qwen2.5-VL-7B
+order sample, request, sample by default (`--processes`; the first fills Triton's cache on disk): the Qwen2.5-VL-7B
 architecture (random bf16 weights) asked about VIDEO at a fixed density in sparse mode, then dense,
 then both again (steady state; no prefix kept). Per request: the wall time from the call to the
 answer, warm-up included, the warm-up's part and the request's own timings.
@@ -63,6 +63,8 @@ def child(args) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_file_arguments(parser)
+    parser.add_argument("--processes", nargs="+", choices=("sample", "request"),
+                        default=["sample", "request", "sample"], help="the way each fresh process warms up, in order")
     parser.add_argument("--way", choices=("sample", "request"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.way:
@@ -71,8 +73,10 @@ def main() -> int:
     from videoprefill.bench import markdown_table
 
     rows = []
-    for process, way in enumerate(("sample", "request", "sample")):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--way", way], capture_output=True, text=True)
+    for process, way in enumerate(args.processes):
+        argv = [args.video, "--fps", str(args.fps), "--max-frames", str(args.max_frames),
+                "--max-pixels", str(args.max_pixels), "--fixed-density", str(args.fixed_density), "--way", way]
+        out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
         lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode or not lines:
             print(out.stderr[-3000:], file=sys.stderr)

@@ -1,10 +1,11 @@
 """The first requests of a process, warmed on the bundled sample ("sample", as kept: `VideoQA.warm_up`
 before decoding, as `ask` does) against warmed on the request itself ("request", as before: its
-prefill run once untimed with one new token, after decoding). Each way in fresh processes, in the
-order sample, request, sample by default (`--processes`; the first fills Triton's cache on disk): the Qwen2.5-VL-7B
-architecture (random bf16 weights) asked about VIDEO at a fixed density in sparse mode, then dense,
-then both again (steady state; no prefix kept). Per request: the wall time from the call to the
-answer, warm-up included, the warm-up's part and the request's own timings.
+prefill run once untimed with one new token, after decoding). Each way in fresh processes, by
+default in the order sample, request, sample (`--processes`; the first fills Triton's cache on
+disk): the Qwen2.5-VL-7B architecture (random bf16 weights) asked about VIDEO at a fixed density
+in sparse mode, then dense, then both again (steady state; no prefix kept). Per request: the wall
+time from the call to the answer, warm-up included, the warm-up's part and the request's own
+timings.
 
     PYTHONPATH=$PWD python3 scripts/gpu_warmup.py VIDEO --max-pixels 200704 --fixed-density 0.05
 """

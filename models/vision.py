@@ -40,12 +40,10 @@ undone by the same function with enabled=False (benchmarks compare with transfor
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.rope import rope
 from kernels.rope import supported as rope_supported
@@ -83,23 +81,6 @@ class _Layout:
 
 _LAYOUT_READS = ReadOnce()
 
-# SDPA backends of the vision attention on CUDA, first preferred (empty: PyTorch's own choice).
-# cuDNN's, PyTorch's first choice on Hopper, builds an execution plan for every new shape, and the
-# windows' batch sizes change with every video length: on an H200 each new length cost the vision
-# encoder 0.12-0.19 s more than a repeat, the first long video 1.3 s. Flash attention runs any
-# shape without a plan, as fast within 1-2% (BENCHMARKS.md).
-VISION_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH)
-
-
-def _preferred_backends(device: torch.device):
-    if device.type != "cuda" or not VISION_SDPA_BACKENDS:
-        return contextlib.nullcontext()
-    try:
-        return sdpa_kernel(list(VISION_SDPA_BACKENDS), set_priority=True)
-    except TypeError:  # a torch without priorities: its own order
-        return contextlib.nullcontext()
-
 # Chunks of unequal lengths are gathered into a batch per length, at most this many tokens at a
 # time: the copies of q, k and v and the result then hold at most 4 x 65,536 tokens (0.67 GB in
 # Qwen2.5-VL's tower) instead of most of the video's patches (3.2 GB at 131K video tokens of
@@ -121,26 +102,25 @@ def chunked_attention(
 
     q, k, v: (S, H, D), any strides; cu_seqlens: int (n + 1,), 0 first and S last, non-decreasing.
     Returns (S, H, D) in q's dtype. One SDPA call per distinct chunk length (per GATHER_TOKENS
-    tokens of it when the lengths differ), on CUDA with VISION_SDPA_BACKENDS preferred; reads the
-    lengths on the host once per cu_seqlens tensor (`_layout`).
+    tokens of it when the lengths differ); reads the lengths on the host once per cu_seqlens tensor
+    (`_layout`).
     """
     s, h, d = q.shape
     layout = _layout(cu_seqlens)
     bounds = layout.bounds
     if not layout.rising or bounds[-1] != s:
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
-    with _preferred_backends(q.device):
-        if layout.uniform is not None:  # every chunk of one length: a view, no copy
-            n = layout.uniform
-            qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))
-            return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(s, h, d)
-        out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
-        for group in layout.grouped(q.device):  # (chunks, n) token ids
-            step = max(1, GATHER_TOKENS // group.shape[1]) if GATHER_TOKENS else group.shape[0]
-            for first in range(0, group.shape[0], step):
-                rows = group[first : first + step]
-                qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))
-                out[rows] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2)
+    if layout.uniform is not None:  # every chunk of one length: a view, no copy
+        n = layout.uniform
+        qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(s, h, d)
+    out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
+    for group in layout.grouped(q.device):  # (chunks, n) token ids
+        step = max(1, GATHER_TOKENS // group.shape[1]) if GATHER_TOKENS else group.shape[0]
+        for first in range(0, group.shape[0], step):
+            rows = group[first : first + step]
+            qb, kb, vb = (x[rows].transpose(1, 2) for x in (q, k, v))
+            out[rows] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2)
     return out
 
 

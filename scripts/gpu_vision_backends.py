@@ -1,9 +1,8 @@
-"""The vision tower per SDPA backend of its windowed and frame attention
-(`models.vision.VISION_SDPA_BACKENDS`: cuDNN alone, PyTorch's choice on the H200; flash alone; the
-kept preference), over the same video sampled at several frame counts (each a new set of
-attention shapes: the windows' batch sizes): per backend and frame count, the first call at those
-shapes and the one after it, with the output's difference from cuDNN's. An untimed call with the
-memory-efficient backend at the largest count comes first (the allocator's growth, cuBLAS's
+"""The vision tower per SDPA backend of its windowed and frame attention, over the same video
+sampled at several frame counts (each a new set of attention shapes: the windows' batch sizes):
+per backend and frame count, the first call at those shapes and the one after it, with the
+output's difference from the cuDNN backend's (PyTorch's choice on the H200). An untimed call with
+the memory-efficient backend at the largest count comes first (the allocator's growth, cuBLAS's
 first products). Qwen2.5-VL-7B architecture, random bf16 weights, the frames of VIDEO prepared as
 the pipeline prepares them.
 
@@ -17,7 +16,7 @@ import dataclasses
 import time
 
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videoprefill.bench import add_file_arguments, file_sampling
 
@@ -29,7 +28,6 @@ def main() -> int:
                         help="sample at most this many frames, one video per count")
     args = parser.parse_args()
 
-    import models.vision as vision
     from videoprefill.bench import build_7b, markdown_table
     from videoprefill.prefix import pixels_for
     from videoprefill.video import read_frames
@@ -53,22 +51,18 @@ def main() -> int:
         torch.cuda.synchronize()
         return time.perf_counter() - start, out.pooler_output if hasattr(out, "pooler_output") else out
 
-    kept = vision.VISION_SDPA_BACKENDS
-    vision.VISION_SDPA_BACKENDS = (SDPBackend.EFFICIENT_ATTENTION,)
-    forward(max(args.frames))
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        forward(max(args.frames))
     rows, outputs = [], {}
-    ways = (("cuDNN", (SDPBackend.CUDNN_ATTENTION,)), ("flash", (SDPBackend.FLASH_ATTENTION,)),
-            ("VISION_SDPA_BACKENDS (kept)", kept))
-    for name, backends in ways:
-        vision.VISION_SDPA_BACKENDS = backends
+    for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         for frames in args.frames:
-            first, out = forward(frames)
-            second, _ = forward(frames)
+            with sdpa_kernel([backend]):
+                first, out = forward(frames)
+                second, _ = forward(frames)
             outputs[name, frames] = out
             rows.append({"backend": name, "frames": frames, "tokens": videos[frames][0].shape[0],
                          "first": first, "second": second})
             print(rows[-1], flush=True)
-    vision.VISION_SDPA_BACKENDS = kept
     for row in rows:
         out, ref = outputs[row["backend"], row["frames"]].float(), outputs["cuDNN", row["frames"]].float()
         row["diff"] = ((out - ref).norm() / ref.norm()).item()

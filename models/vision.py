@@ -11,9 +11,7 @@ layers, a quarter of a million launches, and the vision encoder is bound by host
 (BENCHMARKS.md). Chunks of one length are independent attention problems of one shape, so here
 they run as the batch of one SDPA call; a video at one resolution has one to four distinct
 lengths (windows at the right and bottom edges are smaller). The result is the same attention
-(bit-identical to the per-chunk calls on an H200 at 128K video tokens with one SDPA backend,
-BENCHMARKS.md; on CUDA this asks for flash attention first, whose result differs from cuDNN's,
-PyTorch's choice there, by bf16 rounding).
+(bit-identical to the per-chunk calls on an H200 at 128K video tokens, BENCHMARKS.md).
 
 transformers gives no interface point for packed chunks outside flash-attn (a registered
 function is called once per chunk, after the split), so `batch_vision_attention` replaces the

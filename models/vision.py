@@ -8,10 +8,13 @@ patches in Qwen2.5-VL's windowed layers, one frame pair otherwise (`cu_seqlens`)
 attention implementation but flash-attn, transformers' vision attention splits the sequence at
 `cu_seqlens` and calls SDPA once per chunk: for 128K video tokens that is about 8K windows x 28
 layers, a quarter of a million launches, and the vision encoder is bound by host time
-(BENCHMARKS.md). Chunks of one length are independent attention problems of one shape, so here
-they run as the batch of one SDPA call; a video at one resolution has one to four distinct
-lengths (windows at the right and bottom edges are smaller). The result is the same attention
-(bit-identical to the per-chunk calls on an H200 at 128K video tokens, BENCHMARKS.md).
+(BENCHMARKS.md). Here, on CUDA, all chunks of a layer run as one call of PyTorch's
+variable-length flash-attention kernel (`VARLEN_FLASH`), which takes the packed sequence and its
+chunk bounds as they are. Elsewhere, and for inputs that kernel does not take, chunks of one
+length, independent attention problems of one shape, run as the batch of one SDPA call; a video
+at one resolution has one to four distinct lengths (windows at the right and bottom edges are
+smaller). Both compute the same attention: the batched SDPA calls bit-identical to the per-chunk
+ones on an H200 at 128K video tokens, the flash kernel within bf16 rounding (BENCHMARKS.md).
 
 transformers gives no interface point for packed chunks outside flash-attn (a registered
 function is called once per chunk, after the split), so `batch_vision_attention` replaces the
@@ -65,7 +68,9 @@ class _Layout:
         self.rising = len(bounds) >= 2 and bounds[0] == 0 and all(b >= a for a, b in zip(bounds, bounds[1:]))
         lengths = {b - a for a, b in zip(bounds, bounds[1:])} - {0}
         self.uniform = next(iter(lengths)) if len(lengths) == 1 else None
+        self.longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
         self.rows: dict[str, list[torch.Tensor]] = {}
+        self.packed: dict[str, torch.Tensor] = {}
 
     def grouped(self, device: torch.device) -> list[torch.Tensor]:
         """For each chunk length n, the (chunks, n) token ids of the chunks of that length, on `device`."""
@@ -76,8 +81,22 @@ class _Layout:
                                       for n in sorted(set(sizes.tolist()) - {0})]
         return self.rows[str(device)]
 
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        """The bounds without empty chunks, int32 on `device` (variable-length kernels' cu_seqlens)."""
+        if str(device) not in self.packed:
+            unique = [b for i, b in enumerate(self.bounds) if i == 0 or b != self.bounds[i - 1]]
+            self.packed[str(device)] = torch.tensor(unique, dtype=torch.int32).to(device)
+        return self.packed[str(device)]
+
 
 _LAYOUT_READS = ReadOnce()
+
+# On CUDA, for the inputs PyTorch's flash-attention kernel takes (fp16 / bf16, head dim a multiple
+# of 8 up to 256, sm80+), all chunks run as one variable-length call of that kernel: no gathers,
+# and no per-shape plans. SDPA's own choice on Hopper, cuDNN, builds a plan for each new set of
+# batch sizes, and the windows' batch sizes change with every video length (0.09-0.19 s more on
+# the first call at each new length, BENCHMARKS.md). False: SDPA per chunk length everywhere.
+VARLEN_FLASH = True
 
 # Chunks of unequal lengths are gathered into a batch per length, at most this many tokens at a
 # time: the copies of q, k and v and the result then hold at most 4 x 65,536 tokens (0.67 GB in
@@ -93,13 +112,42 @@ def _layout(cu_seqlens: torch.Tensor) -> _Layout:
     return _LAYOUT_READS.get(cu_seqlens, lambda: _Layout(cu_seqlens.tolist()))
 
 
+def _takes_varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `_varlen_flash` runs on these (S, H, D) inputs."""
+    d = q.shape[-1]
+    return (VARLEN_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and k.dtype == v.dtype == q.dtype and k.shape == v.shape == q.shape and d % 8 == 0 and d <= 256
+            and hasattr(torch.ops.aten, "_flash_attention_forward") and _flash_device(q.device))
+
+
+_FLASH_DEVICES: dict[str, bool] = {}
+
+
+def _flash_device(device: torch.device) -> bool:
+    if str(device) not in _FLASH_DEVICES:
+        _FLASH_DEVICES[str(device)] = (torch.backends.cuda.is_flash_attention_available()
+                                       and torch.cuda.get_device_capability(device) >= (8, 0))
+    return _FLASH_DEVICES[str(device)]
+
+
+def _varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
+                  scale: float) -> torch.Tensor:
+    """Non-causal attention within the chunks [offsets[i], offsets[i + 1]) of packed (S, H, D)
+    inputs, in one call of PyTorch's variable-length flash-attention kernel (the one SDPA's flash
+    backend runs). `longest`: the longest chunk."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return torch.ops.aten._flash_attention_forward(q, k, v, offsets, offsets, longest, longest, 0.0, False, False,
+                                                   scale=scale)[0]
+
+
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Non-causal attention within each chunk [cu_seqlens[i], cu_seqlens[i + 1]) of a packed sequence.
 
     q, k, v: (S, H, D), any strides; cu_seqlens: int (n + 1,), 0 first and S last, non-decreasing.
-    Returns (S, H, D) in q's dtype. One SDPA call per distinct chunk length (per GATHER_TOKENS
+    Returns (S, H, D) in q's dtype. One variable-length flash-attention call for the inputs it
+    takes (VARLEN_FLASH), otherwise one SDPA call per distinct chunk length (per GATHER_TOKENS
     tokens of it when the lengths differ); reads the lengths on the host once per cu_seqlens tensor
     (`_layout`).
     """
@@ -108,6 +156,8 @@ def chunked_attention(
     bounds = layout.bounds
     if not layout.rising or bounds[-1] != s:
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
+    if s and _takes_varlen_flash(q, k, v):
+        return _varlen_flash(q, k, v, layout.offsets(q.device), layout.longest, scale)
     if layout.uniform is not None:  # every chunk of one length: a view, no copy
         n = layout.uniform
         qb, kb, vb = (x.unflatten(0, (s // n, n)).transpose(1, 2) for x in (q, k, v))

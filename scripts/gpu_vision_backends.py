@@ -1,10 +1,11 @@
-"""The vision tower per SDPA backend of its windowed and frame attention, over the same video
-sampled at several frame counts (each a new set of attention shapes: the windows' batch sizes):
-per backend and frame count, the first call at those shapes and the one after it, with the
-output's difference from the cuDNN backend's (PyTorch's choice on the H200). An untimed call with
-the memory-efficient backend at the largest count comes first (the allocator's growth, cuBLAS's
-first products). Qwen2.5-VL-7B architecture, random bf16 weights, the frames of VIDEO prepared as
-the pipeline prepares them.
+"""The vision tower per kernel of its windowed and frame attention, over the same video sampled at
+several frame counts (each a new set of attention shapes: the windows' batch sizes): the
+variable-length flash kernel (models.vision.VARLEN_FLASH, the default) and SDPA per chunk length
+with its cuDNN backend (PyTorch's choice on the H200) or its flash backend. Per kernel and frame
+count, the first call at those shapes and the one after it, with the output's difference from
+SDPA's cuDNN backend. An untimed call with SDPA's memory-efficient backend at the largest count
+comes first (the allocator's growth, cuBLAS's first products). Qwen2.5-VL-7B architecture, random
+bf16 weights, the frames of VIDEO prepared as the pipeline prepares them.
 
     PYTHONPATH=$PWD python3 scripts/gpu_vision_backends.py VIDEO --max-pixels 200704 --frames 1040 1024 992
 """
@@ -12,6 +13,7 @@ the pipeline prepares them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 
@@ -28,6 +30,7 @@ def main() -> int:
                         help="sample at most this many frames, one video per count")
     args = parser.parse_args()
 
+    import models.vision as vision
     from videoprefill.bench import build_7b, markdown_table
     from videoprefill.prefix import pixels_for
     from videoprefill.video import read_frames
@@ -51,12 +54,16 @@ def main() -> int:
         torch.cuda.synchronize()
         return time.perf_counter() - start, out.pooler_output if hasattr(out, "pooler_output") else out
 
+    vision.VARLEN_FLASH = False
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         forward(max(args.frames))
     rows, outputs = [], {}
-    for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    for name, varlen, backend in (("SDPA cuDNN", False, SDPBackend.CUDNN_ATTENTION),
+                                  ("SDPA flash", False, SDPBackend.FLASH_ATTENTION),
+                                  ("varlen flash", True, None)):
+        vision.VARLEN_FLASH = varlen
         for frames in args.frames:
-            with sdpa_kernel([backend]):
+            with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
                 first, out = forward(frames)
                 second, _ = forward(frames)
             outputs[name, frames] = out
@@ -64,12 +71,12 @@ def main() -> int:
                          "first": first, "second": second})
             print(rows[-1], flush=True)
     for row in rows:
-        out, ref = outputs[row["backend"], row["frames"]].float(), outputs["cuDNN", row["frames"]].float()
+        out, ref = outputs[row["backend"], row["frames"]].float(), outputs["SDPA cuDNN", row["frames"]].float()
         row["diff"] = ((out - ref).norm() / ref.norm()).item()
-    print(markdown_table(rows, [("SDPA backend", "backend", ""), ("frames", "frames", "d"),
+    print(markdown_table(rows, [("attention kernel", "backend", ""), ("frames", "frames", "d"),
                                 ("patch tokens", "tokens", "d"), ("first call s", "first", ".3f"),
                                 ("second call s", "second", ".3f"),
-                                ("relative L2 difference from cuDNN", "diff", ".2e")]))
+                                ("relative L2 difference from SDPA cuDNN", "diff", ".2e")]))
     return 0
 
 

@@ -13,6 +13,8 @@ def per_chunk_reference(q, k, v, cu_seqlens, scale):
     out = []
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds, bounds[1:]):
+        if a == b:
+            continue
         qc, kc, vc = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
         out.append(F.scaled_dot_product_attention(qc, kc, vc, scale=scale)[0].transpose(0, 1))
     return torch.cat(out)
@@ -107,6 +109,29 @@ def test_chunked_attention_reads_each_cu_seqlens_once():
             torch.testing.assert_close(out, per_chunk_reference(q, k, v, fresh, 0.25), rtol=1e-12, atol=1e-12)
 
 
+def test_varlen_kernel_gets_the_nonempty_chunk_bounds(monkeypatch):
+    """Where the variable-length kernel runs, it gets the bounds without empty chunks (int32, on
+    q's device) and the longest chunk; here a per-chunk stand-in for the kernel checks the result."""
+    lengths = [0, 12, 0, 12, 5, 0, 30, 0]
+    q, k, v, cu = packed(lengths)
+    calls = []
+
+    def stand_in(q, k, v, offsets, longest, scale):
+        calls.append((offsets.tolist(), offsets.dtype, offsets.device, longest))
+        return per_chunk_reference(q, k, v, offsets, scale)
+
+    monkeypatch.setattr(vision, "_takes_varlen_flash", lambda q, k, v: True)
+    monkeypatch.setattr(vision, "_varlen_flash", stand_in)
+    out = vision.chunked_attention(q, k, v, cu, 0.25)
+    assert calls == [([0, 12, 24, 29, 59], torch.int32, q.device, 30)]
+    torch.testing.assert_close(out, per_chunk_reference(q, k, v, cu, 0.25), rtol=1e-12, atol=1e-12)
+
+
+def test_varlen_kernel_is_not_used_on_the_cpu():
+    q, k, v, _ = packed([8, 8], heads=2, dim=16)
+    assert not vision._takes_varlen_flash(q.half(), k.half(), v.half())
+
+
 @pytest.mark.parametrize("cu", [[0, 4, 9], [1, 10], [0, 6, 3, 10], [0]], ids=["short", "start", "falling", "single"])
 def test_chunked_attention_rejects_bad_boundaries(cu):
     q, k, v, _ = packed([10])
@@ -152,19 +177,31 @@ def test_other_attention_implementations_are_left_alone():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("lengths", [[64] * 48, [64, 32, 64, 32, 16] * 8 + [1024, 1024]], ids=["windows", "mixed"])
-def test_chunked_attention_cuda_bf16(lengths):
-    """On the GPU SDPA may pick another backend for the batch than for one chunk: the error
-    against fp64 stays within twice that of per-chunk SDPA in bf16. Qwen2.5-VL's 16 heads of 80."""
-    q, k, v, cu = packed(lengths, heads=16, dim=80, seed=1)
-    exact = per_chunk_reference(q, k, v, cu, 80**-0.5)
+@pytest.mark.parametrize("varlen", [True, False], ids=["varlen-flash", "sdpa"])
+@pytest.mark.parametrize("lengths,dim", [([64] * 48, 80), ([64, 32, 64, 32, 16] * 8 + [1024, 1024], 80),
+                                         ([0, 64, 0, 36, 64, 16, 0], 72)], ids=["windows", "mixed", "empty-72"])
+def test_chunked_attention_cuda_bf16(lengths, dim, varlen, monkeypatch):
+    """On the GPU, the variable-length flash kernel (or SDPA, which may pick another backend for
+    the batch than for one chunk): the error against fp64 stays within twice that of per-chunk SDPA
+    in bf16. 16 heads of 80 (Qwen2.5-VL) or of 72 (Qwen3-VL)."""
+    monkeypatch.setattr(vision, "VARLEN_FLASH", varlen)
+    kernel = vision._varlen_flash
+    calls = []
+    monkeypatch.setattr(vision, "_varlen_flash", lambda *a: calls.append(1) or kernel(*a))
+    q, k, v, cu = packed(lengths, heads=16, dim=dim, seed=1)
+    exact = per_chunk_reference(q, k, v, cu, dim**-0.5)
     q, k, v, cu = (x.cuda() for x in (q, k, v, cu))
     q16, k16, v16 = (x.to(torch.bfloat16) for x in (q, k, v))
-    out = vision.chunked_attention(q16, k16, v16, cu, 80**-0.5)
-    per_chunk = per_chunk_reference(q16, k16, v16, cu, 80**-0.5)
-    assert out.dtype == torch.bfloat16
+    out = vision.chunked_attention(q16, k16, v16, cu, dim**-0.5)
+    assert len(calls) == varlen
+    per_chunk = per_chunk_reference(q16, k16, v16, cu, dim**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == q16.shape
     error = (out.double().cpu() - exact).abs().max().item()
     assert error <= 2 * (per_chunk.double().cpu() - exact).abs().max().item() + 1e-3
+    # fp32 (a tower not cast to bf16) is not the flash kernel's: SDPA per length, close to exact
+    out32 = vision.chunked_attention(q.float(), k.float(), v.float(), cu, dim**-0.5)
+    assert len(calls) == varlen
+    torch.testing.assert_close(out32.double().cpu(), exact, rtol=1e-3, atol=1e-3)
 
 
 def test_aligned_mlp_width_keeps_the_function():
@@ -254,7 +291,7 @@ def test_rope_reference_is_the_modeling_files_rotary_embedding(family):
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prepared_tower_cuda_bf16(family):
-    """On the GPU in bf16 (fused rotary embedding, batched SDPA, padded MLPs): the prepared tower's
+    """On the GPU in bf16 (fused rotary embedding, variable-length flash attention, padded MLPs): the prepared tower's
     error against the tower in fp32 is within twice the stock bf16 tower's."""
     import copy
 

@@ -2,10 +2,11 @@
 several frame counts (each a new set of attention shapes: the windows' batch sizes): the
 variable-length flash kernel (models.vision.VARLEN_FLASH, the default) and SDPA per chunk length
 with its cuDNN backend (PyTorch's choice on the H200) or its flash backend. Per kernel and frame
-count, the first call at those shapes and the one after it, with the output's difference from
-SDPA's cuDNN backend. An untimed call with SDPA's memory-efficient backend at the largest count
-comes first (the allocator's growth, cuBLAS's first products). Qwen2.5-VL-7B architecture, random
-bf16 weights, the frames of VIDEO prepared as the pipeline prepares them.
+count, the first call at those shapes and the one after it, the peak of allocated memory (the
+model's weights included), and the output's difference from SDPA's cuDNN backend. An untimed
+call with SDPA's memory-efficient backend at the largest count comes first (the allocator's
+growth, cuBLAS's first products). Qwen2.5-VL-7B architecture, random bf16 weights, the frames of
+VIDEO prepared as the pipeline prepares them.
 
     PYTHONPATH=$PWD python3 scripts/gpu_vision_backends.py VIDEO --max-pixels 200704 --frames 1040 1024 992
 """
@@ -45,13 +46,17 @@ def main() -> int:
                                            do_sample_frames=False, return_tensors="pt", device="cuda")
         videos[frames] = (pixels_for(model, dict(inputs))["pixel_values_videos"], inputs["video_grid_thw"].cuda())
 
+    peaks = []
+
     def forward(frames):
         x, grid = videos[frames]
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with torch.inference_mode():
             out = visual(x, grid_thw=grid)
         torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         return time.perf_counter() - start, out.pooler_output if hasattr(out, "pooler_output") else out
 
     vision.VARLEN_FLASH = False
@@ -68,14 +73,14 @@ def main() -> int:
                 second, _ = forward(frames)
             outputs[name, frames] = out
             rows.append({"backend": name, "frames": frames, "tokens": videos[frames][0].shape[0],
-                         "first": first, "second": second})
+                         "first": first, "second": second, "peak": peaks[-1]})
             print(rows[-1], flush=True)
     for row in rows:
         out, ref = outputs[row["backend"], row["frames"]].float(), outputs["SDPA cuDNN", row["frames"]].float()
         row["diff"] = ((out - ref).norm() / ref.norm()).item()
     print(markdown_table(rows, [("attention kernel", "backend", ""), ("frames", "frames", "d"),
                                 ("patch tokens", "tokens", "d"), ("first call s", "first", ".3f"),
-                                ("second call s", "second", ".3f"),
+                                ("second call s", "second", ".3f"), ("peak allocated GiB", "peak", ".2f"),
                                 ("relative L2 difference from SDPA cuDNN", "diff", ".2e")]))
     return 0
 

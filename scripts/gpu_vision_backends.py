@@ -71,7 +71,7 @@ def main() -> int:
             with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
                 first, out = forward(frames)
                 second, _ = forward(frames)
-            outputs[name, frames] = out
+            outputs[name, frames] = out.cpu()  # not held on the GPU through the next rows' peaks
             rows.append({"backend": name, "frames": frames, "tokens": videos[frames][0].shape[0],
                          "first": first, "second": second, "peak": peaks[-1]})
             print(rows[-1], flush=True)

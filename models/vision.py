@@ -91,17 +91,18 @@ class _Layout:
 
 _LAYOUT_READS = ReadOnce()
 
-# On CUDA, for the inputs PyTorch's flash-attention kernel takes (fp16 / bf16, head dim a multiple
-# of 8 up to 256, sm80+), all chunks run as one variable-length call of that kernel: no gathers,
-# and no per-shape plans. SDPA's own choice on Hopper, cuDNN, builds a plan for each new set of
-# batch sizes, and the windows' batch sizes change with every video length (0.09-0.19 s more on
-# the first call at each new length, BENCHMARKS.md). False: SDPA per chunk length everywhere.
+# On NVIDIA GPUs, for the inputs PyTorch's flash-attention kernel takes (fp16 / bf16, head dim a
+# multiple of 8 up to 256, sm80+), all chunks run as one variable-length call of that kernel: no
+# gathers and no per-shape plans. SDPA's own choice on Hopper, cuDNN, builds a plan for each new
+# set of batch sizes, and the windows' batch sizes change with every video length (0.08-0.15 s more
+# on the first call at each new length); the flash call also takes 8-9% less time at 131K video
+# tokens (BENCHMARKS.md, twelfth session). False: SDPA per chunk length everywhere.
 VARLEN_FLASH = True
 
-# Chunks of unequal lengths are gathered into a batch per length, at most this many tokens at a
-# time: the copies of q, k and v and the result then hold at most 4 x 65,536 tokens (0.67 GB in
-# Qwen2.5-VL's tower) instead of most of the video's patches (3.2 GB at 131K video tokens of
-# 640 x 360 frames, the vision encoder's peak and the request's, BENCHMARKS.md). 0: all at once.
+# Where SDPA runs, chunks of unequal lengths are gathered into a batch per length, at most this
+# many tokens at a time: the copies of q, k and v and the result then hold at most 4 x 65,536
+# tokens (0.67 GB in Qwen2.5-VL's tower) instead of most of the video's patches (3.2 GB at 131K
+# video tokens of 640 x 360 frames, BENCHMARKS.md). 0: all at once.
 GATHER_TOKENS = 65536
 
 
@@ -125,7 +126,8 @@ _FLASH_DEVICES: dict[str, bool] = {}
 
 def _flash_device(device: torch.device) -> bool:
     if str(device) not in _FLASH_DEVICES:
-        _FLASH_DEVICES[str(device)] = (torch.backends.cuda.is_flash_attention_available()
+        _FLASH_DEVICES[str(device)] = (torch.version.hip is None  # NVIDIA's: ROCm's flash build differs
+                                       and torch.backends.cuda.is_flash_attention_available()
                                        and torch.cuda.get_device_capability(device) >= (8, 0))
     return _FLASH_DEVICES[str(device)]
 

@@ -102,7 +102,8 @@ def load(
     """Load (model, processor). `model` is "demo", a hub id or a local checkpoint folder.
 
     The text tower runs FlashPrefill ("sparse") or SDPA ("dense"). The vision tower is prepared by
-    models.vision.prepare_vision_tower: SDPA batched per chunk length, MLP width padded to a
+    models.vision.prepare_vision_tower: attention in one call per layer (variable-length flash
+    attention on CUDA, SDPA batched per chunk length elsewhere), MLP width padded to a
     multiple of 64, fused RMSNorms, the patch embedding as a matmul and on CUDA the fused rotary
     embedding (the same outputs within bf16 rounding). The language model's RMSNorms and, on CUDA,
     its rotary embedding and gated MLP activations run fused (models.text.prepare_language_model).

@@ -1,5 +1,6 @@
-"""The vision tower of a loaded Qwen-VL model without transformers' slow paths: attention batched
-per chunk length, MLP widths aligned, the rotary embedding and the RMSNorms fused, the patch
+"""The vision tower of a loaded Qwen-VL model without transformers' slow paths: attention in one
+call per layer (variable-length flash attention on CUDA, SDPA batched per chunk length
+elsewhere), MLP widths aligned, the rotary embedding and the RMSNorms fused, the patch
 embedding as a matmul. Same outputs within bf16 rounding (BENCHMARKS.md: 8x less vision time at
 128K video tokens on an H200).
 
@@ -201,7 +202,7 @@ def _recognised(module: torch.nn.Module) -> bool:
 
 
 def batch_vision_attention(model: torch.nn.Module, enabled: bool = True) -> int:
-    """Run the vision attention modules of `model` batched per chunk length (enabled) or as
+    """Run the vision attention modules of `model` as `chunked_attention` (enabled) or as
     transformers wrote them (not enabled). Returns how many modules are now batched."""
     return set_forward(_vision_tower(model).modules(), _recognised, _batched_forward, enabled)
 

@@ -8,7 +8,8 @@ call with SDPA's memory-efficient backend at the largest count comes first (the 
 growth, cuBLAS's first products). Qwen2.5-VL-7B architecture, random bf16 weights, the frames of
 VIDEO prepared as the pipeline prepares them.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_vision_backends.py VIDEO --max-pixels 200704 --frames 1040 1024 992
+    PYTHONPATH=$PWD python3 scripts/gpu_vision_backends.py VIDEO --max-pixels 200704 --frames 1040 1024 992 \
+        [--synthetic 131072 122880]
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def main() -> int:
     add_file_arguments(parser)
     parser.add_argument("--frames", type=int, nargs="+", default=[1040, 1024, 992],
                         help="sample at most this many frames, one video per count")
+    parser.add_argument("--synthetic", type=int, nargs="+", default=[], metavar="TOKENS",
+                        help="also the bench's synthetic videos of this many video tokens (448 x 448 frames: "
+                             "windows of one size)")
     args = parser.parse_args()
 
     import models.vision as vision
-    from videoprefill.bench import build_7b, markdown_table
+    from videoprefill.bench import build_7b, markdown_table, synthetic_request
+    from videoprefill.pipeline import VideoQA
     from videoprefill.prefix import pixels_for
     from videoprefill.video import read_frames
 
@@ -44,12 +49,16 @@ def main() -> int:
         sampled = read_frames(sampling.video_entry(args.video), processor.video_processor.patch_size)
         inputs = processor.video_processor(videos=[sampled.resized("cuda")], do_resize=False,
                                            do_sample_frames=False, return_tensors="pt", device="cuda")
-        videos[frames] = (pixels_for(model, dict(inputs))["pixel_values_videos"], inputs["video_grid_thw"].cuda())
+        videos[f"file, {frames} frames"] = (pixels_for(model, dict(inputs))["pixel_values_videos"],
+                                            inputs["video_grid_thw"].cuda())
+    for tokens in args.synthetic:
+        inputs = synthetic_request(VideoQA(model, processor, mask_layers=(), warmup=False), tokens).inputs
+        videos[f"synthetic, {tokens} tokens"] = (inputs["pixel_values_videos"], inputs["video_grid_thw"])
 
     peaks = []
 
-    def forward(frames):
-        x, grid = videos[frames]
+    def forward(video):
+        x, grid = videos[video]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -61,24 +70,24 @@ def main() -> int:
 
     vision.VARLEN_FLASH = False
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        forward(max(args.frames))
+        forward(max(videos, key=lambda video: videos[video][0].shape[0]))
     rows, outputs = [], {}
     for name, varlen, backend in (("SDPA cuDNN", False, SDPBackend.CUDNN_ATTENTION),
                                   ("SDPA flash", False, SDPBackend.FLASH_ATTENTION),
                                   ("varlen flash", True, None)):
         vision.VARLEN_FLASH = varlen
-        for frames in args.frames:
+        for video in videos:
             with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
-                first, out = forward(frames)
-                second, _ = forward(frames)
-            outputs[name, frames] = out.cpu()  # not held on the GPU through the next rows' peaks
-            rows.append({"backend": name, "frames": frames, "tokens": videos[frames][0].shape[0],
+                first, out = forward(video)
+                second, _ = forward(video)
+            outputs[name, video] = out.cpu()  # not held on the GPU through the next rows' peaks
+            rows.append({"backend": name, "video": video, "tokens": videos[video][0].shape[0],
                          "first": first, "second": second, "peak": peaks[-1]})
             print(rows[-1], flush=True)
     for row in rows:
-        out, ref = outputs[row["backend"], row["frames"]].float(), outputs["SDPA cuDNN", row["frames"]].float()
+        out, ref = outputs[row["backend"], row["video"]].float(), outputs["SDPA cuDNN", row["video"]].float()
         row["diff"] = ((out - ref).norm() / ref.norm()).item()
-    print(markdown_table(rows, [("attention kernel", "backend", ""), ("frames", "frames", "d"),
+    print(markdown_table(rows, [("attention kernel", "backend", ""), ("video", "video", ""),
                                 ("patch tokens", "tokens", "d"), ("first call s", "first", ".3f"),
                                 ("second call s", "second", ".3f"), ("peak allocated GiB", "peak", ".2f"),
                                 ("relative L2 difference from SDPA cuDNN", "diff", ".2e")]))

@@ -2,9 +2,7 @@
 # On the GPU machine: kernel and model tests, the end-to-end prefill benchmark with fixed
 # densities, and the needle accuracy benchmark on long videos. Needs .whl (carried).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/kernels tests/models \
   tests/videoprefill/test_synthetic.py 2>&1 | tee "$OUT/pytest.log" | tail -4
 timeout ${E2E_TIMEOUT:-240} python3 -m videoprefill.bench prefill --video-tokens ${E2E_TOKENS:-16384 65536 131072} \

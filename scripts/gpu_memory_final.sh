@@ -3,9 +3,8 @@
 # final code end to end: from the test file (scripts/gpu_prefix_from_file.py) and the prefill
 # bench at 16K / 64K / 128K video tokens. Needs .whl and .bench_media (carried).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FORCE_QWENVL_VIDEO_READER=decord
+source "$(dirname "$0")/gpu_env.sh"
+export FORCE_QWENVL_VIDEO_READER=decord
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/pytest.log" | tail -3
 timeout ${FILE_TIMEOUT:-150} python3 scripts/gpu_prefix_from_file.py .bench_media/long_640x360_520s.mp4 \
   --max-pixels 200704 --fixed-density 0.05 2>&1 | grep -v "Loading weights\|cap_pixels" | tee "$OUT/from_file.txt" \

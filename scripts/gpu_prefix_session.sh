@@ -2,9 +2,8 @@
 # On the GPU machine: the video prefix (two-call prefill, KV cache kept for the next question).
 # STAGES picks from: tests profile bench file. Needs .whl (carried); `file` needs .bench_media.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FORCE_QWENVL_VIDEO_READER=decord
+source "$(dirname "$0")/gpu_env.sh"
+export FORCE_QWENVL_VIDEO_READER=decord
 quiet() { grep -v "Loading weights\|cap_pixels\|^\s*$"; }
 for stage in ${STAGES:-tests profile}; do
   case $stage in

@@ -2,9 +2,7 @@
 # On the GPU machine: kernel and model tests, the kernel benchmark (with the sink / local input
 # at the paper code's densities, 1K-256K) and the host-time profile at 4K. Needs .whl (carried).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels tests/models 2>&1 \
   | tee "$OUT/pytest.log" | tail -2
 timeout ${BENCH_TIMEOUT:-240} python3 -m kernels.bench --no-flex --lengths ${LENGTHS:-4096 16384 65536 131072 262144} \

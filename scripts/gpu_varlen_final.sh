@@ -3,9 +3,7 @@
 # at 16K / 64K / 128K video tokens, then where the vision encoder's time goes
 # (scripts/gpu_vision_profile.py). Needs .whl (carried).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 timeout ${E2E_TIMEOUT:-240} python3 -m videoprefill.bench prefill --video-tokens 16384 65536 131072 --repeats 1 \
   --fixed-density 0.05 0.1 0.3 --json "$OUT/e2e.json" 2>&1 | grep -v "Loading weights\|cap_pixels" \
   | tee "$OUT/e2e.txt" | grep "^|"

@@ -3,11 +3,8 @@
 # (scripts/gpu_vision_backends.py), then whole requests from the test file, dense and at 5%
 # (scripts/gpu_prefix_from_file.py). Needs .whl and .bench_media (carried).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FORCE_QWENVL_VIDEO_READER=decord
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.backends.cudnn.version())"
+source "$(dirname "$0")/gpu_env.sh"
+export FORCE_QWENVL_VIDEO_READER=decord
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/pytest.log" | tail -3
 timeout ${VISION_TIMEOUT:-150} python3 scripts/gpu_vision_backends.py .bench_media/long_640x360_520s.mp4 \
   --max-pixels 200704 --frames 1040 1024 992 2>&1 | grep -v "Loading weights" | tee "$OUT/vision.txt" | grep "^|"

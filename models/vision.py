@@ -95,9 +95,10 @@ _LAYOUT_READS = ReadOnce()
 # On NVIDIA GPUs, for the inputs PyTorch's flash-attention kernel takes (fp16 / bf16, head dim a
 # multiple of 8 up to 256, sm80+), all chunks run as one variable-length call of that kernel: no
 # gathers and no per-shape plans. SDPA's own choice on Hopper, cuDNN, builds a plan for each new
-# set of batch sizes, and the windows' batch sizes change with every video length (0.08-0.15 s more
-# on the first call at each new length); the flash call also takes 8-9% less time at 131K video
-# tokens (BENCHMARKS.md, twelfth session). False: SDPA per chunk length everywhere.
+# set of batch sizes, and the windows' batch sizes change with every video length (0.08-0.39 s more
+# on the first call at each new length). At 131K video tokens the flash call also takes 7-10% less
+# time on a 640 x 360 video, and as long where every window is whole (BENCHMARKS.md, twelfth
+# session). False: SDPA per chunk length everywhere.
 VARLEN_FLASH = True
 
 # Where SDPA runs, chunks of unequal lengths are gathered into a batch per length, at most this

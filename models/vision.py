@@ -49,6 +49,8 @@ import torch.nn.functional as F
 
 from kernels.rope import rope
 from kernels.rope import supported as rope_supported
+from kernels.window_attention import MAX_CHUNK, window_attention
+from kernels.window_attention import supported as windows_supported
 
 from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward, tower
 from .host import ReadOnce
@@ -101,6 +103,12 @@ _LAYOUT_READS = ReadOnce()
 # session). False: SDPA per chunk length everywhere.
 VARLEN_FLASH = True
 
+# On CUDA, in fp16 / bf16, layers whose chunks are all at most kernels.window_attention.MAX_CHUNK
+# tokens long (Qwen2.5-VL's windowed layers) run the rotary embedding and the attention in one
+# kernel of ours, which neither pads a window to a 128-row tile nor writes q and k back rotated.
+# False: the rotary embedding, then the attention as above.
+FUSED_WINDOWS = True
+
 # Where SDPA runs, chunks of unequal lengths are gathered into a batch per length, at most this
 # many tokens at a time: the copies of q, k and v and the result then hold at most 4 x 65,536
 # tokens (0.67 GB in Qwen2.5-VL's tower) instead of most of the video's patches (3.2 GB at 131K
@@ -108,11 +116,15 @@ VARLEN_FLASH = True
 GATHER_TOKENS = 65536
 
 
-def _layout(cu_seqlens: torch.Tensor) -> _Layout:
+def _layout(cu_seqlens: torch.Tensor, s: int) -> _Layout:
     """cu_seqlens read on the host, with its chunks' token ids: once per tensor (models.host; the
     tower hands every layer of a kind the same one). Each read waits for the GPU, and so does each
-    copy of token ids to it."""
-    return _LAYOUT_READS.get(cu_seqlens, lambda: _Layout(cu_seqlens.tolist()))
+    copy of token ids to it. ValueError unless the bounds rise from 0 to the sequence length s."""
+    layout = _LAYOUT_READS.get(cu_seqlens, lambda: _Layout(cu_seqlens.tolist()))
+    bounds = layout.bounds
+    if not layout.rising or bounds[-1] != s:
+        raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
+    return layout
 
 
 def _takes_varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -156,10 +168,7 @@ def chunked_attention(
     (`_layout`).
     """
     s, h, d = q.shape
-    layout = _layout(cu_seqlens)
-    bounds = layout.bounds
-    if not layout.rising or bounds[-1] != s:
-        raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {s}, got {bounds[:4]}...{bounds[-2:]}")
+    layout = _layout(cu_seqlens, s)
     if s and _takes_varlen_flash(q, k, v):
         return _varlen_flash(q, k, v, layout.offsets(q.device), layout.longest, scale)
     if layout.uniform is not None:  # every chunk of one length: a view, no copy
@@ -176,6 +185,12 @@ def chunked_attention(
     return out
 
 
+def _windows_here(q: torch.Tensor) -> bool:
+    """Whether the fused window kernel runs for q's device: CUDA (the tests also run it on the CPU,
+    under Triton's interpreter)."""
+    return q.is_cuda
+
+
 def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
     stock = getattr(self, PATCHED)
@@ -184,6 +199,11 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     s = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(s, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
+    if FUSED_WINDOWS and FUSED_ROPE and _windows_here(q) and q.dtype in (torch.float16, torch.bfloat16):
+        layout = _layout(cu_seqlens, s)
+        if s and layout.longest <= MAX_CHUNK and windows_supported(q, k, v, layout.offsets(q.device), cos, sin):
+            out = window_attention(q, k, v, layout.offsets(q.device), self.scaling, cos, sin)
+            return self.proj(out.reshape(s, -1))
     if FUSED_ROPE and q.is_cuda and rope_supported(q, k, cos, sin):
         q, k = rope(q, k, cos, sin)
     else:

@@ -168,6 +168,31 @@ def test_batched_vision_tower_matches_stock(family, monkeypatch):
     torch.testing.assert_close(restored, stock, rtol=0, atol=0)
 
 
+def test_fused_window_kernel_in_the_tower(monkeypatch):
+    """Qwen2.5-VL's windowed layers through kernels.window_attention (on the CPU here, under
+    Triton's interpreter; on CUDA in the product), in fp16: the tower's output is that of the
+    rotary embedding and then SDPA per chunk length, within fp16 rounding. Its full-attention layer,
+    whose chunks are whole frames, keeps that path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config = tiny_model("qwen2.5-vl", device)
+    model = model.half()
+    vision.prepare_vision_tower(model)
+    grid = torch.tensor([[2, 10, 14], [4, 6, 6]], device=device)
+    pixels = video_pixels(config, grid, device).half()
+    calls = []
+    kernel = vision.window_attention
+    monkeypatch.setattr(vision, "window_attention", lambda *a: calls.append(a[3].tolist()) or kernel(*a))
+    monkeypatch.setattr(vision, "_windows_here", lambda q: True)
+    with torch.no_grad():
+        fused = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        monkeypatch.setattr(vision, "FUSED_WINDOWS", False)
+        plain = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    assert len(calls) == 1  # layer 0 (windowed); layer 1 (fullatt_block_indexes) attends over frames
+    lengths = [b - a for a, b in zip(calls[0], calls[0][1:])]
+    assert max(lengths) <= vision.MAX_CHUNK and len(set(lengths)) > 1  # whole and edge windows
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_other_attention_implementations_are_left_alone():
     config = build_config("qwen2.5-vl", build_tokenizer())
     model = model_class("qwen2.5-vl")._from_config(

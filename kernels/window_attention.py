@@ -7,17 +7,19 @@ embedding before it reads and writes q and k once more; at 131K video tokens bot
 the tower's 1.4 s of GPU time (BENCHMARKS.md, twelfth session). Here one program takes one chunk,
 loads its cos and sin once and, for each head, applies the rotary embedding to q and k in
 registers, computes the chunk's whole score matrix, its softmax and the output: a chunk of at
-most MAX_CHUNK tokens needs no online softmax.
+most MAX_CHUNK tokens needs no online softmax. On an H200, for Qwen2.5-VL's windowed layers at
+131K video tokens: 2.58 ms per layer against 4.68 ms for `kernels.rope` and then PyTorch's flash
+kernel (BENCHMARKS.md). A program holds 128 KiB of shared memory: GPUs with less per block (sm86,
+sm89) raise Triton's OutOfResources, and `models.vision` then runs the unfused path.
 
 The head dim is split at D / 2, as the rotate-half layout splits it, so q . k and P v are two
-products over D / 2 padded to a power of two (head dims such as 80 and 72 need no padding to
-128). Numerics: the rotary embedding in fp32 rounded to q's dtype (as `kernels.rope`), scores and
-softmax in fp32, P rounded to v's dtype for P v, fp32 accumulation (fp32 inputs multiplied in
-fp32, not TF32).
+products over D / 2 padded to a power of two (Qwen2.5-VL's 80 as two halves of 40 padded to
+64). Numerics: the rotary embedding in fp32 rounded to q's dtype (as `kernels.rope`), scores and
+softmax in fp32, P rounded to v's dtype for P v, fp32 accumulation.
 
 q, k, v: (S, H, D), any strides with a unit last stride (views of the qkv projection); offsets:
 int32 (n + 1,) on q's device, rising from 0 to S, no empty chunk, none longer than MAX_CHUNK; cos,
-sin: (S, D) with a unit last stride, or None (no rotary embedding). fp16, bf16, fp32; D even, at
+sin: (S, D) with a unit last stride, or None (no rotary embedding). fp16 and bf16; D even, at
 most 256. Returns (S, H, D), contiguous, in q's dtype. `window_attention_reference` is the
 readable PyTorch form.
 """
@@ -33,7 +35,7 @@ from .rope import rope_reference
 from .runtime import check_device, interpreting
 
 MAX_CHUNK = 64
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -52,11 +54,9 @@ def _rotated(x1, x2, c1, c2, s1, s2, ROPE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:  # Triton's interpreter multiplies bf16 bits wrongly: fp32 there
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    if IEEE:  # fp32 inputs in fp32, not TF32
-        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 
@@ -66,9 +66,10 @@ def _window_kernel(
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_cs, stride_ss,
     H, scale,
     HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
     chunk = tl.program_id(0)
+    first = tl.program_id(1) * HEADS
     start = tl.load(OFFSETS + chunk).to(tl.int64)
     n = tl.load(OFFSETS + chunk + 1).to(tl.int64) - start
     i = tl.arange(0, BLOCK)
@@ -80,20 +81,20 @@ def _window_kernel(
     c1, c2, s1, s2 = c1.to(tl.float32), c2.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
     keys = i[None, :] < n
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    for h in range(H):
+    for h in range(first, tl.minimum(first + HEADS, H)):
         q1, q2 = _halves(Q + h * stride_qh, rows, cols, mask, stride_qs, HALF)
         k1, k2 = _halves(K + h * stride_kh, rows, cols, mask, stride_ks, HALF)
         v1, v2 = _halves(V + h * stride_vh, rows, cols, mask, stride_vs, HALF)
         q1, q2 = _rotated(q1, q2, c1, c2, s1, s2, ROPE)
         k1, k2 = _rotated(k1, k2, c1, c2, s1, s2, ROPE)
-        s = _dot(q1, tl.trans(k1), UPCAST, IEEE) + _dot(q2, tl.trans(k2), UPCAST, IEEE)
+        s = _dot(q1, tl.trans(k1), UPCAST) + _dot(q2, tl.trans(k2), UPCAST)
         s = tl.where(keys, s * qk_scale, float("-inf"))
         p = tl.exp2(s - tl.max(s, axis=1)[:, None])
         denominator = tl.sum(p, axis=1)[:, None]
         p = p.to(v1.dtype)
         o = OUT + (rows[:, None] * H + h) * (2 * HALF) + cols[None, :]
-        tl.store(o, (_dot(p, v1, UPCAST, IEEE) / denominator).to(OUT.dtype.element_ty), mask=mask)
-        tl.store(o + HALF, (_dot(p, v2, UPCAST, IEEE) / denominator).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(o, (_dot(p, v1, UPCAST) / denominator).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(o + HALF, (_dot(p, v2, UPCAST) / denominator).to(OUT.dtype.element_ty), mask=mask)
 
 
 def window_attention_reference(q, k, v, offsets, scale, cos=None, sin=None) -> torch.Tensor:
@@ -145,21 +146,29 @@ def supported(q, k, v, offsets, cos=None, sin=None) -> bool:
 def window_attention(q, k, v, offsets, scale: float, cos=None, sin=None) -> torch.Tensor:
     """Non-causal attention within each chunk [offsets[i], offsets[i + 1]) of (S, H, D) q, k, v, the
     rotary embedding by cos and sin (S, D) applied to q and k first when given. Chunks of at most
-    MAX_CHUNK tokens, none empty."""
+    MAX_CHUNK tokens, none empty. Raises triton.runtime.errors.OutOfResources on GPUs with less
+    than 128 KiB of shared memory per block."""
+    return _launch(q, k, v, offsets, scale, cos, sin)[1]
+
+
+def _launch(q, k, v, offsets, scale, cos=None, sin=None, heads_per_program: int | None = None, num_warps: int = 4):
+    """(the compiled kernel or None, the output). One program per chunk and `heads_per_program`
+    heads (default all; all and 4 warps were the fastest on an H200, BENCHMARKS.md)."""
     check(q, k, v, offsets, cos, sin)
     s, h, d = q.shape
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
     chunks = offsets.numel() - 1
     if chunks == 0 or h == 0:
-        return out
+        return None, out
+    heads = heads_per_program or h
     half = d // 2
     rope = cos is not None
-    _window_kernel[(chunks,)](
+    compiled = _window_kernel[(chunks, triton.cdiv(h, heads))](
         q, k, v, cos if rope else q, sin if rope else q, offsets, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0) if rope else 0, sin.stride(0) if rope else 0,
         h, scale,
         HALF=half, BLOCK=MAX_CHUNK, BLOCK_HALF=max(16, triton.next_power_of_2(half)), ROPE=rope,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32, num_warps=4,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16, HEADS=heads, num_warps=num_warps,
     )
-    return out
+    return compiled, out

@@ -6,7 +6,7 @@ import torch
 from kernels.window_attention import MAX_CHUNK, supported, window_attention, window_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (conftest)
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def inputs(lengths, h, d, dtype, seed=0):
@@ -21,7 +21,7 @@ def inputs(lengths, h, d, dtype, seed=0):
     return *qkv.unbind(1), angles.cos(), angles.sin(), offsets
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("lengths,h,d", [([64, 64, 16, 64], 2, 80), ([5, 64, 1, 33], 3, 72), ([64] * 3, 1, 128),
                                          ([17], 2, 32)], ids=lambda x: str(x))
 def test_window_attention_matches_reference(lengths, h, d, dtype):
@@ -40,7 +40,7 @@ def test_window_attention_matches_reference(lengths, h, d, dtype):
 
 def test_attention_stays_inside_each_chunk():
     """A change to one chunk's keys leaves every other chunk's rows alone, bit for bit."""
-    q, k, v, cos, sin, offsets = inputs([16, 64, 9, 40], 2, 32, torch.float32, seed=1)
+    q, k, v, cos, sin, offsets = inputs([16, 64, 9, 40], 2, 32, torch.float16, seed=1)
     out = window_attention(q, k, v, offsets, 0.2, cos, sin)
     k2 = k.clone()
     k2[20] += 1.0  # a key of the second chunk, [16, 80)
@@ -58,14 +58,18 @@ def test_reference_is_per_chunk_softmax_attention():
     torch.testing.assert_close(out[a:b, 0], weights @ v[a:b, 0])
 
 
-@pytest.mark.parametrize("change", ["odd-dim", "dtype", "shape", "offsets-dtype", "one-of-cos-sin", "cos-shape"])
+@pytest.mark.parametrize("change", ["odd-dim", "fp32", "mixed-dtypes", "shape", "offsets-dtype", "one-of-cos-sin",
+                                    "cos-shape"])
 def test_unsupported_inputs(change):
-    q, k, v, cos, sin, offsets = inputs([8, 8], 2, 16, torch.float32)
+    q, k, v, cos, sin, offsets = inputs([8, 8], 2, 16, torch.float16)
     args = {"q": q, "k": k, "v": v, "offsets": offsets, "cos": cos, "sin": sin}
+    assert supported(**args)
     if change == "odd-dim":
         args.update(q=q[..., :15], k=k[..., :15], v=v[..., :15], cos=cos[:, :15], sin=sin[:, :15])
-    elif change == "dtype":
-        args.update(k=k.half())
+    elif change == "fp32":  # its products in fp32 need twice the shared memory an H200 has
+        args.update(q=q.float(), k=k.float(), v=v.float())
+    elif change == "mixed-dtypes":
+        args.update(k=k.bfloat16())
     elif change == "shape":
         args.update(v=v[:, :1])
     elif change == "offsets-dtype":

@@ -193,6 +193,35 @@ def test_fused_window_kernel_in_the_tower(monkeypatch):
     torch.testing.assert_close(fused.float(), plain.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_window_kernel_out_of_shared_memory_falls_back(monkeypatch):
+    """On a GPU with less shared memory than the window kernel holds, Triton raises OutOfResources:
+    the layer runs the unfused path, and later calls on that device no longer try the kernel."""
+    from triton.runtime.errors import OutOfResources
+
+    model, config = tiny_model("qwen2.5-vl")
+    model = model.half()
+    vision.prepare_vision_tower(model)
+    grid = torch.tensor([[2, 10, 14]])
+    pixels = video_pixels(config, grid).half()
+    tries = []
+
+    def too_big(*args):
+        tries.append(1)
+        raise OutOfResources(131072, 101376, "shared memory")
+
+    monkeypatch.setattr(vision, "_windows_here", lambda q: True)
+    monkeypatch.setattr(vision, "_NO_WINDOWS", {})
+    with torch.no_grad():
+        monkeypatch.setattr(vision, "FUSED_WINDOWS", False)
+        plain = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        monkeypatch.setattr(vision, "FUSED_WINDOWS", True)
+        monkeypatch.setattr(vision, "window_attention", too_big)
+        first = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        second = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    assert len(tries) == 1 and list(vision._NO_WINDOWS) == ["cpu"]
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+
+
 def test_other_attention_implementations_are_left_alone():
     config = build_config("qwen2.5-vl", build_tokenizer())
     model = model_class("qwen2.5-vl")._from_config(

@@ -198,11 +198,12 @@ def test_window_kernel_out_of_shared_memory_falls_back(monkeypatch):
     the layer runs the unfused path, and later calls on that device no longer try the kernel."""
     from triton.runtime.errors import OutOfResources
 
-    model, config = tiny_model("qwen2.5-vl")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel runs (the interpreter on CPU)
+    model, config = tiny_model("qwen2.5-vl", device)
     model = model.half()
     vision.prepare_vision_tower(model)
-    grid = torch.tensor([[2, 10, 14]])
-    pixels = video_pixels(config, grid).half()
+    grid = torch.tensor([[2, 10, 14]], device=device)
+    pixels = video_pixels(config, grid, device).half()
     tries = []
 
     def too_big(*args):
@@ -218,7 +219,7 @@ def test_window_kernel_out_of_shared_memory_falls_back(monkeypatch):
         monkeypatch.setattr(vision, "window_attention", too_big)
         first = model.model.visual(pixels, grid_thw=grid).last_hidden_state
         second = model.model.visual(pixels, grid_thw=grid).last_hidden_state
-    assert len(tries) == 1 and list(vision._NO_WINDOWS) == ["cpu"]
+    assert len(tries) == 1 and list(vision._NO_WINDOWS) == [str(pixels.device)]
     assert torch.equal(first, plain) and torch.equal(second, plain)
 
 

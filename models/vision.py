@@ -1,6 +1,6 @@
 """The vision tower of a loaded Qwen-VL model without transformers' slow paths: attention in one
-call per layer (variable-length flash attention on CUDA, SDPA batched per chunk length
-elsewhere), MLP widths aligned, the rotary embedding and the RMSNorms fused, the patch
+call per layer (on CUDA variable-length flash attention, or for Qwen2.5-VL's windows our kernel
+with the rotary embedding; SDPA batched per chunk length elsewhere), MLP widths aligned, the rotary embedding and the RMSNorms fused, the patch
 embedding as a matmul. Same outputs within bf16 rounding (BENCHMARKS.md: 8x less vision time at
 128K video tokens on an H200).
 
@@ -11,11 +11,13 @@ attention implementation but flash-attn, transformers' vision attention splits t
 layers, a quarter of a million launches, and the vision encoder is bound by host time
 (BENCHMARKS.md). Here, on CUDA, all chunks of a layer run as one call of PyTorch's
 variable-length flash-attention kernel (`VARLEN_FLASH`), which takes the packed sequence and its
-chunk bounds as they are. Elsewhere, and for inputs that kernel does not take, chunks of one
+chunk bounds as they are, or, where no chunk is longer than 64 tokens (Qwen2.5-VL's windowed
+layers), as one call of `kernels.window_attention` with the rotary embedding (`FUSED_WINDOWS`).
+Elsewhere, and for inputs that kernel does not take, chunks of one
 length, independent attention problems of one shape, run as the batch of one SDPA call; a video
 at one resolution has one to four distinct lengths (windows at the right and bottom edges are
-smaller). Both compute the same attention: the batched SDPA calls bit-identical to the per-chunk
-ones on an H200 at 128K video tokens, the flash kernel within bf16 rounding (BENCHMARKS.md).
+smaller). All compute the same attention: the batched SDPA calls bit-identical to the per-chunk
+ones on an H200 at 128K video tokens, the two kernels within bf16 rounding (BENCHMARKS.md).
 
 transformers gives no interface point for packed chunks outside flash-attn (a registered
 function is called once per chunk, after the split), so `batch_vision_attention` replaces the
@@ -107,8 +109,8 @@ VARLEN_FLASH = True
 # On CUDA, in fp16 / bf16, layers whose chunks are all at most kernels.window_attention.MAX_CHUNK
 # tokens long (Qwen2.5-VL's windowed layers) run the rotary embedding and the attention in one
 # kernel of ours, which neither pads a window to a 128-row tile nor writes q and k back rotated:
-# 2.58 against 4.68 ms per layer at 131K video tokens on an H200 (BENCHMARKS.md). False: the
-# rotary embedding, then the attention as above.
+# 2.58 against 4.68 ms per layer at 131K video tokens on an H200 (BENCHMARKS.md). Needs
+# FUSED_ROPE. False: the rotary embedding, then the attention as above.
 FUSED_WINDOWS = True
 
 # Where SDPA runs, chunks of unequal lengths are gathered into a batch per length, at most this
@@ -205,7 +207,7 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     s = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(s, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
-    if FUSED_WINDOWS and FUSED_ROPE and _windows_here(q) and _NO_WINDOWS.get(str(q.device)) is None:
+    if FUSED_WINDOWS and FUSED_ROPE and _windows_here(q) and str(q.device) not in _NO_WINDOWS:
         layout = _layout(cu_seqlens, s)
         if s and layout.longest <= MAX_CHUNK and windows_supported(q, k, v, layout.offsets(q.device), cos, sin):
             try:

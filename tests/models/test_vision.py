@@ -346,7 +346,8 @@ def test_rope_reference_is_the_modeling_files_rotary_embedding(family):
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prepared_tower_cuda_bf16(family):
-    """On the GPU in bf16 (fused rotary embedding, variable-length flash attention, padded MLPs):
+    """On the GPU in bf16 (fused rotary embedding, the window kernel in Qwen2.5-VL's windowed layers,
+    variable-length flash attention, padded MLPs):
     the prepared tower's error against the tower in fp32 is within twice the stock bf16 tower's."""
     import copy
 

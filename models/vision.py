@@ -1,8 +1,8 @@
 """The vision tower of a loaded Qwen-VL model without transformers' slow paths: attention in one
 call per layer (on CUDA variable-length flash attention, or for Qwen2.5-VL's windows our kernel
-with the rotary embedding; SDPA batched per chunk length elsewhere), MLP widths aligned, the rotary embedding and the RMSNorms fused, the patch
-embedding as a matmul. Same outputs within bf16 rounding (BENCHMARKS.md: 8x less vision time at
-128K video tokens on an H200).
+with the rotary embedding; SDPA batched per chunk length elsewhere), MLP widths aligned, the
+rotary embedding and the RMSNorms fused, the patch embedding as a matmul. Same outputs within
+bf16 rounding (BENCHMARKS.md: 8x less vision time at 128K video tokens on an H200).
 
 Qwen-VL vision towers attend within chunks of the packed patch sequence: windows of 8 x 8
 patches in Qwen2.5-VL's windowed layers, one frame pair otherwise (`cu_seqlens`). On every

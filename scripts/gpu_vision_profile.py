@@ -75,9 +75,11 @@ def main() -> None:
     visual = model.model.visual
     result = {"video_tokens": prepared.tokens["video"], "patches": int(pixels.shape[0])}
     outputs = {}
-    # As transformers runs it; with the attention batched per chunk length; with the MLP widths
-    # aligned too; with the fused rotary embedding too; with the fused RMSNorms and the patch
-    # matmul too; with the fused MLP activation too (what models.load does).
+    # As transformers runs it; with the attention batched per chunk length (on CUDA one
+    # variable-length flash call); with the MLP widths aligned too; with the fused rotary
+    # embedding too (and with it the window kernel in the windowed layers, FUSED_WINDOWS); with
+    # the fused RMSNorms and the patch matmul too; with the fused MLP activation too (what
+    # models.load does).
     variants = (("stock", 0), ("batched", 1), ("batched_aligned", 2), ("batched_aligned_rope", 3),
                 ("batched_aligned_rope_norms_patch", 4), ("prepared", 5))
     for name, steps in variants:

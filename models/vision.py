@@ -209,9 +209,10 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     cos, sin = position_embeddings
     if FUSED_WINDOWS and FUSED_ROPE and _windows_here(q) and str(q.device) not in _NO_WINDOWS:
         layout = _layout(cu_seqlens, s)
-        if s and layout.longest <= MAX_CHUNK and windows_supported(q, k, v, layout.offsets(q.device), cos, sin):
+        offsets = layout.offsets(q.device)
+        if s and layout.longest <= MAX_CHUNK and windows_supported(q, k, v, offsets, cos, sin):
             try:
-                out = window_attention(q, k, v, layout.offsets(q.device), self.scaling, cos, sin)
+                out = window_attention(q, k, v, offsets, self.scaling, cos, sin)
                 return self.proj(out.reshape(s, -1))
             except OutOfResources as error:  # less shared memory than the kernel holds: not on this GPU
                 _NO_WINDOWS[str(q.device)] = str(error)

@@ -8,9 +8,11 @@ the tower's 1.4 s of GPU time (BENCHMARKS.md, twelfth session). Here one program
 loads its cos and sin once and, for each head, applies the rotary embedding to q and k in
 registers, computes the chunk's whole score matrix, its softmax and the output: a chunk of at
 most MAX_CHUNK tokens needs no online softmax. On an H200, for Qwen2.5-VL's windowed layers at
-131K video tokens: 2.58 ms per layer against 4.68 ms for `kernels.rope` and then PyTorch's flash
-kernel (BENCHMARKS.md). A program holds 128 KiB of shared memory: GPUs with less per block (sm86,
-sm89) raise Triton's OutOfResources, and `models.vision` then runs the unfused path.
+131K video tokens: 2.23 ms per layer against 4.68 ms for `kernels.rope` and then PyTorch's flash
+kernel (BENCHMARKS.md). The loop over the heads is software-pipelined two deep: a program holds
+80 KiB of shared memory, two programs fit an H200's SM, and GPUs with 100 KiB per block (sm86,
+sm89) take it. A GPU with less raises Triton's OutOfResources, and `models.vision` then runs the
+unfused path.
 
 The head dim is split at D / 2, as the rotate-half layout splits it, so q . k and P v are two
 products over D / 2 padded to a power of two (Qwen2.5-VL's 80 as two halves of 40 padded to
@@ -147,13 +149,15 @@ def window_attention(q, k, v, offsets, scale: float, cos=None, sin=None) -> torc
     """Non-causal attention within each chunk [offsets[i], offsets[i + 1]) of (S, H, D) q, k, v, the
     rotary embedding by cos and sin (S, D) applied to q and k first when given. Chunks of at most
     MAX_CHUNK tokens, none empty. Raises triton.runtime.errors.OutOfResources on GPUs with less
-    than 128 KiB of shared memory per block."""
+    than 80 KiB of shared memory per block."""
     return _launch(q, k, v, offsets, scale, cos, sin)[1]
 
 
-def _launch(q, k, v, offsets, scale, cos=None, sin=None, heads_per_program: int | None = None, num_warps: int = 4):
+def _launch(q, k, v, offsets, scale, cos=None, sin=None, heads_per_program: int | None = None, num_warps: int = 4,
+            num_stages: int | None = 2):
     """(the compiled kernel or None, the output). One program per chunk and `heads_per_program`
-    heads (default all; all and 4 warps were the fastest on an H200, BENCHMARKS.md)."""
+    heads (default all), `num_stages` the software pipeline's depth over the heads (None: Triton's
+    default, 3). All heads, 4 warps and 2 stages were the fastest on an H200 (BENCHMARKS.md)."""
     check(q, k, v, offsets, cos, sin)
     s, h, d = q.shape
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
@@ -170,5 +174,6 @@ def _launch(q, k, v, offsets, scale, cos=None, sin=None, heads_per_program: int 
         h, scale,
         HALF=half, BLOCK=MAX_CHUNK, BLOCK_HALF=max(16, triton.next_power_of_2(half)), ROPE=rope,
         UPCAST=interpreting() and q.dtype == torch.bfloat16, HEADS=heads, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return compiled, out

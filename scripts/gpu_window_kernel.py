@@ -5,8 +5,11 @@ layer (triton.testing.do_bench), the compiled kernel's shared memory, registers 
 the output's difference from the unfused path. Also a rejected variant, one tile over the whole
 head dim with the rotate-half partner read as a shifted load (`_one_tile_kernel`, run 10).
 
-    PYTHONPATH=$PWD python3 scripts/gpu_window_kernel.py
+    PYTHONPATH=$PWD python3 scripts/gpu_window_kernel.py [--stages 0 1 2 3] [--heads 16 8] [--warps 4]
+        [--one-tile]
 """
+
+import argparse
 
 import torch
 import triton
@@ -62,7 +65,13 @@ def one_tile(q, k, v, offsets, scale, cos, sin, num_warps):
     return compiled, out
 
 
-HEADS, WARPS = (16,), (4,)  # run 7 timed heads 16 / 4 / 1 and warps 2 / 4 / 8
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--heads", type=int, nargs="+", default=[16], help="heads per program (run 7: 16 4 1)")
+parser.add_argument("--warps", type=int, nargs="+", default=[4], help="warps per program (run 7: 2 4 8)")
+parser.add_argument("--stages", type=int, nargs="+", default=[0],
+                    help="software pipeline depths over the heads; 0 is Triton's default")
+parser.add_argument("--one-tile", action="store_true", help="also time the rejected one-tile variant")
+args = parser.parse_args()
 s, h, d = 8190 * 64, 16, 80
 qkv = torch.randn(s, 3, h, d, device="cuda", dtype=torch.bfloat16)
 q, k, v = qkv.unbind(1)
@@ -81,16 +90,18 @@ def baseline():
 ref = baseline()
 ms = triton.testing.do_bench(baseline)
 print(f"rope + varlen flash: {ms:.3f} ms per layer")
-for heads in HEADS:
-    for warps in WARPS:
-        compiled, out = _launch(q, k, v, offsets, scale, cos, sin, heads, warps)
-        diff = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        t = triton.testing.do_bench(
-            lambda hp=heads, w=warps: _launch(q, k, v, offsets, scale, cos, sin, hp, w))
-        print(f"window kernel, {heads} heads per program, {warps} warps: {t:.3f} ms per layer, "
-              f"shared {compiled.metadata.shared} B, registers {compiled.n_regs}, spills {compiled.n_spills}, "
-              f"relative L2 from baseline {diff:.2e}")
-for warps in (4, 8):
+for stages in args.stages:
+    for heads in args.heads:
+        for warps in args.warps:
+            ns = stages or None
+            compiled, out = _launch(q, k, v, offsets, scale, cos, sin, heads, warps, ns)
+            diff = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            t = triton.testing.do_bench(
+                lambda hp=heads, w=warps, n=ns: _launch(q, k, v, offsets, scale, cos, sin, hp, w, n))
+            print(f"window kernel, {stages or 'default'} stages, {heads} heads per program, {warps} warps: "
+                  f"{t:.3f} ms per layer, shared {compiled.metadata.shared} B, registers {compiled.n_regs}, "
+                  f"spills {compiled.n_spills}, relative L2 from baseline {diff:.2e}")
+for warps in (4, 8) if args.one_tile else ():
     compiled, out = one_tile(q, k, v, offsets, scale, cos, sin, warps)
     diff = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     t = triton.testing.do_bench(lambda w=warps: one_tile(q, k, v, offsets, scale, cos, sin, w))

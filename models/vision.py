@@ -34,7 +34,9 @@ padded columns add nothing: the same function.
 
 `fuse_norms` runs Qwen2.5-VL's RMSNorms through `torch.nn.functional.rms_norm` (one kernel)
 instead of transformers' fp32 chain of casts, power, mean and products (models.fused, which also
-fuses the gated MLPs' `silu(gate) * up` on CUDA); `patch_embed_as_matmul`
+fuses the gated MLPs' `silu(gate) * up` on CUDA); `fuse_block_adds` runs each block's residual
+add after the attention and the RMSNorm after it as one kernel on CUDA (`kernels.rms_norm`: four
+passes over the hidden states instead of five); `patch_embed_as_matmul`
 runs the patch embedding's Conv3d, whose kernel is its stride and its input one patch, as the
 matmul it is (cuDNN's implicit-GEMM convolution took 62 ms at 128K video tokens, the matmul 2.4).
 
@@ -50,12 +52,14 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
+from kernels.rms_norm import add_rms_norm
+from kernels.rms_norm import supported as add_norm_supported
 from kernels.rope import rope
 from kernels.rope import supported as rope_supported
 from kernels.window_attention import MAX_CHUNK, window_attention
 from kernels.window_attention import supported as windows_supported
 
-from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, set_forward, tower
+from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, is_rms_norm, set_forward, tower
 from .host import ReadOnce
 
 # On CUDA the rotary embedding runs as one Triton kernel (kernels.rope) instead of transformers'
@@ -109,7 +113,7 @@ VARLEN_FLASH = True
 # On CUDA, in fp16 / bf16, layers whose chunks are all at most kernels.window_attention.MAX_CHUNK
 # tokens long (Qwen2.5-VL's windowed layers) run the rotary embedding and the attention in one
 # kernel of ours, which neither pads a window to a 128-row tile nor writes q and k back rotated:
-# 2.58 against 4.68 ms per layer at 131K video tokens on an H200 (BENCHMARKS.md). Needs
+# 2.23 against 4.68 ms per layer at 131K video tokens on an H200 (BENCHMARKS.md). Needs
 # FUSED_ROPE. False: the rotary embedding, then the attention as above.
 FUSED_WINDOWS = True
 
@@ -246,6 +250,40 @@ def fuse_norms(model: torch.nn.Module, enabled: bool = True) -> int:
     return fuse_rms_norms(_vision_tower(model), enabled)
 
 
+def _add_norm_here(x: torch.Tensor) -> bool:
+    """Whether the fused add and RMSNorm runs for x's device: CUDA (the tests also run it on the
+    CPU, under Triton's interpreter)."""
+    return x.is_cuda
+
+
+def _add_norm_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The block's `h = h + attn(norm1(h)); h + mlp(norm2(h))` with the middle add and norm2 as one
+    kernel, the sum written over the attention's output."""
+    stock = getattr(self, PATCHED)
+    differentiable = torch.is_grad_enabled() and (hidden_states.requires_grad or self.norm2.weight.requires_grad)
+    if differentiable or not _add_norm_here(hidden_states):
+        return stock(hidden_states, *args, **kwargs)
+    attn = self.attn(self.norm1(hidden_states), *args, **kwargs)
+    if not add_norm_supported(hidden_states, attn, self.norm2.weight, out=attn):
+        hidden_states = hidden_states + attn  # what the stock block computes from here
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+    hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, self.norm2.variance_epsilon, out=attn)
+    return hidden_states + self.mlp(normed)
+
+
+def _is_rms_norm_block(module: torch.nn.Module) -> bool:
+    """A vision block of the form `h + attn(norm1(h))`, then `h + mlp(norm2(h))`, with RMSNorms
+    (Qwen2.5-VL's; Qwen2-VL's blocks use LayerNorm)."""
+    return (type(module).__name__.endswith("VisionBlock") and all(hasattr(module, a) for a in ("attn", "mlp"))
+            and is_rms_norm(getattr(module, "norm1", None)) and is_rms_norm(getattr(module, "norm2", None)))
+
+
+def fuse_block_adds(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Run each RMSNorm vision block's middle residual add and norm2 as one kernel on CUDA
+    (enabled) or as transformers wrote them (not enabled). Returns how many blocks run fused now."""
+    return set_forward(_vision_tower(model).modules(), _is_rms_norm_block, _add_norm_block_forward, enabled)
+
+
 def _patch_matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
     if tuple(x.shape[2:]) != tuple(self.kernel_size):
         return getattr(self, PATCHED)(x)
@@ -308,11 +346,13 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 def prepare_vision_tower(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
     """Batched attention (with the fused rotary embedding on CUDA while FUSED_ROPE), aligned MLP
-    widths, fused RMSNorms, the patch embedding as a matmul and the fused MLP activation (on CUDA)
+    widths, fused RMSNorms, the blocks' middle add and norm fused (on CUDA), the patch embedding as
+    a matmul and the fused MLP activation (on CUDA)
     in the vision tower of a loaded Qwen-VL model (enabled), or the tower as transformers runs it
     (not enabled). Returns how many modules of each kind run the prepared way now."""
     return {"batched_attention": batch_vision_attention(model, enabled),
             "padded_mlps": align_mlp_width(model, enabled=enabled),
             "fused_norms": fuse_norms(model, enabled),
+            "fused_adds": fuse_block_adds(model, enabled),
             "patch_matmul": patch_embed_as_matmul(model, enabled),
             "fused_mlps": fuse_mlp_activations(_vision_tower(model), enabled)}

@@ -314,6 +314,52 @@ def test_fused_norms_and_patch_matmul_keep_the_function(family):
     torch.testing.assert_close(vision._patch_matmul_forward(conv, x), conv(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_block_adds_keep_the_function(family, monkeypatch):
+    """Qwen2.5-VL's blocks (RMSNorms) run their middle add and norm2 through kernels.rms_norm (on
+    the CPU here, under Triton's interpreter; on CUDA in the product): the same tower output;
+    undone, the stock output exactly. The other families' blocks (LayerNorms) are left alone."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config = tiny_model(family, device)
+    grid = torch.tensor([[2, 6, 8]], device=device)
+    pixels = video_pixels(config, grid, device)
+    calls = []
+    kernel = vision.add_rms_norm
+    monkeypatch.setattr(vision, "add_rms_norm", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    monkeypatch.setattr(vision, "_add_norm_here", lambda x: True)
+    depth = config.vision_config.depth if family == "qwen2.5-vl" else 0
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.fuse_block_adds(model) == depth
+        assert vision.fuse_block_adds(model) == depth  # twice: patched once
+        fused = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        assert vision.fuse_block_adds(model, enabled=False) == 0
+        restored = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    assert len(calls) == depth
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, stock, rtol=0, atol=0)
+
+
+def test_fused_block_add_falls_back_where_the_kernel_does_not_take_the_input(monkeypatch):
+    """Where `kernels.rms_norm.supported` declines the block's tensors, the block computes the stock
+    way from the attention's output (not running the attention twice): the stock output exactly."""
+    model, config = tiny_model("qwen2.5-vl")
+    grid = torch.tensor([[2, 6, 8]])
+    pixels = video_pixels(config, grid)
+    attention_calls = []
+    for block in model.model.visual.blocks:
+        block.attn.register_forward_hook(lambda *_: attention_calls.append(1))
+    monkeypatch.setattr(vision, "_add_norm_here", lambda x: True)
+    monkeypatch.setattr(vision, "add_norm_supported", lambda *a, **k: False)
+    monkeypatch.setattr(vision, "add_rms_norm", lambda *a, **k: pytest.fail("kernel called"))
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        vision.fuse_block_adds(model)
+        fused = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    assert len(attention_calls) == 2 * config.vision_config.depth  # once per block in each run
+    torch.testing.assert_close(fused, stock, rtol=0, atol=0)
+
+
 def test_prepare_vision_tower_on_the_demo_model():
     """The loader prepares the tower: batched attention in every block, fused norms, the patch
     matmul, nothing to pad (width 128)."""
@@ -322,7 +368,8 @@ def test_prepare_vision_tower_on_the_demo_model():
     model, _ = load("demo", attention="dense", device="cpu")
     depth = model.config.vision_config.depth
     assert vision.prepare_vision_tower(model) == {"batched_attention": depth, "padded_mlps": 0,
-                                                  "fused_norms": 2 * depth + 1, "patch_matmul": 1,
+                                                  "fused_norms": 2 * depth + 1, "fused_adds": depth,
+                                                  "patch_matmul": 1,
                                                   "fused_mlps": depth}
     assert set(vision.prepare_vision_tower(model, enabled=False).values()) == {0}
 

@@ -1,7 +1,8 @@
 """The vision tower per kernel of its windowed and frame attention, over the same video sampled at
 several frame counts (each a new set of attention shapes: the windows' batch sizes): the
 variable-length flash kernel (models.vision.VARLEN_FLASH), with or without the windowed layers in
-the fused window kernel (models.vision.FUSED_WINDOWS; both on by default), and SDPA per chunk
+the fused window kernel (models.vision.FUSED_WINDOWS) and the blocks' middle residual add and
+norm in one kernel (models.vision.fuse_block_adds; all three on by default), and SDPA per chunk
 length with its cuDNN backend (PyTorch's choice on the H200) or its flash backend. Per kernel and frame
 count, the first call at those shapes and the one after it, the peak of allocated memory (the
 model's weights included), and the output's difference from SDPA's cuDNN backend. An untimed
@@ -25,7 +26,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videoprefill.bench import add_file_arguments, file_sampling
 
-KERNELS = ["SDPA cuDNN", "SDPA flash", "varlen flash", "fused windows, varlen flash"]
+# name: (models.vision.VARLEN_FLASH, FUSED_WINDOWS, the blocks' middle add and norm fused, SDPA backend)
+KERNELS = {
+    "SDPA cuDNN": (False, False, False, SDPBackend.CUDNN_ATTENTION),
+    "SDPA flash": (False, False, False, SDPBackend.FLASH_ATTENTION),
+    "varlen flash": (True, False, False, None),
+    "fused windows, varlen flash": (True, True, False, None),
+    "fused windows and adds, varlen flash": (True, True, True, None),
+}
 
 
 def main() -> int:
@@ -36,7 +44,7 @@ def main() -> int:
     parser.add_argument("--synthetic", type=int, nargs="+", default=[], metavar="TOKENS",
                         help="also the bench's synthetic videos of this many video tokens (448 x 448 frames: "
                              "windows of one size)")
-    parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS,
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS,
                         help="the attention kernels to compare (the first, SDPA cuDNN, is the outputs' reference)")
     args = parser.parse_args()
     args.kernels = ["SDPA cuDNN", *args.kernels]
@@ -75,16 +83,15 @@ def main() -> int:
         return time.perf_counter() - start, out.pooler_output if hasattr(out, "pooler_output") else out
 
     vision.VARLEN_FLASH = vision.FUSED_WINDOWS = False
+    vision.fuse_block_adds(model, enabled=False)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         forward(max(videos, key=lambda video: videos[video][0].shape[0]))
     rows, outputs = [], {}
-    for name, varlen, windows, backend in (("SDPA cuDNN", False, False, SDPBackend.CUDNN_ATTENTION),
-                                           ("SDPA flash", False, False, SDPBackend.FLASH_ATTENTION),
-                                           ("varlen flash", True, False, None),
-                                           ("fused windows, varlen flash", True, True, None)):
+    for name, (varlen, windows, adds, backend) in KERNELS.items():
         if name not in args.kernels:
             continue
         vision.VARLEN_FLASH, vision.FUSED_WINDOWS = varlen, windows
+        vision.fuse_block_adds(model, enabled=adds)
         for video in videos:
             with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
                 first, out = forward(video)

@@ -59,7 +59,17 @@ from kernels.rope import supported as rope_supported
 from kernels.window_attention import MAX_CHUNK, window_attention
 from kernels.window_attention import supported as windows_supported
 
-from .fused import PATCHED, fuse_mlp_activations, fuse_rms_norms, gated_mlp_width, is_rms_norm, set_forward, tower
+from .fused import (
+    PATCHED,
+    add_into,
+    adds_into,
+    fuse_mlp_activations,
+    fuse_rms_norms,
+    gated_mlp_width,
+    is_rms_norm,
+    set_forward,
+    tower,
+)
 from .host import ReadOnce
 
 # On CUDA the rotary embedding runs as one Triton kernel (kernels.rope) instead of transformers'
@@ -116,6 +126,12 @@ VARLEN_FLASH = True
 # 2.23 against 4.68 ms per layer at 131K video tokens on an H200 (BENCHMARKS.md). Needs
 # FUSED_ROPE. False: the rotary embedding, then the attention as above.
 FUSED_WINDOWS = True
+
+# In the blocks that fuse_block_adds prepares, on CUDA, the residual add after the gated MLP is done
+# by its down projection: the add and norm2 kernel writes the sum plus the projection's bias, and
+# the product is added into it in place (models.fused.add_into), so that add reads and writes
+# nothing of its own (BENCHMARKS.md, thirteenth session). False: `h + mlp(norm2 output)`.
+ACCUMULATE_MLP = True
 
 # Where SDPA runs, chunks of unequal lengths are gathered into a batch per length, at most this
 # many tokens at a time: the copies of q, k and v and the result then hold at most 4 x 65,536
@@ -258,7 +274,8 @@ def _add_norm_here(x: torch.Tensor) -> bool:
 
 def _add_norm_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The block's `h = h + attn(norm1(h)); h + mlp(norm2(h))` with the middle add and norm2 as one
-    kernel, the sum written over the attention's output."""
+    kernel, the sum written over the attention's output; while ACCUMULATE_MLP, where the MLP runs
+    the fused forward, the last add done by the MLP's down projection adding into that sum."""
     stock = getattr(self, PATCHED)
     differentiable = torch.is_grad_enabled() and (hidden_states.requires_grad or self.norm2.weight.requires_grad)
     if differentiable or not _add_norm_here(hidden_states):
@@ -267,7 +284,13 @@ def _add_norm_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs) 
     if not add_norm_supported(hidden_states, attn, self.norm2.weight, out=attn):
         hidden_states = hidden_states + attn  # what the stock block computes from here
         return hidden_states + self.mlp(self.norm2(hidden_states))
-    hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, self.norm2.variance_epsilon, out=attn)
+    eps = self.norm2.variance_epsilon
+    if ACCUMULATE_MLP and adds_into(self.mlp, attn, attn):
+        # the total carries the MLP's output bias; the MLP's product is then added into it in place
+        bias = self.mlp.down_proj.bias
+        hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, eps, out=attn, bias=bias)
+        return add_into(self.mlp, normed, hidden_states)
+    hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, eps, out=attn)
     return hidden_states + self.mlp(normed)
 
 

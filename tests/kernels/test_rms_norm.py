@@ -30,6 +30,20 @@ def test_add_rms_norm_matches_reference(rows, n, dtype):
     torch.testing.assert_close(normed, ref, rtol=2 * TOLERANCE[dtype], atol=2 * TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
+def test_bias_is_added_to_the_total_not_to_the_normed_sum(dtype):
+    x, y, weight = inputs(5, 80, dtype, seed=1)
+    bias = (torch.randn(80) * 2).to(dtype).to(DEVICE)
+    total, normed = add_rms_norm(x, y, weight, 1e-6, bias=bias)
+    ref_total, ref = add_rms_norm_reference(x, y, weight, 1e-6, bias=bias)
+    _, without = add_rms_norm_reference(x, y, weight, 1e-6)
+    torch.testing.assert_close(ref, without, rtol=0, atol=0)  # the norm is that of x + y
+    # One step of the inputs' size (up to about 8) where the sum and the bias cancel.
+    torch.testing.assert_close(total, ref_total, rtol=2 * TOLERANCE[dtype], atol=8 * TOLERANCE[dtype])
+    torch.testing.assert_close(normed, ref, rtol=2 * TOLERANCE[dtype], atol=2 * TOLERANCE[dtype])
+    assert not torch.allclose(total.float(), (x + y).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_sum_written_over_y():
     x, y, weight = inputs(4, 96, torch.float32)
     ref_total, ref = add_rms_norm_reference(x, y, weight, 1e-5)
@@ -57,10 +71,10 @@ def test_reference_is_the_modeling_files_rms_norm():
 
 
 @pytest.mark.parametrize("case", ["shape", "weight-shape", "dtype", "weight-dtype", "int", "strided", "3-d",
-                                  "out-shape", "too-wide"])
+                                  "out-shape", "too-wide", "bias-shape", "bias-dtype"])
 def test_add_rms_norm_rejects_bad_input(case):
     x, y, weight = inputs(4, 8, torch.float32)
-    out = None
+    out = bias = None
     if case == "shape":
         y = y[:2]
     elif case == "weight-shape":
@@ -79,6 +93,10 @@ def test_add_rms_norm_rejects_bad_input(case):
         out = torch.empty(4, 4, device=x.device)
     elif case == "too-wide":
         x, y, weight = inputs(1, 16385, torch.float32)
-    assert not supported(x, y, weight, out)
+    elif case == "bias-shape":
+        bias = weight[:4]
+    elif case == "bias-dtype":
+        bias = weight.to(torch.float16)
+    assert not supported(x, y, weight, out, bias)
     with pytest.raises((ValueError, TypeError)):
-        add_rms_norm(x, y, weight, 1e-6, out=out)
+        add_rms_norm(x, y, weight, 1e-6, out=out, bias=bias)

@@ -340,6 +340,40 @@ def test_fused_block_adds_keep_the_function(family, monkeypatch):
     torch.testing.assert_close(restored, stock, rtol=0, atol=0)
 
 
+def test_mlp_adds_its_product_into_the_residual(monkeypatch):
+    """With the whole tower prepared, each Qwen2.5-VL block's last residual add is done by the MLP's
+    down projection adding into the sum that carries its bias (models.fused.add_into; on the CPU
+    here, under Triton's interpreter): the tower's output is that of the prepared tower with the
+    blocks as transformers wrote them, and the one with that add separate (ACCUMULATE_MLP False),
+    within fp32 rounding. (Not the stock tower's on CUDA: its patch embedding is a cuDNN
+    convolution, which may run in TF32.)"""
+    import models.fused as fused
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config = tiny_model("qwen2.5-vl", device)
+    grid = torch.tensor([[2, 6, 8], [2, 4, 4]], device=device)
+    pixels = video_pixels(config, grid, device)
+    assert all(block.mlp.down_proj.bias is not None for block in model.model.visual.blocks)
+    vision.prepare_vision_tower(model)
+    with torch.no_grad():
+        vision.fuse_block_adds(model, enabled=False)
+        stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        vision.fuse_block_adds(model)
+    calls = []
+    add_into = vision.add_into
+    monkeypatch.setattr(vision, "add_into", lambda *a: calls.append(1) or add_into(*a))
+    monkeypatch.setattr(vision, "_add_norm_here", lambda x: True)
+    monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
+    monkeypatch.setattr(fused, "MLP_CHUNK_BYTES", 2 * 2 * 64 * 4 * 10)  # chunks of 10 tokens: several per MLP
+    with torch.no_grad():
+        accumulated = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+        monkeypatch.setattr(vision, "ACCUMULATE_MLP", False)
+        separate = model.model.visual(pixels, grid_thw=grid).last_hidden_state
+    assert len(calls) == config.vision_config.depth
+    torch.testing.assert_close(accumulated, stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(accumulated, separate, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_block_add_falls_back_where_the_kernel_does_not_take_the_input(monkeypatch):
     """Where `kernels.rms_norm.supported` declines the block's tensors, the block computes the stock
     way from the attention's output (not running the attention twice): the stock output exactly."""

@@ -1,12 +1,13 @@
 """The vision tower per kernel of its windowed and frame attention, over the same video sampled at
 several frame counts (each a new set of attention shapes: the windows' batch sizes): the
-variable-length flash kernel (models.vision.VARLEN_FLASH), with or without the windowed layers in
-the fused window kernel (models.vision.FUSED_WINDOWS) and the blocks' middle residual add and
-norm in one kernel (models.vision.fuse_block_adds; all three on by default), and SDPA per chunk
-length with its cuDNN backend (PyTorch's choice on the H200) or its flash backend. Per kernel and frame
-count, the first call at those shapes and the one after it, the peak of allocated memory (the
-model's weights included), and the output's difference from SDPA's cuDNN backend. An untimed
-call with SDPA's memory-efficient backend at the largest count comes first (the allocator's
+variable-length flash kernel (models.vision.VARLEN_FLASH), with or without the windowed layers in the fused
+window kernel (models.vision.FUSED_WINDOWS), the blocks' middle residual add and norm in one kernel
+(models.vision.fuse_block_adds) and their last residual add done by the MLP's down projection
+(models.vision.ACCUMULATE_MLP; all four on by default), and SDPA per chunk length with its cuDNN
+backend (PyTorch's choice on the H200) or its flash backend. Per kernel and frame count, the first
+call at those shapes and the one after it (the median of --repeats after it), the peak of allocated
+memory (the model's weights included), and the output's difference from SDPA's cuDNN backend. An
+untimed call with SDPA's memory-efficient backend at the largest count comes first (the allocator's
 growth, cuBLAS's first products). Qwen2.5-VL-7B architecture, random bf16 weights, the frames of
 VIDEO prepared as the pipeline prepares them.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -26,13 +28,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videoprefill.bench import add_file_arguments, file_sampling
 
-# name: (models.vision.VARLEN_FLASH, FUSED_WINDOWS, the blocks' middle add and norm fused, SDPA backend)
+# name: (models.vision.VARLEN_FLASH, FUSED_WINDOWS, the blocks' middle add and norm fused
+# (fuse_block_adds), the MLP's residual add in its down projection (ACCUMULATE_MLP), SDPA backend)
 KERNELS = {
-    "SDPA cuDNN": (False, False, False, SDPBackend.CUDNN_ATTENTION),
-    "SDPA flash": (False, False, False, SDPBackend.FLASH_ATTENTION),
-    "varlen flash": (True, False, False, None),
-    "fused windows, varlen flash": (True, True, False, None),
-    "fused windows and adds, varlen flash": (True, True, True, None),
+    "SDPA cuDNN": (False, False, False, False, SDPBackend.CUDNN_ATTENTION),
+    "SDPA flash": (False, False, False, False, SDPBackend.FLASH_ATTENTION),
+    "varlen flash": (True, False, False, False, None),
+    "fused windows, varlen flash": (True, True, False, False, None),
+    "fused windows and adds, varlen flash": (True, True, True, False, None),
+    "fused windows and adds, MLP adding into the residual, varlen flash": (True, True, True, True, None),
 }
 
 
@@ -44,6 +48,8 @@ def main() -> int:
     parser.add_argument("--synthetic", type=int, nargs="+", default=[], metavar="TOKENS",
                         help="also the bench's synthetic videos of this many video tokens (448 x 448 frames: "
                              "windows of one size)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="calls after the first; 'second call' is their median")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS,
                         help="the attention kernels to compare (the first, SDPA cuDNN, is the outputs' reference)")
     args = parser.parse_args()
@@ -87,15 +93,15 @@ def main() -> int:
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         forward(max(videos, key=lambda video: videos[video][0].shape[0]))
     rows, outputs = [], {}
-    for name, (varlen, windows, adds, backend) in KERNELS.items():
+    for name, (varlen, windows, adds, accumulate, backend) in KERNELS.items():
         if name not in args.kernels:
             continue
-        vision.VARLEN_FLASH, vision.FUSED_WINDOWS = varlen, windows
+        vision.VARLEN_FLASH, vision.FUSED_WINDOWS, vision.ACCUMULATE_MLP = varlen, windows, accumulate
         vision.fuse_block_adds(model, enabled=adds)
         for video in videos:
             with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
                 first, out = forward(video)
-                second, _ = forward(video)
+                second = statistics.median(forward(video)[0] for _ in range(args.repeats))
             outputs[name, video] = out.cpu()  # not held on the GPU through the next rows' peaks
             rows.append({"backend": name, "video": video, "tokens": videos[video][0].shape[0],
                          "first": first, "second": second, "peak": peaks[-1]})

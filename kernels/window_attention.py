@@ -10,9 +10,9 @@ registers, computes the chunk's whole score matrix, its softmax and the output: 
 most MAX_CHUNK tokens needs no online softmax. On an H200, for Qwen2.5-VL's windowed layers at
 131K video tokens: 2.23 ms per layer against 4.68 ms for `kernels.rope` and then PyTorch's flash
 kernel (BENCHMARKS.md). The loop over the heads is software-pipelined two deep: a program holds
-80 KiB of shared memory, two programs fit an H200's SM, and GPUs with 100 KiB per block (sm86,
-sm89) take it. A GPU with less raises Triton's OutOfResources, and `models.vision` then runs the
-unfused path.
+80 KiB of shared memory on the H200 (128 KiB three deep, Triton's default), and two programs fit
+one of its SMs. Where a GPU has less shared memory per block than the compiled program asks,
+Triton raises OutOfResources, and `models.vision` then runs the unfused path.
 
 The head dim is split at D / 2, as the rotate-half layout splits it, so q . k and P v are two
 products over D / 2 padded to a power of two (Qwen2.5-VL's 80 as two halves of 40 padded to
@@ -149,7 +149,7 @@ def window_attention(q, k, v, offsets, scale: float, cos=None, sin=None) -> torc
     """Non-causal attention within each chunk [offsets[i], offsets[i + 1]) of (S, H, D) q, k, v, the
     rotary embedding by cos and sin (S, D) applied to q and k first when given. Chunks of at most
     MAX_CHUNK tokens, none empty. Raises triton.runtime.errors.OutOfResources on GPUs with less
-    than 80 KiB of shared memory per block."""
+    shared memory per block than the program needs (80 KiB on the H200)."""
     return _launch(q, k, v, offsets, scale, cos, sin)[1]
 
 

@@ -15,7 +15,8 @@ add its product into the total in place (cuBLAS's accumulating product) instead 
 residual add.
 
 x, y: (rows, N), contiguous, one dtype of fp16 / bf16 / fp32; weight and bias: (N,) of that
-dtype. The total may be written over y (`out=y`). `add_rms_norm_reference` is the readable PyTorch form.
+dtype. The total may be written over y (`out=y`). `add_rms_norm_reference` is the readable
+PyTorch form.
 """
 
 from __future__ import annotations

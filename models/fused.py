@@ -9,11 +9,13 @@ that each write a tensor of the MLP's width. Over long inputs these elementwise 
 - `fuse_mlp_activations` runs every SiLU-gated MLP as `down(silu_mul(gate(x), up(x)))` with
   `kernels.activation.silu_mul` writing over gate in place, on CUDA (the stock forward
   elsewhere), and without autograd over as many tokens at a time as fit `MLP_CHUNK_BYTES`, so
-  that a long prefill never holds the MLP's hidden width for every token.
+  that a long prefill never holds the MLP's hidden width for every token;
+- `add_into` runs such an MLP with its product added into a residual in place (without the
+  down projection's bias, which the caller has added), for `models.vision`'s blocks.
 
-Both are the same functions within one bf16 rounding, replace `forward` per module instance
-(transformers has no interface point for either without the `kernels` hub package, which
-downloads), and are undone by calling them with enabled=False.
+All compute the same functions within bf16 rounding. The first two replace `forward` per module
+instance (transformers has no interface point for either without the `kernels` hub package,
+which downloads) and are undone by calling them with enabled=False.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ padded columns add nothing: the same function.
 instead of transformers' fp32 chain of casts, power, mean and products (models.fused, which also
 fuses the gated MLPs' `silu(gate) * up` on CUDA); `fuse_block_adds` runs each block's residual
 add after the attention and the RMSNorm after it as one kernel on CUDA (`kernels.rms_norm`: four
-passes over the hidden states instead of five); `patch_embed_as_matmul`
+passes over the hidden states instead of five), which also adds the MLP's output bias to the sum
+it writes, so that the MLP's down projection then adds its product into it in place
+(`ACCUMULATE_MLP`): the residual add after the MLP has no pass of its own; `patch_embed_as_matmul`
 runs the patch embedding's Conv3d, whose kernel is its stride and its input one patch, as the
 matmul it is (cuDNN's implicit-GEMM convolution took 62 ms at 128K video tokens, the matmul 2.4).
 
@@ -285,7 +287,7 @@ def _add_norm_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs) 
         hidden_states = hidden_states + attn  # what the stock block computes from here
         return hidden_states + self.mlp(self.norm2(hidden_states))
     eps = self.norm2.variance_epsilon
-    if ACCUMULATE_MLP and adds_into(self.mlp, attn, attn):
+    if ACCUMULATE_MLP and adds_into(self.mlp, attn, attn):  # the MLP's input will have attn's shape and dtype
         # the total carries the MLP's output bias; the MLP's product is then added into it in place
         bias = self.mlp.down_proj.bias
         hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, eps, out=attn, bias=bias)
@@ -302,8 +304,9 @@ def _is_rms_norm_block(module: torch.nn.Module) -> bool:
 
 
 def fuse_block_adds(model: torch.nn.Module, enabled: bool = True) -> int:
-    """Run each RMSNorm vision block's middle residual add and norm2 as one kernel on CUDA
-    (enabled) or as transformers wrote them (not enabled). Returns how many blocks run fused now."""
+    """Run each RMSNorm vision block's middle residual add and norm2 as one kernel on CUDA, and its
+    last add in the MLP's down projection while ACCUMULATE_MLP (enabled), or the blocks as
+    transformers wrote them (not enabled). Returns how many blocks run fused now."""
     return set_forward(_vision_tower(model).modules(), _is_rms_norm_block, _add_norm_block_forward, enabled)
 
 
@@ -369,10 +372,10 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 def prepare_vision_tower(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
     """Batched attention (with the fused rotary embedding on CUDA while FUSED_ROPE), aligned MLP
-    widths, fused RMSNorms, the blocks' middle add and norm fused (on CUDA), the patch embedding as
-    a matmul and the fused MLP activation (on CUDA)
-    in the vision tower of a loaded Qwen-VL model (enabled), or the tower as transformers runs it
-    (not enabled). Returns how many modules of each kind run the prepared way now."""
+    widths, fused RMSNorms, the blocks' residual adds fused (on CUDA), the patch embedding as a
+    matmul and the fused MLP activation (on CUDA) in the vision tower of a loaded Qwen-VL model
+    (enabled), or the tower as transformers runs it (not enabled). Returns how many modules of
+    each kind run the prepared way now."""
     return {"batched_attention": batch_vision_attention(model, enabled),
             "padded_mlps": align_mlp_width(model, enabled=enabled),
             "fused_norms": fuse_norms(model, enabled),

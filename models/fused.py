@@ -11,7 +11,9 @@ that each write a tensor of the MLP's width. Over long inputs these elementwise 
   elsewhere), and without autograd over as many tokens at a time as fit `MLP_CHUNK_BYTES`, so
   that a long prefill never holds the MLP's hidden width for every token;
 - `add_into` runs such an MLP with its product added into a residual in place (without the
-  down projection's bias, which the caller has added), for `models.vision`'s blocks.
+  down projection's bias, which the caller has added); `norm_and_mlp_residuals`, the second half
+  of a pre-norm block, uses it after the residual add and the RMSNorm in one kernel
+  (`kernels.rms_norm`), so that neither residual add costs a pass of its own.
 
 All compute the same functions within bf16 rounding. The first two replace `forward` per module
 instance (transformers has no interface point for either without the `kernels` hub package,
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.activation import silu_mul
+from kernels.rms_norm import add_rms_norm
+from kernels.rms_norm import supported as add_norm_supported
 
 PATCHED = "_videoprefill_stock_forward"
 
@@ -174,6 +178,28 @@ def add_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> tor
     for a in range(0, rows.shape[0], chunk):
         _gated_rows(module, rows[a : a + chunk], flat[a : a + chunk], accumulate=True)
     return out
+
+
+def norm_and_mlp_residuals(hidden_states: torch.Tensor, attn: torch.Tensor, norm: torch.nn.Module,
+                           mlp: torch.nn.Module, accumulate: bool = True) -> torch.Tensor:
+    """The second half of a pre-norm block, `h = hidden_states + attn; h + mlp(norm(h))`, with the add
+    and the RMSNorm as one kernel (kernels.rms_norm) writing the sum over attn, and with
+    `accumulate`, where `adds_into` allows, the last add done by the MLP's down projection adding
+    into that sum (which then carries the projection's bias). Where the kernel does not take the
+    tensors (not contiguous, a norm weight of another dtype), the stock computation."""
+    d = attn.shape[-1]
+    fits = hidden_states.is_contiguous() and attn.is_contiguous() and hidden_states.shape == attn.shape
+    x, y = (hidden_states.view(-1, d), attn.view(-1, d)) if fits else (hidden_states, attn)
+    if not (fits and add_norm_supported(x, y, norm.weight, out=y)):
+        hidden_states = hidden_states + attn
+        return hidden_states + mlp(norm(hidden_states))
+    eps = norm.variance_epsilon
+    if accumulate and adds_into(mlp, y, y):  # the MLP's input will have y's shape and dtype
+        down = mlp.down_proj
+        total, normed = add_rms_norm(x, y, norm.weight, eps, out=y, bias=down.bias)
+        return add_into(mlp, normed, total).view(attn.shape)
+    total, normed = add_rms_norm(x, y, norm.weight, eps, out=y)
+    return (total + mlp(normed)).view(attn.shape)
 
 
 def fuse_mlp_activations(root: torch.nn.Module, enabled: bool = True) -> int:

@@ -7,6 +7,9 @@ H200; fused, the prefill takes 0.48 s less (BENCHMARKS.md). `prepare_language_mo
 fused:
 
 - the RMSNorms and the MLP activation by models.fused (per module instance);
+- on CUDA, over at least FUSED_ADDS_MIN_TOKENS tokens, each decoder layer's add after the
+  attention with the RMSNorm after it as one kernel, and its add after the MLP inside the MLP's
+  down projection (`fuse_layer_adds`, models.fused.norm_and_mlp_residuals);
 - the rotary embedding by kernels.rope, on CUDA. The attention modules call their modeling
   file's `apply_rotary_pos_emb(q, k, cos, sin)` (the same function in all three families), so
   `fuse_text_rope` replaces that module-level function by one that runs the fused kernel when
@@ -28,7 +31,15 @@ import torch
 from kernels.rope import rope
 from kernels.rope import supported as rope_supported
 
-from .fused import fuse_mlp_activations, fuse_rms_norms, tower
+from .fused import (
+    PATCHED,
+    fuse_mlp_activations,
+    fuse_rms_norms,
+    is_rms_norm,
+    norm_and_mlp_residuals,
+    set_forward,
+    tower,
+)
 
 _STOCK_ROPE = "_videoprefill_stock_apply_rotary_pos_emb"
 
@@ -85,14 +96,59 @@ def fuse_text_rope(model: torch.nn.Module, enabled: bool = True) -> int:
     return count
 
 
+# On CUDA, decoder layers over at least this many tokens run their residual adds fused
+# (models.fused.norm_and_mlp_residuals): the add after the attention and the post-attention RMSNorm
+# as one kernel, the add after the MLP inside its down projection; 0.9 ms less per layer at 128K
+# tokens on an H200 (BENCHMARKS.md, thirteenth session). Shorter inputs (a question over a kept
+# prefix, a decoding step) keep the stock layer: there the Triton launch costs more host time
+# than the PyTorch kernels it replaces save.
+FUSED_ADDS_MIN_TOKENS = 1024
+
+
+def _add_norm_here(x: torch.Tensor) -> bool:
+    """Whether the fused residual adds run for x's device: CUDA (the tests also run them on the
+    CPU, under Triton's interpreter)."""
+    return x.is_cuda
+
+
+def _add_norm_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The decoder layer `h = h + self_attn(input_layernorm(h)); h + mlp(post_attention_layernorm(h))`
+    with its second half as models.fused.norm_and_mlp_residuals. The layer's keyword arguments go
+    to the attention unchanged, as the stock layer passes them."""
+    stock = getattr(self, PATCHED)
+    differentiable = torch.is_grad_enabled() and (
+        hidden_states.requires_grad or self.post_attention_layernorm.weight.requires_grad)
+    if (args or differentiable or not _add_norm_here(hidden_states)
+            or hidden_states.numel() < FUSED_ADDS_MIN_TOKENS * hidden_states.shape[-1]):
+        return stock(hidden_states, *args, **kwargs)
+    out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    attn = out[0] if isinstance(out, tuple) else out
+    return norm_and_mlp_residuals(hidden_states, attn, self.post_attention_layernorm, self.mlp)
+
+
+def _is_pre_norm_layer(module: torch.nn.Module) -> bool:
+    """A decoder layer of the form `h + self_attn(input_layernorm(h))`, then
+    `h + mlp(post_attention_layernorm(h))`, with RMSNorms (all three families')."""
+    return (type(module).__name__.endswith("DecoderLayer")
+            and all(hasattr(module, a) for a in ("self_attn", "mlp"))
+            and is_rms_norm(getattr(module, "input_layernorm", None))
+            and is_rms_norm(getattr(module, "post_attention_layernorm", None)))
+
+
+def fuse_layer_adds(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Run the language model's decoder layers with fused residual adds on CUDA (enabled) or as
+    transformers wrote them (not enabled). Returns how many layers run fused now."""
+    return set_forward(_language_model(model).modules(), _is_pre_norm_layer, _add_norm_layer_forward, enabled)
+
+
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
     return tower(model, "language_model")
 
 
 def prepare_language_model(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
-    """Fused RMSNorms and, on CUDA, the fused gated-MLP activation and rotary embedding in the
-    language model of a loaded Qwen-VL model (enabled), or as transformers runs it (not enabled).
-    Returns how many modules of each kind run fused now."""
+    """Fused RMSNorms and, on CUDA, the fused gated-MLP activation, rotary embedding and residual
+    adds in the language model of a loaded Qwen-VL model (enabled), or as transformers runs it (not
+    enabled). Returns how many modules of each kind run fused now."""
     root = _language_model(model)
     return {"fused_norms": fuse_rms_norms(root, enabled), "fused_mlps": fuse_mlp_activations(root, enabled),
-            "fused_rope": fuse_text_rope(model, enabled)}
+            "fused_rope": fuse_text_rope(model, enabled), "fused_adds": fuse_layer_adds(model, enabled)}

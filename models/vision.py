@@ -54,8 +54,6 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-from kernels.rms_norm import add_rms_norm
-from kernels.rms_norm import supported as add_norm_supported
 from kernels.rope import rope
 from kernels.rope import supported as rope_supported
 from kernels.window_attention import MAX_CHUNK, window_attention
@@ -63,12 +61,11 @@ from kernels.window_attention import supported as windows_supported
 
 from .fused import (
     PATCHED,
-    add_into,
-    adds_into,
     fuse_mlp_activations,
     fuse_rms_norms,
     gated_mlp_width,
     is_rms_norm,
+    norm_and_mlp_residuals,
     set_forward,
     tower,
 )
@@ -283,17 +280,7 @@ def _add_norm_block_forward(self, hidden_states: torch.Tensor, *args, **kwargs) 
     if differentiable or not _add_norm_here(hidden_states):
         return stock(hidden_states, *args, **kwargs)
     attn = self.attn(self.norm1(hidden_states), *args, **kwargs)
-    if not add_norm_supported(hidden_states, attn, self.norm2.weight, out=attn):
-        hidden_states = hidden_states + attn  # what the stock block computes from here
-        return hidden_states + self.mlp(self.norm2(hidden_states))
-    eps = self.norm2.variance_epsilon
-    if ACCUMULATE_MLP and adds_into(self.mlp, attn, attn):  # the MLP's input will have attn's shape and dtype
-        # the total carries the MLP's output bias; the MLP's product is then added into it in place
-        bias = self.mlp.down_proj.bias
-        hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, eps, out=attn, bias=bias)
-        return add_into(self.mlp, normed, hidden_states)
-    hidden_states, normed = add_rms_norm(hidden_states, attn, self.norm2.weight, eps, out=attn)
-    return hidden_states + self.mlp(normed)
+    return norm_and_mlp_residuals(hidden_states, attn, self.norm2, self.mlp, accumulate=ACCUMULATE_MLP)
 
 
 def _is_rms_norm_block(module: torch.nn.Module) -> bool:

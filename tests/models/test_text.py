@@ -40,8 +40,9 @@ def text_forward(model, ids):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prepared_language_model_keeps_the_function(family, stock_rope_functions):
     """Fused RMSNorms (two per layer, the final one, and Qwen3-VL's q / k norms) give the same
-    hidden states; the MLPs and the rotary embedding are recognised but run their stock code on
-    CPU; undone, the stock modules and function and the stock output exactly."""
+    hidden states; the MLPs, the rotary embedding and the layers' residual adds are recognised but
+    run their stock code on CPU; undone, the stock modules and function and the stock output
+    exactly."""
     model, config = tiny_model(family)
     text = config.text_config
     ids = torch.randint(0, text.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
@@ -50,7 +51,7 @@ def test_prepared_language_model_keeps_the_function(family, stock_rope_functions
     stock_rope = modeling.apply_rotary_pos_emb
     stock = text_forward(model, ids)
     layers = text.num_hidden_layers
-    counts = {"fused_norms": norms, "fused_mlps": layers, "fused_rope": layers}
+    counts = {"fused_norms": norms, "fused_mlps": layers, "fused_rope": layers, "fused_adds": layers}
     assert prepare_language_model(model) == counts
     assert prepare_language_model(model) == counts  # twice: once
     assert modeling.apply_rotary_pos_emb is not stock_rope
@@ -60,6 +61,35 @@ def test_prepared_language_model_keeps_the_function(family, stock_rope_functions
     restored = text_forward(model, ids)
     torch.testing.assert_close(prepared, stock, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(restored, stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_layer_adds_keep_the_function(family, monkeypatch):
+    """Each decoder layer's add after the attention and the RMSNorm after it as one kernel, and its
+    add after the MLP inside the MLP's down projection (on the CPU here, under Triton's interpreter):
+    the prepared language model's output without them, within fp32 rounding. Inputs below
+    FUSED_ADDS_MIN_TOKENS keep the stock layer."""
+    import models.text as text_module
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config = tiny_model(family, device)
+    layers = config.text_config.num_hidden_layers
+    ids = torch.randint(0, config.text_config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(2))
+    prepare_language_model(model)
+    calls = []
+    add_into = fused.add_into
+    monkeypatch.setattr(fused, "add_into", lambda *a: calls.append(a[1].shape) or add_into(*a))
+    monkeypatch.setattr(text_module, "_add_norm_here", lambda x: True)
+    monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
+    monkeypatch.setattr(text_module, "FUSED_ADDS_MIN_TOKENS", 2 * 37)
+    ids = ids.to(device)
+    fused_out = text_forward(model, ids)
+    assert len(calls) == layers and all(shape == (2 * 37, config.text_config.hidden_size) for shape in calls)
+    text_forward(model, ids[:1])  # 37 tokens: below the threshold
+    assert len(calls) == layers
+    assert text_module.fuse_layer_adds(model, enabled=False) == 0
+    plain = text_forward(model, ids)
+    torch.testing.assert_close(fused_out, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_only_silu_gated_mlps_are_fused():
@@ -83,7 +113,7 @@ def test_the_loader_prepares_the_language_model():
     assert any(f.__func__ is fused._rms_norm_forward for f in forwards)
     assert any(f.__func__ is fused._fused_mlp_forward for f in forwards)
     assert prepare_language_model(model) == {"fused_norms": 2 * layers + 1, "fused_mlps": layers,
-                                             "fused_rope": layers}
+                                             "fused_rope": layers, "fused_adds": layers}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models.fused as fused_module
 import models.vision as vision
 from models.tiny import FAMILIES, build_config, build_tokenizer, model_class
 
@@ -324,8 +325,8 @@ def test_fused_block_adds_keep_the_function(family, monkeypatch):
     grid = torch.tensor([[2, 6, 8]], device=device)
     pixels = video_pixels(config, grid, device)
     calls = []
-    kernel = vision.add_rms_norm
-    monkeypatch.setattr(vision, "add_rms_norm", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    kernel = fused_module.add_rms_norm
+    monkeypatch.setattr(fused_module, "add_rms_norm", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
     monkeypatch.setattr(vision, "_add_norm_here", lambda x: True)
     depth = config.vision_config.depth if family == "qwen2.5-vl" else 0
     with torch.no_grad():
@@ -347,8 +348,6 @@ def test_mlp_adds_its_product_into_the_residual(monkeypatch):
     blocks as transformers wrote them, and the one with that add separate (ACCUMULATE_MLP False),
     within fp32 rounding. (Not the stock tower's on CUDA: its patch embedding is a cuDNN
     convolution, which may run in TF32.)"""
-    import models.fused as fused
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config = tiny_model("qwen2.5-vl", device)
     grid = torch.tensor([[2, 6, 8], [2, 4, 4]], device=device)
@@ -360,11 +359,11 @@ def test_mlp_adds_its_product_into_the_residual(monkeypatch):
         stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
         vision.fuse_block_adds(model)
     calls = []
-    add_into = vision.add_into
-    monkeypatch.setattr(vision, "add_into", lambda *a: calls.append(1) or add_into(*a))
+    add_into = fused_module.add_into
+    monkeypatch.setattr(fused_module, "add_into", lambda *a: calls.append(1) or add_into(*a))
     monkeypatch.setattr(vision, "_add_norm_here", lambda x: True)
-    monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
-    monkeypatch.setattr(fused, "MLP_CHUNK_BYTES", 2 * 2 * 64 * 4 * 10)  # chunks of 10 tokens: several per MLP
+    monkeypatch.setattr(fused_module, "_accumulates_here", lambda x: True)
+    monkeypatch.setattr(fused_module, "MLP_CHUNK_BYTES", 2 * 2 * 64 * 4 * 10)  # chunks of 10 tokens: several per MLP
     with torch.no_grad():
         accumulated = model.model.visual(pixels, grid_thw=grid).last_hidden_state
         monkeypatch.setattr(vision, "ACCUMULATE_MLP", False)
@@ -384,8 +383,8 @@ def test_fused_block_add_falls_back_where_the_kernel_does_not_take_the_input(mon
     for block in model.model.visual.blocks:
         block.attn.register_forward_hook(lambda *_: attention_calls.append(1))
     monkeypatch.setattr(vision, "_add_norm_here", lambda x: True)
-    monkeypatch.setattr(vision, "add_norm_supported", lambda *a, **k: False)
-    monkeypatch.setattr(vision, "add_rms_norm", lambda *a, **k: pytest.fail("kernel called"))
+    monkeypatch.setattr(fused_module, "add_norm_supported", lambda *a, **k: False)
+    monkeypatch.setattr(fused_module, "add_rms_norm", lambda *a, **k: pytest.fail("kernel called"))
     with torch.no_grad():
         stock = model.model.visual(pixels, grid_thw=grid).last_hidden_state
         vision.fuse_block_adds(model)

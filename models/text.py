@@ -98,10 +98,12 @@ def fuse_text_rope(model: torch.nn.Module, enabled: bool = True) -> int:
 
 # On CUDA, decoder layers over at least this many tokens run their residual adds fused
 # (models.fused.norm_and_mlp_residuals): the add after the attention and the post-attention RMSNorm
-# as one kernel, the add after the MLP inside its down projection; 0.9 ms less per layer at 128K
-# tokens on an H200 (BENCHMARKS.md, thirteenth session). Shorter inputs (a question over a kept
-# prefix, a decoding step) keep the stock layer: there the Triton launch costs more host time
-# than the PyTorch kernels it replaces save.
+# as one kernel, the add after the MLP inside its down projection; 0.38 ms less per layer at 128K
+# tokens on an H200, and no tensor of the hidden states allocated for the last add (BENCHMARKS.md,
+# thirteenth session). Shorter inputs (a question over a kept prefix, a decoding step) keep the
+# stock layer: their adds move a few MB, and a Triton launch costs tens of microseconds of host
+# time (BENCHMARKS.md, host profile), which such host-bound calls would pay. The threshold is a
+# judgement, not a measured crossover.
 FUSED_ADDS_MIN_TOKENS = 1024
 
 

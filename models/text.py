@@ -24,6 +24,8 @@ runs it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 
 import torch
@@ -105,6 +107,18 @@ def fuse_text_rope(model: torch.nn.Module, enabled: bool = True) -> int:
 # time (BENCHMARKS.md, host profile), which such host-bound calls would pay. The threshold is a
 # judgement, not a measured crossover.
 FUSED_ADDS_MIN_TOKENS = 1024
+_EVERY_LENGTH: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_adds_at_every_length", default=False)
+
+
+@contextlib.contextmanager
+def fused_adds_at_every_length():
+    """Within the block, decoder layers run their fused residual adds whatever the length (the
+    warm-up: its short request then compiles and loads what a long one runs)."""
+    token = _EVERY_LENGTH.set(True)
+    try:
+        yield
+    finally:
+        _EVERY_LENGTH.reset(token)
 
 
 def _add_norm_here(x: torch.Tensor) -> bool:
@@ -120,8 +134,8 @@ def _add_norm_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) 
     stock = getattr(self, PATCHED)
     differentiable = torch.is_grad_enabled() and (
         hidden_states.requires_grad or self.post_attention_layernorm.weight.requires_grad)
-    if (args or differentiable or not _add_norm_here(hidden_states)
-            or hidden_states.numel() < FUSED_ADDS_MIN_TOKENS * hidden_states.shape[-1]):
+    short = hidden_states.numel() < FUSED_ADDS_MIN_TOKENS * hidden_states.shape[-1] and not _EVERY_LENGTH.get()
+    if args or differentiable or short or not _add_norm_here(hidden_states):
         return stock(hidden_states, *args, **kwargs)
     out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     attn = out[0] if isinstance(out, tuple) else out

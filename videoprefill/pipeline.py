@@ -17,6 +17,7 @@ question's tokens only (`tokens["cached"]` says how many tokens came from the ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -26,6 +27,7 @@ import torch
 
 from kernels import FlashPrefillConfig
 from models.attention import RequestSettings, SparsityRecorder, current_settings, request_settings, set_attention
+from models.text import fused_adds_at_every_length
 
 from . import prefix as prefixes
 from .tokens import collapsed_runs
@@ -395,12 +397,13 @@ class VideoQA:
     def warm_up(self, attention: str = "sparse", config: FlashPrefillConfig | None = None,
                 dense_layers: int | None = None, fixed_density: float | None = None) -> None:
         """Run a short request with these settings once, untimed, unless one ran: the bundled sample
-        video (`WARMUP_SAMPLING`), with FlashPrefill from its first block (min_seq_len 0) and, in
-        sparse mode, once more as configured (dense attention below min_seq_len). It pays what the
-        first request of a process would otherwise count in its timings: compiling the kernels for
-        these settings, CUDA's lazy loading of kernels, the first cuDNN and cuBLAS calls, the first
-        use of the decode path (reading, resizing, the video processor). `run` calls it when
-        `warmup` is set, and `ask` and `compare` before they decode."""
+        video (`WARMUP_SAMPLING`), with FlashPrefill from its first block (min_seq_len 0) and the
+        language model's fused residual adds at its length (`models.text.fused_adds_at_every_length`)
+        and, in sparse mode, once more as configured (dense attention below min_seq_len). It pays
+        what the first request of a process would otherwise count in its timings: compiling the
+        kernels for these settings, CUDA's lazy loading of kernels, the first cuDNN and cuBLAS
+        calls, the first use of the decode path (reading, resizing, the video processor). `run`
+        calls it when `warmup` is set, and `ask` and `compare` before they decode."""
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
         if key in self._warm:
             return
@@ -411,8 +414,9 @@ class VideoQA:
         configs = [dataclasses.replace(settings.config, min_seq_len=0)]
         if attention == "sparse" and settings.config.min_seq_len > 0:
             configs.append(settings.config)
-        for config in configs:
-            with torch.inference_mode(), request_settings(dataclasses.replace(settings, config=config)):
+        for n, config in enumerate(configs):
+            every_length = fused_adds_at_every_length() if n == 0 else contextlib.nullcontext()
+            with torch.inference_mode(), request_settings(dataclasses.replace(settings, config=config)), every_length:
                 self._generate(self._warmup_request, key, None, max_new_tokens=1)
         self._warm.add(key)
 

@@ -87,3 +87,24 @@ def test_every_family_warms_up_on_the_sample(family, tiny_models):
     assert len(seen) == (1 if qa.config.min_seq_len == 0 else 2)
     assert seen[0].video.path.endswith(sample_video_path().name) and seen[0].tokens["video"] > 0
     assert ("sparse", qa.config, 0, None) in qa._warm
+
+
+def test_the_warm_up_runs_the_language_models_fused_adds(tiny_models, monkeypatch, sample_video):
+    """The sample is shorter than models.text.FUSED_ADDS_MIN_TOKENS, but the warm-up runs the
+    decoder layers' fused residual adds (so a long first request compiles nothing); a short request
+    after it keeps the stock layers. (On the CPU here the fused path is let run under Triton's
+    interpreter.)"""
+    import models.text as text
+
+    model, processor = load(tiny_models["qwen2.5-vl"], device="cpu")
+    qa = VideoQA(model, processor)
+    calls = []
+    fused = text.norm_and_mlp_residuals
+    monkeypatch.setattr(text, "norm_and_mlp_residuals", lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+    monkeypatch.setattr(text, "_add_norm_here", lambda x: True)
+    qa.warm_up("dense")
+    layers = model.config.text_config.num_hidden_layers
+    assert len(calls) >= layers and all(shape[1] < text.FUSED_ADDS_MIN_TOKENS for shape in calls)
+    calls.clear()
+    qa.ask(sample_video, "What happens?", "dense", SMALL, max_new_tokens=1)
+    assert calls == []

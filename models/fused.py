@@ -170,7 +170,7 @@ def adds_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> bo
 
 
 def add_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out += down(silu_mul(gate(x), up(x))) WITHOUT down's bias, which the caller has already added
+    """out += down(silu_mul(gate(x), up(x))) without down's bias, which the caller has already added
     to out, over the fused forward's chunks of tokens: cuBLAS adds the product to out as it writes
     it, so a residual add `out + mlp(x)` costs no pass of its own. Needs `adds_into`."""
     rows, flat = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])

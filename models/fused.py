@@ -116,15 +116,14 @@ def chunk_tokens(width: int, dtype: torch.dtype) -> int:
 def _gated_rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) (the activation fused on CUDA), written into `out` when given;
     with `accumulate` (CUDA, checked by `adds_into`), added to out without down's bias."""
-    if accumulate:
-        gate = self.gate_proj(x)
-        return out.addmm_(silu_mul(gate, self.up_proj(x), out=gate), self.down_proj.weight.t())
-    if not x.is_cuda:
+    if not (x.is_cuda or accumulate):
         y = getattr(self, PATCHED)(x)
         return y if out is None else out.copy_(y)
     gate = self.gate_proj(x)
     hidden = silu_mul(gate, self.up_proj(x), out=gate)
     down = self.down_proj
+    if accumulate:
+        return out.addmm_(hidden, down.weight.t())
     if out is None:
         return down(hidden)
     if type(down) is torch.nn.Linear and hidden.dtype == down.weight.dtype == out.dtype:
@@ -146,9 +145,15 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _gated_rows(self, x)
     # each token's output depends on that token alone
     out = torch.empty(rows.shape[0], self.down_proj.out_features, dtype=x.dtype, device=x.device)
-    for a in range(0, rows.shape[0], chunk):
-        _gated_rows(self, rows[a : a + chunk], out[a : a + chunk])
+    _chunked(self, rows, out, chunk)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _chunked(module: torch.nn.Module, rows: torch.Tensor, out: torch.Tensor, chunk: int,
+             accumulate: bool = False) -> None:
+    """`_gated_rows` over `chunk` rows of (tokens, width) `rows` at a time, into the same rows of out."""
+    for a in range(0, rows.shape[0], chunk):
+        _gated_rows(module, rows[a : a + chunk], out[a : a + chunk], accumulate)
 
 
 def _accumulates_here(x: torch.Tensor) -> bool:
@@ -173,10 +178,9 @@ def add_into(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> tor
     """out += down(silu_mul(gate(x), up(x))) without down's bias, which the caller has already added
     to out, over the fused forward's chunks of tokens: cuBLAS adds the product to out as it writes
     it, so a residual add `out + mlp(x)` costs no pass of its own. Needs `adds_into`."""
-    rows, flat = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])
     chunk = chunk_tokens(module.gate_proj.out_features, x.dtype) or max(1, rows.shape[0])
-    for a in range(0, rows.shape[0], chunk):
-        _gated_rows(module, rows[a : a + chunk], flat[a : a + chunk], accumulate=True)
+    _chunked(module, rows, out.view(-1, out.shape[-1]), chunk, accumulate=True)
     return out
 
 
@@ -188,9 +192,9 @@ def norm_and_mlp_residuals(hidden_states: torch.Tensor, attn: torch.Tensor, norm
     into that sum (which then carries the projection's bias). Where the kernel does not take the
     tensors (not contiguous, a norm weight of another dtype), the stock computation."""
     d = attn.shape[-1]
-    fits = hidden_states.is_contiguous() and attn.is_contiguous() and hidden_states.shape == attn.shape
-    x, y = (hidden_states.view(-1, d), attn.view(-1, d)) if fits else (hidden_states, attn)
-    if not (fits and add_norm_supported(x, y, norm.weight, out=y)):
+    flat = hidden_states.is_contiguous() and attn.is_contiguous() and hidden_states.shape == attn.shape
+    x, y = (hidden_states.view(-1, d), attn.view(-1, d)) if flat else (None, None)
+    if not (flat and add_norm_supported(x, y, norm.weight, out=y)):
         hidden_states = hidden_states + attn
         return hidden_states + mlp(norm(hidden_states))
     eps = norm.variance_epsilon

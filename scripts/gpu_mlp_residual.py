@@ -31,7 +31,9 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
 
 
-def second_half(name: str, tokens: int, width: int, hidden: int, bias: bool) -> None:
+def block_parts(tokens: int, width: int, hidden: int, bias: bool):
+    """A block's MLP (activation fused) and post-attention RMSNorm with random bf16 weights, and
+    random (tokens, width) hidden states and attention output, on CUDA."""
     config = Qwen2_5_VLVisionConfig(hidden_size=width, intermediate_size=hidden, hidden_act="silu")
     torch.manual_seed(0)
     mlp = Qwen2_5_VLMLP(config, bias=bias).to("cuda", torch.bfloat16).eval()
@@ -42,11 +44,20 @@ def second_half(name: str, tokens: int, width: int, hidden: int, bias: bool) -> 
     norm = RMSNorm(width, 1e-6).to("cuda", torch.bfloat16)
     assert fuse_mlp_activations(mlp) == 1
     h = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-    attn = torch.randn_like(h)
+    return mlp, norm, h, torch.randn_like(h)
+
+
+def stock_second_half(h, attn, norm, mlp):
+    """`h = h + attn; h + mlp(norm(h))` as PyTorch runs it (add, `F.rms_norm`, fused MLP, add)."""
+    total = h + attn
+    return total + mlp(F.rms_norm(total, (h.shape[-1],), norm.weight, norm.variance_epsilon))
+
+
+def second_half(name: str, tokens: int, width: int, hidden: int, bias: bool) -> None:
+    mlp, norm, h, attn = block_parts(tokens, width, hidden, bias)
 
     def stock():
-        total = h + attn
-        return total + mlp(F.rms_norm(total, (width,), norm.weight, norm.variance_epsilon))
+        return stock_second_half(h, attn, norm, mlp)
 
     def fused():  # writes over its attn argument: a fresh copy each call would add a pass, so the
         return norm_and_mlp_residuals(h, scratch, norm, mlp)  # scratch's values drift; the time does not
@@ -68,5 +79,6 @@ def second_half(name: str, tokens: int, width: int, hidden: int, bias: bool) -> 
             print(f"  the MLP alone {t_mlp:.3f} ms, add_into alone {t_into:.3f} ms")
 
 
-second_half("vision", 524160, 1280, 3456, True)
-second_half("language", 131102, 3584, 18944, False)
+if __name__ == "__main__":
+    second_half("vision", 524160, 1280, 3456, True)
+    second_half("language", 131102, 3584, 18944, False)

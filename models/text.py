@@ -100,13 +100,14 @@ def fuse_text_rope(model: torch.nn.Module, enabled: bool = True) -> int:
 
 # On CUDA, decoder layers over at least this many tokens run their residual adds fused
 # (models.fused.norm_and_mlp_residuals): the add after the attention and the post-attention RMSNorm
-# as one kernel, the add after the MLP inside its down projection; 0.38 ms less per layer at 128K
-# tokens on an H200, and no tensor of the hidden states allocated for the last add (BENCHMARKS.md,
-# thirteenth session). Shorter inputs (a question over a kept prefix, a decoding step) keep the
-# stock layer: their adds move a few MB, and a Triton launch costs tens of microseconds of host
-# time (BENCHMARKS.md, host profile), which such host-bound calls would pay. The threshold is a
-# judgement, not a measured crossover.
-FUSED_ADDS_MIN_TOKENS = 1024
+# as one kernel, the add after the MLP inside its down projection; at 128K tokens on an H200 no
+# tensor of the hidden states is allocated for the last add, and the layer's second half took
+# 0.38-0.87 ms less in three of four measurements (level in one; run-to-run spread of about 1% of
+# its 82 ms). Shorter inputs (a question over a kept prefix, a decoding step) keep the stock layer:
+# there the calls are host-bound and the Triton launch costs more than the adds it saves. Measured
+# on an H200, eager with the host's time (BENCHMARKS.md, fourteenth session): the fused second half
+# took 1.40x the stock one's time at 16 and 64 tokens, 0.97-0.99x from 256 tokens up.
+FUSED_ADDS_MIN_TOKENS = 256
 _EVERY_LENGTH: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_adds_at_every_length", default=False)
 
 

@@ -90,11 +90,13 @@ def test_every_family_warms_up_on_the_sample(family, tiny_models):
 
 
 def test_the_warm_up_runs_the_language_models_fused_adds(tiny_models, monkeypatch, sample_video):
-    """The sample is shorter than models.text.FUSED_ADDS_MIN_TOKENS, but the warm-up runs the
-    decoder layers' fused residual adds (so a long first request compiles nothing); a short request
-    after it keeps the stock layers. (On the CPU here the fused path is let run under Triton's
-    interpreter.)"""
+    """With models.text.FUSED_ADDS_MIN_TOKENS above the sample's length, the warm-up still runs the
+    decoder layers' fused residual adds (so a long first request compiles nothing); a request under
+    the threshold after it keeps the stock layers. (On the CPU here the fused path is let run under
+    Triton's interpreter.)"""
     import models.text as text
+
+    monkeypatch.setattr(text, "FUSED_ADDS_MIN_TOKENS", 10_000)
 
     model, processor = load(tiny_models["qwen2.5-vl"], device="cpu")
     qa = VideoQA(model, processor)

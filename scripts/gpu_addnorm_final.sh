@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# On the GPU machine (thirteenth session, final code). STAGES picks from: cuda (every CUDA test),
+# On the GPU machine (thirteenth and fourteenth sessions). STAGES picks from: cuda (every CUDA test),
 # kernels (the Triton kernels' own tests), towers (both towers' tests), second-half (a block's
 # second half with and without the fused adds, scripts/gpu_mlp_residual.py), warmup (first requests
 # of fresh processes, scripts/gpu_warmup.py), bench (the end-to-end prefill bench at 128K video
 # tokens), file (whole requests from the test file), down (the down projection adding into its
 # residual, scripts/gpu_down_accumulate.py; fourteenth session), crossover (the language model's
 # fused adds against stock by length, and the SM clock under each, scripts/gpu_adds_crossover.py;
-# fourteenth session). Run 6 ran `cuda kernels second-half warmup
+# fourteenth session), decode-steps (time per decoding step over long prompts,
+# scripts/gpu_decode_steps.py; fourteenth session). Run 6 ran `cuda kernels second-half warmup
 # bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -24,6 +25,8 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
     down) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_down_accumulate.py 2>&1 | tee "$OUT/down.txt" ;;
     crossover) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_adds_crossover.py --clocks 2>&1 \
             | tee "$OUT/crossover.txt" ;;
+    decode-steps) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_decode_steps.py 2>&1 | quiet \
+            | tee "$OUT/decode_steps.txt" | grep "^|\|GPU kernels" ;;
     second-half) timeout ${KERNEL_TIMEOUT:-90} python3 scripts/gpu_mlp_residual.py 2>&1 | tee "$OUT/second_half.txt" ;;
     warmup) timeout ${WARMUP_TIMEOUT:-200} python3 scripts/gpu_warmup.py .bench_media/long_640x360_520s.mp4 \
             --max-pixels 200704 --fixed-density 0.05 --processes sample sample 2>&1 | quiet | tee "$OUT/warmup.txt" \

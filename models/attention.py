@@ -1,10 +1,17 @@
 """FlashPrefill as a transformers attention function, with per-request settings and recording.
 
 Registered once under ATTENTION_NAME (no "flash" in it: transformers treats such names as
-flash-attn). The text tower uses it, the vision tower stays on SDPA. It receives query
+flash-attn), with the dense mode's function under DENSE_NAME (transformers' SDPA attention, its
+decoding steps kept off cuDNN, below). The text tower uses them, the vision tower stays on SDPA. It receives query
 (B, HQ, Tq, D) and key/value (B, H, Tk, D) views with mRoPE applied and KV heads unexpanded, and
 returns (B, Tq, HQ, D). Prefill goes to kernels.flash_prefill; decode (one query token), the
-first `dense_layers` layers and anything non-causal go to dense SDPA. A padded batch (a 4-D
+first `dense_layers` layers and anything non-causal go to dense SDPA.
+
+Decoding steps (one query token) run SDPA in both modes with its cuDNN backend excluded: cuDNN
+builds an execution plan the first time it sees a key length, 53-65 ms on an H200, and every
+decoding step has a new key length; its flash backend needs no plan and took 0.07 / 0.18 ms per
+call over 16K / 131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run
+(BENCHMARKS.md, fourteenth session). Prefill calls keep SDPA's own choice. A padded batch (a 4-D
 mask, since sdpa_mask is registered for the name) runs each row on its own valid token range.
 Per-request settings travel in a context variable set around `generate`.
 """
@@ -17,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import (
     BlockSparsePattern,
@@ -31,7 +39,9 @@ from kernels.testing import random_pattern
 from .host import ReadOnce
 
 ATTENTION_NAME = "videoprefill_sparse"
-DENSE_NAME = "sdpa"
+DENSE_NAME = "videoprefill_dense"
+# SDPA backends of a decoding step: any but cuDNN (module docstring).
+STEP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -177,7 +187,26 @@ def current_settings() -> RequestSettings:
 def _dense(module, query, key, value, attention_mask, scaling, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if query.shape[2] == 1:  # a decoding step: no cuDNN (module docstring; a no-op off CUDA)
+        with sdpa_kernel(STEP_BACKENDS):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def dense_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense mode (DENSE_NAME): transformers' SDPA attention, decoding steps kept off cuDNN."""
+    return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
+                  **kwargs)
 
 
 def _valid_ranges(key_valid: torch.Tensor) -> list[tuple[int, int] | None]:
@@ -280,21 +309,26 @@ _registered = False
 
 
 def register() -> str:
-    """Register the attention function (and its mask function) with transformers; idempotent."""
+    """Register the attention functions of both modes (with SDPA's mask function) with
+    transformers; idempotent. Returns the sparse mode's name."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        AttentionInterface.register(DENSE_NAME, dense_attention_forward)
+        for name in (ATTENTION_NAME, DENSE_NAME):
+            AttentionMaskInterface.register(name, sdpa_mask)
         _registered = True
     return ATTENTION_NAME
 
 
 def set_attention(model, mode: str) -> None:
-    """Switch the text tower between "sparse" (FlashPrefill) and "dense" (SDPA) without reloading."""
+    """Switch the text tower between "sparse" (FlashPrefill) and "dense" (SDPA, DENSE_NAME) without
+    reloading."""
     if mode not in ("sparse", "dense"):
         raise ValueError(f"attention must be 'sparse' or 'dense', got {mode!r}")
-    name = register() if mode == "sparse" else DENSE_NAME
+    sparse = register()  # both modes' functions
+    name = sparse if mode == "sparse" else DENSE_NAME
     model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})

@@ -13,6 +13,9 @@ request profiled with 2 new tokens). A development script (results go to BENCHMA
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import pstats
 from collections import Counter
 
 import torch
@@ -28,11 +31,61 @@ def kernel_ms(fn) -> Counter:
                     if e.device_type == torch.autograd.DeviceType.CUDA})
 
 
+def _profiled(qa, prepared, mode, fixed, config, new_tokens, backends=None) -> dict:
+    """One request under cProfile: ms per decoding step, and the SDPA calls' host time."""
+    from torch.nn.attention import sdpa_kernel
+
+    profile = cProfile.Profile()
+    context = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+    with context:
+        profile.enable()
+        answer = qa.run(prepared, mode, max_new_tokens=new_tokens, config=config, fixed_density=fixed)
+        profile.disable()
+    stats = pstats.Stats(profile).stats
+    sdpa = [v for k, v in stats.items() if "scaled_dot_product_attention" in k[2]]
+    calls, seconds = (sdpa[0][1], sdpa[0][2]) if sdpa else (0, 0.0)
+    t = answer.timings
+    steps = max(1, answer.new_tokens - 1)
+    return {"ms_per_step": 1e3 * (t["total_s"] - t["ttft_s"]) / steps, "sdpa_calls": calls,
+            "sdpa_host_us": 1e6 * seconds / max(1, calls), "new_tokens": answer.new_tokens}
+
+
+def host_profile(qa, config, args) -> None:
+    """Decoding steps under cProfile, in an order that separates the attention mode from whether
+    the request's key lengths were decoded before in this process: a first request at its length
+    (sparse, fixed density), the same again, the same length dense and sparse, then a new length
+    dense, the same again, and the new length with SDPA limited to its flash and memory-efficient
+    kernels (no cuDNN)."""
+    from torch.nn.attention import SDPBackend
+
+    first = synthetic_request(qa, args.host_profile)
+    other = synthetic_request(qa, args.host_profile + 1024)
+    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    fixed = args.fixed_density
+    runs = [("A", first, "sparse", fixed, None), ("A again", first, "sparse", fixed, None),
+            ("A", first, "dense", None, None), ("A", first, "sparse", None, None),
+            ("B (new length)", other, "dense", None, None), ("B again", other, "dense", None, None),
+            ("C (new length), no cuDNN", synthetic_request(qa, args.host_profile + 2048), "dense", None, no_cudnn),
+            ("C again, no cuDNN", None, "dense", None, no_cudnn)]
+    print("| request | prompt tokens | attention | new tokens | ms per step | SDPA calls | SDPA host us per call |")
+    print("|---|---|---|---|---|---|---|")
+    last = None
+    for label, prepared, mode, fixed_density, backends in runs:
+        prepared = prepared or last
+        last = prepared
+        r = _profiled(qa, prepared, mode, fixed_density, config, args.new_tokens, backends)
+        name = mode if fixed_density is None else f"sparse, fixed {fixed_density:.0%}"
+        print(f"| {label} | {prepared.tokens['total']} | {name} | {r['new_tokens']} | {r['ms_per_step']:.2f} | "
+              f"{r['sdpa_calls']} | {r['sdpa_host_us']:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--fixed-density", type=float, default=0.05)
+    parser.add_argument("--host-profile", type=int, default=0, metavar="TOKENS",
+                        help="instead: decoding steps under cProfile around TOKENS video tokens (host_profile)")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
     args = parser.parse_args()
 
@@ -40,6 +93,9 @@ def main() -> None:
 
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    if args.host_profile:
+        host_profile(qa, config, args)
+        return
     text = qa.model.config.text_config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in qa.model.named_parameters() if "visual" not in n)
     head_dim = text.hidden_size // text.num_attention_heads

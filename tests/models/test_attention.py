@@ -114,6 +114,46 @@ def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch
     assert calls == [prepared.prefix_len] * layers + [prepared.tokens["total"] - prepared.prefix_len] * layers
 
 
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_decoding_steps_run_sdpa_without_cudnn(mode, tiny_models, sample_video, monkeypatch):
+    """In both modes a decoding step calls SDPA with its cuDNN backend off (cuDNN builds a plan for
+    each key length it has not run, and every step has a new one); calls of several query tokens
+    keep SDPA's own choice, and the flag is back on after the step."""
+    from transformers.integrations import sdpa_attention
+
+    model, processor = load(tiny_models["qwen2.5-vl"], attention=mode, config=config(0.1), device="cpu")
+    assert model.config.text_config._attn_implementation == (
+        attention_module.ATTENTION_NAME if mode == "sparse" else attention_module.DENSE_NAME)
+    qa = VideoQA(model, processor, warmup=False)
+    prepared = qa.prepare(sample_video, "Describe this video.", SMALL)
+    seen = []
+    real = sdpa_attention.sdpa_attention_forward
+
+    def recording(module, query, *args, **kwargs):
+        seen.append((query.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recording)
+    answer = qa.run(prepared, mode, max_new_tokens=4)
+    layers = model.config.text_config.num_hidden_layers
+    steps = [cudnn for tokens, cudnn in seen if tokens == 1]
+    assert answer.new_tokens == 4 and len(steps) == 3 * layers and not any(steps)
+    prefill = [cudnn for tokens, cudnn in seen if tokens > 1]
+    assert len(prefill) == (2 * layers if mode == "dense" else 0) and all(prefill)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_dense_mode_is_transformers_sdpa(tiny_models, sample_video):
+    """The dense mode's attention function gives transformers' own SDPA attention's logits."""
+    model, processor = load(tiny_models["qwen2.5-vl"], attention="dense", config=config(0.1), device="cpu")
+    prepared = VideoQA(model, processor, warmup=False).prepare(sample_video, "What moves?", SMALL)
+    with torch.inference_mode():
+        ours = model(**prepared.inputs).logits
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        stock = model(**prepared.inputs).logits
+    torch.testing.assert_close(ours, stock, atol=0, rtol=0)
+
+
 def test_dense_layers_stay_dense(tiny_models, sample_video, monkeypatch):
     model, processor = load(tiny_models["qwen2.5-vl"], config=config(0.3), dense_layers=2, device="cpu")
     qa = VideoQA(model, processor, warmup=False)

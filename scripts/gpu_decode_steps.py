@@ -5,9 +5,13 @@ is run once with 2 new tokens (untimed), then with `--new-tokens`; the time per 
 TTFT) / (new tokens - 1), with the floor a step cannot beat beside it: the weights and the KV cache
 read once from HBM at `--hbm-tbs`. Also a torch.profiler table of the GPU kernels of the
 decoding steps of one sparse request at the largest length (its prefill's kernels subtracted: the same
-request profiled with 2 new tokens). A development script (results go to BENCHMARKS.md).
+request profiled with 2 new tokens). Instead, `--host-profile TOKENS`: decoding steps under
+cProfile in an order that separates the attention mode from new key lengths (`host_profile`);
+`--ab TOKENS`: SDPA's cuDNN backend excluded from decoding steps (as kept) against allowed,
+alternated in one process (`backends_ab`). A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py [--video-tokens 16384 131072] [--new-tokens 33]
+    PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py --ab 16384
 """
 
 from __future__ import annotations
@@ -79,6 +83,38 @@ def host_profile(qa, config, args) -> None:
               f"{r['sdpa_calls']} | {r['sdpa_host_us']:.0f} |", flush=True)
 
 
+def backends_ab(qa, config, args) -> None:
+    """Decoding steps with cuDNN excluded (as kept, models.attention.STEP_BACKENDS) and allowed,
+    alternated in one process, at a length decoded just before (cuDNN's plans built) and at new
+    lengths (256 more video tokens each time), sparse at the fixed density."""
+    from torch.nn.attention import SDPBackend
+
+    import models.attention as attention
+
+    kept = list(attention.STEP_BACKENDS)
+    ways = {"cuDNN excluded (kept)": kept, "cuDNN allowed": [SDPBackend.CUDNN_ATTENTION] + kept}
+    repeated = synthetic_request(qa, args.ab)
+    fixed = args.fixed_density
+    qa.run(repeated, "sparse", max_new_tokens=args.new_tokens, config=config, fixed_density=fixed)
+    print("| lengths | backends | ms per step, repeats | median |")
+    print("|---|---|---|---|")
+    results = {(where, way): [] for where in ("decoded before", "new") for way in ways}
+    fresh = 0
+    for _ in range(3):
+        for way, backends in ways.items():
+            attention.STEP_BACKENDS[:] = backends
+            for where in ("decoded before", "new"):
+                if where == "new":
+                    fresh += 1
+                prepared = repeated if where == "decoded before" else synthetic_request(qa, args.ab + 256 * fresh)
+                answer = qa.run(prepared, "sparse", max_new_tokens=args.new_tokens, config=config, fixed_density=fixed)
+                t = answer.timings
+                results[where, way].append(1e3 * (t["total_s"] - t["ttft_s"]) / max(1, answer.new_tokens - 1))
+    attention.STEP_BACKENDS[:] = kept
+    for (where, way), values in results.items():
+        print(f"| {where} | {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
@@ -86,6 +122,8 @@ def main() -> None:
     parser.add_argument("--fixed-density", type=float, default=0.05)
     parser.add_argument("--host-profile", type=int, default=0, metavar="TOKENS",
                         help="instead: decoding steps under cProfile around TOKENS video tokens (host_profile)")
+    parser.add_argument("--ab", type=int, default=0, metavar="TOKENS",
+                        help="instead: cuDNN excluded against allowed in decoding steps, around TOKENS video tokens")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
     args = parser.parse_args()
 
@@ -95,6 +133,9 @@ def main() -> None:
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     if args.host_profile:
         host_profile(qa, config, args)
+        return
+    if args.ab:
+        backends_ab(qa, config, args)
         return
     text = qa.model.config.text_config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in qa.model.named_parameters() if "visual" not in n)

@@ -1,19 +1,21 @@
 """FlashPrefill as a transformers attention function, with per-request settings and recording.
 
 Registered once under ATTENTION_NAME (no "flash" in it: transformers treats such names as
-flash-attn), with the dense mode's function under DENSE_NAME (transformers' SDPA attention, its
-decoding steps kept off cuDNN, below). The text tower uses them, the vision tower stays on SDPA. It receives query
-(B, HQ, Tq, D) and key/value (B, H, Tk, D) views with mRoPE applied and KV heads unexpanded, and
-returns (B, Tq, HQ, D). Prefill goes to kernels.flash_prefill; decode (one query token), the
-first `dense_layers` layers and anything non-causal go to dense SDPA.
+flash-attn), beside the dense mode's function under DENSE_NAME (transformers' SDPA attention with
+its decoding steps kept off cuDNN, below). The text tower uses them, the vision tower stays on
+SDPA. The sparse function receives query (B, HQ, Tq, D) and key/value (B, H, Tk, D) views with
+mRoPE applied and KV heads unexpanded, and returns (B, Tq, HQ, D). Prefill goes to
+kernels.flash_prefill; decode (one query token), the first `dense_layers` layers and anything
+non-causal go to dense SDPA. A padded batch (a 4-D mask, since sdpa_mask is registered for the
+name) runs each row on its own valid token range. Per-request settings travel in a context
+variable set around `generate`.
 
 Decoding steps (one query token) run SDPA in both modes with its cuDNN backend excluded: cuDNN
 builds an execution plan the first time it sees a key length, 53-65 ms on an H200, and every
 decoding step has a new key length; its flash backend needs no plan and took 0.07 / 0.18 ms per
-call over 16K / 131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run
-(BENCHMARKS.md, fourteenth session). Prefill calls keep SDPA's own choice. A padded batch (a 4-D
-mask, since sdpa_mask is registered for the name) runs each row on its own valid token range.
-Per-request settings travel in a context variable set around `generate`.
+call over 16K / 131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run. A step of a
+user's request (a prompt length not decoded before) went from 55-64 to 17-22 ms (BENCHMARKS.md,
+fourteenth session). Prefill calls keep SDPA's own choice.
 """
 
 from __future__ import annotations

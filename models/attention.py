@@ -2,7 +2,7 @@
 
 Registered once under ATTENTION_NAME (no "flash" in it: transformers treats such names as
 flash-attn), beside the dense mode's function under DENSE_NAME (transformers' SDPA attention with
-its decoding steps kept off cuDNN, below). The text tower uses them, the vision tower stays on
+its short queries kept off cuDNN, below). The text tower uses them, the vision tower stays on
 SDPA. The sparse function receives query (B, HQ, Tq, D) and key/value (B, H, Tk, D) views with
 mRoPE applied and KV heads unexpanded, and returns (B, Tq, HQ, D). Prefill goes to
 kernels.flash_prefill; decode (one query token), the first `dense_layers` layers and anything
@@ -10,12 +10,13 @@ non-causal go to dense SDPA. A padded batch (a 4-D mask, since sdpa_mask is regi
 name) runs each row on its own valid token range. Per-request settings travel in a context
 variable set around `generate`.
 
-Decoding steps (one query token) run SDPA in both modes with its cuDNN backend excluded: cuDNN
-builds an execution plan the first time it sees a key length, 53-65 ms on an H200, and every
-decoding step has a new key length; its flash backend needs no plan and took 0.07 / 0.18 ms per
-call over 16K / 131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run. A step of a
-user's request (a prompt length not decoded before) went from 55-64 to 17-22 ms (BENCHMARKS.md,
-fourteenth session). Prefill calls keep SDPA's own choice.
+Where SDPA runs a query shorter than its keys (a decoding step, a question over a kept prefix), in
+both modes, its cuDNN backend is excluded (kernels.flash_prefill.api.SHORT_QUERY_BACKENDS): cuDNN
+builds an execution plan the first time it sees a shape, 53-65 ms on an H200, and every decoding
+step has a new key length; flash needs no plan and took 0.07 / 0.18 ms per step's call over 16K /
+131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run. A step of a user's request
+(a prompt length not decoded before) went from 55-64 to 17-22 ms (BENCHMARKS.md, fourteenth
+session). A prefill (queries = keys) keeps SDPA's own choice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from kernels import (
     BlockSparsePattern,
@@ -36,14 +37,13 @@ from kernels import (
     find_pattern,
     flash_prefill,
 )
+from kernels.flash_prefill.api import SHORT_QUERY_BACKENDS
 from kernels.testing import random_pattern
 
 from .host import ReadOnce
 
 ATTENTION_NAME = "videoprefill_sparse"
 DENSE_NAME = "videoprefill_dense"
-# SDPA backends of a decoding step: any but cuDNN (module docstring).
-STEP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -189,8 +189,8 @@ def current_settings() -> RequestSettings:
 def _dense(module, query, key, value, attention_mask, scaling, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] == 1:  # a decoding step: no cuDNN (module docstring; a no-op off CUDA)
-        with sdpa_kernel(STEP_BACKENDS):
+    if query.shape[2] < key.shape[2]:  # a decoding step or a question over a cache: no cuDNN (docstring)
+        with sdpa_kernel(SHORT_QUERY_BACKENDS):
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 

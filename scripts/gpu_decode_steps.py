@@ -84,14 +84,14 @@ def host_profile(qa, config, args) -> None:
 
 
 def backends_ab(qa, config, args) -> None:
-    """Decoding steps with cuDNN excluded (as kept, models.attention.STEP_BACKENDS) and allowed,
+    """Decoding steps with cuDNN excluded (as kept, kernels.flash_prefill.api.SHORT_QUERY_BACKENDS) and allowed,
     alternated in one process, at a length decoded just before (cuDNN's plans built) and at new
     lengths (256 more video tokens each time), sparse at the fixed density."""
     from torch.nn.attention import SDPBackend
 
-    import models.attention as attention
+    from kernels.flash_prefill import api
 
-    kept = list(attention.STEP_BACKENDS)
+    kept = list(api.SHORT_QUERY_BACKENDS)
     ways = {"cuDNN excluded (kept)": kept, "cuDNN allowed": [SDPBackend.CUDNN_ATTENTION] + kept}
     repeated = synthetic_request(qa, args.ab)
     fixed = args.fixed_density
@@ -102,7 +102,7 @@ def backends_ab(qa, config, args) -> None:
     fresh = 0
     for _ in range(3):
         for way, backends in ways.items():
-            attention.STEP_BACKENDS[:] = backends
+            api.SHORT_QUERY_BACKENDS[:] = backends
             for where in ("decoded before", "new"):
                 if where == "new":
                     fresh += 1
@@ -110,7 +110,7 @@ def backends_ab(qa, config, args) -> None:
                 answer = qa.run(prepared, "sparse", max_new_tokens=args.new_tokens, config=config, fixed_density=fixed)
                 t = answer.timings
                 results[where, way].append(1e3 * (t["total_s"] - t["ttft_s"]) / max(1, answer.new_tokens - 1))
-    attention.STEP_BACKENDS[:] = kept
+    api.SHORT_QUERY_BACKENDS[:] = kept
     for (where, way), values in results.items():
         print(f"| {where} | {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
 

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..runtime import interpreting as _interpreting
 from .config import BlockSparsePattern, FlashPrefillConfig
@@ -20,6 +21,12 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 BACKENDS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# SDPA backends for a query shorter than its keys (a decoding step, a question over a prompt's
+# cached part): any but cuDNN. cuDNN builds an execution plan the first time it sees a shape, 53-65
+# ms on an H200, and these calls come in new shapes (their key length grows), while they cost
+# well under a millisecond on the other backends (BENCHMARKS.md, fourteenth session). A causal
+# prefill (queries = keys) keeps SDPA's own choice: cuDNN is fastest there once its plan is built.
+SHORT_QUERY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,7 +74,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> N
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense causal attention with bottom-right alignment through PyTorch SDPA, (B, Tq, HQ, D)."""
+    """Dense causal attention with bottom-right alignment through PyTorch SDPA, (B, Tq, HQ, D);
+    a query shorter than its keys without SDPA's cuDNN backend (SHORT_QUERY_BACKENDS)."""
     tq, tk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
@@ -75,7 +83,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        with sdpa_kernel(SHORT_QUERY_BACKENDS):
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

@@ -115,10 +115,11 @@ def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_decoding_steps_run_sdpa_without_cudnn(mode, tiny_models, sample_video, monkeypatch):
-    """In both modes a decoding step calls SDPA with its cuDNN backend off (cuDNN builds a plan for
-    each key length it has not run, and every step has a new one); calls of several query tokens
-    keep SDPA's own choice, and the flag is back on after the step."""
+def test_short_queries_run_sdpa_without_cudnn(mode, tiny_models, sample_video, monkeypatch):
+    """In both modes SDPA runs a query shorter than its keys (the decoding steps; in the dense mode
+    also the question over the prefix's cache) with its cuDNN backend off, since cuDNN builds a
+    plan for each shape it has not run and these come in new shapes; the dense mode's prefill of the
+    prefix (queries = keys) keeps SDPA's own choice, and the flag is back on afterwards."""
     from transformers.integrations import sdpa_attention
 
     model, processor = load(tiny_models["qwen2.5-vl"], attention=mode, config=config(0.1), device="cpu")
@@ -129,18 +130,43 @@ def test_decoding_steps_run_sdpa_without_cudnn(mode, tiny_models, sample_video, 
     seen = []
     real = sdpa_attention.sdpa_attention_forward
 
-    def recording(module, query, *args, **kwargs):
-        seen.append((query.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
-        return real(module, query, *args, **kwargs)
+    def recording(module, query, key, *args, **kwargs):
+        seen.append((query.shape[2], key.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(module, query, key, *args, **kwargs)
 
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recording)
     answer = qa.run(prepared, mode, max_new_tokens=4)
     layers = model.config.text_config.num_hidden_layers
-    steps = [cudnn for tokens, cudnn in seen if tokens == 1]
+    steps = [cudnn for queries, _, cudnn in seen if queries == 1]
     assert answer.new_tokens == 4 and len(steps) == 3 * layers and not any(steps)
-    prefill = [cudnn for tokens, cudnn in seen if tokens > 1]
-    assert len(prefill) == (2 * layers if mode == "dense" else 0) and all(prefill)
+    question = [cudnn for queries, keys, cudnn in seen if 1 < queries < keys]
+    prefix = [cudnn for queries, keys, cudnn in seen if queries == keys]
+    assert len(question) == len(prefix) == (layers if mode == "dense" else 0)
+    assert all(prefix) and not any(question)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_dense_attention_keeps_short_queries_off_cudnn(monkeypatch):
+    """kernels' dense attention (the sparse mode's prompts under min_seq_len) runs a query shorter
+    than its keys without SDPA's cuDNN backend and a causal prefill with SDPA's own choice; both
+    match the reference."""
+    from kernels.flash_prefill import api, reference
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 40, heads, 64) for heads in (4, 2, 2))
+    for tq in (40, 7):
+        out = api.dense_attention(q[:, -tq:], k, v, 0.125)
+        pattern = reference.causal_pattern(1, 4, tq, 40, 16, q.device)
+        torch.testing.assert_close(out, reference.sparse_attention(q[:, -tq:], k, v, pattern, 0.125))
+    assert seen == [True, False] and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_dense_mode_is_transformers_sdpa(tiny_models, sample_video):

@@ -206,7 +206,8 @@ def dense_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The dense mode (DENSE_NAME): transformers' SDPA attention, decoding steps kept off cuDNN."""
+    """The dense mode (DENSE_NAME): transformers' SDPA attention, short queries kept off cuDNN (the
+    signature is transformers' attention interface, as sparse_attention_forward's)."""
     return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
                   **kwargs)
 

@@ -1,31 +1,20 @@
-"""Whether CUDA random generators made per call (as `kernels.testing.random_pattern` made them, one
+"""Whether CUDA random generators made per call (as `kernels.testing.random_pattern` makes them, one
 per layer call of a fixed-density request) slow later SDPA calls on the host: the host time of a
 decoding step's attention call (q 1 x 28 heads, K/V 4 heads over `--keys` keys, bf16, a boolean
 mask, GQA in SDPA as transformers calls it) before and after making generators, drawing from each
 as random_pattern did; then the same after `gc.collect()`. A development script (results go to
-BENCHMARKS.md).
+BENCHMARKS.md; run 5 of the fourteenth session ran it with its own copy of `host_us`, since
+imported from scripts/gpu_host_profile.py).
 
     PYTHONPATH=$PWD python3 scripts/gpu_generator_sdpa.py [--keys 16414]
 """
 
 import argparse
 import gc
-import time
 
 import torch
 import torch.nn.functional as F
-
-
-def host_us(fn, calls: int = 300) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * elapsed / calls
+from gpu_host_profile import host_us
 
 
 def main() -> None:
@@ -52,15 +41,16 @@ def main() -> None:
             g = torch.Generator(device="cuda").manual_seed(made + i)
             kept.append(torch.rand(16, generator=g, device="cuda"))
         made += step
-        print(f"| {made} | {host_us(sdpa):.1f} | {host_us(sdpa_no_mask):.1f} |", flush=True)
+        print(f"| {made} | {host_us(sdpa, 300):.1f} | {host_us(sdpa_no_mask, 300):.1f} |", flush=True)
     kept.clear()
     gc.collect()
-    print(f"| {made}, then gc.collect() | {host_us(sdpa):.1f} | {host_us(sdpa_no_mask):.1f} |")
+    print(f"| {made}, then gc.collect() | {host_us(sdpa, 300):.1f} | {host_us(sdpa_no_mask, 300):.1f} |")
     cached = torch.Generator(device="cuda")
     for i in range(448):
         cached.manual_seed(i)
         torch.rand(16, generator=cached, device="cuda")
-    print(f"| {made}, then one generator reseeded 448 times | {host_us(sdpa):.1f} | {host_us(sdpa_no_mask):.1f} |")
+    with_mask, without = host_us(sdpa, 300), host_us(sdpa_no_mask, 300)
+    print(f"| {made}, then one generator reseeded 448 times | {with_mask:.1f} | {without:.1f} |")
 
 
 if __name__ == "__main__":

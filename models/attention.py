@@ -189,10 +189,10 @@ def current_settings() -> RequestSettings:
 def _dense(module, query, key, value, attention_mask, scaling, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] < key.shape[2]:  # a decoding step or a question over a cache: no cuDNN (docstring)
-        with sdpa_kernel(SHORT_QUERY_BACKENDS):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    # a decoding step or a question over a cache: no cuDNN (module docstring)
+    short = sdpa_kernel(SHORT_QUERY_BACKENDS) if query.shape[2] < key.shape[2] else contextlib.nullcontext()
+    with short:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 def dense_attention_forward(

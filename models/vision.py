@@ -48,6 +48,7 @@ undone by the same function with enabled=False (benchmarks compare with transfor
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -158,15 +159,11 @@ def _takes_varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
             and hasattr(torch.ops.aten, "_flash_attention_forward") and _flash_device(q.device))
 
 
-_FLASH_DEVICES: dict[str, bool] = {}
-
-
+@functools.cache
 def _flash_device(device: torch.device) -> bool:
-    if str(device) not in _FLASH_DEVICES:
-        _FLASH_DEVICES[str(device)] = (torch.version.hip is None  # NVIDIA's: ROCm's flash build differs
-                                       and torch.backends.cuda.is_flash_attention_available()
-                                       and torch.cuda.get_device_capability(device) >= (8, 0))
-    return _FLASH_DEVICES[str(device)]
+    return (torch.version.hip is None  # NVIDIA's: ROCm's flash build differs
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def _varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,

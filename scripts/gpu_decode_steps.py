@@ -8,7 +8,8 @@ decoding steps of one sparse request at the largest length (its prefill's kernel
 request profiled with 2 new tokens). Instead, `--host-profile TOKENS`: decoding steps under
 cProfile in an order that separates the attention mode from new key lengths (`host_profile`);
 `--ab TOKENS`: SDPA's cuDNN backend excluded from decoding steps (as kept) against allowed,
-alternated in one process (`backends_ab`). A development script (results go to BENCHMARKS.md).
+alternated in one process (`backends_ab`); `--fused-ab TOKENS`: the language model's fused ops
+against the stock model in decoding steps (`fused_ab`). A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py [--video-tokens 16384 131072] [--new-tokens 33]
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py --ab 16384
@@ -115,6 +116,28 @@ def backends_ab(qa, config, args) -> None:
         print(f"| {where} | {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
 
 
+def fused_ab(qa, config, args) -> None:
+    """Decoding steps with the language model's fused ops (models.text.prepare_language_model, as
+    kept) against the stock language model, alternated three times in one process at new lengths
+    (256 more video tokens each time), sparse at the fixed density."""
+    from models.text import prepare_language_model
+
+    fixed = args.fixed_density
+    results = {"fused (kept)": [], "stock": []}
+    for i in range(3):
+        for j, way in enumerate(results):
+            prepare_language_model(qa.model, enabled=way != "stock")
+            prepared = synthetic_request(qa, args.fused_ab + 256 * (2 * i + j + 1))
+            answer = qa.run(prepared, "sparse", max_new_tokens=args.new_tokens, config=config, fixed_density=fixed)
+            t = answer.timings
+            results[way].append(1e3 * (t["total_s"] - t["ttft_s"]) / max(1, answer.new_tokens - 1))
+    prepare_language_model(qa.model)
+    print("| language model | ms per step, new lengths | median |")
+    print("|---|---|---|")
+    for way, values in results.items():
+        print(f"| {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
@@ -124,6 +147,8 @@ def main() -> None:
                         help="instead: decoding steps under cProfile around TOKENS video tokens (host_profile)")
     parser.add_argument("--ab", type=int, default=0, metavar="TOKENS",
                         help="instead: cuDNN excluded against allowed in decoding steps, around TOKENS video tokens")
+    parser.add_argument("--fused-ab", type=int, default=0, metavar="TOKENS",
+                        help="instead: the fused language model against the stock one in decoding steps")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
     args = parser.parse_args()
 
@@ -136,6 +161,9 @@ def main() -> None:
         return
     if args.ab:
         backends_ab(qa, config, args)
+        return
+    if args.fused_ab:
+        fused_ab(qa, config, args)
         return
     text = qa.model.config.text_config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in qa.model.named_parameters() if "visual" not in n)

@@ -1,0 +1,82 @@
+"""The language model's prefill attention below FlashPrefill's `min_seq_len`, where the sparse mode
+runs dense: what each dense way costs for a forward's 28 layers at a prompt length the process has
+not run before (a user's video) and at a length just run (a batch of alike videos). The
+Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causal, queries = keys:
+
+- SDPA as it chooses (cuDNN on the H200), and SDPA with cuDNN excluded (flash);
+- this project's kernel with every block kept (`flash_prefill` at alpha 0, min_seq_len 0: block
+  means, the index build, which skips the scores at alpha 0, and the attention kernel).
+
+Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
+median over `--lengths` new lengths (each `--step` tokens apart around the length named), and over
+the same lengths run again at once. A development script (results go to BENCHMARKS.md).
+
+    PYTHONPATH=$PWD python3 scripts/gpu_short_prefill.py [--tokens 2048 4096 ...] [--lengths 5]
+"""
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import FlashPrefillConfig, flash_prefill
+
+_fresh = itertools.count(1)
+ALL_KEPT = FlashPrefillConfig.for_model("qwen2.5-vl", alpha=0.0, min_seq_len=0)
+
+
+def sdpa(backends):
+    def run(q, k, v):
+        with sdpa_kernel(backends):
+            F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True)
+    return run
+
+
+WAYS = {
+    "SDPA's choice (cuDNN)": sdpa([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
+    "SDPA without cuDNN (flash)": sdpa([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                        SDPBackend.MATH]),
+    "ours, every block kept": lambda q, k, v: flash_prefill(q, k, v, config=ALL_KEPT),
+}
+
+
+def layers_ms(way, length: int, calls: int = 28) -> float:
+    """Wall ms of `calls` back-to-back calls at `length` tokens, synchronised before and after."""
+    q = torch.randn(1, length, 28, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, length, 4, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        way(q, k, v)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 6144, 8192, 10240, 12288, 16384])
+    parser.add_argument("--lengths", type=int, default=5)
+    parser.add_argument("--step", type=int, default=48)
+    args = parser.parse_args()
+    for way in WAYS.values():  # compile and load everything at a length not timed
+        layers_ms(way, 1000, calls=2)
+    print("| tokens | way | 28 layers, new length ms | 28 layers, length just run ms |")
+    print("|---|---|---|---|")
+    for tokens, (name, way) in itertools.product(args.tokens, WAYS.items()):
+        new, again = [], []
+        for _ in range(args.lengths):
+            length = tokens + args.step * next(_fresh)  # never run before in this process
+            new.append(layers_ms(way, length))
+            again.append(layers_ms(way, length))
+        print(f"| {tokens} | {name} | {statistics.median(new):.2f} | {statistics.median(again):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

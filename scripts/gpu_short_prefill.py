@@ -5,7 +5,9 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
 
 - SDPA as it chooses (cuDNN on the H200), and SDPA with cuDNN excluded (flash);
 - this project's kernel with every block kept (`flash_prefill` at alpha 0, min_seq_len 0: block
-  means, the index build, which skips the scores at alpha 0, and the attention kernel).
+  means, the index build, which skips the scores at alpha 0, and the attention kernel);
+- `flash_prefill` below its `min_seq_len` (fifteenth session on: where the Hopper kernel takes
+  the call, that kernel over the causal pattern built by torch ops, no pattern kernels).
 
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
 median over `--lengths` new lengths (each `--step` tokens apart around the length named), and over
@@ -27,6 +29,7 @@ from kernels import FlashPrefillConfig, flash_prefill
 
 _fresh = itertools.count(1)
 ALL_KEPT = FlashPrefillConfig.for_model("qwen2.5-vl", alpha=0.0, min_seq_len=0)
+BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)  # every length under it
 
 
 def sdpa(backends):
@@ -43,6 +46,7 @@ WAYS = {
     "SDPA without cuDNN (flash)": sdpa([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                         SDPBackend.MATH]),
     "ours, every block kept": lambda q, k, v: flash_prefill(q, k, v, config=ALL_KEPT),
+    "flash_prefill below min_seq_len": lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN),
 }
 
 

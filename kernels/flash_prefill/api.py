@@ -125,6 +125,23 @@ def triton_next_power_of_2(n: int) -> int:
 USE_HOPPER_KERNEL = True
 
 
+# Below min_seq_len on Hopper: where the Gluon kernel takes the call, the dense attention runs as
+# that kernel over every causal block, else through SDPA (dense_attention). SDPA's cuDNN backend,
+# its choice there, builds an execution plan the first time it sees a length (about 55 ms on an
+# H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
+# 10.9 / 23.3 / 42.8 / 63.1 ms this way against 64.2 / 88.3 / 103.2 / 124.2 ms through cuDNN at
+# 4K / 6K / 8K / 10K tokens, and 2-4 ms more than cuDNN at a length it had planned before
+# (9.1 / 20.3 / 38.6 / 61.9 ms; BENCHMARKS.md, fifteenth session). False: SDPA.
+DENSE_ON_HOPPER_KERNEL = True
+
+
+def _dense_on_hopper_kernel(q, k, v, block_size: int) -> bool:
+    from . import sparse_attention_sm90 as hopper_kernels
+
+    # (the kernel's checks include CUDA tensors: never under the interpreter)
+    return DENSE_ON_HOPPER_KERNEL and USE_HOPPER_KERNEL and hopper_kernels.supported(q, k, v, block_size)
+
+
 def _sparse_attention_triton(
     q, k, v, pattern: BlockSparsePattern, scale: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -175,6 +192,11 @@ def flash_prefill(
 
             pattern = reference.causal_pattern(b, hq, tq, tk, bs, q.device)
             out = reference.sparse_attention(q, k, v, pattern, scale)
+        elif _dense_on_hopper_kernel(q, k, v, bs):
+            from . import sparse_attention_sm90 as hopper_kernels
+
+            pattern = _causal_pattern(b, hq, tq, tk, bs, q.device)
+            out = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale)
         else:
             out = dense_attention(q, k, v, scale)
             pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None

@@ -216,6 +216,41 @@ def test_dense_fallback_below_min_seq_len():
     torch.testing.assert_close(out, dense_attention(q, k, v, 64**-0.5), atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["kernel", "sdpa"])
+def test_dense_fallback_runs_the_hopper_kernel_where_it_takes_the_call(monkeypatch, on):
+    """Below min_seq_len, where the Hopper kernel takes the call (faked here: a stand-in records the
+    pattern it gets and computes the reference over it), the dense attention is that kernel over
+    every causal block and SDPA does not run; with DENSE_ON_HOPPER_KERNEL off, SDPA runs it."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = make_inputs((1, 200, 200, 4, 1, 64, torch.float16, 32))
+    scale = 64**-0.5
+    expected = dense_attention(q, k, v, scale)
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.5, min_seq_len=201)
+    kernel_patterns, sdpa_calls = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def stand_in(q, k, v, kv_num_blocks, kv_indices, scale, out=None):
+        pattern = api.BlockSparsePattern(kv_num_blocks, kv_indices, 32, q.shape[1], k.shape[1])
+        kernel_patterns.append(pattern)
+        return reference.sparse_attention(q, k, v, pattern, scale)
+
+    def counted_sdpa(*args, **kwargs):
+        sdpa_calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(hopper_kernels, "supported", lambda q, k, v, block_size: True)
+    monkeypatch.setattr(hopper_kernels, "sparse_attention_sm90", stand_in)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_sdpa)
+    monkeypatch.setattr(api, "DENSE_ON_HOPPER_KERNEL", on)
+    out, pattern = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+    assert pattern.density() == 1.0
+    assert (len(kernel_patterns), len(sdpa_calls)) == ((1, 0) if on else (0, 1))
+    if on:  # the kernel ran over the pattern returned: every causal block
+        assert torch.equal(kernel_patterns[0].to_dense(), pattern.to_dense())
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
+
+
 def test_larger_alpha_keeps_a_subset():
     q, k, v = make_inputs((1, 333, 333, 4, 1, 64, torch.float16, 32))
     masks = [

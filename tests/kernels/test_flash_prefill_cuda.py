@@ -201,6 +201,24 @@ def test_hopper_kernel_declines_what_it_cannot_run():
 
 
 @requires_hopper
+@pytest.mark.parametrize("t", [1000, 4096, 9001])
+def test_dense_fallback_on_the_hopper_kernel_matches_sdpa(monkeypatch, t):
+    """Below min_seq_len (the default), the Hopper kernel over every causal block, without SDPA,
+    is as close to fp32 attention as SDPA's bf16 result, at lengths on and off the block grid."""
+    q, k, v = structured_qkv(1, t, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    exact = dense_attention(q.float(), k.float(), v.float(), 128**-0.5)
+    low = dense_attention(q, k, v, 128**-0.5)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA ran below min_seq_len on Hopper")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    out, pattern = flash_prefill(q, k, v, config=FlashPrefillConfig(), return_pattern=True)
+    assert t < FlashPrefillConfig().min_seq_len and pattern.density() == 1.0
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+@requires_hopper
 def test_hopper_work_counter_is_left_at_zero_on_every_stream():
     """The dynamic schedule's counter is not zeroed per call: each launch must leave it at zero,
     so back-to-back launches on one stream and launches on another stream all cover every item."""

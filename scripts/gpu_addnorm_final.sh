@@ -11,7 +11,8 @@
 # attention below min_seq_len by way and length, scripts/gpu_short_prefill.py), one-token (the fused
 # elementwise ops' host time at decoding lengths, scripts/gpu_one_token_ops.py), fused-ab (decoding
 # steps with the fused language model against the stock one, gpu_decode_steps.py --fused-ab),
-# short-videos (first questions under min_seq_len, Hopper kernel against SDPA, gpu_short_videos.py).
+# short-videos (first questions under min_seq_len, Hopper kernel against SDPA, gpu_short_videos.py),
+# step-listing (a decoding step's host time per function, gpu_decode_steps.py --step-listing).
 # Run 6 ran `cuda kernels second-half warmup bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -38,6 +39,8 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
             | tee "$OUT/fused_ab.txt" | grep "^|" ;;
     short-videos) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_short_videos.py 2>&1 | quiet \
             | tee "$OUT/short_videos.txt" | grep "^|" ;;
+    step-listing) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_decode_steps.py --step-listing 16384 2>&1 | quiet \
+            | tee "$OUT/step_listing.txt" | head -30 ;;
     second-half) timeout ${KERNEL_TIMEOUT:-90} python3 scripts/gpu_mlp_residual.py 2>&1 | tee "$OUT/second_half.txt" ;;
     warmup) timeout ${WARMUP_TIMEOUT:-200} python3 scripts/gpu_warmup.py .bench_media/long_640x360_520s.mp4 \
             --max-pixels 200704 --fixed-density 0.05 --processes sample sample 2>&1 | quiet | tee "$OUT/warmup.txt" \

@@ -9,7 +9,8 @@ request profiled with 2 new tokens). Instead, `--host-profile TOKENS`: decoding 
 cProfile in an order that separates the attention mode from new key lengths (`host_profile`);
 `--ab TOKENS`: SDPA's cuDNN backend excluded from decoding steps (as kept) against allowed,
 alternated in one process (`backends_ab`); `--fused-ab TOKENS`: the language model's fused ops
-against the stock model in decoding steps (`fused_ab`). A development script (results go to BENCHMARKS.md).
+against the stock model in decoding steps (`fused_ab`); `--step-listing TOKENS`: where a decoding
+step's host time goes, per function (`step_listing`). A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py [--video-tokens 16384 131072] [--new-tokens 33]
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py --ab 16384
@@ -138,6 +139,35 @@ def fused_ab(qa, config, args) -> None:
         print(f"| {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
 
 
+def step_listing(qa, config, args) -> None:
+    """Where a decoding step's host time goes: a sparse request (fixed density) at a new length,
+    run once untimed, then the same with 2 and with `--new-tokens` new tokens under cProfile; per
+    function, the difference of the two runs' internal time per decoding step, the largest first."""
+    fixed = args.fixed_density
+    prepared = synthetic_request(qa, args.step_listing)
+    qa.run(prepared, "sparse", max_new_tokens=2, config=config, fixed_density=fixed)
+    stats = {}
+    for tokens in (2, args.new_tokens):
+        profile = cProfile.Profile()
+        profile.enable()
+        qa.run(prepared, "sparse", max_new_tokens=tokens, config=config, fixed_density=fixed)
+        profile.disable()
+        stats[tokens] = pstats.Stats(profile).stats
+    steps = args.new_tokens - 2
+    rows = []
+    for key, (_, calls, tottime, cumtime, _) in stats[args.new_tokens].items():
+        _, calls_before, tottime_before, cumtime_before, _ = stats[2].get(key, (0, 0, 0.0, 0.0, None))
+        name = f"{key[0].split('site-packages/')[-1]}:{key[1]}({key[2]})"
+        rows.append((1e6 * (tottime - tottime_before) / steps, (calls - calls_before) / steps,
+                     1e6 * (cumtime - cumtime_before) / steps, name))
+    total = sum(r[0] for r in rows)
+    print(f"host time per decoding step under cProfile: {total / 1e3:.2f} ms ({steps} steps)")
+    print("| function | calls per step | own us per step | cumulative us per step |")
+    print("|---|---|---|---|")
+    for own, calls, cumulative, name in sorted(rows, reverse=True)[:45]:
+        print(f"| {name[-100:]} | {calls:.1f} | {own:.0f} | {cumulative:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
@@ -149,6 +179,8 @@ def main() -> None:
                         help="instead: cuDNN excluded against allowed in decoding steps, around TOKENS video tokens")
     parser.add_argument("--fused-ab", type=int, default=0, metavar="TOKENS",
                         help="instead: the fused language model against the stock one in decoding steps")
+    parser.add_argument("--step-listing", type=int, default=0, metavar="TOKENS",
+                        help="instead: a cProfile listing of a decoding step's host time (step_listing)")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
     args = parser.parse_args()
 
@@ -164,6 +196,9 @@ def main() -> None:
         return
     if args.fused_ab:
         fused_ab(qa, config, args)
+        return
+    if args.step_listing:
+        step_listing(qa, config, args)
         return
     text = qa.model.config.text_config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in qa.model.named_parameters() if "visual" not in n)

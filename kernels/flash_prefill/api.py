@@ -4,6 +4,10 @@ Layout as flash-attn: q (B, Tq, HQ, D), k and v (B, Tk, H, D), HQ % H == 0, quer
 KV head h // (HQ // H). Tq <= Tk: the queries are the last Tq of the Tk key positions
 (bottom-right causal alignment). Head dims 64, 80, 96, 128, 256; fp16 and bf16 on every
 backend, fp32 on the reference backend. Strided views work without a copy on the Triton path.
+
+Below `config.min_seq_len` attention is dense: on Hopper, where the Gluon kernel takes the call,
+that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`); elsewhere PyTorch SDPA
+(`dense_attention`).
 """
 
 from __future__ import annotations
@@ -129,9 +133,10 @@ USE_HOPPER_KERNEL = True
 # that kernel over every causal block, else through SDPA (dense_attention). SDPA's cuDNN backend,
 # its choice there, builds an execution plan the first time it sees a length (about 55 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
-# 10.9 / 23.3 / 42.8 / 63.1 ms this way against 64.2 / 88.3 / 103.2 / 124.2 ms through cuDNN at
-# 4K / 6K / 8K / 10K tokens, and 2-4 ms more than cuDNN at a length it had planned before
-# (9.1 / 20.3 / 38.6 / 61.9 ms; BENCHMARKS.md, fifteenth session). False: SDPA.
+# 12.6 / 28.3 / 47.0 / 72.8 ms this way against 64.0 / 60.4 / 79.1 / 104.4 ms through cuDNN at
+# 4K / 6K / 8K / 10K tokens, and 3-6 ms more than cuDNN at a length it had planned before
+# (9.9 / 22.7 / 43.4 / 69.4 ms; BENCHMARKS.md, fifteenth session, run 2). False: SDPA, for a
+# workload whose prompt lengths repeat.
 DENSE_ON_HOPPER_KERNEL = True
 
 

@@ -10,7 +10,9 @@ import torch
 # crossover): with the Triton attention kernel the whole flash_prefill against cuDNN dense on
 # structured input was 0.89x at 6K, 1.04x at 8K and 1.12x at 10K; with the Hopper (Gluon) kernel
 # 1.26x at 6K and 1.58x at 10K. 10K stays: there a pattern that keeps every block costs about
-# cuDNN's time (kernel 0.94-1.03x plus the pattern stage), below it more.
+# cuDNN's time (kernel 0.94-1.03x plus the pattern stage), below it more. (Since the fifteenth
+# session the dense attention below it runs on the Hopper kernel itself where that takes the call:
+# api.DENSE_ON_HOPPER_KERNEL.)
 DEFAULT_MIN_SEQ_LEN = 10240
 
 # alpha per model family, from the FlashPrefill paper's settings.

@@ -102,6 +102,12 @@ def supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s: int = 32):
     """Rotary embedding of q (S, HQ, D) and k (S, HK, D) by cos and sin, (S, D): (q_out, k_out), contiguous."""
     check(q, k, cos, sin)
+    return launch(q, k, cos, sin, block_s)
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s: int = 32):
+    """`rope` without its input checks, for a caller that has just checked these tensors (`supported`):
+    at one token a step's host time is what counts."""
     s, hq, d = q.shape
     hk = k.shape[1]
     q_out = torch.empty(s, hq, d, dtype=q.dtype, device=q.device)

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from kernels.rope import rope
+from kernels.rope import launch as launch_rope
 from kernels.rope import supported as rope_supported
 
 from .fused import (
@@ -46,26 +46,29 @@ from .fused import (
 _STOCK_ROPE = "_videoprefill_stock_apply_rotary_pos_emb"
 
 
-def _fused_rope_fits(q, k, cos, sin, unsqueeze_dim) -> bool:
+def _fused_rope_shapes(q, k, cos, sin, unsqueeze_dim) -> bool:
+    """q, k as (B, H, T, D) and cos / sin as (B, T, D) on CUDA, broadcast over the heads."""
     if unsqueeze_dim != 1 or not q.is_cuda or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
         return False
     b, _, t, d = q.shape
-    if k.shape[0] != b or k.shape[2:] != (t, d) or cos.shape != (b, t, d) or sin.shape != (b, t, d):
-        return False
-    # kernels.rope's rules (dtypes, head dim, unit last stride), on one token's slices
-    return rope_supported(q[0, :, :1].transpose(0, 1), k[0, :, :1].transpose(0, 1), cos[0, :1], sin[0, :1])
+    return k.shape[0] == b and k.shape[2:] == (t, d) and cos.shape == (b, t, d) and sin.shape == (b, t, d)
 
 
 def _make_fused_rope(stock):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        """kernels.rope where the inputs fit it, else the modeling file's own function."""
-        if not _fused_rope_fits(q, k, cos, sin, unsqueeze_dim):
+        """kernels.rope where the inputs fit it, else the modeling file's own function. It runs in
+        every decoding step of every layer, so kernels.rope's rules are checked once, on the
+        tensors it is given (kernels.rope.launch)."""
+        if not _fused_rope_shapes(q, k, cos, sin, unsqueeze_dim):
             return stock(q, k, cos, sin, unsqueeze_dim)
         b, hq, t, d = q.shape
         hk = k.shape[1]
-        # (B, H, T, D) views of (B, T, H, D) projections: tokens first, a view for B = 1.
-        q_out, k_out = rope(q.transpose(1, 2).reshape(b * t, hq, d), k.transpose(1, 2).reshape(b * t, hk, d),
-                            cos.reshape(b * t, d), sin.reshape(b * t, d))
+        # (B, H, T, D) views of (B, T, H, D) projections: tokens first, views again.
+        rows = (q.transpose(1, 2).reshape(b * t, hq, d), k.transpose(1, 2).reshape(b * t, hk, d),
+                cos.reshape(b * t, d), sin.reshape(b * t, d))
+        if not rope_supported(*rows):  # dtypes, head dim, unit last stride
+            return stock(q, k, cos, sin, unsqueeze_dim)
+        q_out, k_out = launch_rope(*rows)
         return q_out.view(b, t, hq, d).transpose(1, 2), k_out.view(b, t, hk, d).transpose(1, 2)
 
     apply_rotary_pos_emb._videoprefill_fused = True

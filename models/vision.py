@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
-from kernels.rope import rope
+from kernels.rope import launch as launch_rope
 from kernels.rope import supported as rope_supported
 from kernels.window_attention import MAX_CHUNK, window_attention
 from kernels.window_attention import supported as windows_supported
@@ -233,7 +233,7 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
             except OutOfResources as error:  # less shared memory than the kernel holds: not on this GPU
                 _NO_WINDOWS[str(q.device)] = str(error)
     if FUSED_ROPE and q.is_cuda and rope_supported(q, k, cos, sin):
-        q, k = rope(q, k, cos, sin)
+        q, k = launch_rope(q, k, cos, sin)
     else:
         q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
     out = chunked_attention(q, k, v, cu_seqlens, self.scaling)

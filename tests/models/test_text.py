@@ -189,6 +189,20 @@ def test_fused_text_rope_cuda(family):
 
 
 @pytest.mark.cuda
+def test_fused_text_rope_leaves_what_the_kernel_does_not_take_to_the_stock_function():
+    """fp64 (kernels.rope takes 16-bit floats and fp32): the modeling file's own result, exactly."""
+    from models.text import _make_fused_rope
+
+    stock = sys.modules[model_class("qwen2.5-vl").__module__].apply_rotary_pos_emb
+    b, t, hq, hk, d = 1, 5, 4, 2, 64
+    q = torch.randn(b, t, hq, d, dtype=torch.float64, device="cuda").transpose(1, 2)
+    k = torch.randn(b, t, hk, d, dtype=torch.float64, device="cuda").transpose(1, 2)
+    cos, sin = torch.randn(2, b, t, d, dtype=torch.float64, device="cuda")
+    for ours, theirs in zip(_make_fused_rope(stock)(q, k, cos, sin), stock(q, k, cos, sin)):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.cuda
 def test_prepared_language_model_cuda_bf16():
     """The whole small language model on the GPU in bf16, prepared: its error against fp32 is
     within twice the stock bf16 model's."""

@@ -188,18 +188,11 @@ def main() -> None:
 
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
-    if args.host_profile:
-        host_profile(qa, config, args)
-        return
-    if args.ab:
-        backends_ab(qa, config, args)
-        return
-    if args.fused_ab:
-        fused_ab(qa, config, args)
-        return
-    if args.step_listing:
-        step_listing(qa, config, args)
-        return
+    studies = {"host_profile": host_profile, "ab": backends_ab, "fused_ab": fused_ab, "step_listing": step_listing}
+    for option, study in studies.items():  # instead of the table
+        if getattr(args, option):
+            study(qa, config, args)
+            return
     text = qa.model.config.text_config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in qa.model.named_parameters() if "visual" not in n)
     head_dim = text.hidden_size // text.num_attention_heads

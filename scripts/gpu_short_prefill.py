@@ -7,17 +7,20 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
 - this project's kernel with every block kept (`flash_prefill` at alpha 0, min_seq_len 0: block
   means, the index build, which skips the scores at alpha 0, and the attention kernel);
 - `flash_prefill` below its `min_seq_len` (fifteenth session on: where the Hopper kernel takes
-  the call, that kernel over the causal pattern built by torch ops, no pattern kernels).
+  the call, that kernel over the causal pattern built by torch ops, no pattern kernels; sixteenth
+  session on: built once per shape, so once for the 28 calls), and the same with the pattern built
+  at every call (the fifteenth session's code).
 
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
-median over `--lengths` new lengths (each `--step` tokens apart around the length named), and over
-the same lengths run again at once. A development script (results go to BENCHMARKS.md).
+median over `--lengths` new lengths (`--step`, 2 x `--step`, ... tokens above the length named, the
+same lengths for every way: only cuDNN keeps anything per length, and each way meets each length
+first in its own new-length cell), and over the same lengths run again at once. A development
+script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_short_prefill.py [--tokens 2048 4096 ...] [--lengths 5]
 """
 
 import argparse
-import itertools
 import statistics
 import time
 
@@ -26,8 +29,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import FlashPrefillConfig, flash_prefill
+from kernels.flash_prefill import api
 
-_fresh = itertools.count(1)
 ALL_KEPT = FlashPrefillConfig.for_model("qwen2.5-vl", alpha=0.0, min_seq_len=0)
 BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)  # every length under it
 
@@ -47,6 +50,8 @@ WAYS = {
                                         SDPBackend.MATH]),
     "ours, every block kept": lambda q, k, v: flash_prefill(q, k, v, config=ALL_KEPT),
     "flash_prefill below min_seq_len": lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN),
+    "same, causal pattern built per call": lambda q, k, v: (api._cached_causal_pattern.cache_clear(),
+                                                            flash_prefill(q, k, v, config=BELOW_MIN)),
 }
 
 
@@ -69,17 +74,22 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, default=5)
     parser.add_argument("--step", type=int, default=48)
     args = parser.parse_args()
+    gaps = [b - a for a, b in zip(sorted(args.tokens), sorted(args.tokens)[1:])]
+    if gaps and args.step * args.lengths >= min(gaps):
+        raise SystemExit("--step x --lengths must stay below the gap between --tokens: lengths would repeat")
     for way in WAYS.values():  # compile and load everything at a length not timed
         layers_ms(way, 1000, calls=2)
     print("| tokens | way | 28 layers, new length ms | 28 layers, length just run ms |")
     print("|---|---|---|---|")
-    for tokens, (name, way) in itertools.product(args.tokens, WAYS.items()):
-        new, again = [], []
-        for _ in range(args.lengths):
-            length = tokens + args.step * next(_fresh)  # never run before in this process
-            new.append(layers_ms(way, length))
-            again.append(layers_ms(way, length))
-        print(f"| {tokens} | {name} | {statistics.median(new):.2f} | {statistics.median(again):.2f} |", flush=True)
+    for tokens in args.tokens:
+        for name, way in WAYS.items():
+            new, again = [], []
+            for i in range(1, args.lengths + 1):
+                length = tokens + args.step * i  # never run before by this way
+                new.append(layers_ms(way, length))
+                again.append(layers_ms(way, length))
+            print(f"| {tokens} | {name} | {statistics.median(new):.2f} | {statistics.median(again):.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

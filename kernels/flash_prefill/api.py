@@ -12,6 +12,7 @@ that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`); elsewhere PyTorc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -99,6 +100,19 @@ def _causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: torch.de
     counts = (first + torch.arange(1, nqb + 1, device=device, dtype=torch.int32)).expand(b, hq, nqb).contiguous()
     ids = torch.arange(nkb, device=device, dtype=torch.int32).expand(b, hq, nqb, nkb).contiguous()
     return BlockSparsePattern(counts, ids, bs, tq, tk)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: torch.device) -> BlockSparsePattern:
+    # A forward's layers attend at one shape, so the dense fallback builds the pattern once per
+    # forward, not once per layer. Only the kernel reads it; callers get their own copy.
+    return _causal_pattern(b, hq, tq, tk, bs, device)
+
+
+def _kernel_causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: torch.device) -> BlockSparsePattern:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # (memory of the graph's pool)
+        return _causal_pattern(b, hq, tq, tk, bs, device)
+    return _cached_causal_pattern(b, hq, tq, tk, bs, device)
 
 
 def _find_pattern_triton(
@@ -200,8 +214,9 @@ def flash_prefill(
         elif _dense_on_hopper_kernel(q, k, v, bs):
             from . import sparse_attention_sm90 as hopper_kernels
 
-            pattern = _causal_pattern(b, hq, tq, tk, bs, q.device)
-            out = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale)
+            causal = _kernel_causal_pattern(b, hq, tq, tk, bs, q.device)
+            out = hopper_kernels.sparse_attention_sm90(q, k, v, causal.kv_num_blocks, causal.kv_indices, scale)
+            pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None
         else:
             out = dense_attention(q, k, v, scale)
             pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None

@@ -251,6 +251,40 @@ def test_dense_fallback_runs_the_hopper_kernel_where_it_takes_the_call(monkeypat
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
 
 
+def test_dense_fallback_builds_its_causal_pattern_once_per_shape(monkeypatch):
+    """On the kernel path a forward's layers, which attend at one shape, share one causal pattern; a
+    new shape gets its own, and a pattern returned to the caller is the caller's own copy."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.5, min_seq_len=10_000)
+    built, real_build = [], api._causal_pattern
+
+    def counted_build(b, hq, tq, tk, bs, device):
+        built.append(tk)
+        return real_build(b, hq, tq, tk, bs, device)
+
+    def stand_in(q, k, v, kv_num_blocks, kv_indices, scale, out=None):
+        pattern = api.BlockSparsePattern(kv_num_blocks, kv_indices, 32, q.shape[1], k.shape[1])
+        return reference.sparse_attention(q, k, v, pattern, scale)
+
+    monkeypatch.setattr(hopper_kernels, "supported", lambda q, k, v, block_size: True)
+    monkeypatch.setattr(hopper_kernels, "sparse_attention_sm90", stand_in)
+    monkeypatch.setattr(api, "_causal_pattern", counted_build)
+    api._cached_causal_pattern.cache_clear()
+    try:
+        for t in (200, 200, 200, 160, 200):
+            q, k, v = make_inputs((1, t, t, 4, 1, 64, torch.float16, 32))
+            out = flash_prefill(q, k, v, config=cfg, backend="triton")
+            torch.testing.assert_close(out, dense_attention(q, k, v, 64**-0.5), atol=2e-3, rtol=0)
+        assert built == [200, 160, 200]
+        _, returned = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+        returned.kv_num_blocks.zero_()  # the caller's to change: the next call still sees every block
+        out = flash_prefill(q, k, v, config=cfg, backend="triton")
+        torch.testing.assert_close(out, dense_attention(q, k, v, 64**-0.5), atol=2e-3, rtol=0)
+    finally:
+        api._cached_causal_pattern.cache_clear()
+
+
 def test_larger_alpha_keeps_a_subset():
     q, k, v = make_inputs((1, 333, 333, 4, 1, 64, torch.float16, 32))
     masks = [

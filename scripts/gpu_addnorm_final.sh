@@ -12,7 +12,8 @@
 # elementwise ops' host time at decoding lengths, scripts/gpu_one_token_ops.py), fused-ab (decoding
 # steps with the fused language model against the stock one, gpu_decode_steps.py --fused-ab),
 # short-videos (first questions under min_seq_len, Hopper kernel against SDPA, gpu_short_videos.py),
-# step-listing (a decoding step's host time per function, gpu_decode_steps.py --step-listing).
+# step-listing (a decoding step's host time per function, gpu_decode_steps.py --step-listing);
+# sixteenth session: launch-host (the Hopper kernel call's host time by piece, gpu_launch_host.py).
 # Run 6 ran `cuda kernels second-half warmup bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -33,6 +34,7 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
     decode-steps) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_decode_steps.py 2>&1 | quiet \
             | tee "$OUT/decode_steps.txt" | grep "^|\|GPU kernels" ;;
     short-prefill) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_short_prefill.py 2>&1 | tee "$OUT/short_prefill.txt" ;;
+    launch-host) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_launch_host.py 2>&1 | tee "$OUT/launch_host.txt" ;;
     one-token) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_one_token_ops.py 2>&1 | grep -v "Loading weights" \
             | tee "$OUT/one_token.txt" ;;
     fused-ab) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_decode_steps.py --fused-ab 16384 2>&1 | quiet \

@@ -14,8 +14,8 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
 median over `--lengths` new lengths (`--step`, 2 x `--step`, ... tokens above the length named, the
 same lengths for every way: what cuDNN and the causal pattern's cache keep per length is each
-way's own, and each way meets each length first in its own new-length cell), and over the same lengths run again at once. A development
-script (results go to BENCHMARKS.md).
+way's own, and each way meets each length first in its own new-length cell), and over the same
+lengths run again at once. A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_short_prefill.py [--tokens 2048 4096 ...] [--lengths 5]
 """

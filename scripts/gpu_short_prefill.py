@@ -70,7 +70,7 @@ def layers_ms(way, length: int, calls: int = 28) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 6144, 8192, 10240, 12288, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 6144, 8192, 10240, 12288, 16384])
     parser.add_argument("--lengths", type=int, default=5)
     parser.add_argument("--step", type=int, default=48)
     args = parser.parse_args()

@@ -145,12 +145,13 @@ USE_HOPPER_KERNEL = True
 
 # Below min_seq_len on Hopper: where the Gluon kernel takes the call, the dense attention runs as
 # that kernel over every causal block, else through SDPA (dense_attention). SDPA's cuDNN backend,
-# its choice there, builds an execution plan the first time it sees a length (about 55 ms on an
+# its choice there, builds an execution plan the first time it sees a length (40-80 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
-# 12.6 / 28.3 / 47.0 / 72.8 ms this way against 64.0 / 60.4 / 79.1 / 104.4 ms through cuDNN at
-# 4K / 6K / 8K / 10K tokens, and 3-6 ms more than cuDNN at a length it had planned before
-# (9.9 / 22.7 / 43.4 / 69.4 ms; BENCHMARKS.md, fifteenth session, run 2). False: SDPA, for a
-# workload whose prompt lengths repeat.
+# 3.1 / 6.9 / 14.3 / 25.4 / 36.7 ms this way against 42.6 / 45.2 / 55.0 / 83.4 / 76.4 ms through
+# cuDNN at 2K / 4K / 6K / 8K / 10K tokens; at a length cuDNN had planned, 0.93-1.05x its time from
+# 4K and 1.13-1.43x at 2K, where back-to-back calls are bound by the launch's host time
+# (BENCHMARKS.md, sixteenth session, runs 1 and 2). False: SDPA, for a workload whose prompt
+# lengths repeat.
 DENSE_ON_HOPPER_KERNEL = True
 
 

@@ -275,7 +275,8 @@ def sparse_attention_forward(
                                  seed=layer, q_len=tq)
         if recorder is not None:
             recorder.record(layer, pattern)
-        return block_sparse_attention(q, k, v, pattern, scaling, settings.backend), None
+        return block_sparse_attention(q, k, v, pattern, scaling, settings.backend,
+                                      settings.config.mean_correction), None
     if attention_mask is None:
         out, pattern = flash_prefill(q, k, v, config=settings.config, scale=scaling, backend=settings.backend,
                                      return_pattern=True)

@@ -13,7 +13,9 @@
 # steps with the fused language model against the stock one, gpu_decode_steps.py --fused-ab),
 # short-videos (first questions under min_seq_len, Hopper kernel against SDPA, gpu_short_videos.py),
 # step-listing (a decoding step's host time per function, gpu_decode_steps.py --step-listing);
-# sixteenth session: launch-host (the Hopper kernel call's host time by piece, gpu_launch_host.py).
+# sixteenth session: launch-host (the Hopper kernel call's host time by piece, gpu_launch_host.py),
+# flash-tests (FlashPrefill's tests, the mean correction's included, on the GPU), mean-correction
+# (its cost and error by pattern, gpu_mean_correction.py), bench-mc (the 128K bench with its rows).
 # Run 6 ran `cuda kernels second-half warmup bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -34,6 +36,13 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
     decode-steps) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_decode_steps.py 2>&1 | quiet \
             | tee "$OUT/decode_steps.txt" | grep "^|\|GPU kernels" ;;
     short-prefill) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_short_prefill.py 2>&1 | tee "$OUT/short_prefill.txt" ;;
+    flash-tests) timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mean_correction.py \
+            tests/kernels/test_flash_prefill.py tests/kernels/test_config.py 2>&1 | tee "$OUT/pytest_flash.log" | tail -2 ;;
+    mean-correction) timeout ${KERNEL_TIMEOUT:-200} python3 scripts/gpu_mean_correction.py 2>&1 \
+            | tee "$OUT/mean_correction.txt" | grep "^|" ;;
+    bench-mc) timeout ${E2E_TIMEOUT:-240} python3 -m videoprefill.bench prefill --video-tokens 131072 --repeats 1 \
+            --fixed-density 0.05 --mean-correction --json "$OUT/e2e_mc.json" 2>&1 | quiet | tee "$OUT/e2e_mc.txt" \
+            | grep "^|" ;;
     launch-host) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_launch_host.py 2>&1 | tee "$OUT/launch_host.txt" ;;
     one-token) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_one_token_ops.py 2>&1 | grep -v "Loading weights" \
             | tee "$OUT/one_token.txt" ;;

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ask for an option letter instead of the colour word")
     p.add_argument("--per-kv-head", action="store_true",
                    help="also run each alpha with one pattern per KV head (pattern_per_kv_head=True)")
+    p.add_argument("--mean-correction", action="store_true",
+                   help="also run each alpha with the pruned blocks' mean correction (mean_correction=True)")
     p.add_argument("--one-call", action="store_true",
                    help="prefill each prompt in one generate call, not as the pipeline does (the video prefix, "
                         "then the question over its cache)")
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                   for a in args.alphas}
         modes += list(shared)
         configs.update(shared)
+    if args.mean_correction:
+        corrected = {f"alpha={a}, mean correction": dataclasses.replace(base, alpha=a, mean_correction=True)
+                     for a in args.alphas}
+        modes += list(corrected)
+        configs.update(corrected)
     rows = []
     started = time.perf_counter()
     for n in args.lengths:

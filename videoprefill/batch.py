@@ -478,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int)
     p.add_argument("--pattern-per-kv-head", action="store_true",
                    help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
+    p.add_argument("--mean-correction", action="store_true",
+                   help="pruned blocks enter the softmax as their mean key and value (FlashPrefill V2)")
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--max-frames", type=int, default=64)
     p.add_argument("--max-pixels", type=int, default=256 * 28 * 28)
@@ -550,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: v for k, v in (("alpha", args.alpha), ("block_size", args.block_size)) if v is not None}
     if args.pattern_per_kv_head:
         changes["pattern_per_kv_head"] = True
+    if args.mean_correction:
+        changes["mean_correction"] = True
     try:
         config = dataclasses.replace(qa.config, **changes)
     except ValueError as err:

@@ -13,6 +13,7 @@ selects, not what a trained checkpoint selects.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -156,6 +157,8 @@ def prefill_main(argv: list[str]) -> int:
     parser.add_argument("--later-question", action="store_true",
                         help="also time a second question about the same video, its video prefix kept from the "
                              "first (videoprefill.prefix): what a user asking again waits")
+    parser.add_argument("--mean-correction", action="store_true",
+                        help="also time the sparse rows with the pruned blocks' mean correction (mean_correction=True)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -175,32 +178,37 @@ def prefill_main(argv: list[str]) -> int:
               f"transformers {transformers.__version__}; Qwen2.5-VL-7B architecture, random bf16 weights; {config}")
     print(header)
     rows = []
-    # (attention mode, fixed density or None, the vision tower / the language model as transformers runs it)
-    runs = [("dense", None, False, False), ("sparse", None, False, False)]
-    runs += [("sparse", d, False, False) for d in args.fixed_density]
+    corrected = dataclasses.replace(config, mean_correction=True)
+    # (attention mode, fixed density or None, the vision tower / the language model as transformers runs it,
+    # the FlashPrefill settings)
+    sparse = [("sparse", None), *(("sparse", d) for d in args.fixed_density)]
+    runs = [("dense", None, False, False, config), *((m, d, False, False, config) for m, d in sparse)]
+    if args.mean_correction:
+        runs += [(m, d, False, False, corrected) for m, d in sparse]
     if args.stock_vision or args.stock_text:
-        runs.append(("dense", None, args.stock_vision, args.stock_text))
+        runs.append(("dense", None, args.stock_vision, args.stock_text, config))
     for tokens in args.video_tokens:
         prepared = synthetic_request(qa, tokens)
-        for mode, fixed, stock_vision, stock_text in runs:
+        for mode, fixed, stock_vision, stock_text, settings in runs:
             prepare_vision_tower(model, enabled=not stock_vision)
             prepare_language_model(model, enabled=not stock_text)
             label = mode if fixed is None else f"sparse, fixed {fixed:.0%} (benchmark only)"
+            label += ", mean correction" if settings.mean_correction else ""
             label += ", stock vision tower" if stock_vision else ""
             label += ", stock language model" if stock_text else ""
             best = None
             for _ in range(args.repeats):
-                answer = qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed)
+                answer = qa.run(prepared, mode, max_new_tokens=2, config=settings, fixed_density=fixed)
                 if best is None or answer.timings["prefill_s"] < best.timings["prefill_s"]:
                     best = answer
             rows.append(_row(prepared, label, best))
             torch.cuda.reset_peak_memory_stats()
             if args.later_question and not (stock_vision or stock_text):
-                qa.run(prepared, mode, max_new_tokens=2, config=config, fixed_density=fixed, reuse_prefix=True)
+                qa.run(prepared, mode, max_new_tokens=2, config=settings, fixed_density=fixed, reuse_prefix=True)
                 later = qa.follow_up(prepared, "What happens at the end of this video?")
                 best = None
                 for _ in range(args.repeats):
-                    answer = qa.run(later, mode, max_new_tokens=2, config=config, fixed_density=fixed,
+                    answer = qa.run(later, mode, max_new_tokens=2, config=settings, fixed_density=fixed,
                                     reuse_prefix=True)
                     if not answer.tokens["cached"]:
                         raise RuntimeError("the later question did not reuse the video prefix")

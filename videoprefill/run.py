@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-seq-len", type=int, help="run dense attention below this many tokens")
     p.add_argument("--pattern-per-kv-head", action="store_true",
                    help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
+    p.add_argument("--mean-correction", action="store_true",
+                   help="pruned blocks enter the softmax as their mean key and value (FlashPrefill V2)")
     p.add_argument("--dense-layers", type=int, default=0, help="keep the first N language-model layers dense")
     p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     p.add_argument("--max-frames", type=int, default=64, help="at most this many frames")
@@ -53,6 +55,8 @@ def _config(args, base):
                                  ("min_seq_len", args.min_seq_len)) if v is not None}
     if args.pattern_per_kv_head:
         changes["pattern_per_kv_head"] = True
+    if args.mean_correction:
+        changes["mean_correction"] = True
     return dataclasses.replace(base, **changes) if changes else base
 
 

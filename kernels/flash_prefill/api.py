@@ -163,18 +163,20 @@ def _dense_on_hopper_kernel(q, k, v, block_size: int) -> bool:
 
 
 def _sparse_attention_triton(
-    q, k, v, pattern: BlockSparsePattern, scale: float, out: torch.Tensor | None = None
+    q, k, v, pattern: BlockSparsePattern, scale: float, out: torch.Tensor | None = None,
+    mean_correction: bool = False,
 ) -> torch.Tensor:
     from . import sparse_attention as attention_kernels
     from . import sparse_attention_sm90 as hopper_kernels
 
-    if USE_HOPPER_KERNEL and not _interpreting() and hopper_kernels.supported(q, k, v, pattern.block_size):
+    if (USE_HOPPER_KERNEL and not mean_correction and not _interpreting()
+            and hopper_kernels.supported(q, k, v, pattern.block_size)):
         return hopper_kernels.sparse_attention_sm90(
             q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out
         )
     return attention_kernels.sparse_attention(
         q, k, v, pattern.kv_num_blocks, pattern.kv_indices, pattern.block_size, scale,
-        d_pad=triton_next_power_of_2(q.shape[3]), upcast=_interpreting(), out=out,
+        d_pad=triton_next_power_of_2(q.shape[3]), upcast=_interpreting(), out=out, mean_correction=mean_correction,
     )
 
 
@@ -224,7 +226,7 @@ def flash_prefill(
         return (out, pattern) if return_pattern else out
 
     pattern = _find(q, k, config, scale, backend)
-    out = _attend(q, k, v, pattern, scale, backend)
+    out = _attend(q, k, v, pattern, scale, backend, config.mean_correction)
     return (out, pattern) if return_pattern else out
 
 
@@ -236,12 +238,13 @@ def _find(q, k, config: FlashPrefillConfig, scale: float, backend: str) -> Block
     return _find_pattern_triton(q, k, config, scale)
 
 
-def _attend(q, k, v, pattern: BlockSparsePattern, scale: float, backend: str) -> torch.Tensor:
+def _attend(q, k, v, pattern: BlockSparsePattern, scale: float, backend: str,
+            mean_correction: bool = False) -> torch.Tensor:
     if backend == "reference":
         from . import reference
 
-        return reference.sparse_attention(q, k, v, pattern, scale)
-    return _sparse_attention_triton(q, k, v, pattern, scale)
+        return reference.sparse_attention(q, k, v, pattern, scale, mean_correction=mean_correction)
+    return _sparse_attention_triton(q, k, v, pattern, scale, mean_correction=mean_correction)
 
 
 def find_pattern(
@@ -257,9 +260,10 @@ def find_pattern(
 
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, scale: float | None = None,
-    backend: str = "auto",
+    backend: str = "auto", mean_correction: bool = False,
 ) -> torch.Tensor:
-    """Attention over the blocks of a given pattern (DESIGN.md step 4), token-causal; (B, Tq, HQ, D)."""
+    """Attention over the blocks of a given pattern (DESIGN.md step 4), token-causal; (B, Tq, HQ, D).
+    mean_correction: also the pruned blocks as mean tokens (FlashPrefillConfig.mean_correction)."""
     backend = _resolve_backend(backend, q.device)
     _check(q, k, v, backend)
     b, tq, hq, _ = q.shape
@@ -269,7 +273,7 @@ def block_sparse_attention(
         raise ValueError(f"pattern {pattern!r} does not fit q {tuple(q.shape)} and k {tuple(k.shape)}: "
                          f"expected indices of shape {want}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attend(q, k, v, pattern, scale, backend)
+    return _attend(q, k, v, pattern, scale, backend, mean_correction)
 
 
 def flash_prefill_varlen(

@@ -40,6 +40,12 @@ class FlashPrefillConfig:
         heads of a group, each normalised by its own row maximum, are summed and thresholded once,
         so every head of the group keeps the same blocks. Off by default (DESIGN.md's per-head
         pattern); BENCHMARKS.md has its measured speed and accuracy.
+    mean_correction: each pruned key block that a query block sees whole enters every query row's
+        softmax as one token (FlashPrefill V2): logit scale * q . kbar_J + log(block_size), value
+        vbar_J, the block's mean key and value. That is exact for a block of equal keys and
+        approximates the mass and output of the others. Off by default (DESIGN.md's attention
+        over the kept blocks only); on, the attention runs on the Triton kernel, not the Hopper
+        one. BENCHMARKS.md has its measured cost and accuracy.
     """
 
     block_size: int = 128
@@ -49,6 +55,7 @@ class FlashPrefillConfig:
     last_full_blocks: int = 2
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
     pattern_per_kv_head: bool = False
+    mean_correction: bool = False
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -62,6 +69,8 @@ class FlashPrefillConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if not isinstance(self.pattern_per_kv_head, bool):
             raise ValueError(f"pattern_per_kv_head must be a bool, got {self.pattern_per_kv_head!r}")
+        if not isinstance(self.mean_correction, bool):
+            raise ValueError(f"mean_correction must be a bool, got {self.mean_correction!r}")
 
     @classmethod
     def for_model(cls, family: str, **overrides) -> FlashPrefillConfig:

@@ -106,9 +106,13 @@ def sparse_attention(
     pattern: BlockSparsePattern,
     scale: float,
     compute_dtype: torch.dtype | None = torch.float32,
+    mean_correction: bool = False,
 ) -> torch.Tensor:
     """Exact softmax attention of each query row over the keys of its kept blocks, token-causal.
 
+    mean_correction (FlashPrefillConfig.mean_correction): each pruned block J before the row's
+    own block (so wholly visible) joins the softmax as one more token, logit
+    scale * q . kbar_J + log(block_size) and value vbar_J (the block's mean key and value).
     compute_dtype=None computes in the input dtype (the rounding baseline of the tests).
     Returns (B, Tq, HQ, D) in q's dtype. Works one query block at a time to bound memory.
     """
@@ -120,6 +124,10 @@ def sparse_attention(
     kh = k.to(dtype).repeat_interleave(group, dim=2).permute(0, 2, 3, 1)  # (B, HQ, D, Tk)
     vh = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)  # (B, HQ, Tk, D)
     block_mask = pattern.to_dense()  # (B, HQ, NQB, NKB)
+    nkb = block_mask.shape[-1]
+    if mean_correction:  # the blocks' mean keys and values, per query head
+        kbar = block_means(k, bs, dtype).repeat_interleave(group, dim=1).transpose(2, 3)  # (B, HQ, D, NKB)
+        vbar = block_means(v, bs, dtype).repeat_interleave(group, dim=1)  # (B, HQ, NKB, D)
     key_pos = torch.arange(tk, device=q.device)
     q_pos = torch.arange(tk - tq, tk, device=q.device)
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device)
@@ -132,6 +140,15 @@ def sparse_attention(
         allowed = token_keep[:, :, None, :] & causal
         s = torch.matmul(q[:, rows].to(dtype).transpose(1, 2), kh) * scale  # (B, HQ, rows, Tk)
         s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        out[:, rows] = torch.matmul(p, vh).transpose(1, 2).to(q.dtype)
+        if not mean_correction:
+            p = torch.softmax(s, dim=-1)
+            out[:, rows] = torch.matmul(p, vh).transpose(1, 2).to(q.dtype)
+            continue
+        before = torch.arange(nkb, device=q.device) < pattern.first_q_block + qb
+        pruned = before & ~block_mask[:, :, qb]  # (B, HQ, NKB)
+        c = torch.matmul(q[:, rows].to(dtype).transpose(1, 2), kbar) * scale + math.log(bs)  # (B, HQ, rows, NKB)
+        c = c.masked_fill(~pruned[:, :, None, :], float("-inf"))
+        p = torch.softmax(torch.cat([s, c], dim=-1), dim=-1)
+        o = torch.matmul(p[..., :tk], vh) + torch.matmul(p[..., tk:], vbar)
+        out[:, rows] = o.transpose(1, 2).to(q.dtype)
     return out

@@ -15,6 +15,8 @@ which needs the first query tile to start on row 0 ((Tk - Tq) % BM == 0).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -80,10 +82,40 @@ def launch_order(w, num_tiles, NUM_Q_HEADS, GROUP, FIRST_TILE, GROUP_ORDER: tl.c
     return tile, pid_bh
 
 
+@triton.jit
+def _attend_block_means(
+    acc, m_i, l_i, q, KEPT, KBAR, VBAR, pattern_row, mean_row, block, NKB, qk_scale,
+    D_PAD: tl.constexpr, BJ: tl.constexpr, LOG2_BS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Mean correction: every pruned key block before the query tile's own block `block` (so seen
+    whole by each of its rows) as one token, logit scale * q . kbar_J + log(BS), value vbar_J;
+    BJ blocks' means at a time. KEPT: uint8 (pattern rows, NKB), 1 where a block is kept; KBAR,
+    VBAR: (B * H, NKB, D_PAD) rows of block means, the padded columns zero."""
+    d = tl.arange(0, D_PAD)
+    for j0 in tl.range(0, block, BJ):
+        j = j0 + tl.arange(0, BJ)
+        pruned = (j < block) & (tl.load(KEPT + pattern_row * NKB + j, mask=j < block, other=1) == 0)
+        rows = (mean_row * NKB + j.to(tl.int64))[:, None] * D_PAD + d[None, :]
+        kb = tl.load(KBAR + rows, mask=pruned[:, None], other=0.0)
+        vb = tl.load(VBAR + rows, mask=pruned[:, None], other=0.0)
+        if UPCAST:
+            kb = kb.to(tl.float32)
+            vb = vb.to(tl.float32)
+        s = tl.dot(q, tl.trans(kb)) * qk_scale + LOG2_BS
+        s = tl.where(pruned[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile's kept diagonal came first
+        p = tl.exp2(s - m_new[:, None])
+        correction = tl.exp2(m_i - m_new)
+        l_i = l_i * correction + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(vb.dtype), vb, acc * correction[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 # Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
 @triton.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_QB", "FIRST_TILE"])
 def _sparse_attention_kernel(
-    Q, K, V, O, KV_NUM, KV_IDX,
+    Q, K, V, O, KV_NUM, KV_IDX, KEPT, KBAR, VBAR,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -91,6 +123,7 @@ def _sparse_attention_kernel(
     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, FIRST_TILE, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, GROUP_ORDER: tl.constexpr,
+    MEAN_CORRECTION: tl.constexpr = False, BJ: tl.constexpr = 64, LOG2_BS: tl.constexpr = 7.0,
 ):
     num_tiles = tl.num_programs(0)
     tile, pid_bh = launch_order(tl.program_id(1).to(tl.int64) * num_tiles + tl.program_id(0), num_tiles,
@@ -139,6 +172,11 @@ def _sparse_attention_kernel(
         acc, m_i, l_i, q, k_src, v_src, b32, hk32, stride_kt, stride_kd, stride_vt, stride_vd,
         kblock, pos, T_K, qk_scale, HEAD_DIM, D_PAD, BS, BN, True, UPCAST, TMA,
     )
+    if MEAN_CORRECTION:
+        acc, m_i, l_i = _attend_block_means(
+            acc, m_i, l_i, q, KEPT, KBAR, VBAR, pattern_row, b * (NUM_Q_HEADS // GROUP) + hk,
+            (qb + FIRST_QB).to(tl.int32), NKB, qk_scale, D_PAD, BJ, LOG2_BS, UPCAST,
+        )
     out = acc * (1.0 / l_i)[:, None]
     if TMA == 2:
         O.store([b32, h32, (tile * BM - q_start).to(tl.int32), 0], out.to(O.dtype).reshape(1, 1, BM, D_PAD))
@@ -205,8 +243,12 @@ def sparse_attention(
     tiles: tuple[int, int, int, int] | None = None,
     tma: int | None = None,
     group_order: bool | None = None,
+    mean_correction: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
+
+    mean_correction: also each pruned block seen whole by a query block, as one token of its mean
+    key and value (FlashPrefillConfig.mean_correction; reference.sparse_attention has the formula).
 
     tiles: (BM, BN, num_warps, num_stages) to override the default choice (benchmark sweeps).
     tma: 0 pointer loads, 1 K/V and 2 also Q/O through tensor descriptors; None picks the
@@ -235,11 +277,37 @@ def sparse_attention(
         k_arg, v_arg = _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad)
     if tma == 2:
         q_arg, o_arg = _descriptor(q, bm, d_pad), _descriptor(out, bm, d_pad)
+    kept = kbar = vbar = kv_num_blocks  # (not read without the mean correction)
+    if mean_correction:
+        kept = kept_blocks(kv_num_blocks, kv_indices)
+        dtype = torch.float32 if upcast else q.dtype
+        kbar, vbar = (block_means(t, block_size, d_pad, dtype) for t in (k, v))
     _sparse_attention_kernel[(num_tiles, b * hq)](
-        q_arg, k_arg, v_arg, o_arg, kv_num_blocks, kv_indices,
+        q_arg, k_arg, v_arg, o_arg, kv_num_blocks, kv_indices, kept, kbar, vbar,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BN=bn, UPCAST=upcast,
-        TMA=tma, GROUP_ORDER=group_order, num_warps=warps, num_stages=stages,
+        TMA=tma, GROUP_ORDER=group_order, MEAN_CORRECTION=mean_correction,
+        LOG2_BS=float(math.log2(block_size)), num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def kept_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, HQ, NQB, NKB), 1 where the pattern keeps the block (its block grid)."""
+    nkb = kv_indices.shape[-1]
+    valid = torch.arange(nkb, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    kept = torch.zeros(*kv_indices.shape[:-1], nkb + 1, dtype=torch.uint8, device=kv_indices.device)
+    kept.scatter_(-1, torch.where(valid, kv_indices.long(), nkb), 1)  # invalid slots land in the extra column
+    return kept[..., :nkb].contiguous()
+
+
+def block_means(x: torch.Tensor, block_size: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, NKB, d_pad) mean of each whole block of (B, T, H, D) x, in dtype; the last block,
+    when partial, and the padded columns are zero (a partial block is never seen whole)."""
+    b, t, h, d = x.shape
+    nkb, whole = -(-t // block_size), t // block_size
+    means = torch.zeros(b, h, nkb, d_pad, dtype=dtype, device=x.device)
+    blocks = x[:, : whole * block_size].unflatten(1, (whole, block_size))  # (B, whole, bs, H, D)
+    means[:, :, :whole, :d] = (blocks.sum(2) / block_size).transpose(1, 2)  # (summed in fp32 inside)
+    return means

@@ -31,6 +31,13 @@ def test_negative_counts_rejected():
         FlashPrefillConfig(window_blocks=-1)
 
 
+def test_mean_correction_is_a_bool_and_off_by_default():
+    assert FlashPrefillConfig().mean_correction is False
+    assert FlashPrefillConfig.for_model("qwen2.5-vl", mean_correction=True).mean_correction is True
+    with pytest.raises(ValueError, match="mean_correction"):
+        FlashPrefillConfig(mean_correction="yes")  # type: ignore[arg-type]
+
+
 def test_pattern_per_kv_head_is_a_bool_and_off_by_default():
     assert FlashPrefillConfig().pattern_per_kv_head is False
     with pytest.raises(ValueError, match="pattern_per_kv_head"):

@@ -54,6 +54,21 @@ def test_pattern_per_kv_head_flag():
     assert all(a == b for a, b in per_head[True])
 
 
+def test_mean_correction_flag_reaches_the_attention(monkeypatch):
+    """--mean-correction sets the config the request's attention runs with."""
+    from kernels.flash_prefill import api
+    from videoprefill import run as run_module
+    from videoprefill.video import sample_video_path
+
+    seen = []
+    attend = api._attend
+    monkeypatch.setattr(api, "_attend", lambda *a, **k: seen.append(a[6]) or attend(*a, **k))
+    settings = ["--json", "--alpha", "0.4", "--min-seq-len", "0", "--fps", "2", "--max-frames", "16",
+                "--max-pixels", str(112 * 112), "--max-new-tokens", "1", "--device", "cpu", "--no-warmup"]
+    assert run_module.main([str(sample_video_path()), *settings, "--mean-correction"]) == 0
+    assert seen and all(seen)
+
+
 def test_compare_human_output_and_map(sample_video, tmp_path):
     png = tmp_path / "map.png"
     proc = run(sample_video, "--attention", "compare", "--alpha", "0.5", "--sparsity-map", str(png), *SMALL)

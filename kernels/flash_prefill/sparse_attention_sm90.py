@@ -270,12 +270,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc, KV_NUM,
                      KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, TRACE,
-                     D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr, STAGES: gl.constexpr,
-                     GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr):
+                     LSE, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr, STAGES: gl.constexpr,
+                     GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr, WRITE_LSE: gl.constexpr):
         """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
         Arrives on `q_empty` once its last S of the item is done and on a slot's `kv_empty` once
         its P V product with that slot is done, except the item's last slot, which carries its
-        rows of O out (below) and is released after that."""
+        rows of O out (below) and is released after that. WRITE_LSE: also each row's log2-sum-exp2
+        of its scaled scores (the softmax's m + log2(l)) into LSE (B, HQ, T_Q) fp32."""
         ROWS: gl.constexpr = BM // 2
         BN: gl.constexpr = BM
         dtype: gl.constexpr = q_smem.dtype
@@ -346,6 +347,10 @@ if HAVE_GLUON:
             # back to the producer once the store has read it. Per-thread global stores from the
             # MMA layout took about 2 us per item (BENCHMARKS.md).
             out = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
+            if WRITE_LSE:
+                query = rows - (T_K - T_Q)
+                gl.store(LSE + (b * NUM_Q_HEADS + h) * T_Q + query, m_i + gl.log2(l_i),
+                         mask=(query >= 0) & (query < T_Q))
             stage = k_smem.index(slot).slice(ROW0, ROWS)
             mbarrier.wait(q_empty, t & 1)
             stage.store(out.to(dtype))
@@ -365,10 +370,10 @@ if HAVE_GLUON:
     @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total"])
     def _sparse_attention_sm90_ws_kernel(
         q_desc, k_desc, v_desc, o_desc, KV_NUM, KV_IDX, COUNTER,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, LSE,
         D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE_ITEMS: gl.constexpr,
-        num_warps: gl.constexpr,
+        WRITE_LSE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """num_warps (4) run the first consumer; the second consumer and the producer are worker
         partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
@@ -394,10 +399,12 @@ if HAVE_GLUON:
             [
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, D_PAD, BM, 0, STAGES, GROUP_ORDER, TRACE_ITEMS)),
+                                FIRST_TILE, qk_scale, TRACE, LSE, D_PAD, BM, 0, STAGES, GROUP_ORDER, TRACE_ITEMS,
+                                WRITE_LSE)),
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, D_PAD, BM, BM // 2, STAGES, GROUP_ORDER, 0)),
+                                FIRST_TILE, qk_scale, TRACE, LSE, D_PAD, BM, BM // 2, STAGES, GROUP_ORDER, 0,
+                                WRITE_LSE)),
                 (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                 kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
                                 GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
@@ -485,9 +492,14 @@ def sparse_attention_sm90(
     warp_specialized: bool = True,
     dynamic: bool = True,
     trace: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on Hopper; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
     The call must satisfy `supported` (block size 128).
+
+    lse: warp-specialised kernel, a contiguous fp32 (B, HQ, Tq) tensor that receives each row's
+    log-sum-exp of its kept scores in base 2 with the scale folded in: log2(sum exp2(scale *
+    log2(e) * q . k)) (`sparse_attention.mean_correction` merges the pruned blocks' tokens with it).
 
     warp_specialized: the persistent kernel with a producer warp and two consumer warpgroups
     (default; 13-22% less time than the per-tile one at 16K-128K, BENCHMARKS.md) instead of one program
@@ -498,9 +510,11 @@ def sparse_attention_sm90(
     (programs, items, 16), programs = min(work items, SMs), that receives clock stamps of each
     program's first `items` work items (the layout is in that script).
     """
-    if trace is not None and not warp_specialized:
-        raise ValueError("trace records the warp-specialised kernel only (warp_specialized=True)")
+    if (trace is not None or lse is not None) and not warp_specialized:
+        raise ValueError("trace and lse come from the warp-specialised kernel only (warp_specialized=True)")
     b, tq, hq, d = q.shape
+    if lse is not None and (lse.dtype != torch.float32 or lse.shape != (b, hq, tq) or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous float32 tensor {(b, hq, tq)}")
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
     d_pad = _d_pad(d)
@@ -523,9 +537,10 @@ def sparse_attention_sm90(
             *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
             kv_num_blocks, kv_indices, _work_counter(q.device),
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
-            kv_num_blocks if trace is None else trace,
+            kv_num_blocks if trace is None else trace, kv_num_blocks if lse is None else lse,
             D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
-            CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1], num_warps=4,
+            CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],
+            WRITE_LSE=lse is not None, num_warps=4,
         )
         return out
     _sparse_attention_sm90_kernel[(num_tiles, b * hq)](

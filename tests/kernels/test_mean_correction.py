@@ -97,7 +97,7 @@ def test_reference_correction_follows_the_formula_on_one_row(case):
         elif j < own:  # pruned and seen whole
             logits.append(scale * float(qi @ kh[j * bs : (j + 1) * bs].mean(0)) + math.log(bs))
             values.append(vh[j * bs : (j + 1) * bs].mean(0))
-    weights = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+    weights = torch.softmax(torch.tensor(logits, dtype=torch.float64, device=q.device), 0)
     expected = (weights[:, None] * torch.stack(values)).sum(0)
     assert not kept.all()
     torch.testing.assert_close(out[0, row, head], expected, atol=1e-12, rtol=1e-12)
@@ -169,3 +169,68 @@ def test_correction_on_the_gpu_at_the_7b_shape():
                                        mean_correction=True)
     low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None, mean_correction=True)
     assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+def kept_lse2(q, k, pattern, scale: float) -> torch.Tensor:
+    """(B, HQ, Tq) fp32: each row's log2 of sum exp2(scale * log2(e) * q . k) over its kept keys."""
+    b, tq, hq, d = q.shape
+    tk, h = k.shape[1], k.shape[2]
+    bs = pattern.block_size
+    kh = k.double().repeat_interleave(hq // h, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kh) * scale
+    q_pos = torch.arange(tk - tq, tk, device=q.device)
+    key_pos = torch.arange(tk, device=q.device)
+    block_mask = pattern.to_dense()[:, :, q_pos // bs - pattern.first_q_block]  # (B, HQ, Tq, NKB)
+    allowed = block_mask.repeat_interleave(bs, dim=-1)[..., :tk] & (key_pos[None, :] <= q_pos[:, None])
+    return (torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1) / math.log(2)).float()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_correction_pass_merges_the_pruned_tokens_into_an_output(case):
+    """The pass that follows the Hopper kernel, given the uncorrected output and its log-sum-exp
+    (from the reference here), gives the corrected attention."""
+    from kernels.flash_prefill import sparse_attention as attention_kernels
+
+    q, k, v, pattern = inputs(case, seed=6)
+    b, tq, tk, hq, h, d, dtype, bs = case
+    scale = d**-0.5
+    out = reference.sparse_attention(q, k, v, pattern, scale)
+    lse = kept_lse2(q, k, pattern, scale)
+    merged = attention_kernels.mean_correction(
+        q, k, v, out.clone(), lse, pattern.kv_num_blocks, pattern.kv_indices, bs, scale,
+        d_pad=1 << (d - 1).bit_length(), upcast=DEVICE == "cpu",
+    )
+    exact = reference.sparse_attention(q.double(), k.double(), v.double(), pattern, scale, torch.float64,
+                                       mean_correction=True)
+    low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None, mean_correction=True)
+    assert max_abs_error(merged, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+    assert max_abs_error(out, exact) > 10 * max_abs_error(merged, exact)
+
+
+def test_correction_pass_leaves_tiles_with_nothing_pruned_alone():
+    from kernels.flash_prefill import sparse_attention as attention_kernels
+
+    b, tq, tk, hq, h, d, dtype, bs = CASES[0]
+    q, k, v, _ = inputs(CASES[0], seed=7)
+    causal = reference.causal_pattern(b, hq, tq, tk, bs, q.device)
+    out = torch.randn_like(q)  # not an attention output: untouched all the same
+    lse = torch.zeros(b, hq, tq, device=q.device)
+    merged = attention_kernels.mean_correction(q, k, v, out.clone(), lse, causal.kv_num_blocks, causal.kv_indices,
+                                               bs, d**-0.5, d_pad=64, upcast=DEVICE == "cpu")
+    assert torch.equal(merged, out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
+def test_hopper_kernel_writes_each_rows_log_sum_exp():
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = random_qkv(1, 1172, 1300, 28, 4, 128, dtype=torch.bfloat16, device="cuda", seed=8)
+    pattern = random_pattern(1, 28, 1300, 128, 0.3, "cuda", seed=8, q_len=1172)
+    if not hopper_kernels.supported(q, k, v, 128):
+        pytest.skip("the Hopper kernel does not run here (needs an sm90 GPU)")
+    scale = 128**-0.5
+    lse = torch.full((1, 28, 1172), float("nan"), device="cuda")
+    out = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, lse=lse)
+    torch.testing.assert_close(lse, kept_lse2(q, k, pattern, scale), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out, api._sparse_attention_triton(q, k, v, pattern, scale), atol=0, rtol=0)

@@ -4,7 +4,8 @@ buys, at the Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128,
 - time (median of `kernels.bench.bench_ms`) of cuDNN dense, of the attention over a pattern on the
   Hopper kernel uncorrected (the default) and corrected (the kernel writing each row's log-sum-exp,
   then the correction pass merging the pruned blocks' tokens into its output: what
-  `flash_prefill` runs on Hopper), and on the Triton kernel uncorrected and corrected (the tokens
+  `flash_prefill` runs on Hopper; also with 128 block means a product instead of 64), and on the
+  Triton kernel uncorrected and corrected (the tokens
   attended inside the kernel: what it runs elsewhere), each with its kept-block map and block
   means, on random block masks and on the patterns FlashPrefill selects on sink / local input
   (`kernels.testing.sink_local_qkv`);
@@ -24,6 +25,7 @@ from kernels import FlashPrefillConfig, dense_attention, find_pattern
 from kernels.bench import bench_ms, cudnn_dense_ms
 from kernels.flash_prefill import api
 from kernels.flash_prefill import sparse_attention as attention_kernels
+from kernels.flash_prefill.sparse_attention_sm90 import sparse_attention_sm90
 from kernels.testing import random_pattern, random_qkv, relative_error, sink_local_qkv
 
 
@@ -34,10 +36,17 @@ def times_ms(q, k, v, pattern, scale: float) -> list[float]:
         return attention_kernels.sparse_attention(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, 128, scale,
                                                   d_pad=128, upcast=False, mean_correction=corrected)
 
+    def hopper_corrected(means_per_step: int):
+        lse = torch.empty(1, q.shape[2], q.shape[1], device="cuda")
+        out = sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, lse=lse)
+        return attention_kernels.mean_correction(q, k, v, out, lse, pattern.kv_num_blocks, pattern.kv_indices, 128,
+                                                 scale, d_pad=128, upcast=False, means_per_step=means_per_step)
+
     return [
         cudnn_dense_ms(q, k, v),
         bench_ms(lambda: api._sparse_attention_triton(q, k, v, pattern, scale)),
         bench_ms(lambda: api._sparse_attention_triton(q, k, v, pattern, scale, mean_correction=True)),
+        bench_ms(lambda: hopper_corrected(128)),
         bench_ms(lambda: triton_kernel(False)),
         bench_ms(lambda: triton_kernel(True)),
     ]
@@ -57,9 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     scale = 128**-0.5
     config = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0)
-    print("| tokens | input | density | cuDNN ms | Hopper kernel ms | Hopper, corrected ms | Triton kernel ms "
-          "| Triton, corrected ms | corrected / uncorrected, Hopper | error, uncorrected | error, corrected |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | input | density | cuDNN ms | Hopper kernel ms | Hopper, corrected ms | same, 128 means a step ms "
+          "| Triton kernel ms | Triton, corrected ms | corrected / uncorrected, Hopper | error, uncorrected "
+          "| error, corrected |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in args.tokens:
         q, k, v = random_qkv(1, t, t, 28, 4, 128, dtype=torch.bfloat16, device="cuda", seed=t)
         for d in args.densities:

@@ -244,10 +244,12 @@ def _mean_correction_kernel(
 def mean_correction(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, scale: float, d_pad: int, upcast: bool,
+    means_per_step: int = 64,
 ) -> torch.Tensor:
     """The mean correction merged into `out`, the attention over the kept blocks, in place, given
     each row's base-2 log-sum-exp of its kept scores (lse, contiguous fp32 (B, HQ, Tq), scale x
-    log2(e) folded in, as `sparse_attention_sm90` writes it). Returns out."""
+    log2(e) folded in, as `sparse_attention_sm90` writes it). Returns out. means_per_step: block
+    means per product (a power of two, >= 16)."""
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
@@ -259,7 +261,8 @@ def mean_correction(
         q, out, lse, kv_num_blocks, kept_blocks(kv_num_blocks, kv_indices), kbar, vbar,
         *q.stride(), *out.stride(),
         tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BJ=64, LOG2_BS=float(math.log2(block_size)), UPCAST=upcast,
+        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BJ=means_per_step, LOG2_BS=float(math.log2(block_size)),
+        UPCAST=upcast,
         num_warps=8 if bm == 128 else 4,
     )
     return out

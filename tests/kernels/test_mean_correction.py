@@ -185,8 +185,9 @@ def kept_lse2(q, k, pattern, scale: float) -> torch.Tensor:
     return (torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1) / math.log(2)).float()
 
 
+@pytest.mark.parametrize("means_per_step", [16, 64])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_correction_pass_merges_the_pruned_tokens_into_an_output(case):
+def test_correction_pass_merges_the_pruned_tokens_into_an_output(case, means_per_step):
     """The pass that follows the Hopper kernel, given the uncorrected output and its log-sum-exp
     (from the reference here), gives the corrected attention."""
     from kernels.flash_prefill import sparse_attention as attention_kernels
@@ -198,7 +199,7 @@ def test_correction_pass_merges_the_pruned_tokens_into_an_output(case):
     lse = kept_lse2(q, k, pattern, scale)
     merged = attention_kernels.mean_correction(
         q, k, v, out.clone(), lse, pattern.kv_num_blocks, pattern.kv_indices, bs, scale,
-        d_pad=1 << (d - 1).bit_length(), upcast=DEVICE == "cpu",
+        d_pad=1 << (d - 1).bit_length(), upcast=DEVICE == "cpu", means_per_step=means_per_step,
     )
     exact = reference.sparse_attention(q.double(), k.double(), v.double(), pattern, scale, torch.float64,
                                        mean_correction=True)

@@ -135,7 +135,7 @@ class App:
         atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)  # served plots live until exit
 
     def ask(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
-            max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, progress=None):
+            max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, mean_correction=False, progress=None):
         import dataclasses
 
         import gradio as gr
@@ -146,7 +146,7 @@ class App:
             raise gr.Error(f"mode must be sparse, dense or compare, got {mode!r}")
         try:
             config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size),
-                                         pattern_per_kv_head=bool(per_kv_head))
+                                         pattern_per_kv_head=bool(per_kv_head), mean_correction=bool(mean_correction))
             sampling = Sampling(fps=float(fps), max_frames=int(max_frames), max_pixels=int(max_pixels))
             modes = ("dense", "sparse") if mode == "compare" else (mode,)
             if self.qa.warmup and question and question.strip():  # as VideoQA.ask: before decoding
@@ -183,7 +183,10 @@ class App:
         chosen = layers[-1] if int(layer) < 0 else int(layer)
         mask = block_mask_image(main, chosen, int(head))
         for name, a in answers.items():
-            label = f"{name}, per KV head" if name == "sparse" and config.pattern_per_kv_head else name
+            label = name
+            if name == "sparse":
+                label += ", per KV head" if config.pattern_per_kv_head else ""
+                label += ", mean correction" if config.mean_correction else ""
             self.runs.append([len(self.runs) + 1, label, prepared.question[:60], a.tokens["video"],
                               round(a.timings["ttft_s"] * 1000, 1), round(a.timings["prefill_s"] * 1000, 1),
                               round(a.sparsity["density"], 4), a.text[:80]])
@@ -221,6 +224,8 @@ def build(qa: VideoQA):
                     head = gr.Slider(0, heads - 1, value=0, step=1, label="block-mask head")
                     per_kv_head = gr.Checkbox(value=qa.config.pattern_per_kv_head,
                                               label="one block pattern per KV head (shared by its query heads)")
+                    mean_correction = gr.Checkbox(value=qa.config.mean_correction,
+                                                  label="pruned blocks as their mean key and value (mean correction)")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column():
                 answer = gr.Textbox(label="answer", lines=4, elem_id="answer")
@@ -238,12 +243,12 @@ def build(qa: VideoQA):
         use_sample.click(lambda: sample, outputs=video, api_name=False)
 
         def _ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head, per_kv_head,
-                 progress=gr.Progress()):
+                 mean_correction, progress=gr.Progress()):
             return app.ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
-                           per_kv_head, progress)
+                           per_kv_head, mean_correction, progress)
 
         ask.click(_ask, inputs=[video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
-                                per_kv_head],
+                                per_kv_head, mean_correction],
                   outputs=[answer, ttft_table, ttft_plot, tokens, line, heat, mask, runs], api_name="ask")
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo, app

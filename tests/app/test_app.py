@@ -61,11 +61,11 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def ask(client, video, question, mode, per_kv_head=False):
+def ask(client, video, question, mode, per_kv_head=False, mean_correction=False):
     from gradio_client import handle_file
 
     return client.predict(handle_file(video), question, mode, 0.1, 32, 2.0, 8, 56 * 56, -1, 0, per_kv_head,
-                          api_name="/ask")
+                          mean_correction, api_name="/ask")
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
@@ -89,6 +89,11 @@ def test_ask_api_compare(client):
 def test_ask_api_pattern_per_kv_head(client):
     runs = ask(client, SAMPLE, "What moves?", "sparse", per_kv_head=True)[7]
     assert runs["data"][-1][1] == "sparse, per KV head"
+
+
+def test_ask_api_mean_correction(client):
+    runs = ask(client, SAMPLE, "What moves?", "sparse", mean_correction=True)[7]
+    assert runs["data"][-1][1] == "sparse, mean correction"
 
 
 def test_bad_upload_is_reported_and_the_app_keeps_serving(client, tmp_path):

@@ -11,6 +11,11 @@ Explicit strides: transformers' (B, H, T, D) views transposed to (B, T, H, D) ne
 TMA: 0 plain pointer loads; 1 K/V through tensor descriptors built on the host over the whole
 tensor in (B, H, T, D) order (Hopper's copy engine); 2 Q and O through descriptors as well,
 which needs the first query tile to start on row 0 ((Tk - Tq) % BM == 0).
+
+Mean correction (FlashPrefillConfig.mean_correction): the kernel attends, after its kept blocks,
+one token per pruned block before the tile's own (MEAN_CORRECTION); `mean_correction` runs the
+same tokens as a pass of their own, merged into the output of a kernel that wrote its rows'
+log-sum-exp (the Hopper kernel).
 """
 
 from __future__ import annotations

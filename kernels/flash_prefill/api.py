@@ -148,9 +148,9 @@ USE_HOPPER_KERNEL = True
 # its choice there, builds an execution plan the first time it sees a length (40-80 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
 # 3.1 / 6.9 / 14.3 / 25.4 / 36.7 ms this way against 42.6 / 45.2 / 55.0 / 83.4 / 76.4 ms through
-# cuDNN at 2K / 4K / 6K / 8K / 10K tokens; at a length cuDNN had planned, 0.93-1.05x its time from
-# 4K and 1.13-1.43x at 2K, where back-to-back calls are bound by the launch's host time
-# (BENCHMARKS.md, sixteenth session, runs 1 and 2). False: SDPA, for a workload whose prompt
+# cuDNN at 2K / 4K / 6K / 8K / 10K tokens; at a length cuDNN had planned, 0.87-1.05x its time from
+# 4K, 1.13-1.74x at 2K and 2x at 1K, where back-to-back calls are bound by the launch's host time
+# (BENCHMARKS.md, sixteenth session, runs 1, 2 and 6). False: SDPA, for a workload whose prompt
 # lengths repeat.
 DENSE_ON_HOPPER_KERNEL = True
 

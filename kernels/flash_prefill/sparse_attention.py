@@ -378,21 +378,29 @@ def sparse_attention(
     return out
 
 
+@triton.jit
+def _kept_map_kernel(KV_NUM, KV_IDX, KEPT, NKB, BLOCK: tl.constexpr):
+    """Row r of the pattern: KEPT[r, id] = 1 for each of its kept ids (KEPT zeroed before)."""
+    r = tl.program_id(0).to(tl.int64)
+    n = tl.load(KV_NUM + r)
+    for j0 in tl.range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ids = tl.load(KV_IDX + r * NKB + j, mask=j < n, other=0)
+        tl.store(KEPT + r * NKB + ids, tl.full([BLOCK], 1, tl.uint8), mask=j < n)
+
+
 def kept_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
     """uint8 (B, HQ, NQB, NKB), 1 where the pattern keeps the block (its block grid)."""
     nkb = kv_indices.shape[-1]
-    valid = torch.arange(nkb, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
-    kept = torch.zeros(*kv_indices.shape[:-1], nkb + 1, dtype=torch.uint8, device=kv_indices.device)
-    kept.scatter_(-1, torch.where(valid, kv_indices.long(), nkb), 1)  # invalid slots land in the extra column
-    return kept[..., :nkb].contiguous()
+    kept = torch.zeros(kv_indices.shape, dtype=torch.uint8, device=kv_indices.device)
+    _kept_map_kernel[(kv_num_blocks.numel(),)](kv_num_blocks, kv_indices, kept, nkb, BLOCK=128, num_warps=4)
+    return kept
 
 
 def block_means(x: torch.Tensor, block_size: int, d_pad: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, H, NKB, d_pad) mean of each whole block of (B, T, H, D) x, in dtype; the last block,
-    when partial, and the padded columns are zero (a partial block is never seen whole)."""
-    b, t, h, d = x.shape
-    nkb, whole = -(-t // block_size), t // block_size
-    means = torch.zeros(b, h, nkb, d_pad, dtype=dtype, device=x.device)
-    blocks = x[:, : whole * block_size].unflatten(1, (whole, block_size))  # (B, whole, bs, H, D)
-    means[:, :, :whole, :d] = (blocks.sum(2) / block_size).transpose(1, 2)  # (summed in fp32 inside)
-    return means
+    """(B, H, NKB, d_pad) mean of each block of (B, T, H, D) x in dtype, the padded columns zero
+    (the pattern stage's kernel, unscaled; a partial last block's mean, over its valid positions,
+    is never read: no query block sees that block whole)."""
+    from .pattern import block_means as scaled_block_means
+
+    return scaled_block_means(x, block_size, d_pad, 1.0 / LOG2E, dtype)

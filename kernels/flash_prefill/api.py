@@ -218,6 +218,7 @@ def flash_prefill(
     bs = config.block_size
 
     if tk < config.min_seq_len:
+        pattern = None
         if backend == "reference":
             from . import reference
 
@@ -228,11 +229,11 @@ def flash_prefill(
 
             causal = _kernel_causal_pattern(b, hq, tq, tk, bs, q.device)
             out = hopper_kernels.sparse_attention_sm90(q, k, v, causal.kv_num_blocks, causal.kv_indices, scale)
-            pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None
         else:
             out = dense_attention(q, k, v, scale)
-            pattern = _causal_pattern(b, hq, tq, tk, bs, q.device) if return_pattern else None
-        return (out, pattern) if return_pattern else out
+        if not return_pattern:
+            return out
+        return out, pattern or _causal_pattern(b, hq, tq, tk, bs, q.device)  # (the caller's own copy)
 
     pattern = _find(q, k, config, scale, backend)
     out = _attend(q, k, v, pattern, scale, backend, config.mean_correction)

@@ -258,17 +258,15 @@ def mean_correction(
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
-    bm = min(128 if d_pad < 256 else 64, block_size)
+    bm, _, warps, _ = _tiles(block_size, d_pad)
     first_tile = (tk - tq) // bm
-    dtype = torch.float32 if upcast else q.dtype
-    kbar, vbar = (block_means(t, block_size, d_pad, dtype) for t in (k, v))
+    kept, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size, d_pad, q.dtype, upcast)
     _mean_correction_kernel[(triton.cdiv(tk, bm) - first_tile, b * hq)](
-        q, out, lse, kv_num_blocks, kept_blocks(kv_num_blocks, kv_indices), kbar, vbar,
+        q, out, lse, kv_num_blocks, kept, kbar, vbar,
         *q.stride(), *out.stride(),
         tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BJ=means_per_step, LOG2_BS=float(math.log2(block_size)),
-        UPCAST=upcast,
-        num_warps=8 if bm == 128 else 4,
+        UPCAST=upcast, num_warps=warps,
     )
     return out
 
@@ -364,9 +362,7 @@ def sparse_attention(
         q_arg, o_arg = _descriptor(q, bm, d_pad), _descriptor(out, bm, d_pad)
     kept = kbar = vbar = kv_num_blocks  # (not read without the mean correction)
     if mean_correction:
-        kept = kept_blocks(kv_num_blocks, kv_indices)
-        dtype = torch.float32 if upcast else q.dtype
-        kbar, vbar = (block_means(t, block_size, d_pad, dtype) for t in (k, v))
+        kept, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size, d_pad, q.dtype, upcast)
     _sparse_attention_kernel[(num_tiles, b * hq)](
         q_arg, k_arg, v_arg, o_arg, kv_num_blocks, kv_indices, kept, kbar, vbar,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -387,6 +383,15 @@ def _kept_map_kernel(KV_NUM, KV_IDX, KEPT, NKB, BLOCK: tl.constexpr):
         j = j0 + tl.arange(0, BLOCK)
         ids = tl.load(KV_IDX + r * NKB + j, mask=j < n, other=0)
         tl.store(KEPT + r * NKB + ids, tl.full([BLOCK], 1, tl.uint8), mask=j < n)
+
+
+def _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size: int, d_pad: int, dtype: torch.dtype,
+                       upcast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the mean correction reads: the kept-block map and the blocks' mean keys and values
+    (in fp32 under the interpreter's upcast, else in the inputs' dtype)."""
+    dtype = torch.float32 if upcast else dtype
+    return (kept_blocks(kv_num_blocks, kv_indices), block_means(k, block_size, d_pad, dtype),
+            block_means(v, block_size, d_pad, dtype))
 
 
 def kept_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:

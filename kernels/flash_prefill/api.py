@@ -170,18 +170,8 @@ def _sparse_attention_triton(
     from . import sparse_attention_sm90 as hopper_kernels
 
     if USE_HOPPER_KERNEL and not _interpreting() and hopper_kernels.supported(q, k, v, pattern.block_size):
-        if not mean_correction:
-            return hopper_kernels.sparse_attention_sm90(
-                q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out
-            )
-        # the kept blocks on the Hopper kernel, then the pruned blocks' tokens merged into its output
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
-        out = hopper_kernels.sparse_attention_sm90(
-            q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out, lse=lse
-        )
-        return attention_kernels.mean_correction(
-            q, k, v, out, lse, pattern.kv_num_blocks, pattern.kv_indices, pattern.block_size, scale,
-            d_pad=triton_next_power_of_2(q.shape[3]), upcast=False,
+        return hopper_kernels.sparse_attention_sm90(
+            q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out, mean_correction=mean_correction
         )
     return attention_kernels.sparse_attention(
         q, k, v, pattern.kv_num_blocks, pattern.kv_indices, pattern.block_size, scale,

@@ -27,10 +27,11 @@ call qualifies; the caller falls back to the Triton kernel otherwise.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-from .sparse_attention import launch_order
+from .sparse_attention import _correction_inputs, launch_order
 
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
     from triton.experimental import gluon
@@ -73,6 +74,22 @@ if HAVE_GLUON:
         correction = gl.exp2(m_i - m_new)
         l_i = l_i * correction + gl.sum(p, axis=1)
         return p, m_new, l_i, correction
+
+    @gluon.jit
+    def _mean_tokens(s, KEPT, pattern_row, NKB, first, tile, bias, BN: gl.constexpr, layout: gl.constexpr):
+        """Scores of a tile of block means (blocks first .. first + BN - 1) as mean tokens: the
+        pruned blocks before the query tile's own block `tile` get `bias` (log2 of the block size
+        over the scale), the rest are masked out."""
+        cols = first + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        kept = gl.load(KEPT + pattern_row * NKB + cols, mask=cols < tile, other=1)
+        return gl.where((kept == 0)[None, :], s + bias, float("-inf"))
+
+    @gluon.jit
+    def _mean_tiles(tile, num_kept, BM: gl.constexpr):
+        """Tiles of BM block means a work item attends after its kept blocks: those covering the
+        blocks before its own, none where all of them are kept (kept ids are distinct and at most
+        `tile`)."""
+        return (tile + BM - 1) // BM * (num_kept <= tile).to(gl.int32)
 
     @gluon.jit
     def _record(TRACE, item, k: gl.constexpr, value, TRACE_ITEMS: gl.constexpr):
@@ -218,13 +235,15 @@ if HAVE_GLUON:
     # ---- Warp-specialised, persistent kernel (the default) ----------------------------------
 
     @gluon.jit
-    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                     kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB,
-                     NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr,
-                     DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr):
+    def _ws_producer(q_desc, k_desc, v_desc, km_desc, vm_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                     v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
+                     GROUP, NKB, NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr,
+                     GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr,
+                     MEAN_CORRECTION: gl.constexpr):
         """1 warp: claims work items, publishes each one's index in `info` with its Q load on
         `q_ready`, and streams the item's kept K/V blocks into the ring (slot = running block count
-        % STAGES), waiting on each slot's `kv_empty` (both consumers done with it)."""
+        % STAGES), waiting on each slot's `kv_empty` (both consumers done with it); with
+        MEAN_CORRECTION then the item's tiles of block means (km_desc, vm_desc) the same way."""
         info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         count = 0
         t = 0
@@ -252,6 +271,17 @@ if HAVE_GLUON:
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
                 count += 1
+            if MEAN_CORRECTION:
+                for jm in range(_mean_tiles(tile, num_kept, BM)):
+                    slot = count % STAGES
+                    mbarrier.wait(kv_empty.index(slot), ((count // STAGES) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(slot), km_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(km_desc, [b, hk, jm * BM, 0], k_ready.index(slot),
+                                                    k_smem.index(slot))
+                    mbarrier.expect(v_ready.index(slot), vm_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(vm_desc, [b, hk, jm * BM, 0], v_ready.index(slot),
+                                                    v_smem.index(slot))
+                    count += 1
             _stamp(TRACE, t, 10, count, TRACE_ITEMS)
             t += 1
             if DYNAMIC:  # the next unclaimed item, as the hardware scheduler would hand out blocks
@@ -270,13 +300,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc, KV_NUM,
                      KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, TRACE,
-                     LSE, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr, STAGES: gl.constexpr,
-                     GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr, WRITE_LSE: gl.constexpr):
+                     LSE, KEPT, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
+                     STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr,
+                     WRITE_LSE: gl.constexpr, MEAN_CORRECTION: gl.constexpr):
         """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
         Arrives on `q_empty` once its last S of the item is done and on a slot's `kv_empty` once
         its P V product with that slot is done, except the item's last slot, which carries its
         rows of O out (below) and is released after that. WRITE_LSE: also each row's log2-sum-exp2
-        of its scaled scores (the softmax's m + log2(l)) into LSE (B, HQ, T_Q) fp32."""
+        of its scaled scores (the softmax's m + log2(l)) into LSE (B, HQ, T_Q) fp32.
+        MEAN_CORRECTION: after the kept blocks, the item's tiles of block means as one token per
+        pruned block before the tile's own (KEPT: uint8 (pattern rows, NKB), 1 where kept)."""
         ROWS: gl.constexpr = BM // 2
         BN: gl.constexpr = BM
         dtype: gl.constexpr = q_smem.dtype
@@ -300,6 +333,9 @@ if HAVE_GLUON:
             )
             num_kept = gl.load(KV_NUM + pattern_row)
             idx = KV_IDX + pattern_row * NKB
+            steps = num_kept
+            if MEAN_CORRECTION:
+                steps = num_kept + _mean_tiles(tile, num_kept, BM)
             _stamp(TRACE, t, 1, num_kept, TRACE_ITEMS)
             _record(TRACE, t, 7, num_kept, TRACE_ITEMS)
             rows = tile * BM + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
@@ -313,12 +349,12 @@ if HAVE_GLUON:
             s_tok = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=[s_tok])
             _stamp(TRACE, t, 3, num_kept, TRACE_ITEMS)
-            mbarrier.arrive(q_empty, pred=num_kept == 1)
+            mbarrier.arrive(q_empty, pred=steps == 1)
             kblock = gl.load(idx)
             p, m_i, l_i, correction = _softmax_step(s, m_i, l_i, qk_scale, kblock, rows, T_K, num_kept == 1, BN,
                                                     s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-            for j in range(1, num_kept):
+            for j in range(1, steps):
                 prev = slot
                 slot = (count + j) % STAGES
                 mbarrier.wait(k_ready.index(slot), ((count + j) // STAGES) & 1)
@@ -327,9 +363,15 @@ if HAVE_GLUON:
                 mbarrier.wait(v_ready.index(prev), ((count + j - 1) // STAGES) & 1)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=[s_tok])
+                mbarrier.arrive(q_empty, pred=j == steps - 1)
+                kj = j
+                if MEAN_CORRECTION:
+                    kj = gl.minimum(j, num_kept - 1)  # (a tile of means has no kept block of its own)
+                    if j >= num_kept:
+                        s = _mean_tokens(s, KEPT, pattern_row, NKB, (j - num_kept) * BN, tile, mean_bias, BN,
+                                         s_layout)
                 is_last = j == num_kept - 1
-                mbarrier.arrive(q_empty, pred=is_last)
-                kblock = gl.load(idx + j)
+                kblock = gl.load(idx + kj)
                 p, m_i, l_i, correction = _softmax_step(s, m_i, l_i, qk_scale, kblock, rows, T_K, is_last, BN,
                                                         s_layout)
                 acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
@@ -337,7 +379,7 @@ if HAVE_GLUON:
                 acc = acc * gl.convert_layout(correction, gl.SliceLayout(1, o_layout))[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             _stamp(TRACE, t, 4, num_kept, TRACE_ITEMS)
-            mbarrier.wait(v_ready.index(slot), ((count + num_kept - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(slot), ((count + steps - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
             acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
             _stamp(TRACE, t, 5, num_kept, TRACE_ITEMS)
@@ -360,7 +402,7 @@ if HAVE_GLUON:
             tma.store_wait(0)
             _cta_barrier()
             mbarrier.arrive(kv_empty.index(slot))
-            count += num_kept
+            count += steps
             t += 1
             _stamp(TRACE, t - 1, 6, num_kept, TRACE_ITEMS)
             mbarrier.wait(q_ready, t & 1)
@@ -369,15 +411,17 @@ if HAVE_GLUON:
     # Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
     @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total"])
     def _sparse_attention_sm90_ws_kernel(
-        q_desc, k_desc, v_desc, o_desc, KV_NUM, KV_IDX, COUNTER,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, LSE,
+        q_desc, k_desc, v_desc, o_desc, km_desc, vm_desc, KV_NUM, KV_IDX, COUNTER,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, LSE, KEPT, mean_bias,
         D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE_ITEMS: gl.constexpr,
-        WRITE_LSE: gl.constexpr, num_warps: gl.constexpr,
+        WRITE_LSE: gl.constexpr, MEAN_CORRECTION: gl.constexpr, num_warps: gl.constexpr,
     ):
         """num_warps (4) run the first consumer; the second consumer and the producer are worker
         partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
-        items from num_programs on; the last program to finish drawing sets it back to zero."""
+        items from num_programs on; the last program to finish drawing sets it back to zero.
+        km_desc, vm_desc, KEPT: the block means and kept-block map of the mean correction (None
+        without it)."""
         dtype: gl.constexpr = q_desc.dtype
         tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [BM, D_PAD], tile_smem)
@@ -399,16 +443,16 @@ if HAVE_GLUON:
             [
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, LSE, D_PAD, BM, 0, STAGES, GROUP_ORDER, TRACE_ITEMS,
-                                WRITE_LSE)),
+                                FIRST_TILE, qk_scale, TRACE, LSE, KEPT, mean_bias, D_PAD, BM, 0, STAGES, GROUP_ORDER,
+                                TRACE_ITEMS, WRITE_LSE, MEAN_CORRECTION)),
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, LSE, D_PAD, BM, BM // 2, STAGES, GROUP_ORDER, 0,
-                                WRITE_LSE)),
-                (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                                kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
-                                GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
-                                TRACE_ITEMS)),
+                                FIRST_TILE, qk_scale, TRACE, LSE, KEPT, mean_bias, D_PAD, BM, BM // 2, STAGES,
+                                GROUP_ORDER, 0, WRITE_LSE, MEAN_CORRECTION)),
+                (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                                k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
+                                NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
+                                TRACE_ITEMS, MEAN_CORRECTION)),
             ],
             [4, 1],
             [CONSUMER_REGS, 24],
@@ -479,6 +523,13 @@ def _descriptor(t: torch.Tensor, rows: int, d_pad: int):
     return TensorDescriptor(t, [b, h, n, d], [sb, sh, st, sd], [1, 1, rows, d_pad], layout)
 
 
+def _means_descriptor(means: torch.Tensor):
+    """A TMA descriptor over contiguous (B, H, NKB, d_pad) block means, one (128, d_pad) tile (128
+    blocks' means) per copy; rows past NKB read as zeros."""
+    layout = _smem_layout(BLOCK, means.shape[3], means.dtype == torch.float16)
+    return TensorDescriptor(means, list(means.shape), list(means.stride()), [1, 1, BLOCK, means.shape[3]], layout)
+
+
 def sparse_attention_sm90(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -493,13 +544,20 @@ def sparse_attention_sm90(
     dynamic: bool = True,
     trace: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    mean_correction: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention on Hopper; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
     The call must satisfy `supported` (block size 128).
 
     lse: warp-specialised kernel, a contiguous fp32 (B, HQ, Tq) tensor that receives each row's
     log-sum-exp of its kept scores in base 2 with the scale folded in: log2(sum exp2(scale *
-    log2(e) * q . k)) (`sparse_attention.mean_correction` merges the pruned blocks' tokens with it).
+    log2(e) * q . k)) (`sparse_attention.mean_correction` merges the pruned blocks' tokens with it;
+    with mean_correction, the tokens are in it).
+
+    mean_correction: warp-specialised kernel, also attend each pruned block before a query tile's
+    own block as one token, logit scale * q . kbar + log(128), value vbar (the block's mean key and
+    value; FlashPrefillConfig.mean_correction): each work item runs its tiles of 128 block means
+    through the ring after its kept blocks.
 
     warp_specialized: the persistent kernel with a producer warp and two consumer warpgroups
     (default; 13-22% less time than the per-tile one at 16K-128K, BENCHMARKS.md) instead of one program
@@ -510,8 +568,8 @@ def sparse_attention_sm90(
     (programs, items, 16), programs = min(work items, SMs), that receives clock stamps of each
     program's first `items` work items (the layout is in that script).
     """
-    if (trace is not None or lse is not None) and not warp_specialized:
-        raise ValueError("trace and lse come from the warp-specialised kernel only (warp_specialized=True)")
+    if (trace is not None or lse is not None or mean_correction) and not warp_specialized:
+        raise ValueError("trace, lse and mean_correction need the warp-specialised kernel (warp_specialized=True)")
     b, tq, hq, d = q.shape
     if lse is not None and (lse.dtype != torch.float32 or lse.shape != (b, hq, tq) or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 tensor {(b, hq, tq)}")
@@ -533,14 +591,19 @@ def sparse_attention_sm90(
         if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 3 or trace.shape[0] != programs
                                   or trace.shape[2] != 16 or not trace.is_contiguous()):
             raise ValueError(f"trace must be a contiguous int64 tensor ({programs}, items, 16)")
+        kept = k_means = v_means = None
+        if mean_correction:
+            kept, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, BLOCK, d_pad, q.dtype, False)
+            k_means, v_means = _means_descriptor(kbar), _means_descriptor(vbar)
         _sparse_attention_sm90_ws_kernel[(programs,)](
-            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
+            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad), k_means, v_means,
             kv_num_blocks, kv_indices, _work_counter(q.device),
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
-            kv_num_blocks if trace is None else trace, kv_num_blocks if lse is None else lse,
+            kv_num_blocks if trace is None else trace, kv_num_blocks if lse is None else lse, kept,
+            math.log2(BLOCK) / (scale * LOG2E) if mean_correction else None,
             D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
             CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],
-            WRITE_LSE=lse is not None, num_warps=4,
+            WRITE_LSE=lse is not None, MEAN_CORRECTION=mean_correction, num_warps=4,
         )
         return out
     _sparse_attention_sm90_kernel[(num_tiles, b * hq)](

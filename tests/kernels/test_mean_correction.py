@@ -235,3 +235,32 @@ def test_hopper_kernel_writes_each_rows_log_sum_exp():
     out = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, lse=lse)
     torch.testing.assert_close(lse, kept_lse2(q, k, pattern, scale), atol=2e-2, rtol=0)
     torch.testing.assert_close(out, api._sparse_attention_triton(q, k, v, pattern, scale), atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
+def test_hopper_kernel_attends_the_mean_tokens_itself():
+    """The warp-specialised Hopper kernel's own mean correction, past 128 key blocks (so more than
+    one tile of block means per query tile), with queries the last of the keys, a partial last
+    block and one head whose rows keep every block (nothing to correct there)."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+    from kernels.flash_prefill.config import BlockSparsePattern
+
+    tq, tk, bs = 800, 20000, 128
+    q, k, v = random_qkv(1, tq, tk, 4, 1, 128, dtype=torch.float32, device="cuda", seed=9)
+    q, k, v = (q * 2.0).bfloat16(), k.bfloat16(), v.bfloat16()
+    if not hopper_kernels.supported(q, k, v, bs):
+        pytest.skip("the Hopper kernel does not run here (needs an sm90 GPU)")
+    keep = random_pattern(1, 4, tk, bs, 0.1, "cuda", seed=9, q_len=tq).to_dense()
+    keep[:, 3] = reference.causal_pattern(1, 1, tq, tk, bs, "cuda").to_dense()[:, 0]
+    pattern = BlockSparsePattern.from_dense(keep, bs, tq, tk)
+    scale = 128**-0.5
+    out = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale,
+                                               mean_correction=True)
+    exact = reference.sparse_attention(q.double(), k.double(), v.double(), pattern, scale, torch.float64,
+                                       mean_correction=True)
+    low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None, mean_correction=True)
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+    uncorrected = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale)
+    assert max_abs_error(uncorrected[:, :, :3], exact[:, :, :3]) > 10 * max_abs_error(out, exact)
+    torch.testing.assert_close(out[:, :, 3], uncorrected[:, :, 3], atol=0, rtol=0)

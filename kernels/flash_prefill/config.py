@@ -44,9 +44,8 @@ class FlashPrefillConfig:
         softmax as one token (FlashPrefill V2): logit scale * q . kbar_J + log(block_size), value
         vbar_J, the block's mean key and value. That is exact for a block of equal keys and
         approximates the mass and output of the others. Off by default (DESIGN.md's attention
-        over the kept blocks only). On Hopper a pass after the attention kernel merges the tokens
-        into its output; elsewhere the Triton attention kernel attends them itself. BENCHMARKS.md
-        has its measured cost and accuracy.
+        over the kept blocks only). The attention kernels attend the tokens after each query
+        tile's kept blocks. BENCHMARKS.md has its measured cost and accuracy.
     """
 
     block_size: int = 128

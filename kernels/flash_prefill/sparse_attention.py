@@ -13,9 +13,7 @@ tensor in (B, H, T, D) order (Hopper's copy engine); 2 Q and O through descripto
 which needs the first query tile to start on row 0 ((Tk - Tq) % BM == 0).
 
 Mean correction (FlashPrefillConfig.mean_correction): the kernel attends, after its kept blocks,
-one token per pruned block before the tile's own (MEAN_CORRECTION); `mean_correction` runs the
-same tokens as a pass of their own, merged into the output of a kernel that wrote its rows'
-log-sum-exp (the Hopper kernel).
+one token per pruned block before the tile's own (MEAN_CORRECTION).
 """
 
 from __future__ import annotations
@@ -111,7 +109,7 @@ def _attend_block_means(
         s = tl.dot(q, tl.trans(kb)) * qk_scale + LOG2_BS
         s = tl.where(pruned[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no token yet (the correction pass alone)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
         p = tl.exp2(s - m_safe[:, None])
         correction = tl.exp2(m_i - m_safe)
         l_i = l_i * correction + tl.sum(p, axis=1)
@@ -194,81 +192,6 @@ def _sparse_attention_kernel(
             out.to(O.dtype.element_ty),
             mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
         )
-
-
-# Not specialised on lengths, as the attention kernel.
-@triton.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_QB", "FIRST_TILE"])
-def _mean_correction_kernel(
-    Q, O, LSE, KV_NUM, KEPT, KBAR, VBAR,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_ob, stride_ot, stride_oh, stride_od,
-    T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, FIRST_TILE, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
-    LOG2_BS: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """The mean correction as a pass of its own, after an attention kernel that wrote O and each
-    row's base-2 log-sum-exp (LSE, (B, HQ, T_Q) fp32): the pruned blocks' tokens are attended as in
-    `_attend_block_means` and merged into O in place. Tiles with nothing pruned leave O untouched."""
-    tile = FIRST_TILE + tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // NUM_Q_HEADS
-    h = pid_bh % NUM_Q_HEADS
-    hk = h // GROUP
-    q_start = T_K - T_Q
-    qb = (tile * BM) // BS - FIRST_QB
-    pattern_row = pid_bh * NQB + qb
-    num_kept = tl.load(KV_NUM + pattern_row)
-    block = (qb + FIRST_QB).to(tl.int32)
-    if num_kept <= block:  # something before the tile's block is pruned
-        pos = tile * BM + tl.arange(0, BM).to(tl.int64)
-        row_ok = (pos >= q_start) & (pos < T_K)
-        d = tl.arange(0, D_PAD)
-        tile_mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + (pos - q_start)[:, None] * stride_qt + d[None, :] * stride_qd,
-                    mask=tile_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        m_c = tl.full([BM], float("-inf"), dtype=tl.float32)
-        l_c = tl.zeros([BM], dtype=tl.float32)
-        acc = tl.zeros([BM, D_PAD], dtype=tl.float32)
-        acc, m_c, l_c = _attend_block_means(
-            acc, m_c, l_c, q, KEPT, KBAR, VBAR, pattern_row, b * (NUM_Q_HEADS // GROUP) + hk, block, num_kept,
-            NKB, qk_scale, D_PAD, BJ, LOG2_BS, UPCAST,
-        )
-        o_ptrs = O + b * stride_ob + h * stride_oh + (pos - q_start)[:, None] * stride_ot + d[None, :] * stride_od
-        o = tl.load(o_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + pid_bh * T_Q + (pos - q_start), mask=row_ok, other=0.0)
-        # O = acc_kept / l_kept with l_kept = exp2(lse); the pruned tokens: acc / l_c at m_c.
-        top = tl.maximum(lse, m_c + tl.log2(l_c))
-        w_kept = tl.exp2(lse - top)
-        w_mean = tl.exp2(m_c - top)
-        out = (o * w_kept[:, None] + acc * w_mean[:, None]) / (w_kept + l_c * w_mean)[:, None]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=tile_mask)
-
-
-def mean_correction(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, scale: float, d_pad: int, upcast: bool,
-    means_per_step: int = 64,
-) -> torch.Tensor:
-    """The mean correction merged into `out`, the attention over the kept blocks, in place, given
-    each row's base-2 log-sum-exp of its kept scores (lse, contiguous fp32 (B, HQ, Tq), scale x
-    log2(e) folded in, as `sparse_attention_sm90` writes it). Returns out. means_per_step: block
-    means per product (a power of two, >= 16)."""
-    b, tq, hq, d = q.shape
-    tk, h = k.shape[1], k.shape[2]
-    nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
-    bm, _, warps, _ = _tiles(block_size, d_pad)
-    first_tile = (tk - tq) // bm
-    kept, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size, d_pad, q.dtype, upcast)
-    _mean_correction_kernel[(triton.cdiv(tk, bm) - first_tile, b * hq)](
-        q, out, lse, kv_num_blocks, kept, kbar, vbar,
-        *q.stride(), *out.stride(),
-        tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BM=bm, BJ=means_per_step, LOG2_BS=float(math.log2(block_size)),
-        UPCAST=upcast, num_warps=warps,
-    )
-    return out
 
 
 # Q, K, V and O through host-built tensor descriptors: the fastest load path on the H200, 9-12%

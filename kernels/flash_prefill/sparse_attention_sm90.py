@@ -19,6 +19,11 @@ waits for S before the softmax and for P V before the next S, so the exponential
 cores take turns there. Only the last kept block is masked (it is the diagonal whenever the
 window keeps it), by a branch inside the loop, so its loads stay in the pipeline.
 
+With the mean correction (FlashPrefillConfig.mean_correction) each work item of the warp-
+specialised kernel runs, after its kept blocks, its tiles of 128 block means (mean keys and values
+of blocks 0-127, 128-255, ...) through the same ring and the same loop; their scores take log2 of
+the block size and are masked to the pruned blocks before the tile's own.
+
 They cover the common case only: bf16/fp16, block size 128, head dim up to 128, queries starting
 on a 128-row boundary ((Tk - Tq) % 128 == 0), TMA-compatible strides. `supported` says whether a
 call qualifies; the caller falls back to the Triton kernel otherwise.
@@ -300,14 +305,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc, KV_NUM,
                      KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, TRACE,
-                     LSE, KEPT, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
+                     KEPT, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
                      STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr,
-                     WRITE_LSE: gl.constexpr, MEAN_CORRECTION: gl.constexpr):
+                     MEAN_CORRECTION: gl.constexpr):
         """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
         Arrives on `q_empty` once its last S of the item is done and on a slot's `kv_empty` once
         its P V product with that slot is done, except the item's last slot, which carries its
-        rows of O out (below) and is released after that. WRITE_LSE: also each row's log2-sum-exp2
-        of its scaled scores (the softmax's m + log2(l)) into LSE (B, HQ, T_Q) fp32.
+        rows of O out (below) and is released after that.
         MEAN_CORRECTION: after the kept blocks, the item's tiles of block means as one token per
         pruned block before the tile's own (KEPT: uint8 (pattern rows, NKB), 1 where kept)."""
         ROWS: gl.constexpr = BM // 2
@@ -389,10 +393,6 @@ if HAVE_GLUON:
             # back to the producer once the store has read it. Per-thread global stores from the
             # MMA layout took about 2 us per item (BENCHMARKS.md).
             out = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
-            if WRITE_LSE:
-                query = rows - (T_K - T_Q)
-                gl.store(LSE + (b * NUM_Q_HEADS + h) * T_Q + query, m_i + gl.log2(l_i),
-                         mask=(query >= 0) & (query < T_Q))
             stage = k_smem.index(slot).slice(ROW0, ROWS)
             mbarrier.wait(q_empty, t & 1)
             stage.store(out.to(dtype))
@@ -412,10 +412,10 @@ if HAVE_GLUON:
     @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total"])
     def _sparse_attention_sm90_ws_kernel(
         q_desc, k_desc, v_desc, o_desc, km_desc, vm_desc, KV_NUM, KV_IDX, COUNTER,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, LSE, KEPT, mean_bias,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, KEPT, mean_bias,
         D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE_ITEMS: gl.constexpr,
-        WRITE_LSE: gl.constexpr, MEAN_CORRECTION: gl.constexpr, num_warps: gl.constexpr,
+        MEAN_CORRECTION: gl.constexpr, num_warps: gl.constexpr,
     ):
         """num_warps (4) run the first consumer; the second consumer and the producer are worker
         partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
@@ -443,12 +443,12 @@ if HAVE_GLUON:
             [
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, LSE, KEPT, mean_bias, D_PAD, BM, 0, STAGES, GROUP_ORDER,
-                                TRACE_ITEMS, WRITE_LSE, MEAN_CORRECTION)),
+                                FIRST_TILE, qk_scale, TRACE, KEPT, mean_bias, D_PAD, BM, 0, STAGES, GROUP_ORDER,
+                                TRACE_ITEMS, MEAN_CORRECTION)),
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, LSE, KEPT, mean_bias, D_PAD, BM, BM // 2, STAGES,
-                                GROUP_ORDER, 0, WRITE_LSE, MEAN_CORRECTION)),
+                                FIRST_TILE, qk_scale, TRACE, KEPT, mean_bias, D_PAD, BM, BM // 2, STAGES,
+                                GROUP_ORDER, 0, MEAN_CORRECTION)),
                 (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
                                 k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
                                 NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
@@ -543,16 +543,10 @@ def sparse_attention_sm90(
     warp_specialized: bool = True,
     dynamic: bool = True,
     trace: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
     mean_correction: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention on Hopper; q (B, Tq, HQ, D), k/v (B, Tk, H, D) -> (B, Tq, HQ, D).
     The call must satisfy `supported` (block size 128).
-
-    lse: warp-specialised kernel, a contiguous fp32 (B, HQ, Tq) tensor that receives each row's
-    log-sum-exp of its kept scores in base 2 with the scale folded in: log2(sum exp2(scale *
-    log2(e) * q . k)) (`sparse_attention.mean_correction` merges the pruned blocks' tokens with it;
-    with mean_correction, the tokens are in it).
 
     mean_correction: warp-specialised kernel, also attend each pruned block before a query tile's
     own block as one token, logit scale * q . kbar + log(128), value vbar (the block's mean key and
@@ -568,11 +562,9 @@ def sparse_attention_sm90(
     (programs, items, 16), programs = min(work items, SMs), that receives clock stamps of each
     program's first `items` work items (the layout is in that script).
     """
-    if (trace is not None or lse is not None or mean_correction) and not warp_specialized:
-        raise ValueError("trace, lse and mean_correction need the warp-specialised kernel (warp_specialized=True)")
+    if (trace is not None or mean_correction) and not warp_specialized:
+        raise ValueError("trace and mean_correction run on the warp-specialised kernel only (warp_specialized=True)")
     b, tq, hq, d = q.shape
-    if lse is not None and (lse.dtype != torch.float32 or lse.shape != (b, hq, tq) or not lse.is_contiguous()):
-        raise ValueError(f"lse must be a contiguous float32 tensor {(b, hq, tq)}")
     tk, h = k.shape[1], k.shape[2]
     nqb, nkb = kv_indices.shape[2], kv_indices.shape[3]
     d_pad = _d_pad(d)
@@ -599,11 +591,11 @@ def sparse_attention_sm90(
             *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad), k_means, v_means,
             kv_num_blocks, kv_indices, _work_counter(q.device),
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
-            kv_num_blocks if trace is None else trace, kv_num_blocks if lse is None else lse, kept,
+            kv_num_blocks if trace is None else trace, kept,
             math.log2(BLOCK) / (scale * LOG2E) if mean_correction else None,
             D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
             CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],
-            WRITE_LSE=lse is not None, MEAN_CORRECTION=mean_correction, num_warps=4,
+            MEAN_CORRECTION=mean_correction, num_warps=4,
         )
         return out
     _sparse_attention_sm90_kernel[(num_tiles, b * hq)](

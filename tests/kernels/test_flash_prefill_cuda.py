@@ -271,3 +271,5 @@ def test_hopper_trace_records_ordered_stamps_without_changing_the_output():
                                                                       device="cuda"))
     with pytest.raises(ValueError, match="warp-specialised kernel only"):
         hopper_kernels.sparse_attention_sm90(*args, trace=trace.cuda(), warp_specialized=False)
+    with pytest.raises(ValueError, match="warp-specialised kernel only"):
+        hopper_kernels.sparse_attention_sm90(*args, mean_correction=True, warp_specialized=False)

@@ -298,30 +298,33 @@ def sparse_attention(
 
 
 @triton.jit
-def _kept_map_kernel(KV_NUM, KV_IDX, KEPT, NKB, BLOCK: tl.constexpr):
-    """Row r of the pattern: KEPT[r, id] = 1 for each of its kept ids (KEPT zeroed before)."""
+def _kept_map_kernel(KV_NUM, KV_IDX, KEPT, NKB, KEPT_ROW, BLOCK: tl.constexpr):
+    """Row r of the pattern: KEPT[r, id] = 1 for each of its kept ids (KEPT zeroed before, rows
+    KEPT_ROW apart)."""
     r = tl.program_id(0).to(tl.int64)
     n = tl.load(KV_NUM + r)
     for j0 in tl.range(0, n, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         ids = tl.load(KV_IDX + r * NKB + j, mask=j < n, other=0)
-        tl.store(KEPT + r * NKB + ids, tl.full([BLOCK], 1, tl.uint8), mask=j < n)
+        tl.store(KEPT + r * KEPT_ROW + ids, tl.full([BLOCK], 1, tl.uint8), mask=j < n)
 
 
 def _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size: int, d_pad: int, dtype: torch.dtype,
-                       upcast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the mean correction reads: the kept-block map and the blocks' mean keys and values
-    (in fp32 under the interpreter's upcast, else in the inputs' dtype)."""
+                       upcast: bool, row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the mean correction reads: the kept-block map (`kept_blocks`) and the blocks' mean keys
+    and values (in fp32 under the interpreter's upcast, else in the inputs' dtype)."""
     dtype = torch.float32 if upcast else dtype
-    return (kept_blocks(kv_num_blocks, kv_indices), block_means(k, block_size, d_pad, dtype),
+    return (kept_blocks(kv_num_blocks, kv_indices, row_multiple), block_means(k, block_size, d_pad, dtype),
             block_means(v, block_size, d_pad, dtype))
 
 
-def kept_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, HQ, NQB, NKB), 1 where the pattern keeps the block (its block grid)."""
+def kept_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, row_multiple: int = 1) -> torch.Tensor:
+    """uint8 (B, HQ, NQB, NKB rounded up to a multiple of row_multiple), 1 where the pattern keeps
+    the block (its block grid; padded columns 0)."""
     nkb = kv_indices.shape[-1]
-    kept = torch.zeros(kv_indices.shape, dtype=torch.uint8, device=kv_indices.device)
-    _kept_map_kernel[(kv_num_blocks.numel(),)](kv_num_blocks, kv_indices, kept, nkb, BLOCK=128, num_warps=4)
+    row = -(-nkb // row_multiple) * row_multiple
+    kept = torch.zeros(*kv_indices.shape[:-1], row, dtype=torch.uint8, device=kv_indices.device)
+    _kept_map_kernel[(kv_num_blocks.numel(),)](kv_num_blocks, kv_indices, kept, nkb, row, BLOCK=128, num_warps=4)
     return kept
 
 

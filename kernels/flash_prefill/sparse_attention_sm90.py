@@ -21,8 +21,9 @@ window keeps it), by a branch inside the loop, so its loads stay in the pipeline
 
 With the mean correction (FlashPrefillConfig.mean_correction) each work item of the warp-
 specialised kernel runs, after its kept blocks, its tiles of 128 block means (mean keys and values
-of blocks 0-127, 128-255, ...) through the same ring and the same loop; their scores take log2 of
-the block size and are masked to the pruned blocks before the tile's own.
+of blocks 0-127, 128-255, ...) through the same ring and the same loop, each with those blocks'
+kept flags copied beside it into shared memory; their scores take log2 of the block size and are
+masked to the pruned blocks before the tile's own.
 
 They cover the common case only: bf16/fp16, block size 128, head dim up to 128, queries starting
 on a 128-row boundary ((Tk - Tq) % 128 == 0), TMA-compatible strides. `supported` says whether a
@@ -61,6 +62,10 @@ BLOCK = 128  # query rows per program = key rows per step = the sparsity block s
 # K/V ring depth: 3 slots (224 KiB of shared memory with Q) took 3-15% less time than 2 in both
 # kernels on the H200 (BENCHMARKS.md, Hopper kernels).
 DEFAULT_STAGES = 3
+# The mean correction's kept-block map has rows of a multiple of 16 flags, so that its TMA copies
+# start on 16-byte boundaries and it spans a multiple of 16 bytes (with rows of 1025 flags, a
+# 128K-token prompt's, the copies failed with an illegal instruction on the H200).
+KEPT_ROW_MULTIPLE = 16
 # Registers per thread asked for the second consumer partition of the warp-specialised kernel.
 CONSUMER_REGS = 232
 
@@ -81,13 +86,13 @@ if HAVE_GLUON:
         return p, m_new, l_i, correction
 
     @gluon.jit
-    def _mean_tokens(s, KEPT, pattern_row, NKB, first, tile, bias, BN: gl.constexpr, layout: gl.constexpr):
+    def _mean_tokens(s, kept_smem, first, tile, bias, BN: gl.constexpr, layout: gl.constexpr):
         """Scores of a tile of block means (blocks first .. first + BN - 1) as mean tokens: the
         pruned blocks before the query tile's own block `tile` get `bias` (log2 of the block size
-        over the scale), the rest are masked out."""
+        over the scale), the rest are masked out. kept_smem: the blocks' kept flags (uint8)."""
         cols = first + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        kept = gl.load(KEPT + pattern_row * NKB + cols, mask=cols < tile, other=1)
-        return gl.where((kept == 0)[None, :], s + bias, float("-inf"))
+        kept = kept_smem.load(gl.SliceLayout(0, layout))
+        return gl.where(((kept == 0) & (cols < tile))[None, :], s + bias, float("-inf"))
 
     @gluon.jit
     def _mean_tiles(tile, num_kept, BM: gl.constexpr):
@@ -240,7 +245,8 @@ if HAVE_GLUON:
     # ---- Warp-specialised, persistent kernel (the default) ----------------------------------
 
     @gluon.jit
-    def _ws_producer(q_desc, k_desc, v_desc, km_desc, vm_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+    def _ws_producer(q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem, kept_smem,
+                     q_ready, q_empty, k_ready,
                      v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
                      GROUP, NKB, NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr,
@@ -248,7 +254,8 @@ if HAVE_GLUON:
         """1 warp: claims work items, publishes each one's index in `info` with its Q load on
         `q_ready`, and streams the item's kept K/V blocks into the ring (slot = running block count
         % STAGES), waiting on each slot's `kv_empty` (both consumers done with it); with
-        MEAN_CORRECTION then the item's tiles of block means (km_desc, vm_desc) the same way."""
+        MEAN_CORRECTION then the item's tiles of block means (km_desc, vm_desc) the same way, each
+        with its 128 blocks' kept flags (kept_desc, into the slot's `kept_smem`)."""
         info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         count = 0
         t = 0
@@ -280,9 +287,12 @@ if HAVE_GLUON:
                 for jm in range(_mean_tiles(tile, num_kept, BM)):
                     slot = count % STAGES
                     mbarrier.wait(kv_empty.index(slot), ((count // STAGES) & 1) ^ 1)
-                    mbarrier.expect(k_ready.index(slot), km_desc.block_type.nbytes)
+                    mbarrier.expect(k_ready.index(slot), km_desc.block_type.nbytes + kept_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(km_desc, [b, hk, jm * BM, 0], k_ready.index(slot),
                                                     k_smem.index(slot))
+                    kept_row = (NKB + 15) // 16 * 16  # the map's row (KEPT_ROW_MULTIPLE)
+                    tma.async_copy_global_to_shared(kept_desc, [pattern_row.to(gl.int32) * kept_row + jm * BM],
+                                                    k_ready.index(slot), kept_smem.index(slot))
                     mbarrier.expect(v_ready.index(slot), vm_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(vm_desc, [b, hk, jm * BM, 0], v_ready.index(slot),
                                                     v_smem.index(slot))
@@ -305,7 +315,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc, KV_NUM,
                      KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, TRACE,
-                     KEPT, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
+                     kept_smem, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
                      STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr,
                      MEAN_CORRECTION: gl.constexpr):
         """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
@@ -313,7 +323,7 @@ if HAVE_GLUON:
         its P V product with that slot is done, except the item's last slot, which carries its
         rows of O out (below) and is released after that.
         MEAN_CORRECTION: after the kept blocks, the item's tiles of block means as one token per
-        pruned block before the tile's own (KEPT: uint8 (pattern rows, NKB), 1 where kept)."""
+        pruned block before the tile's own (each ring slot's kept flags in `kept_smem`)."""
         ROWS: gl.constexpr = BM // 2
         BN: gl.constexpr = BM
         dtype: gl.constexpr = q_smem.dtype
@@ -372,7 +382,7 @@ if HAVE_GLUON:
                 if MEAN_CORRECTION:
                     kj = gl.minimum(j, num_kept - 1)  # (a tile of means has no kept block of its own)
                     if j >= num_kept:
-                        s = _mean_tokens(s, KEPT, pattern_row, NKB, (j - num_kept) * BN, tile, mean_bias, BN,
+                        s = _mean_tokens(s, kept_smem.index(slot), (j - num_kept) * BN, tile, mean_bias, BN,
                                          s_layout)
                 is_last = j == num_kept - 1
                 kblock = gl.load(idx + kj)
@@ -411,8 +421,8 @@ if HAVE_GLUON:
     # Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
     @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total"])
     def _sparse_attention_sm90_ws_kernel(
-        q_desc, k_desc, v_desc, o_desc, km_desc, vm_desc, KV_NUM, KV_IDX, COUNTER,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, KEPT, mean_bias,
+        q_desc, k_desc, v_desc, o_desc, km_desc, vm_desc, kept_desc, KV_NUM, KV_IDX, COUNTER,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, mean_bias,
         D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE_ITEMS: gl.constexpr,
         MEAN_CORRECTION: gl.constexpr, num_warps: gl.constexpr,
@@ -420,8 +430,8 @@ if HAVE_GLUON:
         """num_warps (4) run the first consumer; the second consumer and the producer are worker
         partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
         items from num_programs on; the last program to finish drawing sets it back to zero.
-        km_desc, vm_desc, KEPT: the block means and kept-block map of the mean correction (None
-        without it)."""
+        km_desc, vm_desc, kept_desc: the block means and the flattened kept-block map (uint8, 1
+        where kept) of the mean correction; None without it."""
         dtype: gl.constexpr = q_desc.dtype
         tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [BM, D_PAD], tile_smem)
@@ -433,6 +443,10 @@ if HAVE_GLUON:
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         info = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        kept_smem = k_smem  # (unused without the correction)
+        if MEAN_CORRECTION:  # a ring slot's kept flags of its tile of means
+            kept_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, BM],
+                                                  gl.NVMMASharedLayout.get_default_for([BM], gl.uint8))
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=2)
         for i in gl.static_range(STAGES):
@@ -443,13 +457,14 @@ if HAVE_GLUON:
             [
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, KEPT, mean_bias, D_PAD, BM, 0, STAGES, GROUP_ORDER,
+                                FIRST_TILE, qk_scale, TRACE, kept_smem, mean_bias, D_PAD, BM, 0, STAGES, GROUP_ORDER,
                                 TRACE_ITEMS, MEAN_CORRECTION)),
                 (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
                                 KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
-                                FIRST_TILE, qk_scale, TRACE, KEPT, mean_bias, D_PAD, BM, BM // 2, STAGES,
+                                FIRST_TILE, qk_scale, TRACE, kept_smem, mean_bias, D_PAD, BM, BM // 2, STAGES,
                                 GROUP_ORDER, 0, MEAN_CORRECTION)),
-                (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem,
+                                kept_smem, q_ready, q_empty,
                                 k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
                                 NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
                                 TRACE_ITEMS, MEAN_CORRECTION)),
@@ -530,6 +545,15 @@ def _means_descriptor(means: torch.Tensor):
     return TensorDescriptor(means, list(means.shape), list(means.stride()), [1, 1, BLOCK, means.shape[3]], layout)
 
 
+def _kept_descriptor(kept: torch.Tensor):
+    """A TMA descriptor over the kept-block map (uint8 (B, HQ, NQB, NKB padded to a multiple of
+    KEPT_ROW_MULTIPLE)) flattened, 128 flags per copy (past the end: zeros); offsets are int32."""
+    if kept.numel() >= 2**31:
+        raise ValueError(f"the mean correction on this kernel takes block grids under 2^31 entries, got {kept.numel()}")
+    flat = kept.view(-1)
+    return TensorDescriptor(flat, [flat.numel()], [1], [BLOCK], gl.NVMMASharedLayout.get_default_for([BLOCK], gl.uint8))
+
+
 def sparse_attention_sm90(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -551,7 +575,7 @@ def sparse_attention_sm90(
     mean_correction: warp-specialised kernel, also attend each pruned block before a query tile's
     own block as one token, logit scale * q . kbar + log(128), value vbar (the block's mean key and
     value; FlashPrefillConfig.mean_correction): each work item runs its tiles of 128 block means
-    through the ring after its kept blocks.
+    through the ring after its kept blocks, each with its blocks' kept flags.
 
     warp_specialized: the persistent kernel with a producer warp and two consumer warpgroups
     (default; 13-22% less time than the per-tile one at 16K-128K, BENCHMARKS.md) instead of one program
@@ -583,15 +607,17 @@ def sparse_attention_sm90(
         if trace is not None and (trace.dtype != torch.int64 or trace.dim() != 3 or trace.shape[0] != programs
                                   or trace.shape[2] != 16 or not trace.is_contiguous()):
             raise ValueError(f"trace must be a contiguous int64 tensor ({programs}, items, 16)")
-        kept = k_means = v_means = None
+        k_means = v_means = kept = None
         if mean_correction:
-            kept, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, BLOCK, d_pad, q.dtype, False)
-            k_means, v_means = _means_descriptor(kbar), _means_descriptor(vbar)
+            kept_map, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, BLOCK, d_pad, q.dtype, False,
+                                                      row_multiple=KEPT_ROW_MULTIPLE)
+            k_means, v_means, kept = _means_descriptor(kbar), _means_descriptor(vbar), _kept_descriptor(kept_map)
         _sparse_attention_sm90_ws_kernel[(programs,)](
-            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad), k_means, v_means,
+            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
+            k_means, v_means, kept,
             kv_num_blocks, kv_indices, _work_counter(q.device),
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
-            kv_num_blocks if trace is None else trace, kept,
+            kv_num_blocks if trace is None else trace,
             math.log2(BLOCK) / (scale * LOG2E) if mean_correction else None,
             D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
             CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],

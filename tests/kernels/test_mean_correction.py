@@ -148,13 +148,17 @@ def test_block_means_of_the_kernel_path_are_the_blocks_means():
     assert not means[..., 40:].any()
 
 
-def test_kept_blocks_marks_exactly_the_kept_blocks():
+@pytest.mark.parametrize("row_multiple", [1, 16])
+def test_kept_blocks_marks_exactly_the_kept_blocks(row_multiple):
+    """The map, its rows padded with zeros to a multiple of row_multiple flags (17 blocks here)."""
     from kernels.flash_prefill import sparse_attention as attention_kernels
 
-    pattern = random_pattern(2, 3, 500, 32, 0.4, DEVICE, seed=4, q_len=300)
-    kept = attention_kernels.kept_blocks(pattern.kv_num_blocks, pattern.kv_indices)
-    assert kept.dtype == torch.uint8
-    assert torch.equal(kept.bool(), pattern.to_dense())
+    pattern = random_pattern(2, 3, 530, 32, 0.4, DEVICE, seed=4, q_len=300)
+    kept = attention_kernels.kept_blocks(pattern.kv_num_blocks, pattern.kv_indices, row_multiple)
+    assert kept.dtype == torch.uint8 and kept.is_contiguous()
+    assert kept.shape == (*pattern.kv_indices.shape[:-1], 17 if row_multiple == 1 else 32)
+    assert torch.equal(kept[..., :17].bool(), pattern.to_dense())
+    assert not kept[..., 17:].any()
 
 
 @pytest.mark.cuda

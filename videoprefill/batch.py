@@ -279,10 +279,12 @@ def _run_one(qa, decoded, item: Item, first: bool, args, config) -> dict:
     return row
 
 
-def _base_row(item: Item, args) -> dict:
+def _base_row(item: Item, args, config) -> dict:
+    """What the item is and what it is asked with: the attention mode and the FlashPrefill
+    config (so that rows of resumed runs with other settings stay told apart)."""
     return {"id": item.id, "video": item.video, "question": item.question, "options": item.options,
             "answer": item.answer, "category": item.category, "duration": item.duration,
-            "attention": args.attention}
+            "attention": args.attention, "config": dataclasses.asdict(config)}
 
 
 def run_items(qa, items: list[Item], out_path: Path, args, config, sampling, rank: int = 0) -> tuple[int, int, bool]:
@@ -312,7 +314,7 @@ def run_items(qa, items: list[Item], out_path: Path, args, config, sampling, ran
             for n, item in enumerate(group):
                 if stop.requested:
                     break
-                row = _base_row(item, args)
+                row = _base_row(item, args, config)
                 try:
                     if isinstance(decoded, Exception):
                         raise decoded

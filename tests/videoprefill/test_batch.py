@@ -140,7 +140,8 @@ def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):
     first = run_batch(str(src), "--video-dir", str(videos), "--out", str(out), "--limit", "3", *FAST)
     assert first.returncode == 1, first.stderr  # one of the first three failed
     assert [r["id"] for r in read_lines(out)] == ["q0", "q1", "q2"]  # input order once complete
-    second = run_batch(str(src), "--video-dir", str(videos), "--out", str(out), "--attention", "compare", *FAST)
+    second = run_batch(str(src), "--video-dir", str(videos), "--out", str(out), "--attention", "compare",
+                       "--mean-correction", "--pattern-per-kv-head", "--alpha", "0.3", *FAST)
     assert second.returncode == 1
     lines = read_lines(out)
     assert sorted(r["id"] for r in lines) == [f"q{i}" for i in range(6)]  # none lost, none twice
@@ -148,6 +149,12 @@ def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):
     assert "cannot decode" in by_id["q2"]["error"] and "not found" in by_id["q4"]["error"]
     assert by_id["q0"]["error"] is None and by_id["q0"]["attention"] == "sparse"  # kept from the first run
     assert by_id["q5"]["attention"] == "compare" and set(by_id["q5"]["runs"]) == {"sparse", "dense"}
+    # each row says what it was asked with: the first run's defaults, the second run's options
+    first_config, second_config = by_id["q0"]["config"], by_id["q5"]["config"]
+    assert not first_config["mean_correction"] and not first_config["pattern_per_kv_head"]
+    assert second_config["mean_correction"] and second_config["pattern_per_kv_head"]
+    assert second_config["alpha"] == 0.3 and first_config["alpha"] != 0.3
+    assert by_id["q4"]["config"] == second_config  # error rows too
     ok = by_id["q3"]
     assert ok["prediction"] and ok["ttft_s"] > 0 and ok["tokens"]["video"] > 0 and isinstance(ok["correct"], bool)
     summary = json.loads((tmp_path / "res" / "out.summary.json").read_text())

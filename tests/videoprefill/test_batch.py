@@ -220,6 +220,7 @@ def test_each_video_is_decoded_once_ahead_of_the_model(tmp_path):
     """run_items with a stand-in for VideoQA: one decode per video, however many questions."""
     from types import SimpleNamespace
 
+    from kernels import FlashPrefillConfig
     from videoprefill.batch import Item, build_parser, run_items
 
     decoded: list[str] = []
@@ -242,7 +243,7 @@ def test_each_video_is_decoded_once_ahead_of_the_model(tmp_path):
     args = build_parser().parse_args(["in.jsonl", "--video-dir", ".", "--out", "o.jsonl", "--quiet"])
     args.world = 1
     out = tmp_path / "o.jsonl"
-    ok, failed, stopped = run_items(StandIn(), items, out, args, config=None, sampling=None)
+    ok, failed, stopped = run_items(StandIn(), items, out, args, config=FlashPrefillConfig(), sampling=None)
     assert (ok, failed, stopped) == (5, 1, False)
     assert decoded == ["a", "b", "bad"]
     rows = {r["id"]: r for r in read_lines(out)}

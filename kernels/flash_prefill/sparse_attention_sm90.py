@@ -246,9 +246,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_producer(q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem, kept_smem,
-                     q_ready, q_empty, k_ready,
-                     v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS,
-                     GROUP, NKB, NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr,
+                     q_ready, q_empty, k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles,
+                     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr,
                      MEAN_CORRECTION: gl.constexpr):
         """1 warp: claims work items, publishes each one's index in `info` with its Q load on
@@ -284,13 +283,13 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
                 count += 1
             if MEAN_CORRECTION:
+                kept_row = (NKB + 15) // 16 * 16  # the kept-block map's row (KEPT_ROW_MULTIPLE)
                 for jm in range(_mean_tiles(tile, num_kept, BM)):
                     slot = count % STAGES
                     mbarrier.wait(kv_empty.index(slot), ((count // STAGES) & 1) ^ 1)
                     mbarrier.expect(k_ready.index(slot), km_desc.block_type.nbytes + kept_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(km_desc, [b, hk, jm * BM, 0], k_ready.index(slot),
                                                     k_smem.index(slot))
-                    kept_row = (NKB + 15) // 16 * 16  # the map's row (KEPT_ROW_MULTIPLE)
                     tma.async_copy_global_to_shared(kept_desc, [pattern_row.to(gl.int32) * kept_row + jm * BM],
                                                     k_ready.index(slot), kept_smem.index(slot))
                     mbarrier.expect(v_ready.index(slot), vm_desc.block_type.nbytes)
@@ -464,10 +463,9 @@ if HAVE_GLUON:
                                 FIRST_TILE, qk_scale, TRACE, kept_smem, mean_bias, D_PAD, BM, BM // 2, STAGES,
                                 GROUP_ORDER, 0, MEAN_CORRECTION)),
                 (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem,
-                                kept_smem, q_ready, q_empty,
-                                k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K,
-                                NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, BM, STAGES, GROUP_ORDER, DYNAMIC,
-                                TRACE_ITEMS, MEAN_CORRECTION)),
+                                kept_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM,
+                                KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE,
+                                BM, STAGES, GROUP_ORDER, DYNAMIC, TRACE_ITEMS, MEAN_CORRECTION)),
             ],
             [4, 1],
             [CONSUMER_REGS, 24],

@@ -177,22 +177,24 @@ def test_correction_on_the_gpu_at_the_7b_shape():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run on the GPU machine")
-def test_hopper_kernel_attends_the_mean_tokens_itself():
+@pytest.mark.parametrize("d, dtype", [(128, torch.bfloat16), (64, torch.float16)])
+def test_hopper_kernel_attends_the_mean_tokens_itself(d, dtype):
     """The warp-specialised Hopper kernel's own mean correction, past 128 key blocks (so more than
     one tile of block means per query tile), with queries the last of the keys, a partial last
-    block and one head whose rows keep every block (nothing to correct there)."""
+    block (157 blocks: the kept-block map's rows padded) and one head whose rows keep every block
+    (nothing to correct there)."""
     from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
     from kernels.flash_prefill.config import BlockSparsePattern
 
     tq, tk, bs = 800, 20000, 128
-    q, k, v = random_qkv(1, tq, tk, 4, 1, 128, dtype=torch.float32, device="cuda", seed=9)
-    q, k, v = (q * 2.0).bfloat16(), k.bfloat16(), v.bfloat16()
+    q, k, v = random_qkv(1, tq, tk, 4, 1, d, dtype=torch.float32, device="cuda", seed=9)
+    q, k, v = (q * 2.0).to(dtype), k.to(dtype), v.to(dtype)
     if not hopper_kernels.supported(q, k, v, bs):
         pytest.skip("the Hopper kernel does not run here (needs an sm90 GPU)")
     keep = random_pattern(1, 4, tk, bs, 0.1, "cuda", seed=9, q_len=tq).to_dense()
     keep[:, 3] = reference.causal_pattern(1, 1, tq, tk, bs, "cuda").to_dense()[:, 0]
     pattern = BlockSparsePattern.from_dense(keep, bs, tq, tk)
-    scale = 128**-0.5
+    scale = d**-0.5
     out = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale,
                                                mean_correction=True)
     exact = reference.sparse_attention(q.double(), k.double(), v.double(), pattern, scale, torch.float64,

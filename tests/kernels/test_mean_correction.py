@@ -1,8 +1,9 @@
 """The mean correction of pruned blocks (FlashPrefillConfig.mean_correction, FlashPrefill V2).
 
 The reference against what the correction claims (exact where a pruned block's keys are equal,
-nothing to do where no block is pruned), the Triton kernel against the reference on the same
-pattern, and flash_prefill's use of the option. On CPU the kernel runs under TRITON_INTERPRET=1.
+nothing to do where no block is pruned), the Triton kernel and (on an sm90 GPU) the Hopper kernel
+against the reference on the same pattern, and flash_prefill's use of the option. On CPU the
+Triton kernel runs under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations

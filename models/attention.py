@@ -186,15 +186,6 @@ def current_settings() -> RequestSettings:
     return _SETTINGS.get() or _DEFAULTS
 
 
-def _dense(module, query, key, value, attention_mask, scaling, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    # a decoding step or a question over a cache: no cuDNN (module docstring)
-    short = sdpa_kernel(SHORT_QUERY_BACKENDS) if query.shape[2] < key.shape[2] else contextlib.nullcontext()
-    with short:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
 def dense_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -206,10 +197,16 @@ def dense_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The dense mode (DENSE_NAME): transformers' SDPA attention, short queries kept off cuDNN (the
-    signature is transformers' attention interface, as sparse_attention_forward's)."""
-    return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
-                  **kwargs)
+    """The dense mode (DENSE_NAME), and the sparse mode's dense calls: transformers' SDPA attention,
+    short queries kept off cuDNN (the signature is transformers' attention interface, as
+    sparse_attention_forward's)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # a decoding step or a question over a cache: no cuDNN (module docstring)
+    short = sdpa_kernel(SHORT_QUERY_BACKENDS) if query.shape[2] < key.shape[2] else contextlib.nullcontext()
+    with short:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
 
 
 def _valid_ranges(key_valid: torch.Tensor) -> list[tuple[int, int] | None]:
@@ -260,8 +257,8 @@ def sparse_attention_forward(
     if tq == 1 or not causal or layer is None or layer < settings.dense_layers:
         if recorder is not None and layer is not None and tq > 1:
             recorder.record_dense(layer, hq, tk, query.device)
-        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
-                      **kwargs)
+        return dense_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       is_causal=is_causal, **kwargs)
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     ranges = None
@@ -293,8 +290,8 @@ def sparse_attention_forward(
     # Padded batch: each row attends within its own contiguous run of valid keys.
     if any(r is None or r[1] != tk for r in ranges):
         # Not left padding (the last query must see every valid key): dense with the mask.
-        return _dense(module, query, key, value, attention_mask, scaling, dropout=dropout, is_causal=is_causal,
-                      **kwargs)
+        return dense_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       is_causal=is_causal, **kwargs)
     out = torch.zeros(b, tq, hq, q.shape[-1], dtype=q.dtype, device=q.device)
     for i, (start, end) in enumerate(ranges):
         first_query = max(start, tk - tq)

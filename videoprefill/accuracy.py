@@ -106,18 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     base = dataclasses.replace(model.videoprefill.config, min_seq_len=0)
     if args.block_size:
         base = dataclasses.replace(base, block_size=args.block_size)
-    modes = ["dense"] + [f"alpha={a}" for a in args.alphas]
-    configs = {f"alpha={a}": dataclasses.replace(base, alpha=a) for a in args.alphas}
-    if args.per_kv_head:
-        shared = {f"alpha={a}, per KV head": dataclasses.replace(base, alpha=a, pattern_per_kv_head=True)
-                  for a in args.alphas}
-        modes += list(shared)
-        configs.update(shared)
-    if args.mean_correction:
-        corrected = {f"alpha={a}, mean correction": dataclasses.replace(base, alpha=a, mean_correction=True)
-                     for a in args.alphas}
-        modes += list(corrected)
-        configs.update(corrected)
+    # (label suffix, config changes) of each variant asked for, every alpha of each
+    variants = [("", {})]
+    variants += [(", per KV head", {"pattern_per_kv_head": True})] if args.per_kv_head else []
+    variants += [(", mean correction", {"mean_correction": True})] if args.mean_correction else []
+    configs = {f"alpha={a}{suffix}": dataclasses.replace(base, alpha=a, **changes)
+               for suffix, changes in variants for a in args.alphas}
+    modes = ["dense", *configs]
     rows = []
     started = time.perf_counter()
     for n in args.lengths:

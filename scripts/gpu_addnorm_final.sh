@@ -15,7 +15,9 @@
 # step-listing (a decoding step's host time per function, gpu_decode_steps.py --step-listing);
 # sixteenth session: launch-host (the Hopper kernel call's host time by piece, gpu_launch_host.py),
 # flash-tests (FlashPrefill's tests, the mean correction's included, on the GPU), mean-correction
-# (its cost and error by pattern, gpu_mean_correction.py), bench-mc (the 128K bench with its rows).
+# (its cost and error by pattern, gpu_mean_correction.py), bench-mc (the 128K bench with its rows);
+# eighteenth session: trace-ab (gpu_trace_sm90.py, the kernel against a copy of its earlier version in
+# kernels/flash_prefill/_sm90_before.py).
 # Run 6 ran `cuda kernels second-half warmup bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -43,6 +45,10 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
     bench-mc) timeout ${E2E_TIMEOUT:-240} python3 -m videoprefill.bench prefill --video-tokens 131072 --repeats 1 \
             --fixed-density 0.05 --mean-correction --json "$OUT/e2e_mc.json" 2>&1 | quiet | tee "$OUT/e2e_mc.txt" \
             | grep "^|" ;;
+    trace-ab) timeout ${KERNEL_TIMEOUT:-420} python3 scripts/gpu_trace_sm90.py ${TRACE_AB_ARGS:---tokens 65536 131072 \
+            --densities 0.0 0.01 0.02 0.05 0.1 --trace 0.01 --selected 16384 65536 131072} \
+            --modules kernels.flash_prefill._sm90_before kernels.flash_prefill.sparse_attention_sm90 \
+            --json "$OUT/trace_ab.json" 2>&1 | tee "$OUT/trace_ab.txt" | grep "^|\|^## \|spilled\|^kept\|  item\|  blocks\|  first S" ;;
     launch-host) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_launch_host.py 2>&1 | tee "$OUT/launch_host.txt" ;;
     one-token) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_one_token_ops.py 2>&1 | grep -v "Loading weights" \
             | tee "$OUT/one_token.txt" ;;

@@ -155,6 +155,10 @@ def main() -> None:
                 print(f"kept {bucket}: {info['items']} items, mean kept {info['mean_kept']:.1f}")
                 for phase, ph in info["phases"].items():
                     print(f"  {phase:36s} median {ph['median_us']:7.3f} us  p90 {ph['p90_us']:7.3f} us")
+    for label, mod in mods.items():  # spills would show here (ptxas' count, per compiled variant)
+        for entry in mod._sparse_attention_sm90_ws_kernel.device_caches.values():
+            for kernel in entry[0].values():
+                print(f"{label}: ws kernel registers {kernel.n_regs}, spilled {kernel.n_spills}")
     labels = list(mods)
     head = " | ".join(f"{lb} ms (ratio)" for lb in labels)
     print(f"\n| tokens | case | density | cuDNN ms | {head} | max abs diff |")

@@ -247,14 +247,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_producer(q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem, kept_smem,
                      q_ready, q_empty, k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM, KV_IDX, total, num_tiles,
-                     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, BM: gl.constexpr, STAGES: gl.constexpr,
-                     GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr,
+                     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE, KEPT_ROW, BM: gl.constexpr,
+                     STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, TRACE_ITEMS: gl.constexpr,
                      MEAN_CORRECTION: gl.constexpr):
         """1 warp: claims work items, publishes each one's index in `info` with its Q load on
         `q_ready`, and streams the item's kept K/V blocks into the ring (slot = running block count
         % STAGES), waiting on each slot's `kv_empty` (both consumers done with it); with
         MEAN_CORRECTION then the item's tiles of block means (km_desc, vm_desc) the same way, each
-        with its 128 blocks' kept flags (kept_desc, into the slot's `kept_smem`)."""
+        with its 128 blocks' kept flags (kept_desc, rows of KEPT_ROW flags, into the slot's `kept_smem`)."""
         info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         count = 0
         t = 0
@@ -283,14 +283,13 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
                 count += 1
             if MEAN_CORRECTION:
-                kept_row = (NKB + 15) // 16 * 16  # the kept-block map's row (KEPT_ROW_MULTIPLE)
                 for jm in range(_mean_tiles(tile, num_kept, BM)):
                     slot = count % STAGES
                     mbarrier.wait(kv_empty.index(slot), ((count // STAGES) & 1) ^ 1)
                     mbarrier.expect(k_ready.index(slot), km_desc.block_type.nbytes + kept_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(km_desc, [b, hk, jm * BM, 0], k_ready.index(slot),
                                                     k_smem.index(slot))
-                    tma.async_copy_global_to_shared(kept_desc, [pattern_row.to(gl.int32) * kept_row + jm * BM],
+                    tma.async_copy_global_to_shared(kept_desc, [pattern_row.to(gl.int32) * KEPT_ROW + jm * BM],
                                                     k_ready.index(slot), kept_smem.index(slot))
                     mbarrier.expect(v_ready.index(slot), vm_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(vm_desc, [b, hk, jm * BM, 0], v_ready.index(slot),
@@ -418,10 +417,10 @@ if HAVE_GLUON:
             w = gl.max(info.load(info_layout), axis=0)
 
     # Not specialised on lengths (divisibility by 16, == 1): a new prompt length compiles nothing.
-    @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total"])
+    @gluon.jit(do_not_specialize=["T_Q", "T_K", "NKB", "NQB", "FIRST_TILE", "num_tiles", "total", "KEPT_ROW"])
     def _sparse_attention_sm90_ws_kernel(
         q_desc, k_desc, v_desc, o_desc, km_desc, vm_desc, kept_desc, KV_NUM, KV_IDX, COUNTER,
-        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, mean_bias,
+        T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, num_tiles, total, qk_scale, TRACE, mean_bias, KEPT_ROW,
         D_PAD: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
         GROUP_ORDER: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE_ITEMS: gl.constexpr,
         MEAN_CORRECTION: gl.constexpr, num_warps: gl.constexpr,
@@ -430,7 +429,8 @@ if HAVE_GLUON:
         partitions. COUNTER (int32 [next item, programs done drawing], zero at launch) hands out
         items from num_programs on; the last program to finish drawing sets it back to zero.
         km_desc, vm_desc, kept_desc: the block means and the flattened kept-block map (uint8, 1
-        where kept) of the mean correction; None without it."""
+        where kept) of the mean correction, KEPT_ROW the map's row length (a multiple of
+        KEPT_ROW_MULTIPLE flags); None without it."""
         dtype: gl.constexpr = q_desc.dtype
         tile_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D_PAD], dtype)
         q_smem = gl.allocate_shared_memory(dtype, [BM, D_PAD], tile_smem)
@@ -465,7 +465,7 @@ if HAVE_GLUON:
                 (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem,
                                 kept_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, COUNTER, KV_NUM,
                                 KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, TRACE,
-                                BM, STAGES, GROUP_ORDER, DYNAMIC, TRACE_ITEMS, MEAN_CORRECTION)),
+                                KEPT_ROW, BM, STAGES, GROUP_ORDER, DYNAMIC, TRACE_ITEMS, MEAN_CORRECTION)),
             ],
             [4, 1],
             [CONSUMER_REGS, 24],
@@ -617,6 +617,7 @@ def sparse_attention_sm90(
             tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
             kv_num_blocks if trace is None else trace,
             math.log2(BLOCK) / (scale * LOG2E) if mean_correction else None,
+            kept_map.shape[-1] if mean_correction else None,
             D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
             CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],
             MEAN_CORRECTION=mean_correction, num_warps=4,

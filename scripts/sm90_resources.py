@@ -1,0 +1,93 @@
+"""Compile the Hopper kernel for sm_90 on a machine without a GPU and print what ptxas reports
+(registers, stack, spill stores and loads, warnings such as serialised warpgroup MMAs), so that a
+change's register cost is seen before any GPU time is spent on it.
+
+A development script: the compiler runs against a stand-in for Triton's CUDA driver (nothing is
+launched), with the Triton installed here, which may be newer than the GPU machine's; spill counts
+can differ a little between versions (BENCHMARKS.md, eighteenth session).
+
+    .venv/bin/python scripts/sm90_resources.py [MODULE ...] [--mean-correction] [--ptx DIR]
+
+MODULE: a module holding `_sparse_attention_sm90_ws_kernel` (default
+kernels.flash_prefill.sparse_attention_sm90; e.g. a copy made for an experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.driver import CudaDriver
+from triton.runtime.driver import driver
+
+
+def _stand_in_driver() -> CudaDriver:
+    """Triton's CUDA driver object without its initialisation (which needs libcuda): enough for
+    the compiler, which asks only for the device, the stream and the target."""
+    fake = CudaDriver.__new__(CudaDriver)
+    fake.get_current_device = lambda: 0
+    fake.get_current_stream = lambda device=None: 0
+    fake.get_current_target = lambda: GPUTarget("cuda", 90, 32)
+    return fake
+
+
+def compile_ws_kernel(module, mean_correction: bool):
+    """The warp-specialised kernel compiled for a 4K-token, 28 / 4-head, head-dim-128 bf16 call."""
+    b, t, hq, h, d = 1, 4096, 28, 4, 128
+    nkb = t // module.BLOCK
+    q = torch.empty(b, t, hq, d, dtype=torch.bfloat16)
+    k = torch.empty(b, t, h, d, dtype=torch.bfloat16)
+    num = torch.zeros(b, hq, nkb, dtype=torch.int32)
+    idx = torch.zeros(b, hq, nkb, nkb, dtype=torch.int32)
+    means = kept = None
+    if mean_correction:
+        means = module._means_descriptor(torch.empty(b, h, nkb, d, dtype=torch.bfloat16))
+        kept = module._kept_descriptor(torch.zeros(b, hq, nkb, module.KEPT_ROW_MULTIPLE * 2, dtype=torch.uint8))
+    kernel = module._sparse_attention_sm90_ws_kernel
+    extra = [module.KEPT_ROW_MULTIPLE * 2 if mean_correction else None] if "KEPT_ROW" in kernel.arg_names else []
+    return kernel.warmup(
+        module._descriptor(q, module.BLOCK, d), module._descriptor(k, module.BLOCK, d),
+        module._descriptor(k, module.BLOCK, d), module._descriptor(q, module.BLOCK // 2, d), means, means, kept,
+        num, idx, torch.zeros(2, dtype=torch.int32), t, t, hq, hq // h, nkb, nkb, 0, nkb, nkb * hq, 0.1, num,
+        2.0 if mean_correction else None, *extra,
+        D_PAD=d, BM=module.BLOCK, STAGES=module.DEFAULT_STAGES, GROUP_ORDER=True, DYNAMIC=True,
+        CONSUMER_REGS=module.CONSUMER_REGS, TRACE_ITEMS=0, MEAN_CORRECTION=mean_correction, num_warps=4, grid=(132,),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", default=["kernels.flash_prefill.sparse_attention_sm90"])
+    parser.add_argument("--mean-correction", action="store_true")
+    parser.add_argument("--ptx", help="also write each module's PTX into this folder")
+    args = parser.parse_args()
+    driver.set_active(_stand_in_driver())
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    for name in args.modules:
+        compiled = compile_ws_kernel(importlib.import_module(name), args.mean_correction)
+        ptx = compiled.asm["ptx"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.ptx")
+            with open(path, "w") as fh:
+                fh.write(ptx)
+            report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.o")],
+                                    capture_output=True, text=True)
+        if args.ptx:
+            os.makedirs(args.ptx, exist_ok=True)
+            with open(os.path.join(args.ptx, f"{name.rsplit('.', 1)[-1]}.ptx"), "w") as fh:
+                fh.write(ptx)
+        lines = [line.strip() for line in report.stderr.splitlines()
+                 if "spill" in line or "registers" in line or "arning" in line or "Performance" in line]
+        print(f"{name}{' (mean correction)' if args.mean_correction else ''}: {len(ptx.splitlines())} PTX lines")
+        for line in lines:
+            print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 `python3 scripts/gpu_trace_sm90.py [--tokens 65536] [--selected 16384 ...] [--modules M ...] [--json FILE]`.
 Times each case (random block masks at --tokens; with --selected also the patterns FlashPrefill
 selects on the sink / local input at the paper code's density for those lengths, as in
-`kernels.bench`; --modules: several versions of the Hopper module, timed alternately three times
+`kernels.bench`; --modules: several versions of the Hopper module, timed alternately --rounds times (3)
 on the same inputs, outputs compared with the first), then runs the --trace cases
 once with clock stamps (`sparse_attention_sm90(..., trace=...)`: each program's first ITEMS work
 items, the first consumer warpgroup and the producer warp, SM clock cycles converted to us with
@@ -97,6 +97,7 @@ def main() -> None:
                         help="lengths at which to time selected patterns (sink / local input)")
     parser.add_argument("--modules", nargs="+", default=[sm90.__name__])
     parser.add_argument("--trace", nargs="*", type=float, default=[0.0, 0.05], help="densities to trace")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the modules (median taken)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     mods = {name.rsplit(".", 1)[-1]: importlib.import_module(name) for name in args.modules}
@@ -128,12 +129,12 @@ def main() -> None:
                 row[f"{label}_max_abs_vs_{first}"] = (outs[label].float() - outs[first].float()).abs().max().item()
             del outs
             times = {label: [] for label in mods}
-            for _ in range(3):
+            for _ in range(args.rounds):
                 for label, mod in mods.items():
                     times[label].append(bench_ms(lambda m=mod, p=pattern, q=q, k=k, v=v: m.sparse_attention_sm90(
                         q, k, v, p.kv_num_blocks, p.kv_indices, scale)))
             for label in mods:
-                row[f"{label}_ms"] = sorted(times[label])[1]
+                row[f"{label}_ms"] = sorted(times[label])[len(times[label]) // 2]
                 row[f"{label}_all_ms"] = times[label]
                 row[f"{label}_ratio"] = row[f"{label}_ms"] / (dens * cudnn)
                 if asked is not None and asked in args.trace and "shared" not in name:

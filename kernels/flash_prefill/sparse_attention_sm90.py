@@ -7,8 +7,10 @@ the schedule spelled out instead of left to Triton's pipeliner. Two kernels:
   specialised. A 1-warp producer claims work items (query tile, batch x head) from an atomic
   counter in the launch order below and streams Q and the kept K/V blocks through a ring of
   shared-memory slots with TMA (ready/empty mbarriers per slot), running ahead across work items;
-  two 4-warp consumer warpgroups each own 64 of the tile's 128 query rows and run the loop below
-  on them independently, storing their rows with TMA through the item's last K slot.
+  two 4-warp consumer warpgroups each own 64 of the tile's 128 query rows, copy them from shared
+  memory into registers at the start of the item (the A operand of their S products; the Q buffer
+  then refills with the next item's rows during this one) and run the loop below on them
+  independently, storing their rows with TMA through the item's last K slot.
 - `_sparse_attention_sm90_kernel`: one program per (query tile, batch x head), 8 warps, issuing
   its own TMA loads into the ring (kept for comparison and as a simpler fallback).
 
@@ -267,7 +269,7 @@ if HAVE_GLUON:
             num_kept = gl.load(KV_NUM + pattern_row)
             idx = KV_IDX + pattern_row * NKB
             _stamp(TRACE, t, 8, num_kept, TRACE_ITEMS)
-            # Both consumers are past their last S of the previous item: Q and `info` are free.
+            # Both consumers have the previous item's Q in registers: the buffer and `info` are free.
             mbarrier.wait(q_empty, (t & 1) ^ 1)
             _stamp(TRACE, t, 9, num_kept, TRACE_ITEMS)
             info.store(gl.full([1], w, gl.int32, info_layout))
@@ -311,15 +313,16 @@ if HAVE_GLUON:
         mbarrier.arrive(q_ready)
 
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc, KV_NUM,
-                     KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale, TRACE,
-                     kept_smem, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
+    def _ws_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, s_done, k_ready, v_ready, kv_empty, info, o_desc,
+                     KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_TILE, qk_scale,
+                     TRACE, kept_smem, mean_bias, D_PAD: gl.constexpr, BM: gl.constexpr, ROW0: gl.constexpr,
                      STAGES: gl.constexpr, GROUP_ORDER: gl.constexpr, TRACE_ITEMS: gl.constexpr,
                      MEAN_CORRECTION: gl.constexpr):
         """One warpgroup: query rows ROW0 .. ROW0 + BM/2 of every work item the producer hands out.
-        Arrives on `q_empty` once its last S of the item is done and on a slot's `kv_empty` once
-        its P V product with that slot is done, except the item's last slot, which carries its
-        rows of O out (below) and is released after that.
+        Arrives on `q_empty` once it has copied its rows of the item's Q into registers, on
+        `s_done` once its last S of the item is done, and on a slot's `kv_empty` once its P V
+        product with that slot is done, except the item's last slot, which carries its rows of O
+        out (below) and is released after that.
         MEAN_CORRECTION: after the kept blocks, the item's tiles of block means as one token per
         pruned block before the tile's own (each ring slot's kept flags in `kept_smem`)."""
         ROWS: gl.constexpr = BM // 2
@@ -331,6 +334,7 @@ if HAVE_GLUON:
                                                            instr_shape=[16, D_PAD, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         q_half = q_smem.slice(ROW0, ROWS)
+        q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         s_zero = gl.zeros([ROWS, BN], gl.float32, s_layout)
         info_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         count = 0
@@ -350,6 +354,10 @@ if HAVE_GLUON:
                 steps = num_kept + _mean_tiles(tile, num_kept, BM)
             _stamp(TRACE, t, 1, num_kept, TRACE_ITEMS)
             _record(TRACE, t, 7, num_kept, TRACE_ITEMS)
+            q_regs = q_half.load(q_layout)
+            # This warpgroup's rows of Q into registers: the buffer may take the next item's (the
+            # producer loads it during this item instead of after its last S; BENCHMARKS.md).
+            mbarrier.arrive(q_empty)
             rows = tile * BM + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([ROWS, D_PAD], gl.float32, o_layout)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -358,10 +366,10 @@ if HAVE_GLUON:
             slot = count % STAGES
             mbarrier.wait(k_ready.index(slot), (count // STAGES) & 1)
             _stamp(TRACE, t, 2, num_kept, TRACE_ITEMS)
-            s_tok = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q_regs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=[s_tok])
             _stamp(TRACE, t, 3, num_kept, TRACE_ITEMS)
-            mbarrier.arrive(q_empty, pred=steps == 1)
+            mbarrier.arrive(s_done, pred=steps == 1)
             kblock = gl.load(idx)
             p, m_i, l_i, correction = _softmax_step(s, m_i, l_i, qk_scale, kblock, rows, T_K, num_kept == 1, BN,
                                                     s_layout)
@@ -370,12 +378,12 @@ if HAVE_GLUON:
                 prev = slot
                 slot = (count + j) % STAGES
                 mbarrier.wait(k_ready.index(slot), ((count + j) // STAGES) & 1)
-                s_tok = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                s_tok = warpgroup_mma(q_regs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((count + j - 1) // STAGES) & 1)
                 acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=[s_tok])
-                mbarrier.arrive(q_empty, pred=j == steps - 1)
+                mbarrier.arrive(s_done, pred=j == steps - 1)
                 kj = j
                 if MEAN_CORRECTION:
                     kj = gl.minimum(j, num_kept - 1)  # (a tile of means has no kept block of its own)
@@ -396,13 +404,13 @@ if HAVE_GLUON:
             acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
             _stamp(TRACE, t, 5, num_kept, TRACE_ITEMS)
             # Output rows: staged in this item's last K slot, which no S reads any more once both
-            # consumers are past their last S (this item's `q_empty` phase), and written with one
+            # consumers are past their last S (this item's `s_done` phase), and written with one
             # TMA store (rows past T_Q and columns past the head dim are dropped); the slot goes
             # back to the producer once the store has read it. Per-thread global stores from the
             # MMA layout took about 2 us per item (BENCHMARKS.md).
             out = acc * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
             stage = k_smem.index(slot).slice(ROW0, ROWS)
-            mbarrier.wait(q_empty, t & 1)
+            mbarrier.wait(s_done, t & 1)
             stage.store(out.to(dtype))
             fence_async_shared()
             _cta_barrier()
@@ -438,6 +446,7 @@ if HAVE_GLUON:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D_PAD], tile_smem)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        s_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -448,18 +457,19 @@ if HAVE_GLUON:
                                                   gl.NVMMASharedLayout.get_default_for([BM], gl.uint8))
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=2)
+        mbarrier.init(s_done, count=2)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)
         gl.warp_specialize(
             [
-                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
-                                KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
+                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, s_done, k_ready, v_ready, kv_empty, info,
+                                o_desc, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
                                 FIRST_TILE, qk_scale, TRACE, kept_smem, mean_bias, D_PAD, BM, 0, STAGES, GROUP_ORDER,
                                 TRACE_ITEMS, MEAN_CORRECTION)),
-                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, info, o_desc,
-                                KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
+                (_ws_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, s_done, k_ready, v_ready, kv_empty, info,
+                                o_desc, KV_NUM, KV_IDX, total, num_tiles, T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB,
                                 FIRST_TILE, qk_scale, TRACE, kept_smem, mean_bias, D_PAD, BM, BM // 2, STAGES,
                                 GROUP_ORDER, 0, MEAN_CORRECTION)),
                 (_ws_producer, (q_desc, k_desc, v_desc, km_desc, vm_desc, kept_desc, q_smem, k_smem, v_smem,

@@ -13,8 +13,9 @@ item, by kept blocks per row. A development script (results go to BENCHMARKS.md)
 Stamps, per (program, item): consumer 0 item start (Q ready and the item's index read), 1 kept
 count known, 2 first K ready, 3 first S done, 4 last S issued (the loop over blocks done), 5 last
 P V done, 6 output stored, 7 kept count, 12 the global timer at 0; producer 8 item decoded and
-its kept count loaded, 9 Q buffer free (both consumers past the previous item's last S), 10 all
-the item's K/V loads issued.
+its kept count loaded, 9 Q buffer free (both consumers have copied the previous item's Q into
+registers; before the eighteenth session: both past its last S), 10 all the item's K/V loads
+issued.
 """
 
 from __future__ import annotations

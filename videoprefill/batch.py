@@ -31,6 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .run import config_from_args
 from .video import VIDEO_SUFFIXES
 
 LETTERS = "ABCDEFGHIJ"
@@ -551,13 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     qa = VideoQA(model, processor, mask_layers=())
-    changes = {k: v for k, v in (("alpha", args.alpha), ("block_size", args.block_size)) if v is not None}
-    if args.pattern_per_kv_head:
-        changes["pattern_per_kv_head"] = True
-    if args.mean_correction:
-        changes["mean_correction"] = True
     try:
-        config = dataclasses.replace(qa.config, **changes)
+        config = config_from_args(args, qa.config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

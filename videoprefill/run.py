@@ -50,13 +50,12 @@ class UsageError(ValueError):
     pass
 
 
-def _config(args, base):
-    changes = {k: v for k, v in (("alpha", args.alpha), ("block_size", args.block_size),
-                                 ("min_seq_len", args.min_seq_len)) if v is not None}
-    if args.pattern_per_kv_head:
-        changes["pattern_per_kv_head"] = True
-    if args.mean_correction:
-        changes["mean_correction"] = True
+def config_from_args(args, base):
+    """`base` (a FlashPrefillConfig) with the FlashPrefill options given on a command line (this
+    one's or batch QA's; an option a parser lacks is left as it is). ValueError on bad values."""
+    numbers = {name: getattr(args, name, None) for name in ("alpha", "block_size", "min_seq_len")}
+    changes = {name: value for name, value in numbers.items() if value is not None}
+    changes.update({name: True for name in ("pattern_per_kv_head", "mean_correction") if getattr(args, name, False)})
     return dataclasses.replace(base, **changes) if changes else base
 
 
@@ -116,7 +115,7 @@ def _main(args) -> int:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
         qa = VideoQA(model, processor, warmup=not args.no_warmup)
-        config = _config(args, qa.config)
+        config = config_from_args(args, qa.config)
         if args.attention == "compare":
             result = qa.compare(args.video, question, sampling, args.max_new_tokens, config)
             primary = result["runs"]["sparse"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .runtime import check_device
+from .runtime import Launcher, check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -33,6 +33,9 @@ def _silu_mul_kernel(GATE, UP, OUT, N, BLOCK: tl.constexpr):
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
     out = g / (1.0 + tl.exp(-g)) * u
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+_silu_mul_launch = Launcher(_silu_mul_kernel)
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,5 +65,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     out = torch.empty_like(gate) if out is None else out
     n = gate.numel()
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=8)
+        _silu_mul_launch[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=8)
     return out

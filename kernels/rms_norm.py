@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .runtime import check_device
+from .runtime import Launcher, check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 16384  # one row per program, held in registers
@@ -49,6 +49,9 @@ def _add_rms_norm_kernel(X, Y, W, B, SUM, OUT, M, eps, N: tl.constexpr, BLOCK_N:
     inv = tl.rsqrt(tl.sum(t * t, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + offs, (t * inv * w).to(OUT.dtype.element_ty), mask=mask)
+
+
+_add_rms_norm_launch = Launcher(_add_rms_norm_kernel)
 
 
 def add_rms_norm_reference(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -103,7 +106,7 @@ def add_rms_norm(
     normed = torch.empty_like(x)
     rows, n = x.shape
     if rows:
-        _add_rms_norm_kernel[(rows,)](
+        _add_rms_norm_launch[(rows,)](
             x, y, weight, weight if bias is None else bias, total, normed, rows, eps,
             N=n, BLOCK_N=triton.next_power_of_2(n), BIAS=bias is not None, num_warps=4,
         )

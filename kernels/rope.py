@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_device
+from .runtime import Launcher, check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -57,6 +57,9 @@ def _rope_kernel(
         _rope_one(Q, QO, rows, cols, mask, h, stride_qs, stride_qh, HQ, c1, c2, s1, s2, HALF)
     for h in range(HK):
         _rope_one(K, KO, rows, cols, mask, h, stride_ks, stride_kh, HK, c1, c2, s1, s2, HALF)
+
+
+_rope_launch = Launcher(_rope_kernel)
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -115,7 +118,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if s == 0 or hq + hk == 0:
         return q_out, k_out
     half = d // 2
-    _rope_kernel[(triton.cdiv(s, block_s),)](
+    _rope_launch[(triton.cdiv(s, block_s),)](
         q, k, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         s, hq, hk,

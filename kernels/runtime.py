@@ -17,3 +17,118 @@ def check_device(name: str, device: torch.device) -> None:
     """Raise ValueError unless a Triton kernel can run on tensors on `device`."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise ValueError(f"{name} runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}")
+
+
+# Launcher: call a compiled kernel's launcher directly once Triton has picked it for a call's
+# specialisation (BENCHMARKS.md, nineteenth session). False: every launch through Triton's.
+DIRECT_LAUNCH = True
+
+MAX_SPECIALISATIONS = 64  # per kernel; past it the kernel goes back to Triton's launch
+_I32 = (-(2**31), 2**31)
+
+
+def _arg_key(arg):
+    """What Triton's choice of a compiled kernel can depend on in one runtime argument, or finer:
+    its type (a tensor's dtype), an int's range and whether it is 1 or a multiple of 16, a
+    tensor's 16-byte alignment; a TMA descriptor's dtype, block and shared layout."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or arg is None:
+        return arg
+    if isinstance(arg, int):
+        return int, arg == 1, arg % 16 == 0, _I32[0] <= arg < _I32[1]
+    if isinstance(arg, float):
+        return float
+    layout = getattr(arg, "layout", None)  # (a host TMA descriptor; a Gluon one has a shared layout)
+    try:
+        hash(layout)
+    except TypeError:
+        layout = repr(layout)
+    return (type(arg), arg.base.dtype, tuple(arg.block_shape), layout, getattr(arg, "padding", None),
+            getattr(arg, "round_f32_to_tf32", None))
+
+
+class Launcher:
+    """`kernel[grid](*args, **constexprs)` with less host time, for kernels launched per layer.
+
+    Triton's launch binds every argument, computes its specialisation key and looks it up before
+    calling the compiled kernel's launcher; on Hopper at 2K tokens that is about 40 of the 72 us a
+    Gluon launch takes (BENCHMARKS.md). This goes through Triton's launch the first time it meets a
+    call's `_arg_key`s and constexprs, keeps the compiled kernel it returns, and later calls its
+    launcher directly. The key holds at least what Triton specialises a compiled kernel on (types,
+    ints equal to 1 or multiples of 16, 16-byte aligned tensors), so two calls share a compiled
+    kernel here only where Triton would pick the same one. Each compiled kernel's recorded
+    specialisation is checked to hold nothing else (only 16-divisibility, of arguments the key
+    says are divisible); any other (another Triton version's rules) turns the direct path off for
+    this kernel, and its calls then all go through Triton's launch, as under the interpreter.
+    Launch hooks (a profiler's) are called as Triton calls them.
+
+    Runtime arguments are passed positionally, constexprs and options by keyword.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.direct = not interpreting()
+        self.names = list(getattr(kernel, "arg_names", ()))
+        self.compiled: dict = {}
+        self.device = self.stream = None  # (Triton's own getters, bound at the first launch)
+
+    def __getitem__(self, grid: tuple):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid: tuple, args: tuple, kwargs: dict):
+        if not (self.direct and DIRECT_LAUNCH):
+            return self.kernel[grid](*args, **kwargs)
+        if self.device is None:
+            from triton import knobs
+            from triton.runtime import driver
+
+            self.device, self.stream = driver.active.get_current_device, driver.active.get_current_stream
+            self.knobs = knobs.runtime
+        device = self.device()
+        try:
+            keys = tuple(map(_arg_key, args))
+            key = (device, keys, tuple(kwargs.items()))
+            entry = self.compiled.get(key)
+        except (AttributeError, TypeError):  # (an argument of a kind the key does not cover)
+            self.direct = False
+            return self.kernel[grid](*args, **kwargs)
+        if entry is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            if not self._checked(compiled, args, keys):
+                self.direct = False
+                return compiled
+            rest = [name for name in self.names[len(args):] if name in kwargs]
+            if len(args) + len(rest) != len(self.names):
+                self.direct = False  # (a parameter left at its default: not handled here)
+                return compiled
+            if len(self.compiled) >= MAX_SPECIALISATIONS:
+                self.direct = False  # (keys that never repeat: a caller building new layouts per call)
+                return compiled
+            self.compiled[key] = (compiled, tuple(kwargs[name] for name in rest))
+            return compiled
+        compiled, constexprs = entry
+        size = tuple(grid) + (1, 1)
+        stream = self.stream(device)
+        full = (*args, *constexprs)
+        meta = compiled.launch_metadata(grid, stream, *full)
+        hooks = self.knobs
+        compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, meta,
+                     hooks.launch_enter_hook, hooks.launch_exit_hook, *full)
+        return compiled
+
+    def _checked(self, compiled, args: tuple, keys: tuple) -> bool:
+        attrs = getattr(getattr(compiled, "src", None), "attrs", None)
+        if attrs is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+            return False
+        for path, values in attrs.items():
+            if not values:
+                continue
+            if len(path) != 1 or path[0] >= len(args):
+                return False
+            arg, key = args[path[0]], keys[path[0]]
+            divisible = key[1] if isinstance(arg, torch.Tensor) else isinstance(key, tuple) and key[0] is int and key[2]
+            if not divisible or any(list(v) != ["tt.divisibility", 16] for v in values):
+                return False
+        return True
+

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .rope import rope_reference
-from .runtime import check_device, interpreting
+from .runtime import Launcher, check_device, interpreting
 
 MAX_CHUNK = 64
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -97,6 +97,9 @@ def _window_kernel(
         o = OUT + (rows[:, None] * H + h) * (2 * HALF) + cols[None, :]
         tl.store(o, (_dot(p, v1, UPCAST) / denominator).to(OUT.dtype.element_ty), mask=mask)
         tl.store(o + HALF, (_dot(p, v2, UPCAST) / denominator).to(OUT.dtype.element_ty), mask=mask)
+
+
+_window_launch = Launcher(_window_kernel)
 
 
 def window_attention_reference(q, k, v, offsets, scale, cos=None, sin=None) -> torch.Tensor:
@@ -167,7 +170,7 @@ def _launch(q, k, v, offsets, scale, cos=None, sin=None, heads_per_program: int 
     heads = heads_per_program or h
     half = d // 2
     rope = cos is not None
-    compiled = _window_kernel[(chunks, triton.cdiv(h, heads))](
+    compiled = _window_launch[(chunks, triton.cdiv(h, heads))](
         q, k, v, cos if rope else q, sin if rope else q, offsets, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0) if rope else 0, sin.stride(0) if rope else 0,

@@ -17,7 +17,8 @@
 # flash-tests (FlashPrefill's tests, the mean correction's included, on the GPU), mean-correction
 # (its cost and error by pattern, gpu_mean_correction.py), bench-mc (the 128K bench with its rows);
 # eighteenth session: trace-ab (gpu_trace_sm90.py, the kernel against a copy of its earlier version in
-# kernels/flash_prefill/_sm90_before.py).
+# kernels/flash_prefill/_sm90_before.py); nineteenth session: launch-ab (kernels.bench at --lengths, 4K by
+# default, with every kernel through Triton's launch, then launched directly: kernels.runtime.DIRECT_LAUNCH).
 # Run 6 ran `cuda kernels second-half warmup bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -37,7 +38,8 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
             | tee "$OUT/crossover.txt" ;;
     decode-steps) timeout ${E2E_TIMEOUT:-240} python3 scripts/gpu_decode_steps.py 2>&1 | quiet \
             | tee "$OUT/decode_steps.txt" | grep "^|\|GPU kernels" ;;
-    short-prefill) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_short_prefill.py 2>&1 | tee "$OUT/short_prefill.txt" ;;
+    short-prefill) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_short_prefill.py ${SHORT_PREFILL_ARGS:-} 2>&1 \
+            | tee "$OUT/short_prefill.txt" ;;
     flash-tests) timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mean_correction.py \
             tests/kernels/test_flash_prefill.py tests/kernels/test_config.py 2>&1 | tee "$OUT/pytest_flash.log" | tail -2 ;;
     mean-correction) timeout ${KERNEL_TIMEOUT:-200} python3 scripts/gpu_mean_correction.py 2>&1 \
@@ -49,6 +51,10 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
             --densities 0.0 0.01 0.02 0.05 0.1 --trace 0.01 --selected 16384 65536 131072} \
             --modules kernels.flash_prefill._sm90_before kernels.flash_prefill.sparse_attention_sm90 \
             --json "$OUT/trace_ab.json" 2>&1 | tee "$OUT/trace_ab.txt" | grep "^|\|^## \|spilled\|^kept\|  item\|  blocks\|  first S" ;;
+    launch-ab) for direct in False True; do
+            timeout ${KERNEL_TIMEOUT:-200} python3 -c "import sys; from kernels import bench, runtime
+runtime.DIRECT_LAUNCH = $direct; sys.exit(bench.main(sys.argv[1:]))" ${LAUNCH_AB_ARGS:---lengths 4096 --no-flex} \
+            --json "$OUT/launch_ab_$direct.json" 2>&1 | tee "$OUT/launch_ab_$direct.txt" | grep "^|"; done ;;
     launch-host) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_launch_host.py 2>&1 | tee "$OUT/launch_host.txt" ;;
     one-token) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_one_token_ops.py 2>&1 | grep -v "Loading weights" \
             | tee "$OUT/one_token.txt" ;;

@@ -9,7 +9,9 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
 - `flash_prefill` below its `min_seq_len` (fifteenth session on: where the Hopper kernel takes
   the call, that kernel over the causal pattern built by torch ops, no pattern kernels; sixteenth
   session on: built once per shape, so once for the 28 calls), and the same with the pattern built
-  at every call (the fifteenth session's code).
+  at every call (the fifteenth session's code);
+- (nineteenth session) `flash_prefill` below its `min_seq_len` with every kernel launched through
+  Triton's launch (`kernels.runtime.DIRECT_LAUNCH = False`), the code before that session.
 
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
 median over `--lengths` new lengths (`--step`, 2 x `--step`, ... tokens above the length named, the
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import FlashPrefillConfig, flash_prefill
+from kernels import FlashPrefillConfig, flash_prefill, runtime
 from kernels.flash_prefill import api
 
 ALL_KEPT = FlashPrefillConfig.for_model("qwen2.5-vl", alpha=0.0, min_seq_len=0)
@@ -43,6 +45,16 @@ def sdpa(backends):
     return run
 
 
+def tritons_launch(way):
+    def run(q, k, v):
+        runtime.DIRECT_LAUNCH = False
+        try:
+            way(q, k, v)
+        finally:
+            runtime.DIRECT_LAUNCH = True
+    return run
+
+
 WAYS = {
     "SDPA's choice (cuDNN)": sdpa([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
@@ -52,7 +64,10 @@ WAYS = {
     "flash_prefill below min_seq_len": lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN),
     "same, causal pattern built per call": lambda q, k, v: (api._cached_causal_pattern.cache_clear(),
                                                             flash_prefill(q, k, v, config=BELOW_MIN)),
+    "same, Triton's launch": tritons_launch(lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN)),
 }
+
+WAY_IDS = dict(zip(["cudnn", "flash", "all-kept", "below-min", "pattern-per-call", "tritons-launch"], WAYS))
 
 
 def layers_ms(way, length: int, calls: int = 28) -> float:
@@ -73,16 +88,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 6144, 8192, 10240, 12288, 16384])
     parser.add_argument("--lengths", type=int, default=5)
     parser.add_argument("--step", type=int, default=48)
+    parser.add_argument("--ways", nargs="+", choices=list(WAY_IDS), default=list(WAY_IDS),
+                        help="which ways, by id (all by default)")
     args = parser.parse_args()
     gaps = [b - a for a, b in zip(sorted(args.tokens), sorted(args.tokens)[1:])]
     if gaps and args.step * args.lengths >= min(gaps):
         raise SystemExit("--step x --lengths must stay below the gap between --tokens: lengths would repeat")
-    for way in WAYS.values():  # compile and load everything at a length not timed
+    ways = {WAY_IDS[i]: WAYS[WAY_IDS[i]] for i in args.ways}
+    for way in ways.values():  # compile and load everything at a length not timed
         layers_ms(way, 1000, calls=2)
     print("| tokens | way | 28 layers, new length ms | 28 layers, length just run ms |")
     print("|---|---|---|---|")
     for tokens in args.tokens:
-        for name, way in WAYS.items():
+        for name, way in ways.items():
             new, again = [], []
             for i in range(1, args.lengths + 1):
                 length = tokens + args.step * i  # never run before by this way

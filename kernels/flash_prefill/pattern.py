@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import Launcher
+
 LOG2E = 1.4426950408889634
 
 
@@ -52,6 +54,9 @@ def _block_means_kernel(
         acc += tl.sum(tile.to(tl.float32), axis=0)
     count = tl.minimum(T_K - kb * BS, BS).to(tl.float32)
     tl.store(KBAR + (pid_bh * NKB + kb) * D_PAD + d, (acc * (qk_scale / count)).to(KBAR.dtype.element_ty))
+
+
+_block_means_launch = Launcher(_block_means_kernel)
 
 
 @triton.jit
@@ -200,12 +205,15 @@ def _index_kernel(
         tl.store(NUM + (first_head + hi) * NQB + qb, count)
 
 
+_index_launch = Launcher(_index_kernel)
+
+
 def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """kbar (B, H, NKB, d_pad) in `dtype`, times log2(e) * scale; padded head-dim columns are zero."""
     b, tk, h, d = k.shape
     nkb = math.ceil(tk / block_size)
     kbar = torch.empty(b, h, nkb, d_pad, dtype=dtype, device=k.device)
-    _block_means_kernel[(nkb, b * h)](
+    _block_means_launch[(nkb, b * h)](
         k, kbar, *k.stride(), tk, h, nkb, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BT=min(block_size, 64), num_warps=4,
     )
@@ -229,7 +237,7 @@ def build_index(
     keep_all = config.alpha <= 0.0
     bj, warps = tiles or INDEX_TILES
     per_kv_head = config.pattern_per_kv_head and h < hq
-    _index_kernel[(nqb, b * (h if per_kv_head else hq))](
+    _index_launch[(nqb, b * (h if per_kv_head else hq))](
         q, kbar, kv_indices, kv_num_blocks, *q.stride(), tq, kv_len, hq, hq // h, nkb, nqb, first,
         0.0 if keep_all else math.log2(config.alpha),
         HEAD_DIM=d, D_PAD=d_pad, BS=bs, BJ=bj, UPCAST=upcast,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import Launcher
+
 LOG2E = 1.4426950408889634
 
 
@@ -194,6 +196,9 @@ def _sparse_attention_kernel(
         )
 
 
+_sparse_attention_launch = Launcher(_sparse_attention_kernel)
+
+
 # Q, K, V and O through host-built tensor descriptors: the fastest load path on the H200, 9-12%
 # faster than pointer loads at 64K-256K (BENCHMARKS.md, tile sweep).
 TMA_BY_DEFAULT = 2
@@ -286,7 +291,7 @@ def sparse_attention(
     kept = kbar = vbar = kv_num_blocks  # (not read without the mean correction)
     if mean_correction:
         kept, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size, d_pad, q.dtype, upcast)
-    _sparse_attention_kernel[(num_tiles, b * hq)](
+    _sparse_attention_launch[(num_tiles, b * hq)](
         q_arg, k_arg, v_arg, o_arg, kv_num_blocks, kv_indices, kept, kbar, vbar,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         tq, tk, hq, hq // h, nkb, nqb, (tk - tq) // block_size, first_tile, scale * LOG2E,
@@ -309,6 +314,9 @@ def _kept_map_kernel(KV_NUM, KV_IDX, KEPT, NKB, KEPT_ROW, BLOCK: tl.constexpr):
         tl.store(KEPT + r * KEPT_ROW + ids, tl.full([BLOCK], 1, tl.uint8), mask=j < n)
 
 
+_kept_map_launch = Launcher(_kept_map_kernel)
+
+
 def _correction_inputs(k, v, kv_num_blocks, kv_indices, block_size: int, d_pad: int, dtype: torch.dtype,
                        upcast: bool, row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the mean correction reads: the kept-block map (`kept_blocks`) and the blocks' mean keys
@@ -324,7 +332,7 @@ def kept_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, row_multi
     nkb = kv_indices.shape[-1]
     row = -(-nkb // row_multiple) * row_multiple
     kept = torch.zeros(*kv_indices.shape[:-1], row, dtype=torch.uint8, device=kv_indices.device)
-    _kept_map_kernel[(kv_num_blocks.numel(),)](kv_num_blocks, kv_indices, kept, nkb, row, BLOCK=128, num_warps=4)
+    _kept_map_launch[(kv_num_blocks.numel(),)](kv_num_blocks, kv_indices, kept, nkb, row, BLOCK=128, num_warps=4)
     return kept
 
 

@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from ..runtime import Launcher
 from .sparse_attention import _correction_inputs, launch_order
 
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
@@ -243,6 +244,8 @@ if HAVE_GLUON:
         _cta_barrier()
         tma.async_copy_shared_to_global(o_desc, [b, h, q_row, 0], q_smem)
         tma.store_wait(0)
+
+    _sparse_attention_sm90_launch = Launcher(_sparse_attention_sm90_kernel)
 
     # ---- Warp-specialised, persistent kernel (the default) ----------------------------------
 
@@ -481,6 +484,7 @@ if HAVE_GLUON:
             [CONSUMER_REGS, 24],
         )
 
+    _sparse_attention_sm90_ws_launch = Launcher(_sparse_attention_sm90_ws_kernel)
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether this kernel can run the call: Hopper, 16-bit floats, block 128, head dim up to 128
@@ -620,7 +624,7 @@ def sparse_attention_sm90(
             kept_map, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, BLOCK, d_pad, q.dtype, False,
                                                       row_multiple=KEPT_ROW_MULTIPLE)
             k_means, v_means, kept = _means_descriptor(kbar), _means_descriptor(vbar), _kept_descriptor(kept_map)
-        _sparse_attention_sm90_ws_kernel[(programs,)](
+        _sparse_attention_sm90_ws_launch[(programs,)](
             *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
             k_means, v_means, kept,
             kv_num_blocks, kv_indices, _work_counter(q.device),
@@ -633,7 +637,7 @@ def sparse_attention_sm90(
             MEAN_CORRECTION=mean_correction, num_warps=4,
         )
         return out
-    _sparse_attention_sm90_kernel[(num_tiles, b * hq)](
+    _sparse_attention_sm90_launch[(num_tiles, b * hq)](
         *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v, out)),
         kv_num_blocks, kv_indices,
         tq, tk, hq, hq // h, nkb, nqb, first_tile, scale * LOG2E,

@@ -273,3 +273,65 @@ def test_hopper_trace_records_ordered_stamps_without_changing_the_output():
         hopper_kernels.sparse_attention_sm90(*args, trace=trace.cuda(), warp_specialized=False)
     with pytest.raises(ValueError, match="warp-specialised kernel only"):
         hopper_kernels.sparse_attention_sm90(*args, mean_correction=True, warp_specialized=False)
+
+
+class _CountingKernel:
+    """Stands in for a jit kernel inside a Launcher, counting Triton's launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.launches = kernel, kernel.arg_names, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@requires_hopper
+def test_direct_launches_match_tritons_launch(monkeypatch):
+    """After its first call at a shape, flash_prefill's kernels (block means, index build, Hopper
+    attention) launch without Triton's launch path, with the same results as through it."""
+    from kernels import runtime
+    from kernels.flash_prefill import pattern as pattern_kernels
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    config = FlashPrefillConfig(min_seq_len=0)
+    q, k, v = structured_qkv(1, 8192, 8192, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    flash_prefill(q, k, v, config=config)  # compiled, and seen once by each launcher
+    launchers = [pattern_kernels._block_means_launch, pattern_kernels._index_launch,
+                 hopper_kernels._sparse_attention_sm90_ws_launch]
+    counting = [_CountingKernel(launcher.kernel) for launcher in launchers]
+    for launcher, kernel in zip(launchers, counting):
+        monkeypatch.setattr(launcher, "kernel", kernel)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))  # other tensors, the same specialisation
+    direct, direct_pattern = flash_prefill(q2, k2, v2, config=config, return_pattern=True)
+    assert [kernel.launches for kernel in counting] == [0, 0, 0]
+    monkeypatch.setattr(runtime, "DIRECT_LAUNCH", False)
+    through, through_pattern = flash_prefill(q2, k2, v2, config=config, return_pattern=True)
+    assert [kernel.launches for kernel in counting] == [1, 1, 1]
+    counts = direct_pattern.kv_num_blocks
+    assert torch.equal(counts, through_pattern.kv_num_blocks)
+    listed = torch.arange(counts.shape[-1], device="cuda") < counts[..., None]  # (entries past a count are unset)
+    assert torch.equal(direct_pattern.kv_indices[listed], through_pattern.kv_indices[listed])
+    assert torch.equal(direct, through)
+
+
+@requires_hopper
+def test_hopper_kernel_with_misaligned_block_lists():
+    """Block lists that start off a 16-byte boundary are a specialisation of their own (Triton
+    compiles the kernel without the alignment): launched directly after, results unchanged."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = structured_qkv(1, 4096, 4096, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    pattern = api._find_pattern_triton(q, k, FlashPrefillConfig(min_seq_len=0), 128**-0.5)
+    aligned = hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, 128**-0.5)
+    counts = torch.empty(pattern.kv_num_blocks.numel() + 1, dtype=torch.int32, device="cuda")
+    counts[1:] = pattern.kv_num_blocks.flatten()
+    indices = torch.empty(pattern.kv_indices.numel() + 1, dtype=torch.int32, device="cuda")
+    indices[1:] = pattern.kv_indices.flatten()
+    counts, indices = counts[1:].view_as(pattern.kv_num_blocks), indices[1:].view_as(pattern.kv_indices)
+    assert counts.data_ptr() % 16 and indices.data_ptr() % 16
+    launcher = hopper_kernels._sparse_attention_sm90_ws_launch
+    for _ in range(2):  # through Triton, then directly
+        out = hopper_kernels.sparse_attention_sm90(q, k, v, counts, indices, 128**-0.5)
+        assert torch.equal(out, aligned)
+    assert any(key[1][8] == (torch.int32, False) for key in launcher.compiled), "a misaligned kernel was kept"

@@ -52,8 +52,8 @@ class Launcher:
     """`kernel[grid](*args, **constexprs)` with less host time, for kernels launched per layer.
 
     Triton's launch binds every argument, computes its specialisation key and looks it up before
-    calling the compiled kernel's launcher; on Hopper at 2K tokens that is about 40 of the 72 us a
-    Gluon launch takes (BENCHMARKS.md). This goes through Triton's launch the first time it meets a
+    calling the compiled kernel's launcher: skipping that saved 11-30 us of host time a launch on
+    an H200's host (BENCHMARKS.md, nineteenth session). This goes through Triton's launch the first time it meets a
     call's `_arg_key`s and constexprs, keeps the compiled kernel it returns, and later calls its
     launcher directly. The key holds at least what Triton specialises a compiled kernel on (types,
     ints equal to 1 or multiples of 16, 16-byte aligned tensors), so two calls share a compiled

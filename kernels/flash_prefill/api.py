@@ -147,10 +147,9 @@ USE_HOPPER_KERNEL = True
 # that kernel over every causal block, else through SDPA (dense_attention). SDPA's cuDNN backend,
 # its choice there, builds an execution plan the first time it sees a length (40-80 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
-# 3.1 / 6.9 / 14.3 / 25.4 / 36.7 ms this way against 42.6 / 45.2 / 55.0 / 83.4 / 76.4 ms through
-# cuDNN at 2K / 4K / 6K / 8K / 10K tokens; at a length cuDNN had planned, 0.87-1.05x its time from
-# 4K, 1.13-1.74x at 2K and 2x at 1K, where back-to-back calls are bound by the launch's host time
-# (BENCHMARKS.md, sixteenth session, runs 1, 2 and 6). False: SDPA, for a workload whose prompt
+# 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
+# planned, 0.83-1.02x its time from 2K and 2x at 1K, where back-to-back calls are bound by host
+# time (BENCHMARKS.md, nineteenth session, runs 4 and 7). False: SDPA, for a workload whose prompt
 # lengths repeat.
 DENSE_ON_HOPPER_KERNEL = True
 

@@ -18,7 +18,9 @@
 # (its cost and error by pattern, gpu_mean_correction.py), bench-mc (the 128K bench with its rows);
 # eighteenth session: trace-ab (gpu_trace_sm90.py, the kernel against a copy of its earlier version in
 # kernels/flash_prefill/_sm90_before.py); nineteenth session: launch-ab (kernels.bench at --lengths, 4K by
-# default, with every kernel through Triton's launch, then launched directly: kernels.runtime.DIRECT_LAUNCH).
+# default, with every kernel through Triton's launch, then launched directly: kernels.runtime.DIRECT_LAUNCH),
+# pdl-ab (the same bench with the index build as two plain launches, then as a programmatic dependent
+# launch of the block means: kernels.flash_prefill.pattern.PDL).
 # Run 6 ran `cuda kernels second-half warmup bench`, run 7 `cuda towers second-half bench file` (then as scripts/gpu_layer_adds.sh). Needs .whl
 # and .bench_media (carried).
 set -uo pipefail
@@ -55,6 +57,11 @@ for stage in ${STAGES:-cuda kernels towers second-half warmup bench file}; do
             timeout ${KERNEL_TIMEOUT:-200} python3 -c "import sys; from kernels import bench, runtime
 runtime.DIRECT_LAUNCH = $direct; sys.exit(bench.main(sys.argv[1:]))" ${LAUNCH_AB_ARGS:---lengths 4096 --no-flex} \
             --json "$OUT/launch_ab_$direct.json" 2>&1 | tee "$OUT/launch_ab_$direct.txt" | grep "^|"; done ;;
+    pdl-ab) for pdl in False True; do
+            timeout ${KERNEL_TIMEOUT:-200} python3 -c "import sys; from kernels import bench
+from kernels.flash_prefill import pattern
+pattern.PDL = $pdl; sys.exit(bench.main(sys.argv[1:]))" ${PDL_AB_ARGS:---lengths 4096 16384 65536 --no-flex} \
+            --json "$OUT/pdl_ab_$pdl.json" 2>&1 | tee "$OUT/pdl_ab_$pdl.txt" | grep "^|"; done ;;
     launch-host) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_launch_host.py 2>&1 | tee "$OUT/launch_host.txt" ;;
     one-token) timeout ${KERNEL_TIMEOUT:-120} python3 scripts/gpu_one_token_ops.py 2>&1 | grep -v "Loading weights" \
             | tee "$OUT/one_token.txt" ;;

@@ -17,17 +17,31 @@ runs per head into that head's own row (its M_I parked in kv_num_blocks), a midd
 exp2(log2 score - M_I) over the heads into the first head's row, and pass 2 thresholds that sum
 once and writes the same kept ids into every head's row.
 Head dims that are not powers of two are padded to D_PAD inside the kernels.
+
+On Hopper and later the index build is launched as a programmatic dependent of the block means
+(PDL, `dependent_launch`): block means lets it start at once, and each of its programs loads its
+query block, then waits for the block means to finish before reading them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..runtime import Launcher
+from ..runtime import Launcher, interpreting
+
+try:  # (Triton's grid dependency control, sm_90 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+# The index build as a programmatic dependent launch of the block means where the GPU has it
+# (BENCHMARKS.md, nineteenth session). False: two plain launches.
+PDL = True
 
 LOG2E = 1.4426950408889634
 
@@ -38,8 +52,10 @@ def _block_means_kernel(
     K, KBAR,
     stride_kb, stride_kt, stride_kh, stride_kd,
     T_K, NUM_KV_HEADS, NKB, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:  # the dependent index build may start now (it waits for this kernel before reading kbar)
+        gdc_launch_dependents()
     kb = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // NUM_KV_HEADS
@@ -86,6 +102,7 @@ def _chunk_scores(q, KBAR, kv_row, jc, pos, row_ok, NKB, T_K,
 def _score_row(
     q_base, KBAR, kv_row, row, block, stride_qt, stride_qd, T_Q, T_K, NKB,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Pass 1 for one query head: log2 scores of every J <= I into `row`; returns the largest
     log2 score and the largest m_IJ (the head's row maximum M_I)."""
@@ -100,6 +117,8 @@ def _score_row(
     )
     if UPCAST:
         q = q.to(tl.float32)
+    if PDL:  # the block means are complete and visible past this point
+        gdc_wait()
     best = tl.full([BJ], float("-inf"), dtype=tl.float32)
     best_m = tl.full([BJ], float("-inf"), dtype=tl.float32)
     # Chunks wholly before block I are seen by every row; only a block with missing rows
@@ -128,10 +147,14 @@ def _index_kernel(
     T_Q, T_K, NUM_Q_HEADS, GROUP, NKB, NQB, FIRST_QB, log2_alpha,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BJ: tl.constexpr, UPCAST: tl.constexpr,
     SINK: tl.constexpr, WINDOW: tl.constexpr, LAST_FULL: tl.constexpr, KEEP_ALL: tl.constexpr,
-    PER_KV_HEAD: tl.constexpr,
+    PER_KV_HEAD: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per (query block, batch * query head), or per (query block, batch * KV head)
     # with PER_KV_HEAD, where it writes the same kept ids into the rows of all GROUP heads.
+    # PDL: launched as a dependent of the block means; nothing is read or written before the
+    # wait but the query block (complete before the block means started).
+    if PDL and KEEP_ALL:
+        gdc_wait()
     qb = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1).to(tl.int64)
     num_kv_heads = NUM_Q_HEADS // GROUP
@@ -155,7 +178,7 @@ def _index_kernel(
                 r = (first_head + hi) * NQB + qb
                 q_base = Q + b * stride_qb + (first_head + hi - b * NUM_Q_HEADS) * stride_qh
                 _, top_m = _score_row(q_base, KBAR, kv_row, IDX + r * NKB, block, stride_qt, stride_qd,
-                                      T_Q, T_K, NKB, HEAD_DIM, D_PAD, BS, BJ, UPCAST)
+                                      T_Q, T_K, NKB, HEAD_DIM, D_PAD, BS, BJ, UPCAST, PDL)
                 tl.store(NUM + r, top_m.to(tl.int32, bitcast=True))  # scratch until the count lands
             tl.debug_barrier()
             # Pass 2: sum over the group of exp2(log2 score - M_I of the head), into the first row.
@@ -179,7 +202,7 @@ def _index_kernel(
         else:
             q_base = Q + b * stride_qb + (pid % NUM_Q_HEADS) * stride_qh
             top, _ = _score_row(q_base, KBAR, kv_row, row0, block, stride_qt, stride_qd,
-                                T_Q, T_K, NKB, HEAD_DIM, D_PAD, BS, BJ, UPCAST)
+                                T_Q, T_K, NKB, HEAD_DIM, D_PAD, BS, BJ, UPCAST, PDL)
             threshold = top + log2_alpha
         tl.debug_barrier()  # the whole row is written before any thread reads it back
 
@@ -208,14 +231,28 @@ def _index_kernel(
 _index_launch = Launcher(_index_kernel)
 
 
-def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """kbar (B, H, NKB, d_pad) in `dtype`, times log2(e) * scale; padded head-dim columns are zero."""
+def dependent_launch(device: torch.device) -> bool:
+    """Whether `build_index` can run as a programmatic dependent launch of `block_means` here."""
+    return PDL and gdc_wait is not None and not interpreting() and device.type == "cuda" and _sm(device.index) >= 90
+
+
+@functools.cache
+def _sm(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtype: torch.dtype,
+                trigger: bool = False) -> torch.Tensor:
+    """kbar (B, H, NKB, d_pad) in `dtype`, times log2(e) * scale; padded head-dim columns are zero.
+    trigger: let a dependent launch (`build_index(..., dependent=True)`, next on the stream) start
+    at once; only where `dependent_launch`."""
     b, tk, h, d = k.shape
     nkb = math.ceil(tk / block_size)
     kbar = torch.empty(b, h, nkb, d_pad, dtype=dtype, device=k.device)
     _block_means_launch[(nkb, b * h)](
         k, kbar, *k.stride(), tk, h, nkb, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BT=min(block_size, 64), num_warps=4,
+        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BT=min(block_size, 64), TRIGGER=trigger, num_warps=4,
     )
     return kbar
 
@@ -226,9 +263,12 @@ INDEX_TILES = (64, 4)
 
 def build_index(
     q: torch.Tensor, kbar: torch.Tensor, kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor, config, kv_len: int,
-    upcast: bool, tiles: tuple[int, int] | None = None,
+    upcast: bool, tiles: tuple[int, int] | None = None, dependent: bool = False,
 ) -> None:
-    """Scores, threshold and compaction: fills kv_indices (B, HQ, NQB, NKB) and kv_num_blocks."""
+    """Scores, threshold and compaction: fills kv_indices (B, HQ, NQB, NKB) and kv_num_blocks.
+    dependent: launched right after `block_means(..., trigger=True)` wrote kbar, as its
+    programmatic dependent (only where `dependent_launch`): the query block is read before
+    that kernel has finished, so q must predate it."""
     b, tq, hq, d = q.shape
     h, nkb, d_pad = kbar.shape[1], kbar.shape[2], kbar.shape[3]
     bs = config.block_size
@@ -242,5 +282,6 @@ def build_index(
         0.0 if keep_all else math.log2(config.alpha),
         HEAD_DIM=d, D_PAD=d_pad, BS=bs, BJ=bj, UPCAST=upcast,
         SINK=config.sink_blocks, WINDOW=config.window_blocks, LAST_FULL=config.last_full_blocks,
-        KEEP_ALL=keep_all, PER_KV_HEAD=per_kv_head, num_warps=warps,
+        KEEP_ALL=keep_all, PER_KV_HEAD=per_kv_head, PDL=dependent, num_warps=warps,
+        **({"launch_pdl": True} if dependent else {}),
     )

@@ -129,7 +129,7 @@ def _find_pattern_triton(
     kv_indices = torch.empty(b, hq, nqb, nkb, dtype=torch.int32, device=q.device)
     kv_num_blocks = torch.empty(b, hq, nqb, dtype=torch.int32, device=q.device)
     upcast = _interpreting()
-    dependent = pattern_kernels.dependent_launch(q.device)
+    dependent = pattern_kernels.dependent_launch(q.device, nkb)
     kbar = pattern_kernels.block_means(k, bs, d_pad, scale, torch.float32 if upcast else q.dtype, trigger=dependent)
     pattern_kernels.build_index(q, kbar, kv_indices, kv_num_blocks, config, tk, upcast, dependent=dependent)
     return BlockSparsePattern(kv_num_blocks, kv_indices, bs, tq, tk)

@@ -18,9 +18,10 @@ exp2(log2 score - M_I) over the heads into the first head's row, and pass 2 thre
 once and writes the same kept ids into every head's row.
 Head dims that are not powers of two are padded to D_PAD inside the kernels.
 
-On Hopper and later the index build is launched as a programmatic dependent of the block means
-(PDL, `dependent_launch`): block means lets it start at once, and each of its programs loads its
-query block, then waits for the block means to finish before reading them.
+On Hopper and later, up to PDL_MAX_BLOCKS key blocks, the index build is launched as a
+programmatic dependent of the block means (PDL, `dependent_launch`): block means lets it start at
+once, and each of its programs loads its query block, then waits for the block means to finish
+before reading them.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ try:  # (Triton's grid dependency control, sm_90 and later)
 except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
 
-# The index build as a programmatic dependent launch of the block means where the GPU has it
-# (BENCHMARKS.md, nineteenth session). False: two plain launches.
+# The index build as a programmatic dependent launch of the block means where the GPU has it and
+# the key has at most PDL_MAX_BLOCKS blocks: as a CUDA graph 2 us less at 4K and 9 us less at 16K,
+# but 14 us more at 64K, where the early index programs compete with the block means for the SMs
+# (BENCHMARKS.md, nineteenth session, run 8). False: two plain launches.
 PDL = True
+PDL_MAX_BLOCKS = 256  # (32K tokens of 128-token blocks)
 
 LOG2E = 1.4426950408889634
 
@@ -231,9 +235,10 @@ def _index_kernel(
 _index_launch = Launcher(_index_kernel)
 
 
-def dependent_launch(device: torch.device) -> bool:
-    """Whether `build_index` can run as a programmatic dependent launch of `block_means` here."""
-    return PDL and gdc_wait is not None and not interpreting() and device.type == "cuda" and _sm(device.index) >= 90
+def dependent_launch(device: torch.device, num_key_blocks: int) -> bool:
+    """Whether `build_index` runs as a programmatic dependent launch of `block_means` here."""
+    return (PDL and num_key_blocks <= PDL_MAX_BLOCKS and gdc_wait is not None and not interpreting()
+            and device.type == "cuda" and _sm(device.index) >= 90)
 
 
 @functools.cache

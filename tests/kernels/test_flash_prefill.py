@@ -458,3 +458,12 @@ def test_sink_local_input_keeps_the_paper_codes_density(tokens):
     assert abs(density - want) <= 0.015
     if tokens >= 16384:
         assert density > forced_density + 0.002
+
+
+def test_dependent_index_launch_only_on_a_gpu_that_has_it():
+    """The programmatic dependent launch of the index build needs CUDA (sm_90+) and compiled
+    kernels: never on CPU tensors or under the interpreter, nor past PDL_MAX_BLOCKS."""
+    from kernels.flash_prefill import pattern as pattern_kernels
+
+    assert not pattern_kernels.dependent_launch(torch.device("cpu"), 32)
+    assert not pattern_kernels.dependent_launch(torch.device("cpu"), pattern_kernels.PDL_MAX_BLOCKS + 1)

@@ -335,3 +335,24 @@ def test_hopper_kernel_with_misaligned_block_lists():
         out = hopper_kernels.sparse_attention_sm90(q, k, v, counts, indices, 128**-0.5)
         assert torch.equal(out, aligned)
     assert any(key[1][8] == (torch.int32, False) for key in launcher.compiled), "a misaligned kernel was kept"
+
+
+@requires_hopper
+@pytest.mark.parametrize("t", [4096, 20000])
+@pytest.mark.parametrize("options", [{}, {"alpha": 0.0}, {"pattern_per_kv_head": True}],
+                         ids=["per-query-head", "keep-all", "per-kv-head"])
+def test_dependent_index_launch_selects_the_same_blocks(monkeypatch, t, options):
+    """The index build launched as a programmatic dependent of the block means (Hopper, up to
+    PDL_MAX_BLOCKS key blocks) selects what two plain launches select."""
+    from kernels.flash_prefill import pattern as pattern_kernels
+
+    q, k, _ = structured_qkv(1, t, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    config = FlashPrefillConfig(min_seq_len=0, **options)
+    assert pattern_kernels.dependent_launch(q.device, -(-t // 128))
+    dependent = api._find_pattern_triton(q, k, config, 128**-0.5)
+    monkeypatch.setattr(pattern_kernels, "PDL", False)
+    assert not pattern_kernels.dependent_launch(q.device, -(-t // 128))
+    plain = api._find_pattern_triton(q, k, config, 128**-0.5)
+    assert torch.equal(dependent.kv_num_blocks, plain.kv_num_blocks)
+    listed = torch.arange(plain.kv_indices.shape[-1], device="cuda") < plain.kv_num_blocks[..., None]
+    assert torch.equal(dependent.kv_indices[listed], plain.kv_indices[listed])

@@ -13,7 +13,8 @@
 # steps with the fused language model against the stock one, gpu_decode_steps.py --fused-ab),
 # short-videos (first questions under min_seq_len, Hopper kernel against SDPA, gpu_short_videos.py),
 # step-listing (a decoding step's host time per function, gpu_decode_steps.py --step-listing);
-# sixteenth session: launch-host (the Hopper kernel call's host time by piece, gpu_launch_host.py),
+# sixteenth session: launch-host (the Hopper kernel call's host time by piece, gpu_launch_host.py; since the
+# nineteenth session with Triton's launch against the direct one),
 # flash-tests (FlashPrefill's tests, the mean correction's included, on the GPU), mean-correction
 # (its cost and error by pattern, gpu_mean_correction.py), bench-mc (the 128K bench with its rows);
 # eighteenth session: trace-ab (gpu_trace_sm90.py, the kernel against a copy of its earlier version in

@@ -486,6 +486,7 @@ if HAVE_GLUON:
 
     _sparse_attention_sm90_ws_launch = Launcher(_sparse_attention_sm90_ws_kernel)
 
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether this kernel can run the call: Hopper, 16-bit floats, block 128, head dim up to 128
     (padded to 64 or 128 inside), queries on a 128-row boundary, strides TMA accepts."""

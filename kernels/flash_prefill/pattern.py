@@ -41,9 +41,9 @@ except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
 
 # The index build as a programmatic dependent launch of the block means where the GPU has it and
-# the key has at most PDL_MAX_BLOCKS blocks: as a CUDA graph 2 us less at 4K and 9 us less at 16K,
-# the same at 32K; at 64K 14 us more in one run, within what two runs of one configuration
-# differed by, so left out there (BENCHMARKS.md, nineteenth session, runs 8 and 9). False: two
+# the key has at most PDL_MAX_BLOCKS blocks: as a CUDA graph 2 us less at 4K and 2-9 us less at
+# 16K, the same at 32K; at 64K 14 us more in one run, within what two runs of one configuration
+# differed by, so left out there (BENCHMARKS.md, nineteenth session, runs 8-10). False: two
 # plain launches.
 PDL = True
 PDL_MAX_BLOCKS = 256  # (32K tokens of 128-token blocks)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -11,6 +12,12 @@ import torch
 def interpreting() -> bool:
     """Whether Triton's CPU interpreter runs the kernels."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def capability(index: int | None) -> tuple[int, int]:
+    """The compute capability of CUDA device `index` (None: the current one), looked up once."""
+    return torch.cuda.get_device_capability(index)
 
 
 def check_device(name: str, device: torch.device) -> None:

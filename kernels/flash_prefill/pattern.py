@@ -26,14 +26,13 @@ before reading them.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..runtime import Launcher, interpreting
+from ..runtime import Launcher, capability, interpreting
 
 try:  # (Triton's grid dependency control, sm_90 and later)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -239,13 +238,7 @@ _index_launch = Launcher(_index_kernel)
 def dependent_launch(device: torch.device, num_key_blocks: int) -> bool:
     """Whether `build_index` runs as a programmatic dependent launch of `block_means` here."""
     return (PDL and num_key_blocks <= PDL_MAX_BLOCKS and gdc_wait is not None and not interpreting()
-            and device.type == "cuda" and _sm(device.index) >= 90)
-
-
-@functools.cache
-def _sm(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
+            and device.type == "cuda" and capability(device.index) >= (9, 0))
 
 
 def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtype: torch.dtype,

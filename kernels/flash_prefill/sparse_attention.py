@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import Launcher
+from ..runtime import Launcher, capability
 
 LOG2E = 1.4426950408889634
 
@@ -210,7 +210,7 @@ GROUP_ORDER_BY_DEFAULT = True
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need Hopper or newer, a unit last stride and 16-byte aligned strides and bases."""
     t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if t0.device.type != "cuda" or capability(t0.device.index)[0] < 9:
         return False
     size = t0.element_size()
     for t in tensors:

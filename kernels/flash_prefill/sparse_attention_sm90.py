@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from ..runtime import Launcher
+from ..runtime import Launcher, capability
 from .sparse_attention import _correction_inputs, launch_order
 
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
@@ -490,18 +490,13 @@ if HAVE_GLUON:
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether this kernel can run the call: Hopper, 16-bit floats, block 128, head dim up to 128
     (padded to 64 or 128 inside), queries on a 128-row boundary, strides TMA accepts."""
-    if not HAVE_GLUON or q.device.type != "cuda" or _capability(q.device.index)[0] != 9:
+    if not HAVE_GLUON or q.device.type != "cuda" or capability(q.device.index)[0] != 9:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or block_size != BLOCK or _d_pad(q.shape[-1]) is None:
         return False
     if (k.shape[1] - q.shape[1]) % BLOCK:
         return False
     return all(_tma_compatible(t) for t in (q, k, v))
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 @functools.cache

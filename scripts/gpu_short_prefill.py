@@ -11,7 +11,10 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
   session on: built once per shape, so once for the 28 calls), and the same with the pattern built
   at every call (the fifteenth session's code);
 - (nineteenth session) `flash_prefill` below its `min_seq_len` with every kernel launched through
-  Triton's launch (`kernels.runtime.DIRECT_LAUNCH = False`), the code before that session.
+  Triton's launch (`kernels.runtime.DIRECT_LAUNCH = False`), the code before that session;
+- (twentieth session) `flash_prefill` below its `min_seq_len` on the Hopper kernel at every length
+  (`api.DENSE_FLASH_BELOW = 0`) and as the direct flash-attention call at every length
+  (`DENSE_FLASH_BELOW` above it), around the default threshold.
 
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
 median over `--lengths` new lengths (`--step`, 2 x `--step`, ... tokens above the length named, the
@@ -55,19 +58,36 @@ def tritons_launch(way):
     return run
 
 
+def flash_below(tokens: int, way):
+    def run(q, k, v):
+        kept, api.DENSE_FLASH_BELOW = api.DENSE_FLASH_BELOW, tokens
+        try:
+            way(q, k, v)
+        finally:
+            api.DENSE_FLASH_BELOW = kept
+    return run
+
+
+def below_min(q, k, v):
+    flash_prefill(q, k, v, config=BELOW_MIN)
+
+
 WAYS = {
     "SDPA's choice (cuDNN)": sdpa([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
     "SDPA without cuDNN (flash)": sdpa([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                         SDPBackend.MATH]),
     "ours, every block kept": lambda q, k, v: flash_prefill(q, k, v, config=ALL_KEPT),
-    "flash_prefill below min_seq_len": lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN),
+    "flash_prefill below min_seq_len": below_min,
     "same, causal pattern built per call": lambda q, k, v: (api._cached_causal_pattern.cache_clear(),
                                                             flash_prefill(q, k, v, config=BELOW_MIN)),
-    "same, Triton's launch": tritons_launch(lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN)),
+    "same, Triton's launch": tritons_launch(below_min),
+    "same, Hopper kernel at every length": flash_below(0, below_min),
+    "same, flash-attention call at every length": flash_below(2**30, below_min),
 }
 
-WAY_IDS = dict(zip(["cudnn", "flash", "all-kept", "below-min", "pattern-per-call", "tritons-launch"], WAYS))
+WAY_IDS = dict(zip(["cudnn", "flash", "all-kept", "below-min", "pattern-per-call", "tritons-launch", "hopper",
+                    "flash-call"], WAYS))
 
 
 def layers_ms(way, length: int, calls: int = 28) -> float:

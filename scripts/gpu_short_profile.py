@@ -1,7 +1,8 @@
 """Where a short prompt's dense-fallback call spends its time: for each length, 28 back-to-back
-`flash_prefill` calls below `min_seq_len` (as scripts/gpu_short_prefill.py times them) under
-torch.profiler, with each CUDA kernel's mean GPU time and count, the wall time of the 28 calls, and
-the same for SDPA's cuDNN backend. A development script (results go to BENCHMARKS.md).
+`flash_prefill` calls below `min_seq_len` (as scripts/gpu_short_prefill.py times them), on the
+Hopper kernel and as the flash-attention call (`api.DENSE_FLASH_BELOW`), under torch.profiler,
+with each CUDA kernel's mean GPU time and count, the wall time of the 28 calls, and the same for
+SDPA's cuDNN backend. A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_short_profile.py [--tokens 1072 2096]
 """
@@ -15,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from kernels import FlashPrefillConfig, flash_prefill
+from kernels.flash_prefill import api
 
 BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)
 
@@ -25,11 +27,23 @@ def cudnn(q, k, v):
                                        enable_gqa=True)
 
 
+def below_min(flash_below: int):
+    """flash_prefill below its min_seq_len with api.DENSE_FLASH_BELOW set to `flash_below`."""
+    def run(q, k, v):
+        kept, api.DENSE_FLASH_BELOW = api.DENSE_FLASH_BELOW, flash_below
+        try:
+            flash_prefill(q, k, v, config=BELOW_MIN)
+        finally:
+            api.DENSE_FLASH_BELOW = kept
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1072, 2096])
     args = parser.parse_args()
-    ways = {"flash_prefill below min_seq_len": lambda q, k, v: flash_prefill(q, k, v, config=BELOW_MIN),
+    ways = {"flash_prefill below min_seq_len, Hopper kernel": below_min(0),
+            "flash_prefill below min_seq_len, flash-attention call": below_min(2**30),
             "SDPA cuDNN": cudnn}
     for t in args.tokens:
         q = torch.randn(1, t, 28, 128, device="cuda", dtype=torch.bfloat16)

@@ -5,9 +5,10 @@ KV head h // (HQ // H). Tq <= Tk: the queries are the last Tq of the Tk key posi
 (bottom-right causal alignment). Head dims 64, 80, 96, 128, 256; fp16 and bf16 on every
 backend, fp32 on the reference backend. Strided views work without a copy on the Triton path.
 
-Below `config.min_seq_len` attention is dense: on Hopper, where the Gluon kernel takes the call,
-that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`); elsewhere PyTorch SDPA
-(`dense_attention`).
+Below `config.min_seq_len` attention is dense: on Hopper, below `DENSE_FLASH_BELOW` keys, one
+call of PyTorch's flash-attention kernel (`dense_flash`), and from there, where the Gluon kernel
+takes the call, that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`); elsewhere PyTorch
+SDPA (`dense_attention`).
 """
 
 from __future__ import annotations
@@ -151,8 +152,42 @@ USE_HOPPER_KERNEL = True
 # 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
 # planned, 0.83-1.02x its time from 2K and 2x at 1K, where back-to-back calls are bound by host
 # time (BENCHMARKS.md, nineteenth session, runs 4 and 7). False: SDPA, for a workload whose prompt
-# lengths repeat.
+# lengths repeat (and no DENSE_FLASH_BELOW route either).
 DENSE_ON_HOPPER_KERNEL = True
+
+
+# Below this many key tokens, where the dense attention would run on the Hopper kernel, it runs as
+# one call of PyTorch's flash-attention kernel instead (the kernel SDPA's flash backend runs, called
+# directly; it takes grouped KV heads and bottom-right causal alignment as flash_prefill does).
+# There back-to-back calls of the Hopper kernel are bound by host time (its launch with four TMA
+# descriptors, 90-200 us a call by host), while the flash call takes 35-45 us of host time and is
+# bound by its GPU time, 58 us at 1K tokens, 106 us at 1.5K (twice the Hopper kernel's). The 28
+# layers' calls at 1K: 1.97-2.02 ms against 2.73-4.68 ms on the Hopper kernel (cuDNN with its plan
+# built: 1.42-2.58 ms); at 1.5K level or slower (BENCHMARKS.md, twentieth session). 0: never.
+DENSE_FLASH_BELOW = 1536
+
+
+@functools.cache
+def _flash_kernel_available(device: torch.device) -> bool:
+    from ..runtime import capability
+
+    return (torch.version.hip is None and hasattr(torch.ops.aten, "_flash_attention_forward")
+            and torch.backends.cuda.is_flash_attention_available() and capability(device.index)[0] == 9)
+
+
+def _dense_on_flash_kernel(q, k, v) -> bool:
+    """Whether the dense attention below min_seq_len runs as `dense_flash` (DENSE_FLASH_BELOW):
+    Hopper, 16-bit floats, a unit last stride."""
+    return (DENSE_ON_HOPPER_KERNEL and k.shape[1] < DENSE_FLASH_BELOW and q.is_cuda
+            and q.dtype in _TRITON_DTYPES and q.stride(3) == k.stride(3) == v.stride(3) == 1
+            and _flash_kernel_available(q.device))
+
+
+def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention with bottom-right alignment, (B, Tq, HQ, D), in one call of PyTorch's
+    flash-attention kernel on (B, T, H, D) inputs as given (CUDA, 16-bit floats, unit last stride)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False,
+                                                   scale=scale)[0]
 
 
 def _dense_on_hopper_kernel(q, k, v, block_size: int) -> bool:
@@ -214,6 +249,8 @@ def flash_prefill(
 
             pattern = reference.causal_pattern(b, hq, tq, tk, bs, q.device)
             out = reference.sparse_attention(q, k, v, pattern, scale)
+        elif _dense_on_flash_kernel(q, k, v):
+            out = dense_flash(q, k, v, scale)
         elif _dense_on_hopper_kernel(q, k, v, bs):
             from . import sparse_attention_sm90 as hopper_kernels
 

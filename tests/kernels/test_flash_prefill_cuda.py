@@ -201,20 +201,55 @@ def test_hopper_kernel_declines_what_it_cannot_run():
 
 
 @requires_hopper
+@pytest.mark.parametrize("route", ["default", "hopper-kernel", "flash-call"])
 @pytest.mark.parametrize("t", [1000, 4096, 9001])
-def test_dense_fallback_on_the_hopper_kernel_matches_sdpa(monkeypatch, t):
-    """Below min_seq_len (the default), the Hopper kernel over every causal block, without SDPA,
-    is as close to fp32 attention as SDPA's bf16 result, at lengths on and off the block grid."""
+def test_dense_fallback_matches_sdpa(monkeypatch, route, t):
+    """Below min_seq_len (the default), the dense attention without SDPA, on the route
+    api.DENSE_FLASH_BELOW picks (the flash-attention call below it, the Hopper kernel over every
+    causal block from it) and on each route forced, is as close to fp32 attention as SDPA's bf16
+    result, at lengths on and off the block grid."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
     q, k, v = structured_qkv(1, t, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
     exact = dense_attention(q.float(), k.float(), v.float(), 128**-0.5)
     low = dense_attention(q, k, v, 128**-0.5)
+    if route != "default":
+        monkeypatch.setattr(api, "DENSE_FLASH_BELOW", 0 if route == "hopper-kernel" else 2**30)
+    flash = t < api.DENSE_FLASH_BELOW
+    ran = []
+
+    def recorded(name, fn):
+        return lambda *args, **kwargs: (ran.append(name), fn(*args, **kwargs))[1]
 
     def no_sdpa(*args, **kwargs):
         raise AssertionError("SDPA ran below min_seq_len on Hopper")
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    monkeypatch.setattr(api, "dense_flash", recorded("flash", api.dense_flash))
+    kernel = hopper_kernels.sparse_attention_sm90
+    monkeypatch.setattr(hopper_kernels, "sparse_attention_sm90", recorded("hopper", kernel))
     out, pattern = flash_prefill(q, k, v, config=FlashPrefillConfig(), return_pattern=True)
     assert t < FlashPrefillConfig().min_seq_len and pattern.density() == 1.0
+    assert ran == ["flash" if flash else "hopper"]
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+@requires_hopper
+@pytest.mark.parametrize("head_dim,dtype", [(128, torch.bfloat16), (80, torch.bfloat16), (64, torch.float16),
+                                            (256, torch.bfloat16)])
+@pytest.mark.parametrize("q_len", [1200, 700, 1], ids=["Tq=Tk", "prefix-500", "one-query"])
+def test_dense_flash_call_matches_reference(head_dim, dtype, q_len):
+    """The flash-attention call on grouped KV heads, queries the last of the keys (bottom-right
+    causal), inputs in the (B, H, T, D) memory order transformers hands over, against fp32."""
+    tk = 1200
+    q, k, v = structured_qkv(2, q_len, tk, 28, 4, head_dim, 128, dtype=dtype, device="cuda")
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert api._dense_on_flash_kernel(q, k, v)
+    causal, scale = reference.causal_pattern(2, 28, q_len, tk, 128, q.device), head_dim**-0.5
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), causal, scale, torch.float32)
+    low = reference.sparse_attention(q, k, v, causal, scale, compute_dtype=None)  # (the same in 16-bit floats)
+    out = api.dense_flash(q, k, v, scale)
+    assert out.shape == q.shape and out.dtype == dtype
     assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
 
 

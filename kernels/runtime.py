@@ -46,6 +46,15 @@ def _arg_key(arg):
         return int, arg == 1, arg % 16 == 0, _I32[0] <= arg < _I32[1]
     if isinstance(arg, float):
         return float
+    key = _descriptor_key(arg)
+    _DESCRIPTOR_TYPES.add(type(arg))
+    return key
+
+
+_DESCRIPTOR_TYPES: set = set()  # (the types `_arg_key` has keyed as TMA descriptors)
+
+
+def _descriptor_key(arg):
     layout = getattr(arg, "layout", None)  # (a host TMA descriptor; a Gluon one has a shared layout)
     try:
         hash(layout)
@@ -53,6 +62,27 @@ def _arg_key(arg):
         layout = repr(layout)
     return (type(arg), arg.base.dtype, tuple(arg.block_shape), layout, getattr(arg, "padding", None),
             getattr(arg, "round_f32_to_tf32", None))
+
+
+def _args_key(args: tuple) -> tuple:
+    """`tuple(map(_arg_key, args))` in one loop, ints, tensors, None and descriptors of a type
+    `_arg_key` has met keyed at once. The key is built at every launch (a Hopper kernel call has 23
+    arguments), and a call of `_arg_key` per argument cost about half as much host time as Triton's
+    compiled launcher itself (BENCHMARKS.md, twentieth session)."""
+    key = []
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            key.append((int, arg == 1, arg % 16 == 0, _I32[0] <= arg < _I32[1]))
+        elif kind is torch.Tensor:
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif arg is None:
+            key.append(None)
+        elif kind in _DESCRIPTOR_TYPES:
+            key.append(_descriptor_key(arg))
+        else:
+            key.append(_arg_key(arg))
+    return tuple(key)
 
 
 class Launcher:
@@ -94,7 +124,7 @@ class Launcher:
             self.knobs = knobs.runtime
         device = self.device()
         try:
-            keys = tuple(map(_arg_key, args))
+            keys = _args_key(args)
             key = (device, keys, tuple(kwargs.items()))
             entry = self.compiled.get(key)
         except (AttributeError, TypeError):  # (an argument of a kind the key does not cover)

@@ -507,6 +507,14 @@ def _sm_count(index: int) -> int:
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
+@functools.cache
+def _stream_getter():
+    """Triton's getter of the current CUDA stream's handle on a device index (what its launch reads)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream
+
+
 def _work_counter(device: torch.device) -> torch.Tensor:
     """The dynamic schedule's two int32 counters for launches on the current stream. Zeroed once;
     each launch leaves them at zero, and launches on one stream run in order, so no per-call
@@ -514,7 +522,7 @@ def _work_counter(device: torch.device) -> torch.Tensor:
     graph capture a fresh zeroed pair, its memset part of the graph."""
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    key = (device.index, _stream_getter()(device.index))  # (the raw handle: no Stream object a call)
     counter = _COUNTERS.get(key)
     if counter is None:
         counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
@@ -523,8 +531,8 @@ def _work_counter(device: torch.device) -> torch.Tensor:
 
 def _tma_compatible(t: torch.Tensor) -> bool:
     """Unit last stride, 16-byte aligned base and other strides (what a TMA descriptor needs)."""
-    size = t.element_size()
-    return t.stride(3) == 1 and not any((s * size) % 16 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0
+    size, (s0, s1, s2, s3) = t.element_size(), t.stride()  # (checked at every call: no generator)
+    return s3 == 1 and not ((s0 * size) % 16 or (s1 * size) % 16 or (s2 * size) % 16) and t.data_ptr() % 16 == 0
 
 
 def _d_pad(d: int) -> int | None:
@@ -537,13 +545,35 @@ def _smem_layout(rows: int, d_pad: int, fp16: bool):
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d_pad], gl.float16 if fp16 else gl.bfloat16)
 
 
+@functools.cache
+def _descriptor_fields_known() -> bool:
+    """Whether Gluon's TensorDescriptor is the dataclass `_descriptor` fills in directly: the five
+    fields it sets, and defaults for the rest."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(TensorDescriptor):
+        return False
+    fields = dataclasses.fields(TensorDescriptor)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    return required == ["base", "shape", "strides", "block_shape", "layout"] and all(
+        f.default_factory is dataclasses.MISSING for f in fields)
+
+
 def _descriptor(t: torch.Tensor, rows: int, d_pad: int):
     """A TMA descriptor over (B, T, H, D) `t` in (B, H, T, D) order, one (rows, d_pad) tile per
-    copy; rows past T and columns past D read as zeros and are not written."""
+    copy; rows past T and columns past D read as zeros and are not written. `t` must be what
+    `_tma_compatible` accepts (every caller checks it): then the descriptor's fields are filled in
+    without its constructor's checks of the same, which cost 3-5 us of host time a descriptor
+    (four a call; BENCHMARKS.md, twentieth session)."""
     b, n, h, d = t.shape
     sb, st, sh, sd = t.stride()
     layout = _smem_layout(rows, d_pad, t.dtype == torch.float16)
-    return TensorDescriptor(t, [b, h, n, d], [sb, sh, st, sd], [1, 1, rows, d_pad], layout)
+    if not _descriptor_fields_known():
+        return TensorDescriptor(t, [b, h, n, d], [sb, sh, st, sd], [1, 1, rows, d_pad], layout)
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.layout = (
+        t, [b, h, n, d], [sb, sh, st, sd], [1, 1, rows, d_pad], layout)
+    return desc
 
 
 def _means_descriptor(means: torch.Tensor):

@@ -467,3 +467,28 @@ def test_dependent_index_launch_only_on_a_gpu_that_has_it():
 
     assert not pattern_kernels.dependent_launch(torch.device("cpu"), 32)
     assert not pattern_kernels.dependent_launch(torch.device("cpu"), pattern_kernels.PDL_MAX_BLOCKS + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hopper_descriptors_equal_the_constructors(dtype):
+    """The Hopper kernel's TMA descriptors, filled in without the constructor's checks, hold what
+    Gluon's constructor makes of the same tensor (a transformers-layout view, strided), field by
+    field, defaults included; and the constructor accepts them, so its checks would have passed."""
+    import dataclasses
+
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    if not hopper_kernels.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    assert hopper_kernels._descriptor_fields_known()
+    t = torch.empty(2, 28, 300, 128, dtype=dtype).transpose(1, 2)  # (B, T, H, D) over (B, H, T, D) memory
+    assert hopper_kernels._tma_compatible(t)
+    fast = hopper_kernels._descriptor(t, 64, 128)
+    layout = hopper_kernels._smem_layout(64, 128, dtype == torch.float16)
+    made = hopper_kernels.TensorDescriptor(t, [2, 28, 300, 128], [t.stride(0), t.stride(2), t.stride(1), 1],
+                                           [1, 1, 64, 128], layout)
+    for field in dataclasses.fields(hopper_kernels.TensorDescriptor):
+        mine, theirs = getattr(fast, field.name), getattr(made, field.name)
+        assert mine is theirs if field.name == "base" else mine == theirs, field.name
+    assert type(fast) is type(made)
+    hopper_kernels.TensorDescriptor(*(getattr(fast, f.name) for f in dataclasses.fields(fast)))

@@ -158,3 +158,21 @@ def test_keys_that_never_repeat_turn_the_direct_path_off():
     assert len(launch.compiled) == MAX_SPECIALISATIONS and not launch.direct
     launch[(1,)](x, 32, 1.0, BLOCK=0, num_warps=4)
     assert len(kernel.triton_launches) == MAX_SPECIALISATIONS + 2 and not kernel.direct_launches
+
+
+def test_the_launch_key_is_each_arguments_key():
+    """The launch key's inline cases (ints, tensors, None) give what `_arg_key` gives, argument by
+    argument, and the rest goes to `_arg_key`."""
+    from kernels.runtime import _args_key
+
+    class Flag(int):  # (an int subclass: not the inline case)
+        pass
+
+    aligned, offset = torch.zeros(64), torch.zeros(64)[1:]
+    args = (aligned, offset, torch.nn.Parameter(torch.zeros(4)), 1, 0, 16, 48, 17, -32, 2**31, -(2**31) - 1, 2**40,
+            Flag(32), True, False, None, 0.5, torch.zeros(8, dtype=torch.float16))
+    keys = _args_key(args)
+    assert keys == tuple(_arg_key(a) for a in args)
+    assert keys[0] == (torch.float32, True) and keys[1] == (torch.float32, False)
+    assert keys[3] == (int, True, False, True) and keys[5] == (int, False, True, True)
+    assert keys[9] == (int, False, True, False) and keys[13] is True and keys[15] is None

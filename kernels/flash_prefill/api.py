@@ -150,21 +150,23 @@ USE_HOPPER_KERNEL = True
 # its choice there, builds an execution plan the first time it sees a length (40-80 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
 # 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
-# planned, 0.83-1.02x its time from 2K and 2x at 1K, where back-to-back calls are bound by host
-# time (BENCHMARKS.md, nineteenth session, runs 4 and 7). False: SDPA, for a workload whose prompt
-# lengths repeat (and no DENSE_FLASH_BELOW route either).
+# planned, 0.82-0.97x its time at 2K-8K and 1.2-1.4x at 1K (below DENSE_FLASH_BELOW), where
+# back-to-back calls are bound by host time (BENCHMARKS.md, twentieth session, runs 8 and 9).
+# False: SDPA, for a workload whose prompt lengths repeat (and no DENSE_FLASH_BELOW route either).
 DENSE_ON_HOPPER_KERNEL = True
 
 
 # Below this many key tokens, where the dense attention would run on the Hopper kernel, it runs as
 # one call of PyTorch's flash-attention kernel instead (the kernel SDPA's flash backend runs, called
 # directly; it takes grouped KV heads and bottom-right causal alignment as flash_prefill does).
-# There back-to-back calls of the Hopper kernel are bound by host time (its launch with four TMA
-# descriptors, 90-200 us a call by host), while the flash call takes 35-45 us of host time and is
-# bound by its GPU time, 58 us at 1K tokens, 106 us at 1.5K (twice the Hopper kernel's). The 28
-# layers' calls at 1K: 1.97-2.02 ms against 2.73-4.68 ms on the Hopper kernel (cuDNN with its plan
-# built: 1.42-2.58 ms); at 1.5K level or slower (BENCHMARKS.md, twentieth session). 0: never.
-DENSE_FLASH_BELOW = 1536
+# There back-to-back calls of the Hopper kernel are bound by host time (65-120 us a call by host,
+# its launch with four TMA descriptors), while the flash call takes 20-45 us of host time and is
+# bound by its GPU time: 58 us at 1K tokens, 80 at 1.3K, 106 at 1.5K, about twice the Hopper
+# kernel's. On the fastest host seen, the 28 layers' calls at 1040-1104 tokens: 1.69-1.72 ms
+# against 1.91-1.93 ms on the Hopper kernel; at 1168-1232 level (2.00 against 1.94-1.98); at
+# 1296-1360 slower (2.36 against 1.89-2.09). On slower hosts the Hopper kernel's calls take longer
+# and the flash call's do not (BENCHMARKS.md, twentieth session, runs 1, 8 and 9). 0: never.
+DENSE_FLASH_BELOW = 1152
 
 
 @functools.cache

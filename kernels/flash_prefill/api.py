@@ -35,6 +35,29 @@ _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SHORT_QUERY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# The kernel modules, imported at their first use (each reads TRITON_INTERPRET when imported) and
+# then looked up without an import statement's cost at every call.
+@functools.cache
+def _pattern_kernels():
+    from . import pattern
+
+    return pattern
+
+
+@functools.cache
+def _attention_kernels():
+    from . import sparse_attention
+
+    return sparse_attention
+
+
+@functools.cache
+def _hopper_kernels():
+    from . import sparse_attention_sm90
+
+    return sparse_attention_sm90
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -48,6 +71,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> None:
+    dtypes = _TRITON_DTYPES if backend == "triton" else _REFERENCE_DTYPES
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        qs, ks = q.shape, k.shape  # (every check below at once, for a call that passes them all)
+        if (len(qs) == 4 and len(ks) == 4 and ks == v.shape and 0 not in qs and 0 not in ks and qs[0] == ks[0]
+                and qs[3] == ks[3] and qs[2] % ks[2] == 0 and qs[1] <= ks[1] and qs[3] in SUPPORTED_HEAD_DIMS
+                and q.dtype in dtypes and k.dtype == q.dtype and v.dtype == q.dtype
+                and q.device == k.device == v.device):
+            return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -70,7 +101,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> N
         raise ValueError(f"Tq must not exceed Tk: q has {q.shape[1]} tokens, k has {k.shape[1]}")
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {q.shape[3]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    dtypes = _TRITON_DTYPES if backend == "triton" else _REFERENCE_DTYPES
     if q.dtype not in dtypes:
         raise TypeError(f"dtype {q.dtype} is not supported by backend {backend!r}; supported: {dtypes}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -119,8 +149,7 @@ def _kernel_causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: t
 def _find_pattern_triton(
     q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float
 ) -> BlockSparsePattern:
-    from . import pattern as pattern_kernels
-
+    pattern_kernels = _pattern_kernels()
     b, tq, hq, d = q.shape
     tk = k.shape[1]
     bs = config.block_size
@@ -193,19 +222,15 @@ def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
 
 def _dense_on_hopper_kernel(q, k, v, block_size: int) -> bool:
-    from . import sparse_attention_sm90 as hopper_kernels
-
     # (the kernel's checks include CUDA tensors: never under the interpreter)
-    return DENSE_ON_HOPPER_KERNEL and USE_HOPPER_KERNEL and hopper_kernels.supported(q, k, v, block_size)
+    return DENSE_ON_HOPPER_KERNEL and USE_HOPPER_KERNEL and _hopper_kernels().supported(q, k, v, block_size)
 
 
 def _sparse_attention_triton(
     q, k, v, pattern: BlockSparsePattern, scale: float, out: torch.Tensor | None = None,
     mean_correction: bool = False,
 ) -> torch.Tensor:
-    from . import sparse_attention as attention_kernels
-    from . import sparse_attention_sm90 as hopper_kernels
-
+    attention_kernels, hopper_kernels = _attention_kernels(), _hopper_kernels()
     if USE_HOPPER_KERNEL and not _interpreting() and hopper_kernels.supported(q, k, v, pattern.block_size):
         return hopper_kernels.sparse_attention_sm90(
             q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out, mean_correction=mean_correction
@@ -254,10 +279,8 @@ def flash_prefill(
         elif _dense_on_flash_kernel(q, k, v):
             out = dense_flash(q, k, v, scale)
         elif _dense_on_hopper_kernel(q, k, v, bs):
-            from . import sparse_attention_sm90 as hopper_kernels
-
             causal = _kernel_causal_pattern(b, hq, tq, tk, bs, q.device)
-            out = hopper_kernels.sparse_attention_sm90(q, k, v, causal.kv_num_blocks, causal.kv_indices, scale)
+            out = _hopper_kernels().sparse_attention_sm90(q, k, v, causal.kv_num_blocks, causal.kv_indices, scale)
         else:
             out = dense_attention(q, k, v, scale)
         if not return_pattern:

@@ -393,6 +393,20 @@ class TestBadInput:
         with pytest.raises(ValueError, match="4-D"):
             flash_prefill(q[0], k, v, backend="reference")
 
+    def test_empty_keys_and_mismatched_values(self):
+        q, k, v = self.qkv()
+        with pytest.raises(ValueError, match=r"k is empty: shape \(1, 64, 0, 64\)"):
+            flash_prefill(q, k[:, :, :0], v[:, :, :0], backend="reference")
+        with pytest.raises(ValueError, match="k and v must have the same shape"):
+            flash_prefill(q, k, v[:, :32], backend="reference")
+
+    def test_mixed_dtypes_and_non_tensors(self):
+        q, k, v = self.qkv()
+        with pytest.raises(TypeError, match="must share a dtype"):
+            flash_prefill(q, k, v.to(torch.bfloat16), backend="reference")
+        with pytest.raises(TypeError, match="k must be a torch.Tensor, got list"):
+            flash_prefill(q, k.tolist(), v, backend="reference")
+
     def test_unknown_backend(self):
         q, k, v = self.qkv()
         with pytest.raises(ValueError, match="'cuda'"):

@@ -238,12 +238,14 @@ def test_dense_fallback_matches_sdpa(monkeypatch, route, t):
 @pytest.mark.parametrize("head_dim,dtype", [(128, torch.bfloat16), (80, torch.bfloat16), (64, torch.float16),
                                             (256, torch.bfloat16)])
 @pytest.mark.parametrize("q_len", [1200, 700, 1], ids=["Tq=Tk", "prefix-500", "one-query"])
-def test_dense_flash_call_matches_reference(head_dim, dtype, q_len):
+def test_dense_flash_call_matches_reference(monkeypatch, head_dim, dtype, q_len):
     """The flash-attention call on grouped KV heads, queries the last of the keys (bottom-right
-    causal), inputs in the (B, H, T, D) memory order transformers hands over, against fp32."""
+    causal), inputs in the (B, H, T, D) memory order transformers hands over, against fp32; the
+    route takes such inputs (its length threshold lifted here)."""
     tk = 1200
     q, k, v = structured_qkv(2, q_len, tk, 28, 4, head_dim, 128, dtype=dtype, device="cuda")
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    monkeypatch.setattr(api, "DENSE_FLASH_BELOW", 2**30)
     assert api._dense_on_flash_kernel(q, k, v)
     causal, scale = reference.causal_pattern(2, 28, q_len, tk, 128, q.device), head_dim**-0.5
     exact = reference.sparse_attention(q.float(), k.float(), v.float(), causal, scale, torch.float32)

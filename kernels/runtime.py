@@ -67,7 +67,7 @@ def _descriptor_key(arg):
 def _args_key(args: tuple) -> tuple:
     """`tuple(map(_arg_key, args))` in one loop, ints, tensors, None and descriptors of a type
     `_arg_key` has met keyed at once. The key is built at every launch (a Hopper kernel call has 23
-    arguments), and a call of `_arg_key` per argument cost about half as much host time as Triton's
+    arguments), and a call of `_arg_key` per argument cost 60-80% of the host time of Triton's
     compiled launcher itself (BENCHMARKS.md, twentieth session)."""
     key = []
     for arg in args:

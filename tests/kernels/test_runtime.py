@@ -161,8 +161,11 @@ def test_keys_that_never_repeat_turn_the_direct_path_off():
 
 
 def test_the_launch_key_is_each_arguments_key():
-    """The launch key's inline cases (ints, tensors, None) give what `_arg_key` gives, argument by
-    argument, and the rest goes to `_arg_key`."""
+    """The launch key's inline cases (ints, tensors, None, a descriptor type met before) give what
+    `_arg_key` gives, argument by argument, and the rest goes to `_arg_key`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from kernels import runtime
     from kernels.runtime import _args_key
 
     class Flag(int):  # (an int subclass: not the inline case)
@@ -176,3 +179,10 @@ def test_the_launch_key_is_each_arguments_key():
     assert keys[0] == (torch.float32, True) and keys[1] == (torch.float32, False)
     assert keys[3] == (int, True, False, True) and keys[5] == (int, False, True, True)
     assert keys[9] == (int, False, True, False) and keys[13] is True and keys[15] is None
+
+    descriptor = TensorDescriptor(torch.zeros(4, 64, dtype=torch.float16), [4, 64], [64, 1], [4, 32])
+    runtime._DESCRIPTOR_TYPES.discard(TensorDescriptor)
+    first = _args_key((descriptor,))  # (through `_arg_key`, which notes the type)
+    assert TensorDescriptor in runtime._DESCRIPTOR_TYPES
+    assert _args_key((descriptor,)) == first == (_arg_key(descriptor),)
+    assert first[0][:3] == (TensorDescriptor, torch.float16, (4, 32))

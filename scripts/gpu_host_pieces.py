@@ -13,28 +13,15 @@ import cProfile
 import inspect
 import pstats
 import statistics
-import time
 
 import torch
+from gpu_launch_host import host_us
 
 from kernels import FlashPrefillConfig, flash_prefill, runtime
 from kernels.flash_prefill import api
 from kernels.flash_prefill import sparse_attention_sm90 as hk
 
 BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)
-
-
-def host_us(fn, calls: int) -> float:
-    torch.cuda.synchronize()
-    spent = 0.0
-    for i in range(calls):
-        if i % 25 == 0:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        spent += time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * spent / calls
 
 
 def main() -> None:

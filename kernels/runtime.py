@@ -20,6 +20,24 @@ def capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def current_stream_getter():
+    """Triton's getter of the current CUDA stream's raw handle on a device index (what its launch
+    passes; no torch.cuda.Stream object made per call)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream
+
+
+@functools.cache
+def flash_attention_available(device: torch.device) -> bool:
+    """Whether PyTorch's flash-attention kernel (`torch.ops.aten._flash_attention_forward`, the one
+    SDPA's flash backend runs) can be called directly on CUDA `device`: NVIDIA's build, sm_80+."""
+    return (torch.version.hip is None  # NVIDIA's: ROCm's flash build differs
+            and hasattr(torch.ops.aten, "_flash_attention_forward")
+            and torch.backends.cuda.is_flash_attention_available() and capability(device.index) >= (8, 0))
+
+
 def check_device(name: str, device: torch.device) -> None:
     """Raise ValueError unless a Triton kernel can run on tensors on `device`."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
@@ -120,7 +138,7 @@ class Launcher:
             from triton import knobs
             from triton.runtime import driver
 
-            self.device, self.stream = driver.active.get_current_device, driver.active.get_current_stream
+            self.device, self.stream = driver.active.get_current_device, current_stream_getter()
             self.knobs = knobs.runtime
         device = self.device()
         try:

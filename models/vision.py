@@ -48,7 +48,6 @@ undone by the same function with enabled=False (benchmarks compare with transfor
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -57,6 +56,7 @@ from triton.runtime.errors import OutOfResources
 
 from kernels.rope import launch as launch_rope
 from kernels.rope import supported as rope_supported
+from kernels.runtime import flash_attention_available
 from kernels.window_attention import MAX_CHUNK, window_attention
 from kernels.window_attention import supported as windows_supported
 
@@ -156,14 +156,7 @@ def _takes_varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
     d = q.shape[-1]
     return (VARLEN_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and k.dtype == v.dtype == q.dtype and k.shape == v.shape == q.shape and d % 8 == 0 and d <= 256
-            and hasattr(torch.ops.aten, "_flash_attention_forward") and _flash_device(q.device))
-
-
-@functools.cache
-def _flash_device(device: torch.device) -> bool:
-    return (torch.version.hip is None  # NVIDIA's: ROCm's flash build differs
-            and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(device) >= (8, 0))
+            and flash_attention_available(q.device))
 
 
 def _varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,

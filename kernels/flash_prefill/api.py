@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..runtime import capability, flash_attention_available
 from ..runtime import interpreting as _interpreting
 from .config import BlockSparsePattern, FlashPrefillConfig
 
@@ -198,20 +199,12 @@ DENSE_ON_HOPPER_KERNEL = True
 DENSE_FLASH_BELOW = 1152
 
 
-@functools.cache
-def _flash_kernel_available(device: torch.device) -> bool:
-    from ..runtime import capability
-
-    return (torch.version.hip is None and hasattr(torch.ops.aten, "_flash_attention_forward")
-            and torch.backends.cuda.is_flash_attention_available() and capability(device.index)[0] == 9)
-
-
 def _dense_on_flash_kernel(q, k, v) -> bool:
     """Whether the dense attention below min_seq_len runs as `dense_flash` (DENSE_FLASH_BELOW):
     Hopper, 16-bit floats, a unit last stride."""
     return (DENSE_ON_HOPPER_KERNEL and k.shape[1] < DENSE_FLASH_BELOW and q.is_cuda
             and q.dtype in _TRITON_DTYPES and q.stride(3) == k.stride(3) == v.stride(3) == 1
-            and _flash_kernel_available(q.device))
+            and flash_attention_available(q.device) and capability(q.device.index)[0] == 9)
 
 
 def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

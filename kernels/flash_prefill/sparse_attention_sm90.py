@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from ..runtime import Launcher, capability
+from ..runtime import Launcher, capability, current_stream_getter
 from .sparse_attention import _correction_inputs, launch_order
 
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
@@ -507,14 +507,6 @@ def _sm_count(index: int) -> int:
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
-@functools.cache
-def _stream_getter():
-    """Triton's getter of the current CUDA stream's handle on a device index (what its launch reads)."""
-    from triton.runtime import driver
-
-    return driver.active.get_current_stream
-
-
 def _work_counter(device: torch.device) -> torch.Tensor:
     """The dynamic schedule's two int32 counters for launches on the current stream. Zeroed once;
     each launch leaves them at zero, and launches on one stream run in order, so no per-call
@@ -522,7 +514,7 @@ def _work_counter(device: torch.device) -> torch.Tensor:
     graph capture a fresh zeroed pair, its memset part of the graph."""
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=device)
-    key = (device.index, _stream_getter()(device.index))  # (the raw handle: no Stream object a call)
+    key = (device.index, current_stream_getter()(device.index))
     counter = _COUNTERS.get(key)
     if counter is None:
         counter = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)

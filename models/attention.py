@@ -95,6 +95,17 @@ class SparsityRecorder:
         self.masks[layer] = merged
         self.mask_tokens[layer] = pattern.kv_len
 
+    def record_causal(self, layer: int, batch: int, num_heads: int, q_len: int, kv_len: int, block_size: int,
+                      device) -> None:
+        """What `record` records for the pattern of every causal block (a call that ran dense below
+        min_seq_len), counted on the host: no pattern built, one small tensor."""
+        nkb = -(-kv_len // block_size)
+        first = (kv_len - q_len) // block_size
+        nqb = nkb - first
+        visible = torch.full((num_heads,), float(batch * (nqb * first + nqb * (nqb + 1) // 2)), device=device)
+        self._add(layer, visible, visible)
+        self.block_size, self.num_tokens = block_size, kv_len
+
     def record_dense(self, layer: int, num_heads: int, num_tokens: int, device) -> None:
         ones = torch.ones(num_heads, device=device)
         self._add(layer, ones, ones)
@@ -275,10 +286,18 @@ def sparse_attention_forward(
         return block_sparse_attention(q, k, v, pattern, scaling, settings.backend,
                                       settings.config.mean_correction), None
     if attention_mask is None:
-        out, pattern = flash_prefill(q, k, v, config=settings.config, scale=scaling, backend=settings.backend,
-                                     return_pattern=True)
-        if recorder is not None:
+        # Below min_seq_len, where the call runs dense, flash_prefill builds the causal pattern it
+        # would return (device work and host time at every layer): there it is asked for only for
+        # a layer whose mask is recorded, and the others' counts come from the shapes.
+        runs_dense = settings.config.runs_dense(tk)
+        want = recorder is not None and not (runs_dense and layer not in recorder.mask_layers)
+        out = flash_prefill(q, k, v, config=settings.config, scale=scaling, backend=settings.backend,
+                            return_pattern=want)
+        if want:
+            out, pattern = out
             recorder.record(layer, pattern)
+        elif recorder is not None:
+            recorder.record_causal(layer, b, hq, tq, tk, settings.config.block_size, q.device)
         if settings.output_errors is not None:
             dense = dense_attention(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5).float()
             sums = settings.error_sums.setdefault(layer, [0.0, 0.0])
@@ -296,13 +315,14 @@ def sparse_attention_forward(
     for i, (start, end) in enumerate(ranges):
         first_query = max(start, tk - tq)
         rows = slice(first_query - (tk - tq), tq)
-        row_out, pattern = flash_prefill(
+        row_out = flash_prefill(
             q[i : i + 1, rows], k[i : i + 1, start:end], v[i : i + 1, start:end],
-            config=settings.config, scale=scaling, backend=settings.backend, return_pattern=True,
+            config=settings.config, scale=scaling, backend=settings.backend, return_pattern=recorder is not None,
         )
-        out[i, rows] = row_out[0]
         if recorder is not None:
+            row_out, pattern = row_out
             recorder.record(layer, pattern)
+        out[i, rows] = row_out[0]
     return out, None
 
 

@@ -1,6 +1,7 @@
 """Where a short prompt's dense-fallback call spends its time: for each length, 28 back-to-back
 `flash_prefill` calls below `min_seq_len` (as scripts/gpu_short_prefill.py times them), on the
-Hopper kernel and as the flash-attention call (`api.DENSE_FLASH_BELOW`), under torch.profiler,
+Hopper kernel and as the flash-attention call (`api.DENSE_FLASH_BELOW`), and the Triton kernel with
+pointer loads over the same causal pattern (twenty-first session), under torch.profiler,
 with each CUDA kernel's mean GPU time and count, the wall time of the 28 calls, and the same for
 SDPA's cuDNN backend. A development script (results go to BENCHMARKS.md).
 
@@ -17,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kernels import FlashPrefillConfig, flash_prefill
 from kernels.flash_prefill import api
+from kernels.flash_prefill import sparse_attention as triton_kernels
 
 BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)
 
@@ -38,12 +40,20 @@ def below_min(flash_below: int):
     return run
 
 
+def triton_pointer_loads(q, k, v):
+    """The Triton kernel (pointer loads, no tensor descriptors) over every causal block."""
+    causal = api._kernel_causal_pattern(1, q.shape[2], q.shape[1], k.shape[1], 128, q.device)
+    triton_kernels.sparse_attention(q, k, v, causal.kv_num_blocks, causal.kv_indices, 128, q.shape[-1] ** -0.5,
+                                    128, False, tma=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1072, 2096])
     args = parser.parse_args()
     ways = {"flash_prefill below min_seq_len, Hopper kernel": below_min(0),
             "flash_prefill below min_seq_len, flash-attention call": below_min(2**30),
+            "Triton kernel, pointer loads": triton_pointer_loads,
             "SDPA cuDNN": cudnn}
     for t in args.tokens:
         q = torch.randn(1, t, 28, 128, device="cuda", dtype=torch.bfloat16)

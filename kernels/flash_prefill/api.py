@@ -262,7 +262,7 @@ def flash_prefill(
     tk = k.shape[1]
     bs = config.block_size
 
-    if tk < config.min_seq_len:
+    if config.runs_dense(tk):
         pattern = None
         if backend == "reference":
             from . import reference
@@ -375,10 +375,12 @@ def flash_prefill_varlen(
     for i in range(len(cq) - 1):
         if lens_q[i] == 0:
             continue
-        o, pattern = flash_prefill(
+        o = flash_prefill(
             q[None, cq[i] : cq[i + 1]], k[None, ck[i] : ck[i + 1]], v[None, ck[i] : ck[i + 1]],
-            config=config, scale=scale, backend=backend, return_pattern=True,
+            config=config, scale=scale, backend=backend, return_pattern=return_pattern,
         )
+        if return_pattern:
+            o, pattern = o
+            patterns.append(pattern)
         out[cq[i] : cq[i + 1]] = o[0]
-        patterns.append(pattern)
     return (out, patterns) if return_pattern else out

@@ -72,6 +72,10 @@ class FlashPrefillConfig:
         if not isinstance(self.mean_correction, bool):
             raise ValueError(f"mean_correction must be a bool, got {self.mean_correction!r}")
 
+    def runs_dense(self, kv_len: int) -> bool:
+        """Whether `flash_prefill` attends `kv_len` keys densely (every causal block; below min_seq_len)."""
+        return kv_len < self.min_seq_len
+
     @classmethod
     def for_model(cls, family: str, **overrides) -> FlashPrefillConfig:
         """The paper's settings for a model family, e.g. "qwen2.5-vl" or "qwen3-vl"."""

@@ -246,3 +246,43 @@ def test_fixed_density_benchmark_mode(tiny_models, sample_video):
     # Random blocks at 30% plus the diagonal, over n(n+1)/2 visible blocks per head.
     expected = (0.3 * (n * (n + 1) / 2 - n) + n) / (n * (n + 1) / 2)
     assert answer.sparsity["density"] == pytest.approx(expected, abs=0.08)
+
+
+@pytest.mark.parametrize("batch, heads, q_len, kv_len, block", [(1, 4, 100, 100, 16), (2, 3, 5, 300, 16),
+                                                                 (1, 2, 64, 64, 32), (1, 2, 17, 160, 16)])
+def test_record_causal_equals_recording_the_causal_pattern(batch, heads, q_len, kv_len, block):
+    from kernels.flash_prefill import reference
+
+    prefix = reference.causal_pattern(1, heads, 48, 48, block, "cpu")  # (a first call recorded before)
+    by_pattern, by_shapes = SparsityRecorder(), SparsityRecorder()
+    for recorder in (by_pattern, by_shapes):
+        recorder.record(3, prefix)
+    by_pattern.record(3, reference.causal_pattern(batch, heads, q_len, kv_len, block, "cpu"))
+    by_shapes.record_causal(3, batch, heads, q_len, kv_len, block, "cpu")
+    torch.testing.assert_close(by_shapes.kept[3], by_pattern.kept[3], rtol=0, atol=0)
+    torch.testing.assert_close(by_shapes.visible[3], by_pattern.visible[3], rtol=0, atol=0)
+    assert (by_shapes.block_size, by_shapes.num_tokens) == (by_pattern.block_size, by_pattern.num_tokens) == (
+        block, kv_len)
+
+
+def test_dense_calls_build_a_pattern_only_for_recorded_masks(tiny_models, sample_video, monkeypatch):
+    dense_config = dataclasses.replace(config(0.3), min_seq_len=10**6)  # every call below min_seq_len
+    model, processor = load(tiny_models["qwen2.5-vl"], config=dense_config, device="cpu")
+    qa = VideoQA(model, processor, mask_layers=(1,), warmup=False)
+    asked: list[bool] = []
+    real = attention_module.flash_prefill
+
+    def asking(*args, **kwargs):
+        asked.append(kwargs.get("return_pattern", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "flash_prefill", asking)
+    answer = qa.ask(sample_video, "Which colour is the square?", sampling=SMALL, max_new_tokens=2)
+    layers = model.config.text_config.num_hidden_layers
+    assert asked == [i == 1 for i in range(layers)] * 2  # the prefix and the question
+    sp = answer.sparsity
+    assert sp["density"] == 1.0 and sp["per_layer"] == [1.0] * layers
+    n_blocks = -(-answer.tokens["total"] // 16)
+    assert set(sp["masks"]) == {1}
+    assert tuple(sp["masks"][1].shape) == (model.config.text_config.num_attention_heads, n_blocks, n_blocks)
+    assert bool((sp["masks"][1][0] == torch.ones(n_blocks, n_blocks).tril()).all())

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import os
 
 import torch
@@ -127,6 +129,9 @@ class Launcher:
         self.names = list(getattr(kernel, "arg_names", ()))
         self.compiled: dict = {}
         self.device = self.stream = None  # (Triton's own getters, bound at the first launch)
+        # False once a compiled kernel's launcher is found that `prepare` cannot read: callers then
+        # stop asking (a failed read costs more than it would save).
+        self.preparable = self.direct
 
     def __getitem__(self, grid: tuple):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
@@ -166,11 +171,74 @@ class Launcher:
         size = tuple(grid) + (1, 1)
         stream = self.stream(device)
         full = (*args, *constexprs)
-        meta = compiled.launch_metadata(grid, stream, *full)
-        hooks = self.knobs
+        enter, leave = self.knobs.launch_enter_hook, self.knobs.launch_exit_hook
+        if _hooks_set(enter, leave):
+            meta = compiled.launch_metadata(grid, stream, *full)
+        else:  # (no launch metadata to build, no empty hook chain to call)
+            meta = enter = leave = None
         compiled.run(size[0], size[1], size[2], stream, compiled.function, compiled.packed_metadata, meta,
-                     hooks.launch_enter_hook, hooks.launch_exit_hook, *full)
+                     enter, leave, *full)
         return compiled
+
+    def prepare(self, grid: tuple, args: tuple, kwargs: dict, varying: tuple[int, ...] = ()):
+        """A callable `again(*values)` that makes the launch `launch(grid, args, kwargs)` again, on
+        the stream current at each call, with the runtime arguments at positions `varying` replaced
+        by `values`: a tensor (or its address) for a tensor, and for a TMA descriptor the tensor it is over (taking
+        the shape, strides and block of the descriptor in `args`). Everything else is converted for
+        the compiled kernel's C launcher once (TMA maps encoded, tensors as their addresses): a call
+        skips the launch key, Triton's argument handling, and the map encoding of all but the
+        varying descriptors. The caller must key the callable on everything it does not replace
+        (shapes, strides, values, the alignment of replaced tensors) and pass replacements that
+        keep the kernel's specialisation; it holds no reference to any tensor. None: before a
+        launch with this specialisation has gone through Triton once, under the interpreter, or
+        where the compiled launcher is not the one `_c_launcher` reads. `again` returns False,
+        launching nothing, while a launch hook (a profiler's) is set, another device is current or
+        direct launches are off (DIRECT_LAUNCH); then launch as usual."""
+        if not (self.direct and DIRECT_LAUNCH) or self.device is None:
+            return None
+        device = self.device()
+        try:
+            entry = self.compiled.get((device, _args_key(args), tuple(kwargs.items())))
+        except (AttributeError, TypeError):
+            return None
+        if entry is None:
+            return None
+        compiled, constexprs = entry
+        reader = _c_launcher(compiled)
+        if reader is None:
+            self.preparable = False
+            return None
+        c_launch, metas, make_descriptor_arg = reader
+        parts = []  # the C launcher's arguments, per runtime argument
+        for i, arg in enumerate((*args, *constexprs)):
+            if i in metas:
+                parts.append(tuple(make_descriptor_arg(arg, metas[i])))
+            elif isinstance(arg, torch.Tensor):
+                parts.append((arg.data_ptr(),))
+            else:
+                parts.append((arg,))
+        slots = [(i, metas.get(i), _Rebased.template(args[i]) if i in metas else None) for i in varying]
+        run = compiled.run
+        size = (*grid, 1, 1)[:3]
+        head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
+                None, None, None)
+        current, stream, hooks = self.device, self.stream, self.knobs
+        chain = itertools.chain.from_iterable
+
+        def again(*values) -> bool:
+            if (not (DIRECT_LAUNCH and self.direct) or _hooks_set(hooks.launch_enter_hook, hooks.launch_exit_hook)
+                    or current() != device):
+                return False
+            now = list(parts)
+            for (i, meta, template), value in zip(slots, values):
+                if meta is not None:
+                    now[i] = make_descriptor_arg(_Rebased(value, template), meta)
+                else:
+                    now[i] = (value if type(value) is int else value.data_ptr(),)
+            c_launch(*size, stream(device), *head, *chain(now))
+            return True
+
+        return again
 
     def _checked(self, compiled, args: tuple, keys: tuple) -> bool:
         attrs = getattr(getattr(compiled, "src", None), "attrs", None)
@@ -187,3 +255,51 @@ class Launcher:
                 return False
         return True
 
+
+
+class _Rebased:
+    """A TMA descriptor's fields with another base tensor, for Triton's descriptor-argument maker."""
+    __slots__ = ("base", "shape", "strides", "padding")
+
+    def __init__(self, base, template: tuple):
+        self.base = base
+        self.shape, self.strides, self.padding = template
+
+    @staticmethod
+    def template(descriptor) -> tuple:
+        """What a rebased copy of `descriptor` keeps of it (no reference to its tensor)."""
+        return list(descriptor.shape), list(descriptor.strides), getattr(descriptor, "padding", "zero")
+
+
+def _hooks_set(enter, leave) -> bool:
+    """Whether a launch hook is set: Triton's hook knobs are None or a hook, or (Triton 3.6) a chain
+    of hooks, empty unless a profiler added one."""
+    return any(hook is not None and bool(getattr(hook, "calls", True)) for hook in (enter, leave))
+
+
+@functools.lru_cache(maxsize=MAX_SPECIALISATIONS)
+def _c_launcher(compiled):
+    """(C launch function, {argument position: TMA metadata}, Triton's descriptor-argument maker)
+    of a compiled kernel whose launcher is Triton 3.6's `CudaLauncher` without scratch memory: its
+    `launch` the C function itself, or Triton's wrapper (`wrap_handle_tensordesc`) around it that
+    turns each tensor descriptor at those positions into its encoded map, shape and strides before
+    calling it with 13 base arguments. None for any other launcher."""
+    run = getattr(compiled, "run", None)
+    if type(run).__name__ != "CudaLauncher" or getattr(run, "global_scratch_size", 1) or getattr(
+            run, "profile_scratch_size", 1):
+        return None
+    launch = run.launch
+    if inspect.isbuiltin(launch):  # (no descriptor arguments: no wrapper)
+        return launch, {}, None
+    try:
+        names = inspect.getclosurevars(launch)
+    except TypeError:
+        return None
+    c_launch, positions, metas = (names.nonlocals.get(n) for n in ("launcher", "tensordesc_indices", "tensordesc_meta"))
+    make = names.globals.get("make_tensordesc_arg")
+    if (not callable(c_launch) or not isinstance(positions, set) or not isinstance(metas, list)
+            or len(metas) != len(positions) or any(m is None for m in metas) or not callable(make)
+            or names.globals.get("_BASE_ARGS_FORMAT_LEN") != 13
+            or len(inspect.signature(make).parameters) != 2):
+        return None
+    return c_launch, dict(zip(sorted(positions), metas)), make

@@ -14,7 +14,9 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
   Triton's launch (`kernels.runtime.DIRECT_LAUNCH = False`), the code before that session;
 - (twentieth session) `flash_prefill` below its `min_seq_len` on the Hopper kernel at every length
   (`api.DENSE_FLASH_BELOW = 0`) and as the direct flash-attention call at every length
-  (`DENSE_FLASH_BELOW` above it), around the default threshold.
+  (`DENSE_FLASH_BELOW` above it), around the default threshold;
+- (twenty-first session) the Hopper kernel at every length with its launches built in full at every
+  call (`sparse_attention_sm90.PREPARED_LAUNCHES = 0`).
 
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
 median over `--lengths` new lengths (`--step`, 2 x `--step`, ... tokens above the length named, the
@@ -35,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import FlashPrefillConfig, flash_prefill, runtime
 from kernels.flash_prefill import api
+from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
 
 ALL_KEPT = FlashPrefillConfig.for_model("qwen2.5-vl", alpha=0.0, min_seq_len=0)
 BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)  # every length under it
@@ -68,6 +71,18 @@ def flash_below(tokens: int, way):
     return run
 
 
+def not_prepared(way):
+    """`way` with the Hopper kernel's launches built in full at every call (before the twenty-first
+    session)."""
+    def run(q, k, v):
+        kept, hopper_kernels.PREPARED_LAUNCHES = hopper_kernels.PREPARED_LAUNCHES, 0
+        try:
+            way(q, k, v)
+        finally:
+            hopper_kernels.PREPARED_LAUNCHES = kept
+    return run
+
+
 def below_min(q, k, v):
     flash_prefill(q, k, v, config=BELOW_MIN)
 
@@ -84,10 +99,11 @@ WAYS = {
     "same, Triton's launch": tritons_launch(below_min),
     "same, Hopper kernel at every length": flash_below(0, below_min),
     "same, flash-attention call at every length": flash_below(2**30, below_min),
+    "same, Hopper kernel at every length, launches built in full": flash_below(0, not_prepared(below_min)),
 }
 
 WAY_IDS = dict(zip(["cudnn", "flash", "all-kept", "below-min", "pattern-per-call", "tritons-launch", "hopper",
-                    "flash-call"], WAYS))
+                    "flash-call", "hopper-unprepared"], WAYS))
 
 
 def layers_ms(way, length: int, calls: int = 28) -> float:

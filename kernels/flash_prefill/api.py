@@ -5,10 +5,10 @@ KV head h // (HQ // H). Tq <= Tk: the queries are the last Tq of the Tk key posi
 (bottom-right causal alignment). Head dims 64, 80, 96, 128, 256; fp16 and bf16 on every
 backend, fp32 on the reference backend. Strided views work without a copy on the Triton path.
 
-Below `config.min_seq_len` attention is dense: on Hopper, below `DENSE_FLASH_BELOW` keys, one
-call of PyTorch's flash-attention kernel (`dense_flash`), and from there, where the Gluon kernel
-takes the call, that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`); elsewhere PyTorch
-SDPA (`dense_attention`).
+Below `config.min_seq_len` attention is dense: on Hopper, where the Gluon kernel takes the call,
+that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`; below `DENSE_FLASH_BELOW` keys, 0 by
+default, one call of PyTorch's flash-attention kernel, `dense_flash`); elsewhere PyTorch SDPA
+(`dense_attention`).
 """
 
 from __future__ import annotations
@@ -180,23 +180,22 @@ USE_HOPPER_KERNEL = True
 # its choice there, builds an execution plan the first time it sees a length (40-80 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
 # 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
-# planned, 0.82-0.97x its time at 2K-8K and 1.2-1.4x at 1K (below DENSE_FLASH_BELOW), where
-# back-to-back calls are bound by host time (BENCHMARKS.md, twentieth session, runs 8 and 9).
-# False: SDPA, for a workload whose prompt lengths repeat (and no DENSE_FLASH_BELOW route either).
+# planned, 0.63-0.81x its time at 1K-4K with the kernel's launches prepared (BENCHMARKS.md,
+# twenty-first session; `sparse_attention_sm90.PREPARED_LAUNCHES`), where back-to-back calls were
+# bound by host time before. False: SDPA, for a workload whose prompt lengths repeat (and no
+# DENSE_FLASH_BELOW route either).
 DENSE_ON_HOPPER_KERNEL = True
 
 
 # Below this many key tokens, where the dense attention would run on the Hopper kernel, it runs as
 # one call of PyTorch's flash-attention kernel instead (the kernel SDPA's flash backend runs, called
-# directly; it takes grouped KV heads and bottom-right causal alignment as flash_prefill does).
-# There back-to-back calls of the Hopper kernel are bound by host time (65-120 us a call by host,
-# its launch with four TMA descriptors), while the flash call takes 20-45 us of host time and is
-# bound by its GPU time: 58 us at 1K tokens, 80 at 1.3K, 106 at 1.5K, about twice the Hopper
-# kernel's. On the fastest host seen, the 28 layers' calls at 1040-1104 tokens: 1.69-1.72 ms
-# against 1.91-1.93 ms on the Hopper kernel; at 1168-1232 level (2.00 against 1.94-1.98); at
-# 1296-1360 slower (2.36 against 1.89-2.09). On slower hosts the Hopper kernel's calls take longer
-# and the flash call's do not (BENCHMARKS.md, twentieth session, runs 1, 8 and 9). 0: never.
-DENSE_FLASH_BELOW = 1152
+# directly; it takes grouped KV heads and bottom-right causal alignment as flash_prefill does). The
+# flash call is bound by its GPU time: 58 us at 1K tokens, 80 at 1.3K, 106 at 1.5K, about twice
+# the Hopper kernel's. It was 1152 while the Hopper kernel's calls were bound by host time (65-120
+# us a call; twentieth session); with its launches prepared (26 us of host time a call) the Hopper
+# kernel's 28 calls took 0.85-1.00 ms at 1040-1104 tokens against 1.75 ms for the flash call and
+# 1.34 ms for cuDNN's planned call (BENCHMARKS.md, twenty-first session). 0: never.
+DENSE_FLASH_BELOW = 0
 
 
 def _dense_on_flash_kernel(q, k, v) -> bool:

@@ -393,3 +393,62 @@ def test_dependent_index_launch_selects_the_same_blocks(monkeypatch, t, options)
     assert torch.equal(dependent.kv_num_blocks, plain.kv_num_blocks)
     listed = torch.arange(plain.kv_indices.shape[-1], device="cuda") < plain.kv_num_blocks[..., None]
     assert torch.equal(dependent.kv_indices[listed], plain.kv_indices[listed])
+
+
+@requires_hopper
+def test_prepared_launches_equal_launches_built_in_full(monkeypatch):
+    """The Hopper kernel's prepared launches (arguments converted once, made again with other
+    inputs, outputs and block lists of the same shapes) give what launches built in full give:
+    calls repeated into one output, new contents at the same addresses, other tensors, another
+    scale, another stream; and a call whose launch was prepared before builds none."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    q, k, v = structured_qkv(1, 4096, 4096, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    first = api._find_pattern_triton(q, k, FlashPrefillConfig(min_seq_len=0), 128**-0.5)
+    other = api._find_pattern_triton(q, k, FlashPrefillConfig(alpha=0.3, min_seq_len=0), 128**-0.5)
+    counts, ids = first.kv_num_blocks.clone(), first.kv_indices.clone()
+    launcher = hopper_kernels._sparse_attention_sm90_ws_launch
+    built = []
+    plain_launch = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda *a: built.append(1) or plain_launch(*a))
+
+    def full(scale, inputs=None, pattern=None):
+        monkeypatch.setattr(hopper_kernels, "PREPARED_LAUNCHES", 0)
+        expected = hopper_kernels.sparse_attention_sm90(*(inputs or (q, k, v)), *(pattern or (counts, ids)), scale)
+        monkeypatch.setattr(hopper_kernels, "PREPARED_LAUNCHES", 32)
+        return expected
+
+    def prepared(scale, inputs=None, pattern=None, out=None):
+        out = torch.full_like(q, float("nan")) if out is None else out.fill_(float("nan"))
+        return hopper_kernels.sparse_attention_sm90(*(inputs or (q, k, v)), *(pattern or (counts, ids)), scale,
+                                                    out=out)
+
+    hopper_kernels._PREPARED.clear()
+    out = torch.empty_like(q)
+    expected = full(128**-0.5)
+    for _ in range(3):
+        assert torch.equal(prepared(128**-0.5, out=out), expected)
+    assert len(hopper_kernels._PREPARED) == 1
+    built.clear()
+    assert torch.equal(prepared(128**-0.5, out=out), expected) and not built, "a prepared launch was built again"
+    q.mul_(-0.5)  # new contents at the same addresses
+    counts.copy_(other.kv_num_blocks)
+    ids.copy_(other.kv_indices)
+    expected = full(128**-0.5)
+    assert torch.equal(prepared(128**-0.5, out=out), expected)
+    inputs = tuple(torch.randn_like(x) for x in (q, k, v))  # other tensors of the same shapes
+    pattern = (first.kv_num_blocks.clone(), first.kv_indices.clone())
+    built.clear()
+    assert torch.equal(prepared(128**-0.5, inputs, pattern), full(128**-0.5, inputs, pattern))
+    assert len(built) == 1, "the launch with other tensors should be the prepared one (one built: the check's)"
+    assert not torch.equal(prepared(128**-0.5), full(0.05)), "the scale should change the output"
+    for _ in range(2):
+        assert torch.equal(prepared(0.05), full(0.05))
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            result = prepared(128**-0.5, out=out)
+        side.synchronize()
+    assert torch.equal(result, expected)
+    assert len(hopper_kernels._PREPARED) == 3

@@ -6,11 +6,13 @@ launch. The GPU tests run the real kernels through the launcher (test_flash_pref
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from kernels import runtime
 from kernels.runtime import MAX_SPECIALISATIONS, Launcher, _arg_key
 
 
@@ -122,7 +124,8 @@ def test_a_parameter_left_at_its_default_goes_through_triton():
     assert len(kernel.triton_launches) == 2 and not kernel.direct_launches
 
 
-def test_under_the_interpreter_every_launch_is_tritons():
+def test_under_the_interpreter_every_launch_is_tritons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (read when a Launcher is made; set on CPU machines already)
     kernel = Kernel()
     launch = Launcher(kernel)
     assert not launch.direct
@@ -165,7 +168,6 @@ def test_the_launch_key_is_each_arguments_key():
     `_arg_key` gives, argument by argument, and the rest goes to `_arg_key`."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from kernels import runtime
     from kernels.runtime import _args_key
 
     class Flag(int):  # (an int subclass: not the inline case)
@@ -186,3 +188,150 @@ def test_the_launch_key_is_each_arguments_key():
     assert TensorDescriptor in runtime._DESCRIPTOR_TYPES
     assert _args_key((descriptor,)) == first == (_arg_key(descriptor),)
     assert first[0][:3] == (TensorDescriptor, torch.float16, (4, 32))
+
+
+# A stand-in of Triton 3.6's launcher of a kernel with tensor descriptors: `CudaLauncher` calls its
+# `launch` with 13 base arguments, and `launch` is a wrapper closing over the C launch function
+# (`launcher`), the descriptors' positions and their TMA metadata, which expands each descriptor
+# with `make_tensordesc_arg` (a module global, as in Triton's driver) before calling it.
+_BASE_ARGS_FORMAT_LEN = 13
+
+
+def make_tensordesc_arg(arg, metadata):
+    return [("map", arg.base.data_ptr(), tuple(arg.shape), metadata["swizzle"]), *arg.shape, *arg.strides]
+
+
+def descriptor_wrapper(launcher, tensordesc_indices, tensordesc_meta):
+    def inner(*args):
+        final_args, n = list(args[:_BASE_ARGS_FORMAT_LEN]), 0
+        for i, arg in enumerate(args[_BASE_ARGS_FORMAT_LEN:]):
+            if i in tensordesc_indices:
+                final_args.extend(make_tensordesc_arg(arg, tensordesc_meta[n]))
+                n += 1
+            else:
+                final_args.append(arg)
+        return launcher(*final_args)
+
+    return inner
+
+
+class CudaLauncher:
+    def __init__(self, launch):
+        self.launch, self.global_scratch_size, self.profile_scratch_size = launch, 0, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
+        self.launch(grid_x, grid_y, grid_z, stream, function, self.launch_cooperative_grid, self.launch_pdl, None, None,
+                    *args)
+
+
+class DescriptorKernel(Kernel):
+    """(descriptor, tensor, n, scale, BLOCK, num_warps): one descriptor argument, at position 0."""
+    arg_names = ["D", "X", "N", "scale", "BLOCK", "num_warps"]
+
+    def __init__(self):
+        super().__init__()
+        self.c_launches: list = []
+
+    def __getitem__(self, grid):
+        def launch(desc, x, n, scale, BLOCK, num_warps):
+            spec = (desc.base.dtype, x.dtype, n % 16 == 0, BLOCK)
+            if spec not in self.compiled:
+                compiled = Compiled({}, self)
+                compiled.run = CudaLauncher(descriptor_wrapper(lambda *a: self.c_launches.append(a), {0},
+                                                               [{"swizzle": 128}]))
+                self.compiled[spec] = compiled
+            self.triton_launches.append((grid, desc, x, n, scale))
+            return self.compiled[spec]
+
+        return launch
+
+
+def test_a_prepared_launch_passes_the_c_launcher_what_a_direct_launch_passes(monkeypatch):
+    kernel = DescriptorKernel()
+    launch = launcher_for(kernel)
+    current = [0]
+    launch.device = lambda: current[0]
+
+    def descriptor(base):
+        return SimpleNamespace(base=base, shape=[64, 32], strides=[32, 1], block_shape=[16, 32],
+                               layout=("swizzle", 128), padding="zero", round_f32_to_tf32=False)
+
+    base, x = torch.zeros(64, 32), torch.zeros(16)
+    args, kwargs = (descriptor(base), x, 48, 0.5), dict(BLOCK=64, num_warps=4)
+    assert launch.prepare((3, 2), args, kwargs) is None  # (no launch of this specialisation yet)
+    launch.launch((3, 2), args, kwargs)  # through Triton
+    launch.launch((3, 2), args, kwargs)  # directly: the wrapper expands the descriptor
+    assert len(kernel.triton_launches) == 1 and len(kernel.c_launches) == 1
+    again = launch.prepare((3, 2), args, kwargs)
+    assert again is not None and len(kernel.c_launches) == 1  # (prepared, not launched)
+    assert again() is True
+    direct, prepared = kernel.c_launches
+    function = next(iter(kernel.compiled.values())).function
+    assert direct[:13] == prepared[:13] == (3, 2, 1, 1234, function, False, True, None, None, direct[9], None,
+                                            None, None)  # (grid, stream, launch options, no launch hooks)
+    assert direct[13:18] == prepared[13:18] == (("map", base.data_ptr(), (64, 32), 128), 64, 32, 32, 1)
+    assert direct[18] is x and prepared[18] == x.data_ptr()  # (a tensor as its address)
+    assert direct[19:] == prepared[19:] == (48, 0.5, 64, 4)
+
+    # Other tensors at the varying positions: what a direct launch over them passes.
+    varying = launch.prepare((3, 2), args, kwargs, varying=(0, 1))
+    other_base, other_x = torch.ones(64, 32), torch.ones(16)
+    assert varying(other_base, other_x) is True and varying(other_base, other_x.data_ptr()) is True
+    launch.launch((3, 2), (descriptor(other_base), other_x, 48, 0.5), kwargs)
+    replaced, by_address, direct = kernel.c_launches[-3:]
+    assert replaced == by_address
+    assert replaced[13:18] == direct[13:18] == (("map", other_base.data_ptr(), (64, 32), 128), 64, 32, 32, 1)
+    assert replaced[18] == other_x.data_ptr() and direct[18] is other_x
+    assert replaced[19:] == direct[19:] and replaced[:9] == direct[:9]
+    assert again() is True and kernel.c_launches[-1] == prepared  # (the first one unchanged)
+
+    launch.knobs.launch_enter_hook = print  # (a profiler's hook: launch as usual)
+    assert again() is False
+    launch.knobs.launch_enter_hook = SimpleNamespace(calls=[])  # (Triton 3.6's chain of hooks, empty)
+    assert again() is True
+    launch.knobs.launch_exit_hook = SimpleNamespace(calls=[print])
+    assert again() is False
+    launch.knobs.launch_enter_hook = launch.knobs.launch_exit_hook = None
+    current[0] = 1  # (another device current)
+    calls = len(kernel.c_launches)
+    assert again() is False and varying(other_base, other_x) is False
+    current[0] = 0
+    monkeypatch.setattr(runtime, "DIRECT_LAUNCH", False)  # (every launch through Triton's)
+    assert again() is False
+    assert len(kernel.c_launches) == calls
+
+    # The prepared launches hold none of the tensors they were made from.
+    refs = [weakref.ref(t) for t in (base, x, other_base, other_x)]
+    kernel.triton_launches.clear()
+    kernel.c_launches.clear()
+    del base, x, other_base, other_x, args, direct, prepared, replaced, by_address
+    assert all(ref() is None for ref in refs) and again is not None and varying is not None
+
+
+def test_a_launcher_of_another_shape_is_not_prepared(monkeypatch):
+    kernel = Kernel()  # (its compiled `run` is not Triton 3.6's CudaLauncher)
+    launch = launcher_for(kernel)
+    x = torch.zeros(64)
+    launch[(1,)](x, 32, 1.0, BLOCK=64, num_warps=4)
+    assert launch.prepare((1,), (x, 32, 1.0), dict(BLOCK=64, num_warps=4)) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = DescriptorKernel()
+    launch = Launcher(kernel)  # (under the interpreter: never)
+    desc = SimpleNamespace(base=x, shape=[64], strides=[1], block_shape=[16], layout=None, padding="zero")
+    launch.launch((1,), (desc, x, 16, 1.0), dict(BLOCK=64, num_warps=4))
+    assert launch.prepare((1,), (desc, x, 16, 1.0), dict(BLOCK=64, num_warps=4)) is None
+
+
+def test_a_direct_launch_passes_launch_hooks_only_when_one_is_set():
+    kernel = Kernel()
+    launch = launcher_for(kernel)
+    x = torch.zeros(64)
+    empty, hooked = SimpleNamespace(calls=[]), SimpleNamespace(calls=[print])
+    for enter in (None, empty, hooked):
+        launch.knobs.launch_enter_hook = enter
+        launch[(1,)](x, 32, 1.0, BLOCK=64, num_warps=4)
+    _, empty_chain = kernel.direct_launches[0]
+    _, hook_set = kernel.direct_launches[1]
+    assert empty_chain[6:9] == (None, None, None)  # (launch metadata, enter and exit hooks)
+    assert hook_set[7] is hooked and hook_set[8] is None

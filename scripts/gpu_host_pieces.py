@@ -53,9 +53,9 @@ def main() -> None:
         return plain_launch(grid, a, kw)
 
     launcher.launch = capture
-    prepared, hk.PREPARED_LAUNCHES = getattr(hk, "PREPARED_LAUNCHES", 0), 0  # (a launch built in full)
+    prepared, runtime.PREPARED_LAUNCHES = getattr(runtime, "PREPARED_LAUNCHES", 0), 0  # (built in full)
     hk.sparse_attention_sm90(q, k, v, n, ids, 128**-0.5, out=out)
-    hk.PREPARED_LAUNCHES = prepared
+    runtime.PREPARED_LAUNCHES = prepared
     launcher.launch = plain_launch
     grid, kargs, kwargs = captured["grid"], captured["args"], captured["kwargs"]
     args_key = getattr(runtime, "_args_key", None) or (lambda a: tuple(map(runtime._arg_key, a)))  # (before it)
@@ -82,16 +82,20 @@ def main() -> None:
 
     def built_in_full(fn):  # (the launch not prepared: before the twenty-first session)
         def run_it():
-            kept, hk.PREPARED_LAUNCHES = hk.PREPARED_LAUNCHES, 0
+            kept, runtime.PREPARED_LAUNCHES = runtime.PREPARED_LAUNCHES, 0
             try:
                 fn()
             finally:
-                hk.PREPARED_LAUNCHES = kept
+                runtime.PREPARED_LAUNCHES = kept
         return run_it
 
+    sparse = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0)
+    find = lambda: api._find_pattern_triton(q, k, sparse, 128**-0.5)  # noqa: E731
     whole = lambda: flash_prefill(q, k, v, config=BELOW_MIN)  # noqa: E731
     wrapper = lambda: hk.sparse_attention_sm90(q, k, v, n, ids, 128**-0.5, out=out)  # noqa: E731
     pieces = {
+        "pattern stage (block means and index build; twenty-first session)": find,
+        "pattern stage, launches built in full": built_in_full(find),
         "flash_prefill below min_seq_len on the Hopper kernel (whole call)": whole,
         "whole call, launch built in full": built_in_full(whole),
         "sparse_attention_sm90 (the wrapper, out given)": wrapper,

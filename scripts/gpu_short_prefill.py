@@ -16,7 +16,7 @@ Qwen2.5-VL-7B attention shape (28 query / 4 KV heads, head dim 128, bf16), causa
   (`api.DENSE_FLASH_BELOW = 0`) and as the direct flash-attention call at every length
   (`DENSE_FLASH_BELOW` above it), around the default threshold;
 - (twenty-first session) the Hopper kernel at every length with its launches built in full at every
-  call (`sparse_attention_sm90.PREPARED_LAUNCHES = 0`).
+  call (`kernels.runtime.PREPARED_LAUNCHES = 0`).
 
 Each cell: the wall time of 28 synchronised back-to-back calls on fresh (B, T, H, D) tensors, the
 median over `--lengths` new lengths (`--step`, 2 x `--step`, ... tokens above the length named, the
@@ -37,7 +37,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import FlashPrefillConfig, flash_prefill, runtime
 from kernels.flash_prefill import api
-from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
 
 ALL_KEPT = FlashPrefillConfig.for_model("qwen2.5-vl", alpha=0.0, min_seq_len=0)
 BELOW_MIN = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=2**30)  # every length under it
@@ -75,11 +74,11 @@ def not_prepared(way):
     """`way` with the Hopper kernel's launches built in full at every call (before the twenty-first
     session)."""
     def run(q, k, v):
-        kept, hopper_kernels.PREPARED_LAUNCHES = hopper_kernels.PREPARED_LAUNCHES, 0
+        kept, runtime.PREPARED_LAUNCHES = runtime.PREPARED_LAUNCHES, 0
         try:
             way(q, k, v)
         finally:
-            hopper_kernels.PREPARED_LAUNCHES = kept
+            runtime.PREPARED_LAUNCHES = kept
     return run
 
 

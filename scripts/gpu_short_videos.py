@@ -2,7 +2,7 @@
 the sparse mode runs them dense: that dense attention as the Hopper kernel over every causal block
 (`kernels.flash_prefill.api.DENSE_ON_HOPPER_KERNEL`, as kept) against SDPA (before), alternated in
 one process; with `--ways launches` (twenty-first session) the kept code against its Hopper kernel
-launches built in full at every call (`sparse_attention_sm90.PREPARED_LAUNCHES = 0`) and against
+launches built in full at every call (`kernels.runtime.PREPARED_LAUNCHES = 0`) and against
 that with, as before that session, each layer's causal pattern built and recorded (the attention
 forward asked flash_prefill for it at every layer); it also counts the prepared launches found and
 not found. Synthetic requests on the Qwen2.5-VL-7B architecture (random weights,
@@ -20,7 +20,7 @@ import argparse
 import collections
 import statistics
 
-from kernels import FlashPrefillConfig
+from kernels import FlashPrefillConfig, runtime
 from kernels.flash_prefill import api
 from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
 from models.attention import SparsityRecorder
@@ -35,10 +35,10 @@ def pattern_recorded(self, layer, batch, heads, q_len, kv_len, block_size, devic
     self.record(layer, api._causal_pattern(batch, heads, q_len, kv_len, block_size, device))
 
 
-def setting(hopper: bool = True, prepared: int = hopper_kernels.PREPARED_LAUNCHES, record=KEPT_RECORD):
+def setting(hopper: bool = True, prepared: int = runtime.PREPARED_LAUNCHES, record=KEPT_RECORD):
     def apply():
         api.DENSE_ON_HOPPER_KERNEL = hopper
-        hopper_kernels.PREPARED_LAUNCHES = prepared
+        runtime.PREPARED_LAUNCHES = prepared
         SparsityRecorder.record_causal = record
     return apply
 
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--ways", choices=list(WAY_SETS), default="sdpa")
     args = parser.parse_args()
     ways = WAY_SETS[args.ways]
-    hopper_kernels._PREPARED = CountedLaunches()
+    hopper_kernels._ws_prepared.launches = CountedLaunches()  # (the attention kernel's)
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     print("| requested video tokens | last prompt tokens | way | lengths | LLM prefill s, each | median "

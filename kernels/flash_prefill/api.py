@@ -181,7 +181,7 @@ USE_HOPPER_KERNEL = True
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
 # 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
 # planned, 0.63-0.81x its time at 1K-4K with the kernel's launches prepared (BENCHMARKS.md,
-# twenty-first session; `sparse_attention_sm90.PREPARED_LAUNCHES`), where back-to-back calls were
+# twenty-first session; `kernels.runtime.PREPARED_LAUNCHES`), where back-to-back calls were
 # bound by host time before. False: SDPA, for a workload whose prompt lengths repeat (and no
 # DENSE_FLASH_BELOW route either).
 DENSE_ON_HOPPER_KERNEL = True

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import Launcher, capability, interpreting
+from ..runtime import Launcher, PreparedLaunches, capability, interpreting
 
 try:  # (Triton's grid dependency control, sm_90 and later)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -77,6 +77,7 @@ def _block_means_kernel(
 
 
 _block_means_launch = Launcher(_block_means_kernel)
+_block_means_prepared = PreparedLaunches(_block_means_launch, varying=(0, 1))  # (k, kbar)
 
 
 @triton.jit
@@ -233,6 +234,7 @@ def _index_kernel(
 
 
 _index_launch = Launcher(_index_kernel)
+_index_prepared = PreparedLaunches(_index_launch, varying=(0, 1, 2, 3))  # (q, kbar, kv_indices, kv_num_blocks)
 
 
 def dependent_launch(device: torch.device, num_key_blocks: int) -> bool:
@@ -249,10 +251,13 @@ def block_means(k: torch.Tensor, block_size: int, d_pad: int, scale: float, dtyp
     b, tk, h, d = k.shape
     nkb = math.ceil(tk / block_size)
     kbar = torch.empty(b, h, nkb, d_pad, dtype=dtype, device=k.device)
-    _block_means_launch[(nkb, b * h)](
-        k, kbar, *k.stride(), tk, h, nkb, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BT=min(block_size, 64), TRIGGER=trigger, num_warps=4,
-    )
+    key = None
+    if _block_means_prepared.active():
+        key = (k.shape, k.stride(), k.dtype, k.device.index, k.data_ptr() % 16, kbar.data_ptr() % 16, block_size,
+               d_pad, scale, dtype, trigger)
+    _block_means_prepared.launch(key, (k, kbar), lambda: (
+        (nkb, b * h), (k, kbar, *k.stride(), tk, h, nkb, scale * LOG2E),
+        dict(HEAD_DIM=d, D_PAD=d_pad, BS=block_size, BT=min(block_size, 64), TRIGGER=trigger, num_warps=4)))
     return kbar
 
 
@@ -276,11 +281,15 @@ def build_index(
     keep_all = config.alpha <= 0.0
     bj, warps = tiles or INDEX_TILES
     per_kv_head = config.pattern_per_kv_head and h < hq
-    _index_launch[(nqb, b * (h if per_kv_head else hq))](
-        q, kbar, kv_indices, kv_num_blocks, *q.stride(), tq, kv_len, hq, hq // h, nkb, nqb, first,
-        0.0 if keep_all else math.log2(config.alpha),
-        HEAD_DIM=d, D_PAD=d_pad, BS=bs, BJ=bj, UPCAST=upcast,
-        SINK=config.sink_blocks, WINDOW=config.window_blocks, LAST_FULL=config.last_full_blocks,
-        KEEP_ALL=keep_all, PER_KV_HEAD=per_kv_head, PDL=dependent, num_warps=warps,
-        **({"launch_pdl": True} if dependent else {}),
-    )
+    key = None
+    if _index_prepared.active():
+        key = (q.shape, q.stride(), q.dtype, q.device.index, kbar.shape, kbar.dtype, kv_indices.shape, kv_len,
+               config, upcast, bj, warps, dependent, q.data_ptr() % 16, kbar.data_ptr() % 16,
+               kv_indices.data_ptr() % 16, kv_num_blocks.data_ptr() % 16)
+    _index_prepared.launch(key, (q, kbar, kv_indices, kv_num_blocks), lambda: (
+        (nqb, b * (h if per_kv_head else hq)),
+        (q, kbar, kv_indices, kv_num_blocks, *q.stride(), tq, kv_len, hq, hq // h, nkb, nqb, first,
+         0.0 if keep_all else math.log2(config.alpha)),
+        dict(HEAD_DIM=d, D_PAD=d_pad, BS=bs, BJ=bj, UPCAST=upcast, SINK=config.sink_blocks,
+             WINDOW=config.window_blocks, LAST_FULL=config.last_full_blocks, KEEP_ALL=keep_all,
+             PER_KV_HEAD=per_kv_head, PDL=dependent, num_warps=warps, **({"launch_pdl": True} if dependent else {}))))

@@ -34,13 +34,12 @@ call qualifies; the caller falls back to the Triton kernel otherwise.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 
 import torch
 
-from ..runtime import Launcher, capability, current_stream_getter
+from ..runtime import Launcher, PreparedLaunches, capability, current_stream_getter
 from .sparse_attention import _correction_inputs, launch_order
 
 try:  # Gluon is Triton's explicit-layout dialect; Hopper pieces from triton 3.5 on.
@@ -486,6 +485,9 @@ if HAVE_GLUON:
         )
 
     _sparse_attention_sm90_ws_launch = Launcher(_sparse_attention_sm90_ws_kernel)
+    # Its launches made again with other Q, K, V, outputs and block lists (those positions) by
+    # shape, stride and value; a forward's layers attend at one shape.
+    _ws_prepared = PreparedLaunches(_sparse_attention_sm90_ws_launch, varying=(0, 1, 2, 3, 7, 8, 20))
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -507,13 +509,6 @@ def _sm_count(index: int) -> int:
 
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
-# Launches of the warp-specialised kernel prepared once (`kernels.runtime.Launcher.prepare`) and
-# made again with other Q, K, V, output and block lists (_VARYING: their positions), keyed on every
-# shape, stride and value the rest is made from: a forward's layers attend at one shape. The last
-# PREPARED_LAUNCHES of them; 0: none, every launch built in full.
-PREPARED_LAUNCHES = 32
-_PREPARED: collections.OrderedDict[tuple, object] = collections.OrderedDict()
-_VARYING = (0, 1, 2, 3, 7, 8, 20)
 
 
 def _work_counter(device: torch.device) -> torch.Tensor:
@@ -647,45 +642,33 @@ def sparse_attention_sm90(
                                   or trace.shape[2] != 16 or not trace.is_contiguous()):
             raise ValueError(f"trace must be a contiguous int64 tensor ({programs}, items, 16)")
         key = None
-        launcher = _sparse_attention_sm90_ws_launch
-        if (PREPARED_LAUNCHES and launcher.preparable and trace is None and not mean_correction
-                and not torch.cuda.is_current_stream_capturing()):
+        if trace is None and not mean_correction and _ws_prepared.active():
             counts, ids = kv_num_blocks.data_ptr(), kv_indices.data_ptr()
             key = (q.shape, k.shape, v.shape, kv_indices.shape, q.stride(), k.stride(), v.stride(), out.stride(),
                    q.dtype, q.device.index, current_stream_getter()(q.device.index), scale, counts % 16, ids % 16,
                    group_order, stages, dynamic, CONSUMER_REGS)
-            again = _PREPARED.get(key)
-            if again is not None and again(q, k, v, out, counts, ids, counts):
-                return out
-        k_means = v_means = kept = None
-        if mean_correction:
-            kept_map, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, BLOCK, d_pad, q.dtype, False,
-                                                      row_multiple=KEPT_ROW_MULTIPLE)
-            k_means, v_means, kept = _means_descriptor(kbar), _means_descriptor(vbar), _kept_descriptor(kept_map)
-        grid = (programs,)
-        args = (
-            *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
-            k_means, v_means, kept,
-            kv_num_blocks, kv_indices, _work_counter(q.device),
-            tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
-            kv_num_blocks if trace is None else trace,
-            math.log2(BLOCK) / (scale * LOG2E) if mean_correction else None,
-            kept_map.shape[-1] if mean_correction else None,
-        )
-        kwargs = dict(D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
-                      CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],
-                      MEAN_CORRECTION=mean_correction, num_warps=4)
-        again = None if key is None else launcher.prepare(grid, args, kwargs, varying=_VARYING)
-        if again is not None and again(q, k, v, out, kv_num_blocks.data_ptr(), kv_indices.data_ptr(),
-                                       kv_num_blocks.data_ptr()):
-            while len(_PREPARED) >= PREPARED_LAUNCHES:
-                try:
-                    _PREPARED.popitem(last=False)  # (the oldest)
-                except KeyError:  # (emptied by another thread meanwhile)
-                    break
-            _PREPARED[key] = again
-        else:
-            launcher.launch(grid, args, kwargs)
+
+        def build():
+            k_means = v_means = kept = kept_row = None
+            if mean_correction:
+                kept_map, kbar, vbar = _correction_inputs(k, v, kv_num_blocks, kv_indices, BLOCK, d_pad, q.dtype,
+                                                          False, row_multiple=KEPT_ROW_MULTIPLE)
+                k_means, v_means, kept = _means_descriptor(kbar), _means_descriptor(vbar), _kept_descriptor(kept_map)
+                kept_row = kept_map.shape[-1]
+            args = (
+                *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v)), _descriptor(out, BLOCK // 2, d_pad),
+                k_means, v_means, kept,
+                kv_num_blocks, kv_indices, _work_counter(q.device),
+                tq, tk, hq, hq // h, nkb, nqb, first_tile, num_tiles, total, scale * LOG2E,
+                kv_num_blocks if trace is None else trace,
+                math.log2(BLOCK) / (scale * LOG2E) if mean_correction else None, kept_row,
+            )
+            return (programs,), args, dict(
+                D_PAD=d_pad, BM=BLOCK, STAGES=stages, GROUP_ORDER=group_order, DYNAMIC=dynamic,
+                CONSUMER_REGS=CONSUMER_REGS, TRACE_ITEMS=0 if trace is None else trace.shape[1],
+                MEAN_CORRECTION=mean_correction, num_warps=4)
+
+        _ws_prepared.launch(key, (q, k, v, out, kv_num_blocks, kv_indices, kv_num_blocks), build)
         return out
     _sparse_attention_sm90_launch[(num_tiles, b * hq)](
         *(_descriptor(t, BLOCK, d_pad) for t in (q, k, v, out)),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
-from kernels import FlashPrefillConfig, dense_attention, flash_prefill
+from kernels import FlashPrefillConfig, dense_attention, flash_prefill, runtime
 from kernels.flash_prefill import api, reference
 from kernels.testing import check_pattern_layout, max_abs_error, structured_qkv, unexplained_flips
 
@@ -327,7 +329,6 @@ class _CountingKernel:
 def test_direct_launches_match_tritons_launch(monkeypatch):
     """After its first call at a shape, flash_prefill's kernels (block means, index build, Hopper
     attention) launch without Triton's launch path, with the same results as through it."""
-    from kernels import runtime
     from kernels.flash_prefill import pattern as pattern_kernels
     from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
 
@@ -413,9 +414,9 @@ def test_prepared_launches_equal_launches_built_in_full(monkeypatch):
     monkeypatch.setattr(launcher, "launch", lambda *a: built.append(1) or plain_launch(*a))
 
     def full(scale, inputs=None, pattern=None):
-        monkeypatch.setattr(hopper_kernels, "PREPARED_LAUNCHES", 0)
+        monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 0)
         expected = hopper_kernels.sparse_attention_sm90(*(inputs or (q, k, v)), *(pattern or (counts, ids)), scale)
-        monkeypatch.setattr(hopper_kernels, "PREPARED_LAUNCHES", 32)
+        monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 32)
         return expected
 
     def prepared(scale, inputs=None, pattern=None, out=None):
@@ -423,12 +424,12 @@ def test_prepared_launches_equal_launches_built_in_full(monkeypatch):
         return hopper_kernels.sparse_attention_sm90(*(inputs or (q, k, v)), *(pattern or (counts, ids)), scale,
                                                     out=out)
 
-    hopper_kernels._PREPARED.clear()
+    hopper_kernels._ws_prepared.launches.clear()
     out = torch.empty_like(q)
     expected = full(128**-0.5)
     for _ in range(3):
         assert torch.equal(prepared(128**-0.5, out=out), expected)
-    assert len(hopper_kernels._PREPARED) == 1
+    assert len(hopper_kernels._ws_prepared.launches) == 1
     built.clear()
     assert torch.equal(prepared(128**-0.5, out=out), expected) and not built, "a prepared launch was built again"
     q.mul_(-0.5)  # new contents at the same addresses
@@ -451,4 +452,45 @@ def test_prepared_launches_equal_launches_built_in_full(monkeypatch):
             result = prepared(128**-0.5, out=out)
         side.synchronize()
     assert torch.equal(result, expected)
-    assert len(hopper_kernels._PREPARED) == 3
+    assert len(hopper_kernels._ws_prepared.launches) == 3
+
+
+@requires_hopper
+@pytest.mark.parametrize("t", [8192, 40000], ids=["index-build-dependent", "index-build-plain"])
+def test_prepared_pattern_and_attention_launches_equal_launches_built_in_full(monkeypatch, t):
+    """flash_prefill's three launches (block means, index build, attention) made again from their
+    prepared launches with other tensors of the same shapes select the same blocks and give the
+    same output as launches built in full."""
+    from kernels.flash_prefill import pattern as pattern_kernels
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+
+    config = FlashPrefillConfig(min_seq_len=0)
+    first = structured_qkv(1, t, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    flash_prefill(*first, config=config)
+    flash_prefill(*first, config=config)  # (prepared at the second call)
+    sites = (pattern_kernels._block_means_prepared, pattern_kernels._index_prepared, hopper_kernels._ws_prepared)
+    assert all(site.launches for site in sites)
+    q, k, v = (x.flip(1).contiguous() for x in first)  # other tensors, other contents
+    found, built = [], []
+
+    class Counting(collections.OrderedDict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            found.append(value is not None)
+            return value
+
+    for site in sites:
+        monkeypatch.setattr(site, "launches", Counting(site.launches))
+        plain_launch = site.launcher.launch
+        monkeypatch.setattr(site.launcher, "launch", lambda *a, plain_launch=plain_launch: built.append(1)
+                            or plain_launch(*a))
+    prepared, prepared_pattern = flash_prefill(q, k, v, config=config, return_pattern=True)
+    assert found == [True, True, True] and not built, "each launch should be the prepared one"
+    monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 0)
+    full, full_pattern = flash_prefill(q, k, v, config=config, return_pattern=True)
+    assert len(built) == 3
+    counts = prepared_pattern.kv_num_blocks
+    assert torch.equal(counts, full_pattern.kv_num_blocks)
+    listed = torch.arange(counts.shape[-1], device="cuda") < counts[..., None]
+    assert torch.equal(prepared_pattern.kv_indices[listed], full_pattern.kv_indices[listed])
+    assert torch.equal(prepared, full)

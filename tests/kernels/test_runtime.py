@@ -55,7 +55,7 @@ class Kernel:
 
 def launcher_for(kernel: Kernel) -> Launcher:
     launcher = Launcher(kernel)
-    launcher.direct = True  # (off under the interpreter, which the CPU tests run)
+    launcher.direct = launcher.preparable = True  # (off under the interpreter, which the CPU tests run)
     launcher.device, launcher.stream = (lambda: 0), (lambda device: 1234)
     launcher.knobs = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
     return launcher
@@ -315,6 +315,7 @@ def test_a_launcher_of_another_shape_is_not_prepared(monkeypatch):
     x = torch.zeros(64)
     launch[(1,)](x, 32, 1.0, BLOCK=64, num_warps=4)
     assert launch.prepare((1,), (x, 32, 1.0), dict(BLOCK=64, num_warps=4)) is None
+    assert not launch.preparable  # (its callers stop asking)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernel = DescriptorKernel()
     launch = Launcher(kernel)  # (under the interpreter: never)
@@ -335,3 +336,40 @@ def test_a_direct_launch_passes_launch_hooks_only_when_one_is_set():
     _, hook_set = kernel.direct_launches[1]
     assert empty_chain[6:9] == (None, None, None)  # (launch metadata, enter and exit hooks)
     assert hook_set[7] is hooked and hook_set[8] is None
+
+
+def test_prepared_launches_are_kept_by_key_and_built_only_where_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 2)
+    kernel = DescriptorKernel()
+    site = runtime.PreparedLaunches(launcher_for(kernel), varying=(0, 1))
+    assert site.active()
+    builds = []
+
+    def call(key, base, x):
+        def build():
+            builds.append(key)
+            desc = SimpleNamespace(base=base, shape=[64, 32], strides=[32, 1], block_shape=[16, 32],
+                                   layout=("swizzle", 128), padding="zero")
+            return (1,), (desc, x, 48, 0.5), dict(BLOCK=64, num_warps=4)
+
+        site.launch(key, (base, x), build)
+        return kernel.c_launches[-1] if kernel.c_launches else None
+
+    tensors = [(torch.zeros(64, 32), torch.zeros(16)) for _ in range(4)]
+    call("a", *tensors[0])  # through Triton: compiled, nothing to prepare from yet
+    call("a", *tensors[0])  # built, prepared and launched from it
+    launched = call("a", *tensors[1])  # found
+    assert builds == ["a", "a"] and list(site.launches) == ["a"]
+    assert launched[13][1] == tensors[1][0].data_ptr() and launched[18] == tensors[1][1].data_ptr()
+    call("b", *tensors[2])
+    call("c", *tensors[3])  # (two kept: the oldest goes)
+    assert list(site.launches) == ["b", "c"] and builds == ["a", "a", "b", "c"]
+    call(None, *tensors[0])
+    call(None, *tensors[0])  # (no key: built every time, never kept)
+    assert builds[-2:] == [None, None] and list(site.launches) == ["b", "c"]
+    launches = len(kernel.c_launches)
+    call("c", *tensors[0])
+    assert len(kernel.c_launches) == launches + 1 and builds[-1] is None
+    monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 0)
+    assert not site.active()

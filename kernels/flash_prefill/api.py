@@ -180,9 +180,9 @@ USE_HOPPER_KERNEL = True
 # its choice there, builds an execution plan the first time it sees a length (40-80 ms on an
 # H200), and a user's prompt length is mostly new. The 28 layers' attention at a new length took
 # 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
-# planned, 0.63-0.81x its time at 1K-4K with the kernel's launches prepared (BENCHMARKS.md,
-# twenty-first session; `kernels.runtime.PREPARED_LAUNCHES`), where back-to-back calls were
-# bound by host time before. False: SDPA, for a workload whose prompt lengths repeat (and no
+# planned, 0.70-0.85x its time at 1K-4K with the kernel's launches prepared (BENCHMARKS.md,
+# twenty-first session, runs 7 and 9; `kernels.runtime.PREPARED_LAUNCHES`), where back-to-back
+# calls were bound by host time before. False: SDPA, for a workload whose prompt lengths repeat (and no
 # DENSE_FLASH_BELOW route either).
 DENSE_ON_HOPPER_KERNEL = True
 
@@ -192,9 +192,10 @@ DENSE_ON_HOPPER_KERNEL = True
 # directly; it takes grouped KV heads and bottom-right causal alignment as flash_prefill does). The
 # flash call is bound by its GPU time: 58 us at 1K tokens, 80 at 1.3K, 106 at 1.5K, about twice
 # the Hopper kernel's. It was 1152 while the Hopper kernel's calls were bound by host time (65-120
-# us a call; twentieth session); with its launches prepared (26 us of host time a call) the Hopper
-# kernel's 28 calls took 0.85-1.00 ms at 1040-1104 tokens against 1.75 ms for the flash call and
-# 1.34 ms for cuDNN's planned call (BENCHMARKS.md, twenty-first session). 0: never.
+# us a call; twentieth session); with its launches prepared (39-71 us of host time a call by host)
+# the Hopper kernel's 28 calls took 1.08-1.34 ms at 1040-1104 tokens against 1.72-1.73 ms for the
+# flash call and 1.55 ms for cuDNN's planned call (BENCHMARKS.md, twenty-first session, run 7).
+# 0: never.
 DENSE_FLASH_BELOW = 0
 
 

@@ -8,6 +8,7 @@ import functools
 import inspect
 import itertools
 import os
+import sys
 
 import torch
 
@@ -184,11 +185,11 @@ class Launcher:
     def prepare(self, grid: tuple, args: tuple, kwargs: dict, varying: tuple[int, ...] = ()):
         """A callable `again(*values)` that makes the launch `launch(grid, args, kwargs)` again, on
         the stream current at each call, with the runtime arguments at positions `varying` replaced
-        by `values`: a tensor (or its address) for a tensor, and for a TMA descriptor the tensor it is over (taking
-        the shape, strides and block of the descriptor in `args`). Everything else is converted for
-        the compiled kernel's C launcher once (TMA maps encoded, tensors as their addresses): a call
-        skips the launch key, Triton's argument handling, and the map encoding of all but the
-        varying descriptors. The caller must key the callable on everything it does not replace
+        by `values`: a tensor (or its address) for a tensor, and for a TMA descriptor the tensor it
+        is over (taking the shape, strides and block of the descriptor in `args`). Everything else
+        is converted for the compiled kernel's C launcher once (TMA maps encoded, tensors as their
+        addresses): a call skips the launch key, Triton's argument handling, and the map encoding
+        of all but the varying descriptors. The caller must key the callable on everything it does not replace
         (shapes, strides, values, the alignment of replaced tensors) and pass replacements that
         keep the kernel's specialisation; it holds no reference to any tensor. None: before a
         launch with this specialisation has gone through Triton once, under the interpreter, or
@@ -257,7 +258,6 @@ class Launcher:
         return True
 
 
-
 # Launches made again with other tensors of the same shapes (`Launcher.prepare`): per launch site
 # the last PREPARED_LAUNCHES of them, by their caller's key (BENCHMARKS.md, twenty-first session:
 # a Hopper attention call's host time 64-110 -> 39-71 us by host, the attention launches of short
@@ -314,6 +314,12 @@ class _Rebased:
         return list(descriptor.shape), list(descriptor.strides), getattr(descriptor, "padding", "zero")
 
 
+# The base arguments of Triton 3.6's C launch function, before the kernel's own: grid (3 ints),
+# stream and function (2 handles), cooperative grid and PDL (2 flags), global and profile scratch,
+# kernel metadata, launch metadata, enter and exit hooks (6 objects).
+_BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
+
+
 def _hooks_set(enter, leave) -> bool:
     """Whether a launch hook is set: Triton's hook knobs are None or a hook, or (Triton 3.6) a chain
     of hooks, empty unless a profiler added one."""
@@ -324,12 +330,16 @@ def _hooks_set(enter, leave) -> bool:
 def _c_launcher(compiled):
     """(C launch function, {argument position: TMA metadata}, Triton's descriptor-argument maker)
     of a compiled kernel whose launcher is Triton 3.6's `CudaLauncher` without scratch memory: its
-    `launch` the C function itself, or Triton's wrapper (`wrap_handle_tensordesc`) around it that
-    turns each tensor descriptor at those positions into its encoded map, shape and strides before
-    calling it with 13 base arguments. None for any other launcher."""
+    C function parses the 13 base arguments `prepare` passes (its module's `_BASE_ARGS_FORMAT`),
+    and its `launch` is that function itself, or Triton's wrapper (`wrap_handle_tensordesc`)
+    around it that turns each tensor descriptor at those positions into its encoded map, shape and
+    strides before calling it. None for any other launcher (other Triton versions differ)."""
     run = getattr(compiled, "run", None)
     if type(run).__name__ != "CudaLauncher" or getattr(run, "global_scratch_size", 1) or getattr(
             run, "profile_scratch_size", 1):
+        return None
+    module = sys.modules.get(type(run).__module__)
+    if getattr(module, "_BASE_ARGS_FORMAT", None) != _BASE_ARGS_FORMAT:
         return None
     launch = run.launch
     if inspect.isbuiltin(launch):  # (no descriptor arguments: no wrapper)

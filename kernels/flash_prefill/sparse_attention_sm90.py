@@ -510,7 +510,6 @@ def _sm_count(index: int) -> int:
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
-
 def _work_counter(device: torch.device) -> torch.Tensor:
     """The dynamic schedule's two int32 counters for launches on the current stream. Zeroed once;
     each launch leaves them at zero, and launches on one stream run in order, so no per-call

@@ -6,6 +6,7 @@ launch. The GPU tests run the real kernels through the launcher (test_flash_pref
 
 from __future__ import annotations
 
+import sys
 import weakref
 from types import SimpleNamespace
 
@@ -194,6 +195,7 @@ def test_the_launch_key_is_each_arguments_key():
 # `launch` with 13 base arguments, and `launch` is a wrapper closing over the C launch function
 # (`launcher`), the descriptors' positions and their TMA metadata, which expands each descriptor
 # with `make_tensordesc_arg` (a module global, as in Triton's driver) before calling it.
+_BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
 _BASE_ARGS_FORMAT_LEN = 13
 
 
@@ -316,6 +318,13 @@ def test_a_launcher_of_another_shape_is_not_prepared(monkeypatch):
     launch[(1,)](x, 32, 1.0, BLOCK=64, num_warps=4)
     assert launch.prepare((1,), (x, 32, 1.0), dict(BLOCK=64, num_warps=4)) is None
     assert not launch.preparable  # (its callers stop asking)
+    kernel = DescriptorKernel()  # (a launcher of Triton 3.6's shape, but its C function's base arguments differ)
+    launch = launcher_for(kernel)
+    monkeypatch.setattr(sys.modules[__name__], "_BASE_ARGS_FORMAT", "iiiKKppOOOOO")
+    desc = SimpleNamespace(base=x, shape=[64], strides=[1], block_shape=[16], layout=None, padding="zero")
+    for _ in range(2):
+        launch.launch((1,), (desc, x, 16, 1.0), dict(BLOCK=64, num_warps=4))
+    assert launch.prepare((1,), (desc, x, 16, 1.0), dict(BLOCK=64, num_warps=4)) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernel = DescriptorKernel()
     launch = Launcher(kernel)  # (under the interpreter: never)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .runtime import Launcher, check_device
+from .runtime import Launcher, PreparedLaunches, check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -36,6 +36,7 @@ def _silu_mul_kernel(GATE, UP, OUT, N, BLOCK: tl.constexpr):
 
 
 _silu_mul_launch = Launcher(_silu_mul_kernel)
+_silu_mul_prepared = PreparedLaunches(_silu_mul_launch, varying=(0, 1, 2))  # (gate, up, out)
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -65,5 +66,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     out = torch.empty_like(gate) if out is None else out
     n = gate.numel()
     if n:
-        _silu_mul_launch[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=8)
+        key = None
+        if _silu_mul_prepared.active():
+            key = (n, gate.dtype, up.dtype, out.dtype, block, gate.device.index, gate.data_ptr() % 16,
+                   up.data_ptr() % 16, out.data_ptr() % 16)
+        _silu_mul_prepared.launch(key, (gate, up, out), lambda: (
+            (triton.cdiv(n, block),), (gate, up, out, n), dict(BLOCK=block, num_warps=8)))
     return out

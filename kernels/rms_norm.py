@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .runtime import Launcher, check_device
+from .runtime import Launcher, PreparedLaunches, check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 16384  # one row per program, held in registers
@@ -52,6 +52,8 @@ def _add_rms_norm_kernel(X, Y, W, B, SUM, OUT, M, eps, N: tl.constexpr, BLOCK_N:
 
 
 _add_rms_norm_launch = Launcher(_add_rms_norm_kernel)
+# (x, y, weight, bias, total, normed)
+_add_rms_norm_prepared = PreparedLaunches(_add_rms_norm_launch, varying=(0, 1, 2, 3, 4, 5))
 
 
 def add_rms_norm_reference(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -106,8 +108,12 @@ def add_rms_norm(
     normed = torch.empty_like(x)
     rows, n = x.shape
     if rows:
-        _add_rms_norm_launch[(rows,)](
-            x, y, weight, weight if bias is None else bias, total, normed, rows, eps,
-            N=n, BLOCK_N=triton.next_power_of_2(n), BIAS=bias is not None, num_warps=4,
-        )
+        tensors = (x, y, weight, weight if bias is None else bias, total, normed)
+        key = None
+        if _add_rms_norm_prepared.active():
+            key = (x.shape, x.dtype, y.dtype, weight.dtype, None if bias is None else bias.dtype, eps, x.device.index,
+                   *(t.data_ptr() % 16 for t in tensors))
+        _add_rms_norm_prepared.launch(key, tensors, lambda: (
+            (rows,), (*tensors, rows, eps),
+            dict(N=n, BLOCK_N=triton.next_power_of_2(n), BIAS=bias is not None, num_warps=4)))
     return total, normed

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import Launcher, check_device
+from .runtime import Launcher, PreparedLaunches, check_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -60,6 +60,7 @@ def _rope_kernel(
 
 
 _rope_launch = Launcher(_rope_kernel)
+_rope_prepared = PreparedLaunches(_rope_launch, varying=(0, 1, 2, 3, 4, 5))  # (q, k, cos, sin, q_out, k_out)
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -118,10 +119,13 @@ def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if s == 0 or hq + hk == 0:
         return q_out, k_out
     half = d // 2
-    _rope_launch[(triton.cdiv(s, block_s),)](
-        q, k, cos, sin, q_out, k_out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        s, hq, hk,
-        HALF=half, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
-    )
+    tensors = (q, k, cos, sin, q_out, k_out)
+    key = None
+    if _rope_prepared.active():
+        key = (q.shape, k.shape, q.stride(), k.stride(), cos.stride(0), sin.stride(0), q.dtype, k.dtype, cos.dtype,
+               sin.dtype, q.device.index, block_s, *(t.data_ptr() % 16 for t in tensors))
+    _rope_prepared.launch(key, tensors, lambda: (
+        (triton.cdiv(s, block_s),),
+        (*tensors, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), s, hq, hk),
+        dict(HALF=half, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)))
     return q_out, k_out

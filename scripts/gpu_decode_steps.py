@@ -10,7 +10,8 @@ cProfile in an order that separates the attention mode from new key lengths (`ho
 `--ab TOKENS`: SDPA's cuDNN backend excluded from decoding steps (as kept) against allowed,
 alternated in one process (`backends_ab`); `--fused-ab TOKENS`: the language model's fused ops
 against the stock model in decoding steps (`fused_ab`); `--step-listing TOKENS`: where a decoding
-step's host time goes, per function (`step_listing`). A development script (results go to BENCHMARKS.md).
+step's host time goes, per function (`step_listing`); `--prepared-ab TOKENS`: prepared launches
+against launches built in full (`prepared_ab`). A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py [--video-tokens 16384 131072] [--new-tokens 33]
     PYTHONPATH=$PWD python3 scripts/gpu_decode_steps.py --ab 16384
@@ -117,6 +118,35 @@ def backends_ab(qa, config, args) -> None:
         print(f"| {where} | {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
 
 
+def prepared_ab(qa, config, args) -> None:
+    """Decoding steps and the LLM prefill with every launch site's prepared launches (as kept,
+    kernels.runtime.PREPARED_LAUNCHES) against launches built in full, alternated three times in one
+    process on one request (twenty-first session)."""
+    from kernels import runtime
+
+    kept = runtime.PREPARED_LAUNCHES
+    ways = {"prepared (kept)": kept, "built in full": 0}
+    request = synthetic_request(qa, args.prepared_ab)
+    fixed = args.fixed_density
+    qa.run(request, "sparse", max_new_tokens=args.new_tokens, config=config, fixed_density=fixed)
+    steps = {way: [] for way in ways}
+    prefill = {way: [] for way in ways}
+    for _ in range(3):
+        for way, size in ways.items():
+            runtime.PREPARED_LAUNCHES = size
+            answer = qa.run(request, "sparse", max_new_tokens=args.new_tokens, config=config, fixed_density=fixed)
+            t = answer.timings
+            steps[way].append(1e3 * (t["total_s"] - t["ttft_s"]) / max(1, answer.new_tokens - 1))
+            prefill[way].append(1e3 * t["prefill_s"])
+    runtime.PREPARED_LAUNCHES = kept
+    print(f"{request.tokens['total']} prompt tokens, {answer.new_tokens} new tokens")
+    print("| launches | ms per step, repeats | median | LLM prefill ms, repeats | median |")
+    print("|---|---|---|---|---|")
+    for way in ways:
+        print(f"| {way} | {', '.join(f'{v:.2f}' for v in steps[way])} | {sorted(steps[way])[1]:.2f} | "
+              f"{', '.join(f'{v:.1f}' for v in prefill[way])} | {sorted(prefill[way])[1]:.1f} |")
+
+
 def fused_ab(qa, config, args) -> None:
     """Decoding steps with the language model's fused ops (models.text.prepare_language_model, as
     kept) against the stock language model, alternated three times in one process at new lengths
@@ -179,6 +209,8 @@ def main() -> None:
                         help="instead: cuDNN excluded against allowed in decoding steps, around TOKENS video tokens")
     parser.add_argument("--fused-ab", type=int, default=0, metavar="TOKENS",
                         help="instead: the fused language model against the stock one in decoding steps")
+    parser.add_argument("--prepared-ab", type=int, default=0, metavar="TOKENS",
+                        help="instead: prepared launches against launches built in full (prepared_ab)")
     parser.add_argument("--step-listing", type=int, default=0, metavar="TOKENS",
                         help="instead: a cProfile listing of a decoding step's host time (step_listing)")
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
@@ -188,7 +220,8 @@ def main() -> None:
 
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
-    studies = {"host_profile": host_profile, "ab": backends_ab, "fused_ab": fused_ab, "step_listing": step_listing}
+    studies = {"host_profile": host_profile, "ab": backends_ab, "fused_ab": fused_ab, "step_listing": step_listing,
+               "prepared_ab": prepared_ab}
     for option, study in studies.items():  # instead of the table
         if getattr(args, option):
             study(qa, config, args)

@@ -382,3 +382,33 @@ def test_prepared_launches_are_kept_by_key_and_built_only_where_missing(monkeypa
     assert len(kernel.c_launches) == launches + 1 and builds[-1] is None
     monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 0)
     assert not site.active()
+
+
+@pytest.mark.cuda
+def test_model_kernels_from_prepared_launches_equal_launches_built_in_full(monkeypatch):
+    """RoPE, the residual add with RMSNorm and silu(gate) * up made again from their prepared
+    launches with other tensors of the same shapes give what launches built in full give."""
+    from kernels import activation, rms_norm, rope
+
+    def calls() -> list:
+        outs = []
+        for seed in range(3):  # (compiled, prepared, found)
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            x, y, w, gate, up, q, k, cos, sin = (
+                torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+                for shape in ((7, 3584), (7, 3584), (3584,), (7, 18944), (7, 18944), (7, 28, 128), (7, 4, 128),
+                              (7, 128), (7, 128)))
+            outs.append((*rms_norm.add_rms_norm(x, y, w, 1e-6), activation.silu_mul(gate, up),
+                         *rope.rope(q, k, cos, sin)))
+        return outs
+
+    sites = (rope._rope_prepared, rms_norm._add_rms_norm_prepared, activation._silu_mul_prepared)
+    for site in sites:
+        site.launches.clear()
+    prepared = calls()
+    assert all(len(site.launches) == 1 for site in sites), "each kernel should have its launch prepared"
+    monkeypatch.setattr(runtime, "PREPARED_LAUNCHES", 0)
+    full = calls()
+    for made, built in zip(prepared, full):
+        for a, b in zip(made, built):
+            assert torch.equal(a, b)

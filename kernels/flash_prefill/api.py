@@ -182,8 +182,8 @@ USE_HOPPER_KERNEL = True
 # 2.6-35.9 ms this way against 40.5-78.4 ms through cuDNN at 1K-10K tokens; at a length cuDNN had
 # planned, 0.70-0.85x its time at 1K-4K with the kernel's launches prepared (BENCHMARKS.md,
 # twenty-first session, runs 7 and 9; `kernels.runtime.PREPARED_LAUNCHES`), where back-to-back
-# calls were bound by host time before. False: SDPA, for a workload whose prompt lengths repeat (and no
-# DENSE_FLASH_BELOW route either).
+# calls were bound by host time before. False: SDPA, for a workload whose prompt lengths repeat
+# (and no DENSE_FLASH_BELOW route either).
 DENSE_ON_HOPPER_KERNEL = True
 
 

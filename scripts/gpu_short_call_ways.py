@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from gpu_launch_host import host_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import FlashPrefillConfig, flash_prefill
@@ -117,15 +118,7 @@ def main() -> None:
                     way()
                 torch.cuda.synchronize()
                 walls[name].append(1e6 * (time.perf_counter() - start) / 28)
-                spent = 0.0
-                for i in range(28):
-                    if i % 7 == 0:
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    way()
-                    spent += time.perf_counter() - start
-                torch.cuda.synchronize()
-                hosts[name].append(1e6 * spent / 28)
+                hosts[name].append(host_us(way, 28, sync_every=7))
         for name in ways:
             print(f"| {t} | {name} | {statistics.median(walls[name]):.1f} | {statistics.median(hosts[name]):.1f} |",
                   flush=True)

@@ -8,7 +8,8 @@ backend, fp32 on the reference backend. Strided views work without a copy on the
 Below `config.min_seq_len` attention is dense: on Hopper, where the Gluon kernel takes the call,
 that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`; below `DENSE_FLASH_BELOW` keys, 0 by
 default, one call of PyTorch's flash-attention kernel, `dense_flash`); elsewhere PyTorch SDPA
-(`dense_attention`).
+(`dense_attention`), but for queries shorter than their keys (a question over a cached prefix),
+which run as one `dense_flash` call wherever that kernel takes them (`SHORT_QUERY_FLASH`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # well under a millisecond on the other backends (BENCHMARKS.md, fourteenth session). A causal
 # prefill (queries = keys) keeps SDPA's own choice: cuDNN is fastest there once its plan is built.
 SHORT_QUERY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# In `dense_attention`, a query shorter than its keys runs as one call of PyTorch's flash-attention
+# kernel (`dense_flash`: grouped KV heads and bottom-right causal alignment as they are) wherever
+# that kernel takes the call. Through SDPA it needs an explicit causal mask, which rules out the
+# flash backend; on the H200 SDPA then ran it in fp32 matmuls and elementwise kernels. This is a
+# question over a short video's cached prefix in the sparse mode (a prefix is mostly not a multiple
+# of the block, so the Hopper kernel declines the call): its 28 layers went from 47 kernels a layer
+# to 26, and a first question from a two-call prefill came 8-14 ms sooner (BENCHMARKS.md,
+# twenty-second session, run 3). False: SDPA.
+SHORT_QUERY_FLASH = True
 
 
 # The kernel modules, imported at their first use (each reads TRITON_INTERPRET when imported) and
@@ -112,8 +122,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> N
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense causal attention with bottom-right alignment through PyTorch SDPA, (B, Tq, HQ, D);
-    a query shorter than its keys without SDPA's cuDNN backend (SHORT_QUERY_BACKENDS)."""
+    a query shorter than its keys as one flash-attention call where it fits (SHORT_QUERY_FLASH),
+    else without SDPA's cuDNN backend (SHORT_QUERY_BACKENDS)."""
     tq, tk = q.shape[1], k.shape[1]
+    if tq != tk and SHORT_QUERY_FLASH and _flash_call_fits(q, k, v):
+        return dense_flash(q, k, v, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
     if tq == tk:
@@ -199,12 +212,18 @@ DENSE_ON_HOPPER_KERNEL = True
 DENSE_FLASH_BELOW = 0
 
 
+def _flash_call_fits(q, k, v) -> bool:
+    """Whether `dense_flash` takes the call: CUDA tensors of a 16-bit float type with a unit last
+    stride, head dim a multiple of 8 up to 256, PyTorch's flash-attention kernel on the device."""
+    return (q.is_cuda and q.dtype in _TRITON_DTYPES and q.stride(3) == k.stride(3) == v.stride(3) == 1
+            and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and flash_attention_available(q.device))
+
+
 def _dense_on_flash_kernel(q, k, v) -> bool:
     """Whether the dense attention below min_seq_len runs as `dense_flash` (DENSE_FLASH_BELOW):
-    Hopper, 16-bit floats, a unit last stride."""
+    Hopper and a call `dense_flash` takes."""
     return (DENSE_ON_HOPPER_KERNEL and k.shape[1] < DENSE_FLASH_BELOW and q.is_cuda
-            and q.dtype in _TRITON_DTYPES and q.stride(3) == k.stride(3) == v.stride(3) == 1
-            and flash_attention_available(q.device) and capability(q.device.index)[0] == 9)
+            and capability(q.device.index)[0] == 9 and _flash_call_fits(q, k, v))
 
 
 def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -251,6 +251,29 @@ def test_dense_fallback_runs_the_hopper_kernel_where_it_takes_the_call(monkeypat
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["flash-call", "sdpa"])
+def test_dense_attention_runs_short_queries_as_one_flash_call_where_it_fits(monkeypatch, on):
+    """dense_attention hands a query shorter than its keys to dense_flash where that call fits (faked
+    here: a stand-in computes the reference), never a causal prefill (queries = keys); with
+    SHORT_QUERY_FLASH off, SDPA runs both. On the CPU the flash call never fits."""
+    q, k, v = make_inputs((1, 200, 200, 4, 1, 64, torch.float16, 32))
+    assert not api._flash_call_fits(q, k, v)
+    flash_calls = []
+
+    def stand_in(q, k, v, scale):
+        flash_calls.append(q.shape[1])
+        return reference.sparse_attention(q, k, v, reference.causal_pattern(1, 4, q.shape[1], 200, 32, q.device),
+                                          scale)
+
+    expected = {tq: dense_attention(q[:, -tq:], k, v, 0.125) for tq in (200, 37)}
+    monkeypatch.setattr(api, "_flash_call_fits", lambda q, k, v: True)
+    monkeypatch.setattr(api, "dense_flash", stand_in)
+    monkeypatch.setattr(api, "SHORT_QUERY_FLASH", on)
+    for tq in (200, 37):
+        torch.testing.assert_close(dense_attention(q[:, -tq:], k, v, 0.125), expected[tq], atol=2e-3, rtol=0)
+    assert flash_calls == ([37] if on else [])
+
+
 def test_dense_fallback_builds_its_causal_pattern_once_per_shape(monkeypatch):
     """On the kernel path a forward's layers, which attend at one shape, share one causal pattern; a
     new shape gets its own, and a pattern returned to the caller is the caller's own copy."""

@@ -257,6 +257,35 @@ def test_dense_flash_call_matches_reference(monkeypatch, head_dim, dtype, q_len)
     assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and runtime.flash_attention_available(torch.device("cuda", 0))),
+                    reason="PyTorch's flash-attention kernel needs an NVIDIA GPU of sm_80 or later")
+@pytest.mark.parametrize("q_len,tk", [(37, 2100), (1, 4126), (300, 1000)])
+@pytest.mark.parametrize("short_query_flash", [True, False], ids=["flash-call", "sdpa"])
+def test_question_over_a_prefix_below_min_seq_len(monkeypatch, q_len, tk, short_query_flash):
+    """Below min_seq_len, a query shorter than its keys at an offset off the block grid (a question
+    over a cached prefix, which the Hopper kernel declines) is one flash-attention call and no SDPA
+    call, as close to fp32 attention as the bf16 computation; with SHORT_QUERY_FLASH off, SDPA's."""
+    q, k, v = structured_qkv(1, q_len, tk, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))  # as transformers hands them
+    causal, scale = reference.causal_pattern(1, 28, q_len, tk, 128, q.device), 128**-0.5
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), causal, scale, torch.float32)
+    low = reference.sparse_attention(q, k, v, causal, scale, compute_dtype=None)
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        return lambda *args, **kwargs: (calls.update([name]), fn(*args, **kwargs))[1]
+
+    monkeypatch.setattr(api, "SHORT_QUERY_FLASH", short_query_flash)
+    monkeypatch.setattr(api, "dense_flash", counted("flash", api.dense_flash))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        counted("sdpa", torch.nn.functional.scaled_dot_product_attention))
+    out = flash_prefill(q, k, v, config=FlashPrefillConfig())
+    assert tk < FlashPrefillConfig().min_seq_len
+    assert calls == ({"flash": 1} if short_query_flash else {"sdpa": 1})
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
 @requires_hopper
 def test_hopper_work_counter_is_left_at_zero_on_every_stream():
     """The dynamic schedule's counter is not zeroed per call: each launch must leave it at zero,

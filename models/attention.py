@@ -38,6 +38,7 @@ from kernels import (
     flash_prefill,
 )
 from kernels.flash_prefill.api import SHORT_QUERY_BACKENDS
+from kernels.flash_prefill.reference import causal_pattern
 from kernels.testing import random_pattern
 
 from .host import ReadOnce
@@ -110,6 +111,24 @@ class SparsityRecorder:
         ones = torch.ones(num_heads, device=device)
         self._add(layer, ones, ones)
         self.num_tokens = num_tokens
+
+    def causal_prefix(self, length: int, dense_layers: int = 0) -> SparsityRecorder:
+        """A new recorder with this one's mask layers, holding what one call over a prompt's first
+        `length` tokens records at each of this one's layers when it runs dense (below min_seq_len),
+        as sparse_attention_forward records it: `record_dense` for the first `dense_layers` layers,
+        every causal block for the others (`record_causal`; the pattern itself at a mask layer).
+        What a video prefix prefilled alone records, for a prompt prefilled in one call
+        (videoprefill.pipeline.ONE_CALL_WHEN_DENSE)."""
+        out = SparsityRecorder(mask_layers=self.mask_layers, mask_size=self.mask_size)
+        for layer, kept in self.kept.items():
+            heads, device = kept.shape[0], kept.device
+            if layer < dense_layers:
+                out.record_dense(layer, heads, length, device)
+            elif layer in self.mask_layers:
+                out.record(layer, causal_pattern(1, heads, length, length, self.block_size, device))
+            else:
+                out.record_causal(layer, 1, heads, length, length, self.block_size, device)
+        return out
 
     def copy(self, mask_layers: tuple[int, ...] | None = None) -> SparsityRecorder:
         """A recorder holding what this one has recorded (its tensors shared, never written in

@@ -5,7 +5,8 @@ Stages, each closed by a GPU synchronisation so a stage's time is its own:
                   processor's tensors (everything before the model runs)
   vision_s        the vision encoder
   prefill_s       the language model over the whole prompt (FlashPrefill or dense): the video
-                  prefix, then the question's tokens over its KV cache (videoprefill.prefix)
+                  prefix, then the question's tokens over its KV cache (videoprefill.prefix);
+                  one call where every layer attends densely (ONE_CALL_WHEN_DENSE)
   first_token_s   from the end of prefill to the first token chosen (LM head, sampling)
   ttft_s          from the request (a video path) to the first token
   total_s         the whole request, all new tokens included
@@ -38,6 +39,13 @@ ATTENTION_MODES = ("sparse", "dense")
 # The warm-up request's frames: the bundled sample video at 112 x 112 pixels, 384 video tokens on
 # Qwen2.5-VL (`VideoQA.warm_up`).
 WARMUP_SAMPLING = Sampling(fps=2.0, max_frames=512, min_pixels=112 * 112, max_pixels=112 * 112)
+# A request that computes its video prefix, where every layer attends densely over the whole prompt
+# (the dense mode; the sparse mode under min_seq_len without a fixed density), prefills in one
+# `generate` call and keeps the prefix's part of its KV cache: the two calls compute the same
+# there, and the question's call over the cache, bound by host time, made a short video's first
+# question 23-38 ms later on an H200 (TTFT 59.6 against 82.9 ms at 1K video tokens; BENCHMARKS.md,
+# twenty-second session, run 4). False: always two calls.
+ONE_CALL_WHEN_DENSE = True
 
 
 class InputError(ValueError):
@@ -420,22 +428,38 @@ class VideoQA:
                 self._generate(self._warmup_request, key, None, max_new_tokens=1)
         self._warm.add(key)
 
+    def _one_call(self, prepared: Prepared, key: tuple) -> bool:
+        """Whether a request that computes its prefix prefills in one call (ONE_CALL_WHEN_DENSE):
+        every layer dense over the whole prompt."""
+        attention, config, _, fixed_density = key
+        return ONE_CALL_WHEN_DENSE and (attention == "dense" or (
+            fixed_density is None and config.runs_dense(prepared.inputs["input_ids"].shape[1])))
+
     def _generate(self, prepared: Prepared, key: tuple, state: prefixes.PrefixState | None, max_new_tokens: int,
                   stopping_criteria=None, **generate_kwargs) -> tuple[torch.Tensor, prefixes.PrefixState]:
         """Prefill the prefix into a new KV cache (state None), then generate over the prefix's
         cache from the question's tokens on; the cache is cut back to the prefix afterwards. Both
-        calls take the positions `generate` gives the whole prompt, so they are those of one call."""
+        calls take the positions `generate` gives the whole prompt, so they are those of one call.
+        Where every layer is dense over the whole prompt, a request without a prefix's cache
+        prefills in that one call instead (`_one_call`), and its prefix's state is the one two
+        calls would leave: the cache cut back to the prefix, the prefix's dense record."""
+        options = dict(do_sample=False, stopping_criteria=stopping_criteria,
+                       pad_token_id=self.processor.tokenizer.pad_token_id, **generate_kwargs)
+        if state is None and self._one_call(prepared, key):
+            out, cache = prefixes.generate_whole(self.model, prepared.inputs, prepared.prefix_len,
+                                                 max_new_tokens=max_new_tokens, **options)
+            recorder = current_settings().recorder
+            prefix_record = (recorder.causal_prefix(prepared.prefix_len, current_settings().dense_layers)
+                             if recorder is not None else SparsityRecorder())
+            return out, prefixes.PrefixState(settings=key, cache=cache, recorder=prefix_record)
         positions = prefixes.prompt_positions(self.model, prepared.inputs)
         if state is None:
             cache = prefixes.prefill_prefix(self.model, prepared.inputs, prepared.prefix_len, positions)
             recorder = current_settings().recorder
             state = prefixes.PrefixState(settings=key, cache=cache,
                                          recorder=recorder.copy() if recorder is not None else SparsityRecorder())
-        out = prefixes.generate_over_prefix(
-            self.model, prepared.inputs, prepared.prefix_len, state.cache, positions, max_new_tokens=max_new_tokens,
-            do_sample=False, stopping_criteria=stopping_criteria, pad_token_id=self.processor.tokenizer.pad_token_id,
-            **generate_kwargs,
-        )
+        out = prefixes.generate_over_prefix(self.model, prepared.inputs, prepared.prefix_len, state.cache, positions,
+                                            max_new_tokens=max_new_tokens, **options)
         return out, state
 
     def _reload(self, prepared: Prepared) -> None:

@@ -7,6 +7,12 @@ and then the question's tokens through `generate` over that cache, which attend 
 prefix (DESIGN.md: Tq < Tk, bottom-right). Asked first or later, a question is answered the same
 way. The last video's prefix and one KV cache of it (one attention setting) are kept, so the
 next question about it skips decoding, the vision encoder and the prefix's prefill.
+
+Where every layer attends densely over the whole prompt (the dense mode, or a prompt under
+FlashPrefill's `min_seq_len`), the split changes nothing that is computed: the prefix's rows never
+see the question's. There a request that computes its prefix prefills in one call instead
+(`generate_whole`) and keeps the prefix's part of its cache
+(`videoprefill.pipeline.ONE_CALL_WHEN_DENSE`).
 """
 
 from __future__ import annotations
@@ -164,6 +170,18 @@ def generate_over_prefix(model, inputs: dict, length: int, cache, positions: tor
         return model.generate(**rest, position_ids=positions, **{cache_argument(model): cache}, **generate_kwargs)
     finally:
         crop(cache, length)
+
+
+def generate_whole(model, inputs: dict, length: int, **generate_kwargs):
+    """`generate` over the whole prompt in one call, into a new KV cache cut back to the prompt's
+    first `length` positions afterwards: (generate's output, that cache)."""
+    cache = new_cache(model)
+    try:
+        with without_patch_states(model):
+            out = model.generate(**inputs, **{cache_argument(model): cache}, **generate_kwargs)
+    finally:
+        crop(cache, length)
+    return out, cache
 
 
 @dataclass

@@ -119,8 +119,14 @@ def test_short_queries_run_sdpa_without_cudnn(mode, tiny_models, sample_video, m
     """In both modes SDPA runs a query shorter than its keys (the decoding steps; in the dense mode
     also the question over the prefix's cache) with its cuDNN backend off, since cuDNN builds a
     plan for each shape it has not run and these come in new shapes; the dense mode's prefill of the
-    prefix (queries = keys) keeps SDPA's own choice, and the flag is back on afterwards."""
+    prefix (queries = keys) keeps SDPA's own choice, and the flag is back on afterwards. (Two
+    prefill calls forced: a dense prompt's first question is one call; a later one is the question
+    over the kept prefix's cache.)"""
     from transformers.integrations import sdpa_attention
+
+    from videoprefill import pipeline
+
+    monkeypatch.setattr(pipeline, "ONE_CALL_WHEN_DENSE", False)
 
     model, processor = load(tiny_models["qwen2.5-vl"], attention=mode, config=config(0.1), device="cpu")
     assert model.config.text_config._attn_implementation == (
@@ -279,7 +285,7 @@ def test_dense_calls_build_a_pattern_only_for_recorded_masks(tiny_models, sample
     monkeypatch.setattr(attention_module, "flash_prefill", asking)
     answer = qa.ask(sample_video, "Which colour is the square?", sampling=SMALL, max_new_tokens=2)
     layers = model.config.text_config.num_hidden_layers
-    assert asked == [i == 1 for i in range(layers)] * 2  # the prefix and the question
+    assert asked == [i == 1 for i in range(layers)]  # the whole prompt in one call (every layer dense)
     sp = answer.sparsity
     assert sp["density"] == 1.0 and sp["per_layer"] == [1.0] * layers
     n_blocks = -(-answer.tokens["total"] // 16)

@@ -26,9 +26,13 @@ SPARSE = FlashPrefillConfig(block_size=16, alpha=0.3, sink_blocks=1, window_bloc
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, sample_video):
+def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, sample_video, monkeypatch):
     """The prefix, then the question over its cache, with the positions generate gives the whole
-    prompt: the same logits as one generate call over the prompt (dense attention)."""
+    prompt: the same logits as one generate call over the prompt (dense attention, two calls
+    forced)."""
+    from videoprefill import pipeline
+
+    monkeypatch.setattr(pipeline, "ONE_CALL_WHEN_DENSE", False)
     model, processor = load(tiny_models[family], device="cpu")
     qa = VideoQA(model, processor, warmup=False)
     set_attention(model, "dense")
@@ -41,12 +45,69 @@ def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, samp
                "pad_token_id": processor.tokenizer.pad_token_id}
     with torch.inference_mode():
         one = model.generate(**prepared.inputs, **options)
-        two, state = qa._generate(prepared, ("dense",), None, 6, output_scores=True, return_dict_in_generate=True)
+        key = qa._settings("dense", None, None, None)[0]
+        two, state = qa._generate(prepared, key, None, 6, output_scores=True, return_dict_in_generate=True)
     assert torch.equal(one.sequences, two.sequences)
     assert len(one.scores) == len(two.scores) == 6
     for a, b in zip(one.scores, two.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert state.cache.get_seq_length() == prepared.prefix_len  # the question's positions were dropped
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_a_dense_prompt_prefills_in_one_call(attention, tiny_models, sample_video, monkeypatch):
+    """Where every layer attends densely over the whole prompt (the dense mode; the sparse mode under
+    min_seq_len), a request that computes its prefix runs the language model once, and its answer,
+    sparsity record, kept KV cache and kept record are those of the two calls; so is a later
+    question's over that cache. Sparse from min_seq_len on, it stays two calls."""
+    from videoprefill import pipeline
+
+    below = dataclasses.replace(SPARSE, min_seq_len=10**6)
+    model, processor = load(tiny_models["qwen2.5-vl"], config=below, device="cpu")
+    calls = []
+    hook = model.model.language_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    results = {}
+    try:
+        for one_call in (True, False):
+            monkeypatch.setattr(pipeline, "ONE_CALL_WHEN_DENSE", one_call)
+            qa = VideoQA(model, processor, mask_layers=(1,), warmup=False)
+            prepared = qa.prepare(sample_video, "What colour is the square?", SMALL)
+            calls.clear()
+            first = qa.run(prepared, attention, max_new_tokens=1, dense_layers=1)
+            prefill_calls, state = len(calls), qa._prefix.state
+            later = qa.run(qa.follow_up(prepared, "Where does it go?"), attention, max_new_tokens=3, dense_layers=1)
+            results[one_call] = prefill_calls, first, state, later
+            length = prepared.prefix_len
+        monkeypatch.setattr(pipeline, "ONE_CALL_WHEN_DENSE", True)
+        calls.clear()
+        qa.run(qa.prepare(sample_video, "What colour is the square?", SMALL), attention, 1, SPARSE,
+               reuse_prefix=False)
+        above_calls = len(calls)
+    finally:
+        hook.remove()
+    (one, first, state, later), (two, first2, state2, later2) = results[True], results[False]
+    assert (one, two) == (1, 2) and above_calls == (1 if attention == "dense" else 2)
+    assert later.tokens["cached"] == later2.tokens["cached"] == length
+    for a, b in ((first, first2), (later, later2)):
+        assert a.text == b.text and a.tokens == b.tokens
+        assert a.sparsity["density"] == pytest.approx(b.sparsity["density"])
+        assert a.sparsity["per_layer"] == pytest.approx(b.sparsity["per_layer"])
+        torch.testing.assert_close(torch.tensor(a.sparsity["per_head"]), torch.tensor(b.sparsity["per_head"]))
+        assert set(a.sparsity["masks"]) == set(b.sparsity["masks"]) == ({1} if attention == "sparse" else set())
+        for layer, mask in a.sparsity["masks"].items():
+            assert torch.equal(mask, b.sparsity["masks"][layer])
+    assert state.cache.get_seq_length() == state2.cache.get_seq_length() == length
+    for a, b in zip(state.cache.layers, state2.cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+    assert set(state.recorder.kept) == set(state2.recorder.kept) == (
+        set(range(model.config.text_config.num_hidden_layers)) if attention == "sparse" else set())
+    for layer in state.recorder.kept:
+        assert torch.equal(state.recorder.kept[layer], state2.recorder.kept[layer])
+        assert torch.equal(state.recorder.visible[layer], state2.recorder.visible[layer])
+    assert set(state.recorder.masks) == set(state2.recorder.masks)
+    for layer, mask in state.recorder.masks.items():
+        assert torch.equal(mask, state2.recorder.masks[layer])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import FlashPrefillConfig
+from kernels.flash_prefill.api import plain_pattern_launches
 from models.attention import RequestSettings, SparsityRecorder, current_settings, request_settings, set_attention
 from models.text import fused_adds_at_every_length
 
@@ -411,7 +412,11 @@ class VideoQA:
         what the first request of a process would otherwise count in its timings: compiling the
         kernels for these settings, CUDA's lazy loading of kernels, the first cuDNN and cuBLAS
         calls, the first use of the decode path (reading, resizing, the video processor). `run`
-        calls it when `warmup` is set, and `ask` and `compare` before they decode."""
+        calls it when `warmup` is set, and `ask` and `compare` before they decode. Each pass
+        prefills in two calls (never `_one_call`): they run what one call runs and the question's
+        call over a cache too. On CUDA in sparse mode the first pass runs once more with the pattern
+        kernels' plain launches (`kernels.flash_prefill.api.plain_pattern_launches`), the variants of
+        prompts past 32K keys, which a short prompt would not compile."""
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
         if key in self._warm:
             return
@@ -419,13 +424,15 @@ class VideoQA:
             decoded = self.decode(str(sample_video_path()), WARMUP_SAMPLING)
             self._warmup_request = self.prepare_decoded(decoded, DEFAULT_QUESTION, reuse_prefix=False)
         self._use(attention)
-        configs = [dataclasses.replace(settings.config, min_seq_len=0)]
+        forced = dataclasses.replace(settings.config, min_seq_len=0)
+        passes = [(forced, fused_adds_at_every_length)]
+        if attention == "sparse" and self.device.type == "cuda":
+            passes.append((forced, plain_pattern_launches))
         if attention == "sparse" and settings.config.min_seq_len > 0:
-            configs.append(settings.config)
-        for n, config in enumerate(configs):
-            every_length = fused_adds_at_every_length() if n == 0 else contextlib.nullcontext()
-            with torch.inference_mode(), request_settings(dataclasses.replace(settings, config=config)), every_length:
-                self._generate(self._warmup_request, key, None, max_new_tokens=1)
+            passes.append((settings.config, contextlib.nullcontext))
+        for config, context in passes:
+            with torch.inference_mode(), request_settings(dataclasses.replace(settings, config=config)), context():
+                self._generate(self._warmup_request, key, None, max_new_tokens=1, one_call=False)
         self._warm.add(key)
 
     def _one_call(self, prepared: Prepared, key: tuple) -> bool:
@@ -436,16 +443,18 @@ class VideoQA:
             fixed_density is None and config.runs_dense(prepared.inputs["input_ids"].shape[1])))
 
     def _generate(self, prepared: Prepared, key: tuple, state: prefixes.PrefixState | None, max_new_tokens: int,
-                  stopping_criteria=None, **generate_kwargs) -> tuple[torch.Tensor, prefixes.PrefixState]:
+                  stopping_criteria=None, one_call: bool | None = None,
+                  **generate_kwargs) -> tuple[torch.Tensor, prefixes.PrefixState]:
         """Prefill the prefix into a new KV cache (state None), then generate over the prefix's
         cache from the question's tokens on; the cache is cut back to the prefix afterwards. Both
         calls take the positions `generate` gives the whole prompt, so they are those of one call.
         Where every layer is dense over the whole prompt, a request without a prefix's cache
-        prefills in that one call instead (`_one_call`), and its prefix's state is the one two
-        calls would leave: the cache cut back to the prefix, the prefix's dense record."""
+        prefills in that one call instead (`_one_call`; `one_call` decides instead when given), and
+        its prefix's state is the one two calls would leave: the cache cut back to the prefix, the
+        prefix's dense record."""
         options = dict(do_sample=False, stopping_criteria=stopping_criteria,
                        pad_token_id=self.processor.tokenizer.pad_token_id, **generate_kwargs)
-        if state is None and self._one_call(prepared, key):
+        if state is None and (self._one_call(prepared, key) if one_call is None else one_call):
             out, cache = prefixes.generate_whole(self.model, prepared.inputs, prepared.prefix_len,
                                                  max_new_tokens=max_new_tokens, **options)
             recorder = current_settings().recorder

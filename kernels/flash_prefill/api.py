@@ -14,6 +14,7 @@ which run as one `dense_flash` call wherever that kernel takes them (`SHORT_QUER
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -158,6 +159,21 @@ def _kernel_causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: t
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # (memory of the graph's pool)
         return _causal_pattern(b, hq, tq, tk, bs, device)
     return _cached_causal_pattern(b, hq, tq, tk, bs, device)
+
+
+@contextlib.contextmanager
+def plain_pattern_launches():
+    """Inside: the index build is a plain launch at every length, as past the pattern module's
+    PDL_MAX_BLOCKS key blocks (its TRIGGER and PDL variants are other compiled kernels). A warm-up
+    on a short prompt compiles the variants of long ones so. Not for concurrent requests: it sets
+    a module flag."""
+    pattern_kernels = _pattern_kernels()
+    saved = pattern_kernels.PDL
+    pattern_kernels.PDL = False
+    try:
+        yield
+    finally:
+        pattern_kernels.PDL = saved
 
 
 def _find_pattern_triton(

@@ -274,6 +274,19 @@ def test_dense_attention_runs_short_queries_as_one_flash_call_where_it_fits(monk
     assert flash_calls == ([37] if on else [])
 
 
+def test_plain_pattern_launches_turn_the_dependent_launch_off_inside():
+    """Inside plain_pattern_launches the index build is never a dependent launch (what a warm-up uses
+    to compile the long prompts' variants); the setting is back afterwards, also after an error."""
+    from kernels.flash_prefill import pattern
+
+    assert pattern.PDL
+    with pytest.raises(RuntimeError, match="inside"):
+        with api.plain_pattern_launches():
+            assert not pattern.PDL and not pattern.dependent_launch(torch.device("cuda", 0), 1)
+            raise RuntimeError("inside")
+    assert pattern.PDL
+
+
 def test_dense_fallback_builds_its_causal_pattern_once_per_shape(monkeypatch):
     """On the kernel path a forward's layers, which attend at one shape, share one causal pattern; a
     new shape gets its own, and a pattern returned to the caller is the caller's own copy."""

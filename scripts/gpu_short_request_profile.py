@@ -8,14 +8,16 @@ Synthetic requests on the Qwen2.5-VL-7B architecture (random weights, `videopref
 sparse mode, one new token. Each length is run once untimed, then `--repeats` times timed (the
 pipeline's own stage clock), then once under torch.profiler with Python stacks (which slows the
 host, so the profiled gaps are an upper bound; the timed runs give the real figures). With
-`--ways kept two-calls before` the timed runs alternate in one process the kept code (one call
-where the whole prompt is dense), two calls (`videoprefill.pipeline.ONE_CALL_WHEN_DENSE` off) and
-two calls with the question's dense attention through SDPA as before the twenty-second session
-(`kernels.flash_prefill.api.SHORT_QUERY_FLASH` off too); the first way is the one profiled.
+`--ways kept options-as-kwargs two-calls before` the timed runs alternate in one process the kept
+code (one call where the whole prompt is dense, generate's options on a generation config), its
+options as keyword arguments (`videoprefill.prefix.generation_options` bypassed), then that with
+two calls (`videoprefill.pipeline.ONE_CALL_WHEN_DENSE` off) and with the question's dense
+attention through SDPA too, as before the twenty-second session
+(`kernels.flash_prefill.api.SHORT_QUERY_FLASH` off); the first way is the one profiled.
 A development script (results go to BENCHMARKS.md).
 
     PYTHONPATH=$PWD python3 scripts/gpu_short_request_profile.py [--video-tokens 1024 2048 4096]
-        [--ways kept two-calls before] [--out DIR]
+        [--ways kept options-as-kwargs two-calls before] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,21 +33,27 @@ import torch
 
 from kernels.flash_prefill import api
 from videoprefill import pipeline
+from videoprefill import prefix as prefixes
 from videoprefill.bench import cold_qa, synthetic_request
 
+KEPT_OPTIONS = prefixes.generation_options
 
-def _setting(one_call: bool, short_query_flash: bool):
+
+def _setting(one_call: bool, short_query_flash: bool, generation_config: bool = True):
     def apply():
         pipeline.ONE_CALL_WHEN_DENSE = one_call
         api.SHORT_QUERY_FLASH = short_query_flash
+        prefixes.generation_options = KEPT_OPTIONS if generation_config else (lambda model, options: options)
     return apply
 
 
 # --ways: settings timed against each other (alternated in one process); the first is profiled.
 WAYS = {
     "kept": _setting(True, True),
-    "two-calls": _setting(False, True),  # the question's call over the prefix's cache, a flash call
-    "before": _setting(False, False),  # ... through SDPA (before the twenty-second session)
+    # generate's options as keyword arguments, no generation config passed (so it checks the model's)
+    "options-as-kwargs": _setting(True, True, generation_config=False),
+    "two-calls": _setting(False, True, generation_config=False),  # the question's call over the cache, a flash call
+    "before": _setting(False, False, generation_config=False),  # ... through SDPA (before the twenty-second session)
 }
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +99,19 @@ def _frame_site(name: str) -> str | None:
     return None
 
 
-def analyse(trace_path: str, windows=("lm0", "lm1", "vision0", "generate")) -> dict:
+def _outside(python, start: float, end: float, covered: list[tuple[float, float]]) -> list:
+    """Host time of each function of this project or transformers inside [start, end] but outside
+    the `covered` (disjoint) ranges, inclusive of what it calls: the 25 largest (site, us)."""
+    spent = collections.Counter()
+    for begin, finish, site in python:
+        lo, hi = max(begin, start), min(finish, end)
+        if hi <= lo:
+            continue
+        spent[site] += (hi - lo) - sum(max(0.0, min(hi, e) - max(lo, s)) for s, e in covered)
+    return [(site, us) for site, us in spent.most_common(25) if us > 0]
+
+
+def analyse(trace_path: str, windows=("lm0", "lm1", "vision0", "generate", "run")) -> dict:
     with open(trace_path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
@@ -100,7 +120,8 @@ def analyse(trace_path: str, windows=("lm0", "lm1", "vision0", "generate")) -> d
     launches = {e["args"].get("correlation"): e for e in host_calls if "correlation" in e.get("args", {})}
     python = sorted(((e["ts"], e["ts"] + e["dur"], site) for e in events if e.get("cat") == "python_function"
                      and (site := _frame_site(e["name"])) is not None), key=lambda p: p[0])
-    ranges = {e["name"].split(":", 1)[1]: e for e in events if e.get("name", "").startswith("range:")}
+    ranges = {e["name"].split(":", 1)[1]: e for e in events  # (host ranges; the GPU's copies are another category)
+              if e.get("cat") == "user_annotation" and e.get("name", "").startswith("range:")}
     syncs = [e for e in host_calls if any(s in e["name"] for s in ("Synchronize", "Memcpy"))]
 
     def site_at(ts: float) -> str:
@@ -147,6 +168,10 @@ def analyse(trace_path: str, windows=("lm0", "lm1", "vision0", "generate")) -> d
             "kernel_counts": count.most_common(40),
             "gaps_by_site_us": gaps.most_common(15),
         }
+    if "run" in ranges:
+        r = ranges["run"]
+        covered = [(c["ts"], c["ts"] + c["dur"]) for n, c in ranges.items() if n.startswith(("vision", "lm"))]
+        out["run"]["outside_towers_us"] = _outside(python, r["ts"], r["ts"] + r["dur"], covered)
     return out
 
 
@@ -185,7 +210,8 @@ def main() -> int:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA],
                                         with_stack=True) as prof:
-                profiled = qa.run(prepared, "sparse", max_new_tokens=1).timings
+                with torch.profiler.record_function("range:run"):
+                    profiled = qa.run(prepared, "sparse", max_new_tokens=1).timings
         finally:
             ranges.close()
             del qa.model.generate
@@ -201,7 +227,8 @@ def main() -> int:
         print(f"\n== {tokens} video tokens ({prepared.tokens['total']} prompt tokens), profiled way {args.ways[0]}",
               flush=True)
         for way, m in meds.items():
-            print(f"  timed medians, {way}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items()))
+            print(f"  timed medians, {way}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items())
+                  + f"; TTFT outside the towers {(m['ttft_s'] - m['vision_s'] - m['prefill_s']) * 1e3:.1f} ms")
         for name, w in windows.items():
             print(f"  {name}: wall {w['wall_us'] / 1e3:.2f} ms, {w['kernels']} kernels {w['kernel_us'] / 1e3:.2f} ms, "
                   f"idle between {w['idle_between_us'] / 1e3:.2f} ms, first kernel after "
@@ -215,6 +242,8 @@ def main() -> int:
                 print(f"      gap    {us / 1e3:7.2f} ms  {site}")
             for us, call, site in w["syncs_by_site_us"][:4]:
                 print(f"      sync   {us / 1e3:7.2f} ms  {call} at {site}")
+            for site, us in w.get("outside_towers_us", [])[:25]:
+                print(f"      outside the towers {us / 1e3:7.2f} ms  {site}")
     print(f"\n| video tokens | prompt | way | vision ms | LLM prefill ms | TTFT ms | (medians of {args.repeats})")
     print("|---|---|---|---|---|---|")
     for r in summary:

@@ -18,6 +18,7 @@ see the question's. There a request that computes its prefix prefills in one cal
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -167,9 +168,24 @@ def generate_over_prefix(model, inputs: dict, length: int, cache, positions: tor
     positions; the cache is cut back to them afterwards."""
     _, rest = split_inputs(inputs, length)
     try:
-        return model.generate(**rest, position_ids=positions, **{cache_argument(model): cache}, **generate_kwargs)
+        return model.generate(**rest, position_ids=positions, **{cache_argument(model): cache},
+                              **generation_options(model, generate_kwargs))
     finally:
         crop(cache, length)
+
+
+def generation_options(model, options: dict) -> dict:
+    """`generate`'s keyword arguments with the generation options among `options` (max_new_tokens,
+    do_sample, pad_token_id, ...) set on a copy of the model's generation config, passed as
+    `generation_config`; as given when they hold one. Without it, `generate` checks the model's
+    config for generation options at every call, which transformers 5.17 does by building a default
+    config of the model's class: 7.5-13 ms of a short video's time to first token with Qwen2.5-VL on
+    the H200 machine (BENCHMARKS.md, twenty-second session, run 10)."""
+    if "generation_config" in options:
+        return options
+    config = copy.deepcopy(model.generation_config)
+    rest = config.update(**options)  # (returns what is not a generation option)
+    return {"generation_config": config, **rest}
 
 
 def generate_whole(model, inputs: dict, length: int, **generate_kwargs):
@@ -178,7 +194,8 @@ def generate_whole(model, inputs: dict, length: int, **generate_kwargs):
     cache = new_cache(model)
     try:
         with without_patch_states(model):
-            out = model.generate(**inputs, **{cache_argument(model): cache}, **generate_kwargs)
+            out = model.generate(**inputs, **{cache_argument(model): cache},
+                                 **generation_options(model, generate_kwargs))
     finally:
         crop(cache, length)
     return out, cache

@@ -110,6 +110,31 @@ def test_a_dense_prompt_prefills_in_one_call(attention, tiny_models, sample_vide
         assert torch.equal(mask, state2.recorder.masks[layer])
 
 
+def test_generate_gets_a_generation_config(tiny_models, sample_video, monkeypatch):
+    """The pipeline's `generate` calls get their generation options on a copy of the model's
+    generation config (`prefix.generation_options`), so generate skips its check of the model's
+    config for generation options (a default config built per call in transformers 5.17); the
+    model's own generation config is left as it was."""
+    model, processor = load(tiny_models["qwen2.5-vl"], device="cpu")
+    before = model.generation_config.to_dict()
+    stop = object()
+    options = prefixes.generation_options(model, {"max_new_tokens": 3, "do_sample": False, "stopping_criteria": stop})
+    assert options["generation_config"].max_new_tokens == 3 and options["stopping_criteria"] is stop
+    assert options["generation_config"] is not model.generation_config and set(options) == {
+        "generation_config", "stopping_criteria"}
+    assert prefixes.generation_options(model, options) is options
+
+    def no_check(self):
+        raise AssertionError("generate checked the model's config for generation options")
+
+    monkeypatch.setattr(type(model.config), "_get_generation_parameters", no_check)
+    qa = VideoQA(model, processor, warmup=False)
+    for attention in ("dense", "sparse"):
+        answer = qa.ask(sample_video, "What happens in this video?", attention, SMALL, max_new_tokens=3)
+        assert answer.new_tokens >= 1
+    assert model.generation_config.to_dict() == before
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_prefix_frees_the_patch_states_before_the_language_model(family, tiny_models, sample_video):
     """transformers' forward may keep the vision tower's patch states from before the merger alive

@@ -54,8 +54,9 @@ def test_two_calls_give_the_one_call_tokens_and_logits(family, tiny_models, samp
     assert state.cache.get_seq_length() == prepared.prefix_len  # the question's positions were dropped
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
-def test_a_dense_prompt_prefills_in_one_call(attention, tiny_models, sample_video, monkeypatch):
+def test_a_dense_prompt_prefills_in_one_call(attention, family, tiny_models, sample_video, monkeypatch):
     """Where every layer attends densely over the whole prompt (the dense mode; the sparse mode under
     min_seq_len), a request that computes its prefix runs the language model once, and its answer,
     sparsity record, kept KV cache and kept record are those of the two calls; so is a later
@@ -63,7 +64,7 @@ def test_a_dense_prompt_prefills_in_one_call(attention, tiny_models, sample_vide
     from videoprefill import pipeline
 
     below = dataclasses.replace(SPARSE, min_seq_len=10**6)
-    model, processor = load(tiny_models["qwen2.5-vl"], config=below, device="cpu")
+    model, processor = load(tiny_models[family], config=below, device="cpu")
     calls = []
     hook = model.model.language_model.register_forward_pre_hook(lambda module, args: calls.append(1))
     results = {}

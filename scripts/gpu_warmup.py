@@ -49,7 +49,7 @@ def child(args) -> None:
             key, settings = qa._settings(mode, config, None, fixed)
             qa._use(mode)
             with torch.inference_mode(), request_settings(settings):
-                qa._generate(prepared, key, None, max_new_tokens=1)
+                qa._generate(prepared, key, None, max_new_tokens=1, one_call=False)
             torch.cuda.synchronize()
             warm_s = time.perf_counter() - t0
             warmed.add(mode)

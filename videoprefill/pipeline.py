@@ -457,9 +457,9 @@ class VideoQA:
         if state is None and (self._one_call(prepared, key) if one_call is None else one_call):
             out, cache = prefixes.generate_whole(self.model, prepared.inputs, prepared.prefix_len,
                                                  max_new_tokens=max_new_tokens, **options)
-            recorder = current_settings().recorder
-            prefix_record = (recorder.causal_prefix(prepared.prefix_len, current_settings().dense_layers)
-                             if recorder is not None else SparsityRecorder())
+            settings = current_settings()
+            prefix_record = (settings.recorder.causal_prefix(prepared.prefix_len, settings.dense_layers)
+                             if settings.recorder is not None else SparsityRecorder())
             return out, prefixes.PrefixState(settings=key, cache=cache, recorder=prefix_record)
         positions = prefixes.prompt_positions(self.model, prepared.inputs)
         if state is None:

@@ -228,6 +228,9 @@ def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> Sam
     max_pixels = max(min(vp.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * vp.FRAME_FACTOR),
                      int(min_pixels * 1.05))
     max_pixels = min(entry.get("max_pixels", max_pixels), max_pixels)
+    if max_pixels < factor * factor:  # (smart_resize would give a frame of no pixels)
+        raise ValueError(f"max_pixels must be at least {factor * factor} (one {factor} x {factor} patch of this "
+                         f"model), got {entry.get('max_pixels')}")
     if "resized_height" in entry and "resized_width" in entry:
         size = smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
     else:

@@ -115,6 +115,8 @@ def test_empty_question_exits_2(sample_video):
 def test_bad_settings_exit_2(sample_video):
     proc = run(sample_video, "--block-size", "48", *SMALL)
     assert proc.returncode == 2 and "block_size" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(sample_video, *SMALL, "--max-pixels", "100")
+    assert proc.returncode == 2 and "max_pixels must be at least 784" in one_error_line(proc)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -130,6 +130,16 @@ def test_read_frames_rejects_no_threads(sample_video):
         read_frames({"type": "video", "video": str(sample_video), "nframes": 4}, 14, threads=0)
 
 
+def test_read_frames_rejects_frames_smaller_than_one_patch(sample_video):
+    """A per-frame pixel cap under one merged patch (28 x 28 for patch 14) would resize the frames to
+    no pixels at all: a clear error instead; one patch is still taken."""
+    entry = {"type": "video", "video": str(sample_video), "nframes": 4}
+    message = r"max_pixels must be at least 784 \(one 28 x 28 patch of this model\), got 783"
+    with pytest.raises(ValueError, match=message):
+        read_frames({**entry, "max_pixels": 783, "min_pixels": 783}, 14)
+    assert read_frames({**entry, "max_pixels": 784, "min_pixels": 784}, 14).size == (28, 28)
+
+
 def test_read_frames_reports_a_bad_file(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all" * 100)

@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
     try:
-        from .video import Sampling
+        from .video import Sampling, check_frame_pixels
 
         sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels)
         items = load_items(args.input, args.video_dir)
@@ -548,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 device=device, dtype=args.dtype)
+        check_frame_pixels(sampling.max_pixels, processor.video_processor.patch_size)  # not once per item
     except (ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

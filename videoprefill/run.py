@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     from models import ModelLoadError
     from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
-    from videoprefill.video import Sampling, VideoError, probe
+    from videoprefill.video import Sampling, VideoError, check_frame_pixels, probe
 
     question = DEFAULT_QUESTION if args.question is None else args.question
     try:
@@ -114,6 +114,7 @@ def _main(args) -> int:
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
+        check_frame_pixels(sampling.max_pixels, processor.video_processor.patch_size)  # (before the warm-up)
         qa = VideoQA(model, processor, warmup=not args.no_warmup)
         config = config_from_args(args, qa.config)
         if args.attention == "compare":

@@ -199,6 +199,17 @@ def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
     return frames.permute(0, 3, 1, 2), metadata, nframes / max(total_frames, 1e-6) * video_fps
 
 
+def check_frame_pixels(max_pixels: int, patch_size: int) -> None:
+    """Refuse a per-frame pixel cap under one merged patch of the model (patch size x qwen-vl-utils'
+    spatial merge, squared: 784 pixels for patch 14), which would resize the frames to no pixels."""
+    from qwen_vl_utils import vision_process as vp
+
+    factor = patch_size * vp.SPATIAL_MERGE_SIZE
+    if max_pixels < factor * factor:
+        raise ValueError(f"max_pixels must be at least {factor * factor} (one {factor} x {factor} patch of this "
+                         f"model), got {max_pixels}")
+
+
 def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> SampledFrames:
     """Sample a video as qwen-vl-utils does (its decord reader: which frames, their metadata and
     sampling rate) and work out the size it resizes them to, without resizing them.
@@ -228,9 +239,7 @@ def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> Sam
     max_pixels = max(min(vp.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * vp.FRAME_FACTOR),
                      int(min_pixels * 1.05))
     max_pixels = min(entry.get("max_pixels", max_pixels), max_pixels)
-    if max_pixels < factor * factor:  # (smart_resize would give a frame of no pixels)
-        raise ValueError(f"max_pixels must be at least {factor * factor} (one {factor} x {factor} patch of this "
-                         f"model), got {entry.get('max_pixels')}")
+    check_frame_pixels(max_pixels, patch_size)
     if "resized_height" in entry and "resized_width" in entry:
         size = smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
     else:

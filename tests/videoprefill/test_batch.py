@@ -162,6 +162,17 @@ def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):
     assert "| items |" in (tmp_path / "res" / "out.summary.md").read_text()
 
 
+def test_a_pixel_cap_under_one_patch_stops_the_run_before_any_item(tmp_path, videos):
+    """A --max-pixels under the model's smallest frame would fail every item alike: one error line
+    and exit 2 before any item runs, not an error row per item."""
+    src = write_jsonl(tmp_path / "in.jsonl", items_for(2, ["v1.mp4"]))
+    out = tmp_path / "res" / "out.jsonl"
+    proc = run_batch(str(src), "--video-dir", str(videos), "--out", str(out), *FAST, "--max-pixels", "700")
+    assert proc.returncode == 2, proc.stderr
+    assert "error: max_pixels must be at least 784 (one 28 x 28 patch of this model), got 700" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_sigterm_keeps_results_and_rerun_completes(tmp_path, videos):
     src = write_jsonl(tmp_path / "in.jsonl", items_for(40, ["v1.mp4", "v2.mkv"]))
     out = tmp_path / "out.jsonl"

@@ -42,6 +42,14 @@ def flash_attention_available(device: torch.device) -> bool:
             and torch.backends.cuda.is_flash_attention_available() and capability(device.index) >= (8, 0))
 
 
+def flash_attention_takes(q: torch.Tensor) -> bool:
+    """Whether PyTorch's flash-attention kernel runs on queries like `q` (head dim last): CUDA, a
+    16-bit float type, head dim a multiple of 8 up to 256, the kernel available on the device."""
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+            and flash_attention_available(q.device))
+
+
 def check_device(name: str, device: torch.device) -> None:
     """Raise ValueError unless a Triton kernel can run on tensors on `device`."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):

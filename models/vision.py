@@ -56,7 +56,7 @@ from triton.runtime.errors import OutOfResources
 
 from kernels.rope import launch as launch_rope
 from kernels.rope import supported as rope_supported
-from kernels.runtime import flash_attention_available
+from kernels.runtime import flash_attention_takes
 from kernels.window_attention import MAX_CHUNK, window_attention
 from kernels.window_attention import supported as windows_supported
 
@@ -153,10 +153,7 @@ def _layout(cu_seqlens: torch.Tensor, s: int) -> _Layout:
 
 def _takes_varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `_varlen_flash` runs on these (S, H, D) inputs."""
-    d = q.shape[-1]
-    return (VARLEN_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and k.dtype == v.dtype == q.dtype and k.shape == v.shape == q.shape and d % 8 == 0 and d <= 256
-            and flash_attention_available(q.device))
+    return VARLEN_FLASH and k.dtype == v.dtype == q.dtype and k.shape == v.shape == q.shape and flash_attention_takes(q)
 
 
 def _varlen_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..runtime import capability, flash_attention_available
+from ..runtime import capability, flash_attention_takes
 from ..runtime import interpreting as _interpreting
 from .config import BlockSparsePattern, FlashPrefillConfig
 
@@ -231,8 +231,7 @@ DENSE_FLASH_BELOW = 0
 def _flash_call_fits(q, k, v) -> bool:
     """Whether `dense_flash` takes the call: CUDA tensors of a 16-bit float type with a unit last
     stride, head dim a multiple of 8 up to 256, PyTorch's flash-attention kernel on the device."""
-    return (q.is_cuda and q.dtype in _TRITON_DTYPES and q.stride(3) == k.stride(3) == v.stride(3) == 1
-            and q.shape[3] % 8 == 0 and q.shape[3] <= 256 and flash_attention_available(q.device))
+    return q.stride(3) == k.stride(3) == v.stride(3) == 1 and flash_attention_takes(q)
 
 
 def _dense_on_flash_kernel(q, k, v) -> bool:

@@ -412,3 +412,27 @@ def test_model_kernels_from_prepared_launches_equal_launches_built_in_full(monke
     for made, built in zip(prepared, full):
         for a, b in zip(made, built):
             assert torch.equal(a, b)
+
+
+def test_flash_attention_takes_no_cpu_tensors():
+    assert not runtime.flash_attention_takes(torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.is_available() and not runtime.flash_attention_available(torch.device("cuda", 0)),
+                    reason="PyTorch's flash-attention kernel is not available on this GPU")
+def test_flash_attention_takes_what_the_flash_kernel_runs():
+    """16-bit floats with a head dim a multiple of 8 up to 256 go to PyTorch's flash-attention
+    kernel (and it runs them); fp32, head dims off the multiple of 8 or past 256 do not."""
+    def q(d: int, dtype=torch.bfloat16) -> torch.Tensor:
+        return torch.randn(1, 64, 2, d, dtype=dtype, device="cuda")
+
+    for d in (64, 80, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = q(d, dtype)
+            assert runtime.flash_attention_takes(x)
+            out = torch.ops.aten._flash_attention_forward(x, x, x, None, None, 64, 64, 0.0, True, False)[0]
+            assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not runtime.flash_attention_takes(q(128, torch.float32))
+    assert not runtime.flash_attention_takes(q(100))
+    assert not runtime.flash_attention_takes(q(264))

@@ -239,10 +239,10 @@ def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> Sam
     max_pixels = max(min(vp.VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * vp.FRAME_FACTOR),
                      int(min_pixels * 1.05))
     max_pixels = min(entry.get("max_pixels", max_pixels), max_pixels)
-    check_frame_pixels(max_pixels, patch_size)
     if "resized_height" in entry and "resized_width" in entry:
         size = smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
     else:
+        check_frame_pixels(max_pixels, patch_size)
         size = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return SampledFrames(raw, tuple(size), metadata, float(sample_fps))
 

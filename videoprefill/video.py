@@ -162,7 +162,8 @@ def read_threads() -> int:
 
 def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
     """qwen-vl-utils' decord reader (0.0.14: the same frame range, frame count, indices, metadata
-    and sampling rate, through its own functions), with the sampled frames read in contiguous runs
+    and sampling rate, through its own functions; a one-frame video, which it refuses, is read as
+    two copies of that frame), with the sampled frames read in contiguous runs
     on up to `threads` threads, each with its own decord reader, straight into one uint8 tensor.
     decord decodes every frame up to the sampled ones, on one core per reader, and releases the
     GIL while it does; the frames are the same bit for bit (tests compare them with qwen-vl-utils'
@@ -179,7 +180,9 @@ def _read_decord(entry: dict, threads: int) -> tuple[torch.Tensor, dict, float]:
     reader = decord.VideoReader(path, num_threads=1 if threads > 1 else 0)
     total_frames, video_fps = len(reader), reader.get_avg_fps()
     start_frame, end_frame, total_frames = vp.calculate_video_frame_range(entry, total_frames, video_fps)
-    nframes = vp.smart_nframes(entry, total_frames=total_frames, video_fps=video_fps)
+    # A video of one frame (a still saved as a video), which qwen-vl-utils refuses, gives that frame
+    # twice: the model takes frames in temporal pairs, as its processor pads a lone frame.
+    nframes = vp.smart_nframes(entry, total_frames=max(total_frames, vp.FRAME_FACTOR), video_fps=video_fps)
     idx = torch.linspace(start_frame, end_frame, nframes).round().long().tolist()
     parts = max(1, min(threads, len(idx), (idx[-1] - idx[0] + 1) // MIN_DECODED_FRAMES_PER_THREAD))
     if parts == 1:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from videoprefill.video import Sampling, VideoError, probe, read_frames, sample_video_path
+from videoprefill.video import Sampling, VideoError, probe, read_frames, sample_video_path, write_test_video
 
 
 def test_probe_reads_the_sample():
@@ -138,6 +138,21 @@ def test_read_frames_rejects_frames_smaller_than_one_patch(sample_video):
     with pytest.raises(ValueError, match=message):
         read_frames({**entry, "max_pixels": 783, "min_pixels": 783}, 14)
     assert read_frames({**entry, "max_pixels": 784, "min_pixels": 784}, 14).size == (28, 28)
+
+
+def test_a_one_frame_video_is_read_as_two_copies_of_its_frame(tmp_path):
+    """qwen-vl-utils refuses a video of one frame (its frame count must be even and at most the
+    video's); read_frames gives the frame twice, whatever the sampling asks."""
+    import decord
+
+    one = write_test_video(tmp_path / "one.mp4", seconds=0.125, fps=8)
+    frame = torch.from_numpy(decord.VideoReader(str(one))[0].asnumpy()).permute(2, 0, 1)
+    for sampling in (Sampling(fps=2.0), Sampling(fps=30.0, max_frames=64), Sampling(fps=None, num_frames=2)):
+        sampled = read_frames(sampling.video_entry(str(one)), 14)
+        assert sampled.raw.shape[0] == 2 and torch.equal(sampled.raw[0], frame) and torch.equal(sampled.raw[1], frame)
+        assert sampled.metadata["frames_indices"] == [0, 0] and sampled.metadata["total_num_frames"] == 1
+    with pytest.raises(VideoError, match="cannot sample frames"):  # more frames than it has, asked for
+        read_frames(Sampling(fps=None, num_frames=4).video_entry(str(one)), 14)
 
 
 def test_read_frames_reports_a_bad_file(tmp_path):

@@ -142,7 +142,8 @@ def test_read_frames_rejects_frames_smaller_than_one_patch(sample_video):
 
 def test_a_one_frame_video_is_read_as_two_copies_of_its_frame(tmp_path):
     """qwen-vl-utils refuses a video of one frame (its frame count must be even and at most the
-    video's); read_frames gives the frame twice, whatever the sampling asks."""
+    video's); read_frames gives the frame twice at any sampling rate or for a count of 2 (a count of
+    4 is still refused)."""
     import decord
 
     one = write_test_video(tmp_path / "one.mp4", seconds=0.125, fps=8)

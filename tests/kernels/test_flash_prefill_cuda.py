@@ -188,6 +188,43 @@ def test_hopper_kernel_matches_reference(stages, warp_specialized, dynamic, q_le
 
 
 @requires_hopper
+@pytest.mark.parametrize("q_len", [4000, 2848], ids=["Tq=Tk", "prefix-1152"])
+def test_hopper_kernel_with_and_without_the_diagonal_block(q_len):
+    """Rows whose last kept block is their own (the first warpgroup's rows attend only its first
+    half of keys) and rows that leave it out, keeping one block or several, against the reference."""
+    from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
+    from kernels.flash_prefill.config import BlockSparsePattern
+
+    tk, hq, bs = 4000, 28, 128
+    q, k, v = structured_qkv(1, q_len, tk, hq, 4, 128, bs, dtype=torch.bfloat16, device="cuda")
+    nkb = -(-tk // bs)
+    first = (tk - q_len) // bs
+    g = torch.Generator(device="cuda").manual_seed(3)
+    query_block = first + torch.arange(nkb - first, device="cuda")[:, None]
+    key_block = torch.arange(nkb, device="cuda")[None, :]
+    keep = (torch.rand(1, hq, nkb - first, nkb, generator=g, device="cuda") < 0.1) & (key_block < query_block)
+    kind = torch.arange(hq * (nkb - first), device="cuda").view(1, hq, -1) % 4
+    diagonal = key_block == query_block
+    keep = torch.where((kind == 0)[..., None], keep | diagonal, keep)  # several blocks, the diagonal last
+    keep = torch.where((kind == 1)[..., None], diagonal.expand_as(keep), keep)  # the diagonal alone
+    lone = torch.zeros_like(keep)
+    lone[..., 0] = True
+    keep = torch.where((kind == 2)[..., None], lone, keep)  # block 0 alone (the diagonal in row 0)
+    keep = torch.where((kind == 3)[..., None] & ~keep.any(-1, keepdim=True), lone, keep)  # without the diagonal
+    pattern = BlockSparsePattern.from_dense(keep, bs, q_len, tk)
+    without = (pattern.kv_indices.gather(-1, (pattern.kv_num_blocks - 1).long()[..., None])[..., 0]
+               != query_block[:, 0])
+    assert without.any() and (~without).any() and (pattern.kv_num_blocks == 1).any()
+    scale = 128**-0.5
+    exact = reference.sparse_attention(q.float(), k.float(), v.float(), pattern, scale, torch.float32)
+    low = reference.sparse_attention(q, k, v, pattern, scale, compute_dtype=None)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
+    hopper_kernels.sparse_attention_sm90(q, k, v, pattern.kv_num_blocks, pattern.kv_indices, scale, out=out)
+    assert not torch.isnan(out).any(), "some output rows were never written"
+    assert max_abs_error(out, exact) <= 2 * max_abs_error(low, exact) + 1e-3
+
+
+@requires_hopper
 def test_hopper_kernel_declines_what_it_cannot_run():
     """Calls outside the Gluon kernel's cases are reported unsupported (api then runs the Triton kernel)."""
     from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels

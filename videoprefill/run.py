@@ -21,22 +21,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", help="path to a video file")
     p.add_argument("-q", "--question", default=None, help='question (default: "Describe this video.")')
     p.add_argument("--model", default="demo", help="demo, a hub id or a local checkpoint folder")
-    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse")
+    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
+                   help="FlashPrefill (default), dense attention, or both on the same decoded inputs")
     p.add_argument("--alpha", type=float, help="keep blocks scoring >= alpha x row max (default: model preset)")
-    p.add_argument("--block-size", type=int, help="sparsity block size (power of two)")
-    p.add_argument("--min-seq-len", type=int, help="run dense attention below this many tokens")
+    p.add_argument("--block-size", type=int,
+                   help="sparsity block size, a power of two (default: model preset, 128 for checkpoints)")
+    p.add_argument("--min-seq-len", type=int,
+                   help="run dense attention below this many tokens (default: model preset, 10240 for checkpoints)")
     p.add_argument("--pattern-per-kv-head", action="store_true",
                    help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
     p.add_argument("--mean-correction", action="store_true",
                    help="pruned blocks enter the softmax as their mean key and value (FlashPrefill V2)")
-    p.add_argument("--dense-layers", type=int, default=0, help="keep the first N language-model layers dense")
-    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
-    p.add_argument("--max-frames", type=int, default=64, help="at most this many frames")
-    p.add_argument("--max-pixels", type=int, default=256 * 28 * 28, help="pixels per frame after resizing")
-    p.add_argument("--total-pixels", type=int, help="pixels over all frames")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dense-layers", type=int, default=0,
+                   help="keep the first N language-model layers dense (default: 0)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
+    p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
+    p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,
+                   help="pixels per frame after resizing (default: 200704 = 256 x 28 x 28)")
+    p.add_argument("--total-pixels", type=int,
+                   help="pixels over all frames (default: qwen-vl-utils' cap, 0.9 x 128000 tokens' worth)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
     p.add_argument("--no-warmup", action="store_true",
                    help="no untimed warm-up: by default a short request on the bundled sample runs first in each "
                         "attention mode, so compilation and first-call costs stay out of the timings")

@@ -330,13 +330,16 @@ def print_table(rows: list[dict], args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 262144])
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 1.0])
-    parser.add_argument("--q-heads", type=int, default=28)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 262144],
+                        help="sequence lengths in tokens (default: 4096 16384 65536 131072 262144)")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 1.0],
+                        help="kept fractions of the random block masks (default: 0.05 0.10 0.25 1.0)")
+    parser.add_argument("--q-heads", type=int, default=28, help="query heads (default: 28)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="key / value heads (default: 4)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim (default: 128)")
+    parser.add_argument("--block-size", type=int, default=128, help="sparsity block size (default: 128)")
+    parser.add_argument("--alpha", type=float, default=0.1,
+                        help="FlashPrefill's alpha for the selected patterns (default: 0.1)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     parser.add_argument("--json", help="write all rows to this JSON file")
     parser.add_argument("--sweep-tiles", action="store_true", help="only time the attention kernel per tile choice")

@@ -76,11 +76,14 @@ def heatmap(cells: dict, lengths: list[int], depths: list[float], title: str, pa
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m videoprefill.bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo")
-    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256], help="frames (8 tokens per 2)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--per-cell", type=int, default=4, help="videos per (length, depth)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
+    p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
+    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256],
+                   help="frames (8 tokens per 2; default: 16 64 128 256)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="where the flash sits, as a fraction of the video (default: 0 0.25 0.5 0.75 1)")
+    p.add_argument("--per-cell", type=int, default=4, help="videos per (length, depth) (default: 4)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4],
+                   help="FlashPrefill alphas to sweep (default: 0.05 0.1 0.2 0.4)")
     p.add_argument("--block-size", type=int, help="sparsity block (default: the model's preset)")
     p.add_argument("--multiple-choice", action="store_true",
                    help="ask for an option letter instead of the colour word")
@@ -91,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one-call", action="store_true",
                    help="prefill each prompt in one generate call, not as the pipeline does (the video prefix, "
                         "then the question over its cache)")
-    p.add_argument("--device")
-    p.add_argument("--json", default="accuracy.json")
-    p.add_argument("--heatmap", default="accuracy.png")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--json", default="accuracy.json", help="results file (default: accuracy.json)")
+    p.add_argument("--heatmap", default="accuracy.png",
+                   help="length x depth accuracy heatmap (default: accuracy.png)")
     args = p.parse_args(argv)
 
     from models import load

@@ -147,8 +147,10 @@ def _row(prepared, label: str, answer) -> dict:
 def prefill_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m videoprefill.bench prefill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 65536])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 65536],
+                        help="video tokens per request (default: 16384 65536)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed requests per row, the fastest reported (default: 2)")
     parser.add_argument("--fixed-density", type=float, nargs="*", default=[],
                         help="benchmark only: also time sparse prefill with random blocks at these densities")
     parser.add_argument("--stock-vision", action="store_true",

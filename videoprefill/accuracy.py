@@ -73,7 +73,7 @@ def heatmap(cells: dict, lengths: list[int], depths: list[float], title: str, pa
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m videoprefill.bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, help="sparsity block (default: the model's preset)")
     p.add_argument("--multiple-choice", action="store_true",
                    help="ask for an option letter instead of the colour word")
-    p.add_argument("--per-kv-head", action="store_true",
+    p.add_argument("--pattern-per-kv-head", "--per-kv-head", dest="per_kv_head", action="store_true",
                    help="also run each alpha with one pattern per KV head (pattern_per_kv_head=True)")
     p.add_argument("--mean-correction", action="store_true",
                    help="also run each alpha with the pruned blocks' mean correction (mean_correction=True)")
@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="accuracy.json", help="results file (default: accuracy.json)")
     p.add_argument("--heatmap", default="accuracy.png",
                    help="length x depth accuracy heatmap (default: accuracy.png)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from models import load
     from videoprefill import quiet_libraries

@@ -25,3 +25,13 @@ def test_prefill_bench_needs_a_gpu(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["prefill"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--pattern-per-kv-head", "--per-kv-head"])
+def test_accuracy_bench_takes_the_per_kv_head_flag_as_the_other_commands_spell_it(flag):
+    """The accuracy benchmark's per-KV-head variant answers to `--pattern-per-kv-head`, as in
+    `videoprefill.run` and batch QA (and to its earlier spelling)."""
+    from videoprefill.accuracy import build_parser
+
+    assert build_parser().parse_args([flag]).per_kv_head
+    assert not build_parser().parse_args([]).per_kv_head

@@ -31,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run import config_from_args
+from .run import add_flashprefill_arguments, config_from_args
 from .video import VIDEO_SUFFIXES
 
 LETTERS = "ABCDEFGHIJ"
@@ -478,15 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
     p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
                    help="FlashPrefill (default), dense attention, or both on each item")
-    p.add_argument("--alpha", type=float, help="keep blocks scoring >= alpha x row max (default: model preset)")
-    p.add_argument("--block-size", type=int,
-                   help="sparsity block size, a power of two (default: model preset, 128 for checkpoints)")
-    p.add_argument("--min-seq-len", type=int,
-                   help="run dense attention below this many tokens (default: model preset, 10240 for checkpoints)")
-    p.add_argument("--pattern-per-kv-head", action="store_true",
-                   help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
-    p.add_argument("--mean-correction", action="store_true",
-                   help="pruned blocks enter the softmax as their mean key and value (FlashPrefill V2)")
+    add_flashprefill_arguments(p)
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default: 1)")
     p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
     p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,

@@ -16,13 +16,8 @@ DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefil
 UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m videoprefill.run", description=DESCRIPTION)
-    p.add_argument("video", help="path to a video file")
-    p.add_argument("-q", "--question", default=None, help='question (default: "Describe this video.")')
-    p.add_argument("--model", default="demo", help="demo, a hub id or a local checkpoint folder")
-    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
-                   help="FlashPrefill (default), dense attention, or both on the same decoded inputs")
+def add_flashprefill_arguments(p: argparse.ArgumentParser) -> None:
+    """The FlashPrefill options of this command and batch QA, which `config_from_args` reads."""
     p.add_argument("--alpha", type=float, help="keep blocks scoring >= alpha x row max (default: model preset)")
     p.add_argument("--block-size", type=int,
                    help="sparsity block size, a power of two (default: model preset, 128 for checkpoints)")
@@ -32,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
     p.add_argument("--mean-correction", action="store_true",
                    help="pruned blocks enter the softmax as their mean key and value (FlashPrefill V2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m videoprefill.run", description=DESCRIPTION)
+    p.add_argument("video", help="path to a video file")
+    p.add_argument("-q", "--question", default=None, help='question (default: "Describe this video.")')
+    p.add_argument("--model", default="demo", help="demo, a hub id or a local checkpoint folder")
+    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
+                   help="FlashPrefill (default), dense attention, or both on the same decoded inputs")
+    add_flashprefill_arguments(p)
     p.add_argument("--dense-layers", type=int, default=0,
                    help="keep the first N language-model layers dense (default: 0)")
     p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
@@ -58,8 +63,8 @@ class UsageError(ValueError):
 
 
 def config_from_args(args, base):
-    """`base` (a FlashPrefillConfig) with the FlashPrefill options given on a command line (this
-    one's or batch QA's; an option a parser lacks is left as it is). ValueError on bad values."""
+    """`base` (a FlashPrefillConfig) with the FlashPrefill options (`add_flashprefill_arguments`)
+    given on a command line, this one's or batch QA's. ValueError on bad values."""
     numbers = {name: getattr(args, name, None) for name in ("alpha", "block_size", "min_seq_len")}
     changes = {name: value for name, value in numbers.items() if value is not None}
     changes.update({name: True for name in ("pattern_per_kv_head", "mean_correction") if getattr(args, name, False)})

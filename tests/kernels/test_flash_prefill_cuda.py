@@ -190,8 +190,8 @@ def test_hopper_kernel_matches_reference(stages, warp_specialized, dynamic, q_le
 @requires_hopper
 @pytest.mark.parametrize("q_len", [4000, 2848], ids=["Tq=Tk", "prefix-1152"])
 def test_hopper_kernel_with_and_without_the_diagonal_block(q_len):
-    """Rows whose last kept block is their own (the first warpgroup's rows attend only its first
-    half of keys) and rows that leave it out, keeping one block or several, against the reference."""
+    """Rows whose last kept block is their own (the one the kernel masks) and rows that leave it
+    out (nothing to mask), keeping one block or several, against the reference."""
     from kernels.flash_prefill import sparse_attention_sm90 as hopper_kernels
     from kernels.flash_prefill.config import BlockSparsePattern
 

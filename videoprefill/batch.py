@@ -281,11 +281,11 @@ def _run_one(qa, decoded, item: Item, first: bool, args, config) -> dict:
 
 
 def _base_row(item: Item, args, config) -> dict:
-    """What the item is and what it is asked with: the attention mode and the FlashPrefill
-    config (so that rows of resumed runs with other settings stay told apart)."""
+    """What the item is and what it is asked with: the attention mode, the FlashPrefill config and
+    the dense layers (so that rows of resumed runs with other settings stay told apart)."""
     return {"id": item.id, "video": item.video, "question": item.question, "options": item.options,
             "answer": item.answer, "category": item.category, "duration": item.duration,
-            "attention": args.attention, "config": dataclasses.asdict(config)}
+            "attention": args.attention, "config": dataclasses.asdict(config), "dense_layers": args.dense_layers}
 
 
 def run_items(qa, items: list[Item], out_path: Path, args, config, sampling, rank: int = 0) -> tuple[int, int, bool]:
@@ -479,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
                    help="FlashPrefill (default), dense attention, or both on each item")
     add_flashprefill_arguments(p)
+    p.add_argument("--dense-layers", type=int, default=0,
+                   help="keep the first N language-model layers dense (default: 0)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default: 1)")
     p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
     p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     part = out_path if world == 1 else out_path.with_name(f"{out_path.stem}.rank{rank}-of-{world}{out_path.suffix}")
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
-                                device=device, dtype=args.dtype)
+                                dense_layers=args.dense_layers, device=device, dtype=args.dtype)
         check_frame_pixels(sampling.max_pixels, processor.video_processor.patch_size)  # not once per item
     except (ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -141,7 +141,8 @@ def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):
     assert first.returncode == 1, first.stderr  # one of the first three failed
     assert [r["id"] for r in read_lines(out)] == ["q0", "q1", "q2"]  # input order once complete
     second = run_batch(str(src), "--video-dir", str(videos), "--out", str(out), "--attention", "compare",
-                       "--mean-correction", "--pattern-per-kv-head", "--alpha", "0.3", "--min-seq-len", "64", *FAST)
+                       "--mean-correction", "--pattern-per-kv-head", "--alpha", "0.3", "--min-seq-len", "64",
+                       "--dense-layers", "1", *FAST)
     assert second.returncode == 1
     lines = read_lines(out)
     assert sorted(r["id"] for r in lines) == [f"q{i}" for i in range(6)]  # none lost, none twice
@@ -155,6 +156,7 @@ def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):
     assert second_config["mean_correction"] and second_config["pattern_per_kv_head"]
     assert second_config["alpha"] == 0.3 and first_config["alpha"] != 0.3
     assert second_config["min_seq_len"] == 64 and first_config["min_seq_len"] != 64
+    assert (by_id["q0"]["dense_layers"], by_id["q5"]["dense_layers"]) == (0, 1)
     assert by_id["q4"]["config"] == second_config  # error rows too
     ok = by_id["q3"]
     assert ok["prediction"] and ok["ttft_s"] > 0 and ok["tokens"]["video"] > 0 and isinstance(ok["correct"], bool)

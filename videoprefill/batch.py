@@ -31,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run import add_flashprefill_arguments, config_from_args
+from .run import add_request_arguments, config_from_args
 from .video import VIDEO_SUFFIXES
 
 LETTERS = "ABCDEFGHIJ"
@@ -475,22 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help=".jsonl (ours), .parquet (Video-MME) or .json (LongVideoBench)")
     p.add_argument("--video-dir", required=True, help="folder the videos are found in")
     p.add_argument("--out", required=True, help="results file (JSONL); the summary goes beside it")
-    p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
-    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
-                   help="FlashPrefill (default), dense attention, or both on each item")
-    add_flashprefill_arguments(p)
-    p.add_argument("--dense-layers", type=int, default=0,
-                   help="keep the first N language-model layers dense (default: 0)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default: 1)")
-    p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
-    p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,
-                   help="pixels per frame after resizing (default: 200704 = 256 x 28 x 28)")
+    add_request_arguments(p, "FlashPrefill (default), dense attention, or both on each item", fps=1.0)
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate at most (default: 8)")
     p.add_argument("--limit", type=int, help="only the first N items")
     p.add_argument("--prefetch", type=int, default=2, help="videos decoded ahead of the GPU (default: 2)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
     p.add_argument("--retry-errors", action="store_true", help="redo items whose earlier result was an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -16,8 +16,11 @@ DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefil
 UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
 
 
-def add_flashprefill_arguments(p: argparse.ArgumentParser) -> None:
-    """The FlashPrefill options of this command and batch QA, which `config_from_args` reads."""
+def add_request_arguments(p: argparse.ArgumentParser, attention_help: str, fps: float) -> None:
+    """The options this command and batch QA share: the model, the attention and its FlashPrefill
+    settings (which `config_from_args` reads), how frames are sampled, device and dtype."""
+    p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
+    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse", help=attention_help)
     p.add_argument("--alpha", type=float, help="keep blocks scoring >= alpha x row max (default: model preset)")
     p.add_argument("--block-size", type=int,
                    help="sparsity block size, a power of two (default: model preset, 128 for checkpoints)")
@@ -27,28 +30,25 @@ def add_flashprefill_arguments(p: argparse.ArgumentParser) -> None:
                    help="one block pattern per KV head, shared by its query heads (FlashPrefill V2)")
     p.add_argument("--mean-correction", action="store_true",
                    help="pruned blocks enter the softmax as their mean key and value (FlashPrefill V2)")
+    p.add_argument("--dense-layers", type=int, default=0,
+                   help="keep the first N language-model layers dense (default: 0)")
+    p.add_argument("--fps", type=float, default=fps, help=f"frames sampled per second of video (default: {fps:g})")
+    p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
+    p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,
+                   help="pixels per frame after resizing (default: 200704 = 256 x 28 x 28)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m videoprefill.run", description=DESCRIPTION)
     p.add_argument("video", help="path to a video file")
     p.add_argument("-q", "--question", default=None, help='question (default: "Describe this video.")')
-    p.add_argument("--model", default="demo", help="demo, a hub id or a local checkpoint folder")
-    p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse",
-                   help="FlashPrefill (default), dense attention, or both on the same decoded inputs")
-    add_flashprefill_arguments(p)
-    p.add_argument("--dense-layers", type=int, default=0,
-                   help="keep the first N language-model layers dense (default: 0)")
-    p.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video (default: 2)")
-    p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
-    p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,
-                   help="pixels per frame after resizing (default: 200704 = 256 x 28 x 28)")
+    add_request_arguments(p, "FlashPrefill (default), dense attention, or both on the same decoded inputs", fps=2.0)
     p.add_argument("--total-pixels", type=int,
                    help="pixels over all frames (default: qwen-vl-utils' cap, 0.9 x 128000 tokens' worth)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
     p.add_argument("--no-warmup", action="store_true",
                    help="no untimed warm-up: by default a short request on the bundled sample runs first in each "
                         "attention mode, so compilation and first-call costs stay out of the timings")
@@ -63,8 +63,8 @@ class UsageError(ValueError):
 
 
 def config_from_args(args, base):
-    """`base` (a FlashPrefillConfig) with the FlashPrefill options (`add_flashprefill_arguments`)
-    given on a command line, this one's or batch QA's. ValueError on bad values."""
+    """`base` (a FlashPrefillConfig) with the FlashPrefill options (`add_request_arguments`) given
+    on a command line, this one's or batch QA's. ValueError on bad values."""
     numbers = {name: getattr(args, name, None) for name in ("alpha", "block_size", "min_seq_len")}
     changes = {name: value for name, value in numbers.items() if value is not None}
     changes.update({name: True for name in ("pattern_per_kv_head", "mean_correction") if getattr(args, name, False)})

@@ -12,13 +12,12 @@ os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from videoprefill.run import add_model_arguments
+
     p = argparse.ArgumentParser(prog="python -m app", description="videoprefill web UI")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
+    add_model_arguments(p)
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload in MB (default: 512)")
     args = p.parse_args(argv)
 

@@ -16,10 +16,19 @@ DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefil
 UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
 
 
-def add_request_arguments(p: argparse.ArgumentParser, attention_help: str, fps: float) -> None:
-    """The options this command and batch QA share: the model, the attention and its FlashPrefill
-    settings (which `config_from_args` reads), how frames are sampled, device and dtype."""
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model to load, on which device, in which dtype (`models.load`): this command's, batch
+    QA's and the web UI's options."""
     p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
+
+
+def add_request_arguments(p: argparse.ArgumentParser, attention_help: str, fps: float) -> None:
+    """The options this command and batch QA share: the model (`add_model_arguments`), the
+    attention and its FlashPrefill settings (which `config_from_args` reads), how frames are sampled."""
+    add_model_arguments(p)
     p.add_argument("--attention", choices=("sparse", "dense", "compare"), default="sparse", help=attention_help)
     p.add_argument("--alpha", type=float, help="keep blocks scoring >= alpha x row max (default: model preset)")
     p.add_argument("--block-size", type=int,
@@ -36,9 +45,6 @@ def add_request_arguments(p: argparse.ArgumentParser, attention_help: str, fps: 
     p.add_argument("--max-frames", type=int, default=64, help="at most this many frames (default: 64)")
     p.add_argument("--max-pixels", type=int, default=256 * 28 * 28,
                    help="pixels per frame after resizing (default: 200704 = 256 x 28 x 28)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +71,9 @@ class UsageError(ValueError):
 def config_from_args(args, base):
     """`base` (a FlashPrefillConfig) with the FlashPrefill options (`add_request_arguments`) given
     on a command line, this one's or batch QA's. ValueError on bad values."""
-    numbers = {name: getattr(args, name, None) for name in ("alpha", "block_size", "min_seq_len")}
+    numbers = {name: getattr(args, name) for name in ("alpha", "block_size", "min_seq_len")}
     changes = {name: value for name, value in numbers.items() if value is not None}
-    changes.update({name: True for name in ("pattern_per_kv_head", "mean_correction") if getattr(args, name, False)})
+    changes.update({name: True for name in ("pattern_per_kv_head", "mean_correction") if getattr(args, name)})
     return dataclasses.replace(base, **changes) if changes else base
 
 

@@ -6,10 +6,15 @@ A development script: the compiler runs against a stand-in for Triton's CUDA dri
 launched), with the Triton installed here, which may be newer than the GPU machine's; spill counts
 can differ a little between versions (BENCHMARKS.md, eighteenth session).
 
-    .venv/bin/python scripts/sm90_resources.py [MODULE ...] [--mean-correction] [--ptx DIR]
+    .venv/bin/python scripts/sm90_resources.py [MODULE ...] [--mean-correction] [--ptx DIR] [--schedule]
 
 MODULE: a module holding `_sparse_attention_sm90_ws_kernel` (default
 kernels.flash_prefill.sparse_attention_sm90; e.g. a copy made for an experiment).
+
+--schedule disassembles the kernel (`nvdisasm`) and prints, for each consumer's loop over kept
+blocks, its length and where in it the warpgroup-MMA waits (`WARPGROUP.DEPBAR`), the exponentials
+and the first packing of P fall. ptxas places the wait for P V before the softmax in the kept
+kernel (BENCHMARKS.md, twenty-fifth session); this shows whether a change moves it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import tempfile
 
@@ -61,11 +67,43 @@ def compile_ws_kernel(module, mean_correction: bool):
     )
 
 
+def consumer_loops(sass: str) -> list[str]:
+    """One line per loop of the disassembly with 16 warpgroup MMA instructions (a consumer's loop
+    over kept blocks: 8 for S, 8 for P V): its length and the positions, counted from its first
+    instruction, of its MMA waits, its exponentials and its first packing of P into bf16 pairs."""
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"\.(L_x_\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(ins)
+        instruction = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if instruction:
+            ins.append(instruction.group(1))
+    found = []
+    for end, text in enumerate(ins):
+        branch = re.search(r"BRA.*?\.(L_x_\d+)", text)
+        if not branch or labels.get(branch.group(1), end) >= end:
+            continue
+        body = ins[labels[branch.group(1)]:end + 1]
+        # (a spin-wait's retry branch back into a loop from the end of the code spans an EXIT)
+        if sum("HGMMA" in x for x in body) != 16 or any(x.startswith("EXIT") for x in body):
+            continue
+        waits = [k for k, x in enumerate(body) if "WARPGROUP.DEPBAR" in x]
+        exps = [k for k, x in enumerate(body) if "MUFU.EX2" in x]
+        packs = [k for k, x in enumerate(body) if "F2FP" in x]
+        found.append(f"loop of {len(body)} instructions: MMA waits at {waits}, exponentials "
+                     f"{exps[0] if exps else '-'}..{exps[-1] if exps else '-'}, first P pack "
+                     f"{packs[0] if packs else '-'}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", default=["kernels.flash_prefill.sparse_attention_sm90"])
     parser.add_argument("--mean-correction", action="store_true")
     parser.add_argument("--ptx", help="also write each module's PTX into this folder")
+    parser.add_argument("--schedule", action="store_true",
+                        help="disassemble and print where each consumer loop's MMA waits and exponentials fall")
     args = parser.parse_args()
     driver.set_active(_stand_in_driver())
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -78,6 +116,10 @@ def main() -> None:
                 fh.write(ptx)
             report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.o")],
                                     capture_output=True, text=True)
+            sass = ""
+            if args.schedule:
+                nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+                sass = subprocess.run([nvdisasm, "-c", os.path.join(tmp, "k.o")], capture_output=True, text=True).stdout
         if args.ptx:
             os.makedirs(args.ptx, exist_ok=True)
             with open(os.path.join(args.ptx, f"{name.rsplit('.', 1)[-1]}.ptx"), "w") as fh:
@@ -85,7 +127,7 @@ def main() -> None:
         lines = [line.strip() for line in report.stderr.splitlines()
                  if "spill" in line or "registers" in line or "arning" in line or "Performance" in line]
         print(f"{name}{' (mean correction)' if args.mean_correction else ''}: {len(ptx.splitlines())} PTX lines")
-        for line in lines:
+        for line in lines + (consumer_loops(sass) if args.schedule else []):
             print(f"  {line}")
 
 

@@ -15,11 +15,15 @@ the schedule spelled out instead of left to Triton's pipeliner. Two kernels:
   its own TMA loads into the ring (kept for comparison and as a simpler fallback).
 
 In both, the two matrix products of a step are asynchronous warpgroup MMAs: step j issues
-S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, then computes the softmax of S_j while the
-P V product runs (the intra-warpgroup overlap of FlashAttention-3). Triton 3.6's own pipeliner
-waits for S before the softmax and for P V before the next S, so the exponentials and the tensor
-cores take turns there. Only the last kept block is masked (it is the diagonal whenever the
-window keeps it), by a branch inside the loop, so its loads stay in the pipeline.
+S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and waits for S_j. The source then computes
+the softmax of S_j before it waits for the P V product (the intra-warpgroup overlap of
+FlashAttention-3), but ptxas moves that wait to the front of the softmax (seen in the warp-
+specialised kernel's machine code): within a warpgroup the exponentials follow its P V product,
+and the other consumer warpgroup's products keep the tensor cores busy meanwhile. A form of that
+kernel that keeps the wait behind the softmax measured level or slower
+(BENCHMARKS.md, twenty-fifth session; `scripts/sm90_resources.py --schedule` shows where it
+falls). Only the last kept block is masked (it is the diagonal whenever the window keeps it), by
+a branch inside the loop, so its loads stay in the pipeline.
 
 With the mean correction (FlashPrefillConfig.mean_correction) each work item of the warp-
 specialised kernel runs, after its kept blocks, its tiles of 128 block means (mean keys and values

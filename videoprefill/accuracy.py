@@ -20,6 +20,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from kernels import FlashPrefillConfig
+
+from .run import add_model_arguments
 from .synthetic import is_correct, needle
 from .train_demo import HELD_OUT_SEED, encode
 
@@ -76,7 +79,7 @@ def heatmap(cells: dict, lengths: list[int], depths: list[float], title: str, pa
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m videoprefill.bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
+    add_model_arguments(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256],
                    help="frames (8 tokens per 2; default: 16 64 128 256)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -94,32 +97,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-call", action="store_true",
                    help="prefill each prompt in one generate call, not as the pipeline does (the video prefix, "
                         "then the question over its cache)")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--json", default="accuracy.json", help="results file (default: accuracy.json)")
     p.add_argument("--heatmap", default="accuracy.png",
                    help="length x depth accuracy heatmap (default: accuracy.png)")
     return p
 
 
+def check_args(args) -> None:
+    """ValueError naming the first option the sweep cannot run with (before any model loads)."""
+    bad_lengths = [n for n in args.lengths if n < 2 or n % 2]
+    if bad_lengths:
+        raise ValueError(f"--lengths must be even frame counts >= 2, got {bad_lengths[0]}")
+    bad_depths = [d for d in args.depths if not 0.0 <= d <= 1.0]
+    if bad_depths:
+        raise ValueError(f"--depths must be fractions in [0, 1], got {bad_depths[0]}")
+    if args.per_cell < 1:
+        raise ValueError(f"--per-cell must be >= 1, got {args.per_cell}")
+    if args.block_size is not None:
+        FlashPrefillConfig(block_size=args.block_size)  # (its own check: a power of two in [16, 256])
+    for a in args.alphas:
+        FlashPrefillConfig(alpha=a)  # (in [0, 1])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
-    from models import load
+    from models import ModelLoadError, load
     from videoprefill import quiet_libraries
 
     quiet_libraries()
-    model, processor = load(args.model, device=args.device)
+    try:
+        model, processor = load(args.model, device=args.device, dtype=args.dtype)
+        # The sparse path at every length: this measures what sparsity costs, not the dense floor.
+        base = dataclasses.replace(model.videoprefill.config, min_seq_len=0)
+        if args.block_size is not None:
+            base = dataclasses.replace(base, block_size=args.block_size)
+        # (label suffix, config changes) of each variant asked for, every alpha of each
+        variants = [("", {})]
+        variants += [(", per KV head", {"pattern_per_kv_head": True})] if args.per_kv_head else []
+        variants += [(", mean correction", {"mean_correction": True})] if args.mean_correction else []
+        configs = {f"alpha={a}{suffix}": dataclasses.replace(base, alpha=a, **changes)
+                   for suffix, changes in variants for a in args.alphas}
+    except (ModelLoadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     device = next(model.parameters()).device
-    # The sparse path at every length: this measures what sparsity costs, not the dense floor.
-    base = dataclasses.replace(model.videoprefill.config, min_seq_len=0)
-    if args.block_size:
-        base = dataclasses.replace(base, block_size=args.block_size)
-    # (label suffix, config changes) of each variant asked for, every alpha of each
-    variants = [("", {})]
-    variants += [(", per KV head", {"pattern_per_kv_head": True})] if args.per_kv_head else []
-    variants += [(", mean correction", {"mean_correction": True})] if args.mean_correction else []
-    configs = {f"alpha={a}{suffix}": dataclasses.replace(base, alpha=a, **changes)
-               for suffix, changes in variants for a in args.alphas}
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     modes = ["dense", *configs]
     rows = []
     started = time.perf_counter()
@@ -155,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             "by_length": {n: float(np.mean([r[mode]["correct"] for r in rows if r["frames"] == n]))
                           for n in args.lengths},
         }
-    print(f"model {args.model}, {len(rows)} held-out needle videos, block {base.block_size}, "
+    print(f"model {args.model} ({dtype}), {len(rows)} held-out needle videos, block {base.block_size}, "
           f"{time.perf_counter() - started:.0f} s")
     print("| attention | accuracy | agreement with dense | density | attention-output rel. error per layer |")
     print("|---|---|---|---|---|")
@@ -170,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                  for n in args.lengths for d in args.depths}
         heatmap(cells, args.lengths, args.depths, f"needle accuracy, {mode}", path)
     with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "config": dataclasses.asdict(base), "summary": summary, "rows": rows}, f,
-                  indent=1, default=str)
+        json.dump({"args": vars(args), "model_dtype": dtype, "config": dataclasses.asdict(base), "summary": summary,
+                   "rows": rows}, f, indent=1, default=str)
     print(f"wrote {args.json}, {args.heatmap}")
     return 0
 

@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
+
+
+def _try_bind(host: str, port: int) -> None:
+    """OSError where the server could not listen on host:port now (binding as it does, with
+    SO_REUSEADDR); the socket is closed again at once."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(address)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(p)
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload in MB (default: 512)")
     args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    if args.max_upload_mb < 1:
+        print(f"error: --max-upload-mb must be >= 1, got {args.max_upload_mb}", file=sys.stderr)
+        return 2
+    try:  # before the model loads (minutes for a real checkpoint): the port taken, an address not ours
+        _try_bind(args.host, args.port)
+    except OSError as err:
+        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
 
     from app.ui import build
     from models import ModelLoadError, load
@@ -35,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     demo, _ = build(VideoQA(model, processor, mask_layers=tuple(range(layers))))
     # Stop on SIGTERM as on Ctrl-C, so exit handlers remove the run's plot folder.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=f"{args.max_upload_mb}mb",
-                allowed_paths=[str(sample_video_path())], show_error=True, footer_links=["api"])
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False,
+                    max_file_size=f"{args.max_upload_mb}mb", allowed_paths=[str(sample_video_path())], show_error=True,
+                    footer_links=["api"])
+    except OSError as err:  # the port taken, an address this machine does not have
+        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -173,3 +173,35 @@ def test_the_ui_warms_up_before_it_decodes(monkeypatch):
     monkeypatch.setattr(qa, "prepare", lambda *a, **kw: events.append(("prepare",)) or prepare(*a, **kw))
     App(qa).ask(SAMPLE, DEMO_QUESTION, "compare", max_frames=8)
     assert events == [("warm_up", "dense"), ("warm_up", "sparse"), ("prepare",)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "0"], "error: --port must be in 1..65535, got 0"),
+    (["--port", "70000"], "error: --port must be in 1..65535, got 70000"),
+    (["--max-upload-mb", "0"], "error: --max-upload-mb must be >= 1, got 0"),
+])
+def test_launcher_refuses_bad_options_in_one_line(argv, message, monkeypatch, capsys):
+    """Options the server cannot start with end `python -m app` with one error line and exit
+    status 2, before any model loads."""
+    import models
+    from app.__main__ import main
+
+    monkeypatch.setattr(models, "load", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_launcher_reports_a_taken_port_before_loading_the_model(monkeypatch, capsys):
+    """A port another program listens on: one error line naming it, exit status 2, and the model
+    (minutes to load for a real checkpoint) never loaded."""
+    import models
+    from app.__main__ import main
+
+    monkeypatch.setattr(models, "load", lambda *a, **kw: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot serve on 127.0.0.1:{port}: ")

@@ -506,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         from .video import Sampling, check_frame_pixels
 
         sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels)
+        for name, value in (("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit),
+                            ("--prefetch", args.prefetch)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         items = load_items(args.input, args.video_dir)
         if args.limit is not None:
             items = items[: args.limit]

@@ -64,6 +64,8 @@ class Sampling:
             raise ValueError(f"max_frames must be at least 2, got {self.max_frames}")
         if self.max_pixels < 1 or self.min_pixels < 1:
             raise ValueError(f"pixel bounds must be positive, got min {self.min_pixels}, max {self.max_pixels}")
+        if self.total_pixels is not None and self.total_pixels < 1:
+            raise ValueError(f"total_pixels must be positive, got {self.total_pixels}")
 
     def video_entry(self, path: str) -> dict:
         entry: dict = {"type": "video", "video": path, "max_pixels": self.max_pixels,

@@ -176,6 +176,21 @@ def test_a_pixel_cap_under_one_patch_stops_the_run_before_any_item(tmp_path, vid
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("option, value", [("--max-new-tokens", "0"), ("--limit", "0"), ("--limit", "-1"),
+                                           ("--prefetch", "0")])
+def test_counts_under_one_stop_the_run_before_any_item(option, value, tmp_path, videos, capsys):
+    """--max-new-tokens 0 failed every item alike (an error row each, exit 1); --limit 0 reported an
+    input file with no items; --prefetch 0 was taken as 1. Each is one error line and exit 2 now,
+    before the model loads, with no results file."""
+    from videoprefill.batch import main
+
+    src = write_jsonl(tmp_path / "in.jsonl", items_for(2, ["v1.mp4"]))
+    out = tmp_path / "res" / "out.jsonl"
+    assert main([str(src), "--video-dir", str(videos), "--out", str(out), option, value]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {option} must be at least 1, got {value}"]
+    assert not out.exists()
+
+
 def test_sigterm_keeps_results_and_rerun_completes(tmp_path, videos):
     src = write_jsonl(tmp_path / "in.jsonl", items_for(40, ["v1.mp4", "v2.mkv"]))
     out = tmp_path / "out.jsonl"

@@ -68,7 +68,8 @@ def test_cut_file_fails_at_open_without_the_last_frame(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"fps": 0.0}, "fps"), ({"fps": None, "num_frames": None}, "exactly one"), ({"max_frames": 1}, "max_frames"),
-    ({"max_pixels": 0}, "pixel"),
+    ({"max_pixels": 0}, "pixel"), ({"total_pixels": 0}, "total_pixels must be positive, got 0"),
+    ({"total_pixels": -5}, "total_pixels must be positive, got -5"),
 ])
 def test_sampling_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

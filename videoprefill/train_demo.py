@@ -75,30 +75,60 @@ def evaluate(model, processor, lengths: list[int], per_length: int, device, seed
     return result
 
 
+def check_args(args) -> None:
+    """ValueError naming the first option training cannot run with."""
+    for name in ("steps", "accumulate", "eval_every", "eval_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.min_frames < 2 or args.max_frames < args.min_frames:
+        raise ValueError(f"frames must satisfy 2 <= --min-frames <= --max-frames, got {args.min_frames} and "
+                         f"{args.max_frames}")
+    bad = [n for n in args.eval_lengths if n < 2 or n % 2]
+    if bad:
+        raise ValueError(f"--eval-lengths must be even frame counts >= 2, got {bad[0]}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m videoprefill.train_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the trained model (and checkpoint.pt)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--accumulate", type=int, default=4, help="samples per optimiser step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-frames", type=int, default=8)
-    p.add_argument("--max-frames", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-lengths", type=int, nargs="+", default=[16, 64, 128])
-    p.add_argument("--eval-samples", type=int, default=40)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps (default: 3000)")
+    p.add_argument("--accumulate", type=int, default=4, help="samples per optimiser step (default: 4)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine schedule (default: 0.002)")
+    p.add_argument("--min-frames", type=int, default=8, help="fewest frames of a training video (default: 8)")
+    p.add_argument("--max-frames", type=int, default=64, help="most frames of a training video (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and training samples (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--eval-every", type=int, default=500, help="held-out evaluation every N steps (default: 500)")
+    p.add_argument("--eval-lengths", type=int, nargs="+", default=[16, 64, 128],
+                   help="frames of the held-out videos (default: 16 64 128)")
+    p.add_argument("--eval-samples", type=int, default=40, help="held-out videos per task and length (default: 40)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0, torch's default)")
     args = p.parse_args(argv)
+    try:
+        check_args(args)
+        from models.loader import resolve_device
+
+        args.device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create the folder {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from models.tiny import build_tiny, model_class
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.json").exists():
         build_tiny("qwen2.5-vl", out / "init", seed=args.seed)
         for f in (out / "init").iterdir():

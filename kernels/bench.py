@@ -328,6 +328,21 @@ def print_table(rows: list[dict], args) -> None:
             print(f"| {r['tokens']} | {100 * dens:.1f}% | {ours:.3f} | {ours / ideal:.2f} | {flex_txt} |")
 
 
+def check_args(args) -> None:
+    """ValueError naming the first option the benchmark cannot run with (checked on any machine)."""
+    if any(t < 1 for t in args.lengths):
+        raise ValueError(f"--lengths must be at least 1 token, got {min(args.lengths)}")
+    bad = [d for d in args.densities if not 0.0 < d <= 1.0]
+    if bad:
+        raise ValueError(f"--densities must be in (0, 1], got {bad[0]}")
+    for name in ("q_heads", "kv_heads", "head_dim"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.q_heads % args.kv_heads:
+        raise ValueError(f"--q-heads ({args.q_heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    FlashPrefillConfig(block_size=args.block_size, alpha=args.alpha)  # (its own checks)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072, 262144],
@@ -344,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write all rows to this JSON file")
     parser.add_argument("--sweep-tiles", action="store_true", help="only time the attention kernel per tile choice")
     args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
         return 2

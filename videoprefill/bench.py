@@ -168,6 +168,13 @@ def prefill_main(argv: list[str]) -> int:
                         help="also time the sparse rows with the pruned blocks' mean correction (mean_correction=True)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    problem = next((f"--video-tokens must be at least 1, got {n}" for n in args.video_tokens if n < 1), None)
+    problem = problem or (f"--repeats must be at least 1, got {args.repeats}" if args.repeats < 1 else None)
+    problem = problem or next((f"--fixed-density must be in (0, 1], got {d}" for d in args.fixed_density
+                               if not 0.0 < d <= 1.0), None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("videoprefill.bench needs a CUDA GPU", file=sys.stderr)
         return 2

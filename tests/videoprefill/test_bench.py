@@ -27,6 +27,18 @@ def test_prefill_bench_needs_a_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--video-tokens", "16384", "0"], "--video-tokens must be at least 1, got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--fixed-density", "0.05", "1.5"], "--fixed-density must be in (0, 1], got 1.5"),
+    (["--fixed-density", "0"], "--fixed-density must be in (0, 1], got 0.0"),
+])
+def test_prefill_bench_refuses_bad_options_in_one_line(argv, message, capsys):
+    """Checked before anything else, on any machine: one error line and exit status 2."""
+    assert main(["prefill", *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
 @pytest.mark.parametrize("flag", ["--pattern-per-kv-head", "--per-kv-head"])
 def test_accuracy_bench_takes_the_per_kv_head_flag_as_the_other_commands_spell_it(flag):
     """The accuracy benchmark's per-KV-head variant answers to `--pattern-per-kv-head`, as in

@@ -144,6 +144,18 @@ def _row(prepared, label: str, answer) -> dict:
     return row
 
 
+def check_prefill_args(args) -> None:
+    """ValueError naming the first option `prefill` cannot run with (checked on any machine)."""
+    bad = [n for n in args.video_tokens if n < 1]
+    if bad:
+        raise ValueError(f"--video-tokens must be at least 1, got {bad[0]}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    bad = [d for d in args.fixed_density if not 0.0 < d <= 1.0]
+    if bad:
+        raise ValueError(f"--fixed-density must be in (0, 1], got {bad[0]}")
+
+
 def prefill_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m videoprefill.bench prefill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,12 +180,10 @@ def prefill_main(argv: list[str]) -> int:
                         help="also time the sparse rows with the pruned blocks' mean correction (mean_correction=True)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    problem = next((f"--video-tokens must be at least 1, got {n}" for n in args.video_tokens if n < 1), None)
-    problem = problem or (f"--repeats must be at least 1, got {args.repeats}" if args.repeats < 1 else None)
-    problem = problem or next((f"--fixed-density must be in (0, 1], got {d}" for d in args.fixed_density
-                               if not 0.0 < d <= 1.0), None)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        check_prefill_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("videoprefill.bench needs a CUDA GPU", file=sys.stderr)

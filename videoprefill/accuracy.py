@@ -23,7 +23,7 @@ import torch
 from kernels import FlashPrefillConfig
 
 from .run import add_model_arguments
-from .synthetic import is_correct, needle
+from .synthetic import check_frame_counts, is_correct, needle
 from .train_demo import HELD_OUT_SEED, encode
 
 
@@ -105,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """ValueError naming the first option the sweep cannot run with (before any model loads)."""
-    bad_lengths = [n for n in args.lengths if n < 2 or n % 2]
-    if bad_lengths:
-        raise ValueError(f"--lengths must be even frame counts >= 2, got {bad_lengths[0]}")
+    check_frame_counts("--lengths", args.lengths)
     bad_depths = [d for d in args.depths if not 0.0 <= d <= 1.0]
     if bad_depths:
         raise ValueError(f"--depths must be fractions in [0, 1], got {bad_depths[0]}")

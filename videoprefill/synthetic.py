@@ -63,6 +63,15 @@ def _flash(frames: np.ndarray, start: int, colour: tuple[int, int, int], rng: np
     frames[start : start + 2] = np.clip(np.array(colour)[None, None, None] + noise, 0, 255).astype(np.uint8)
 
 
+def check_frame_counts(option: str, counts: list[int]) -> None:
+    """ValueError unless every count is even and >= 2, as `needle` requires (the model takes frames
+    in temporal pairs): command-line frame counts checked before any video is made. `option`
+    names them in the message."""
+    bad = [n for n in counts if n < 2 or n % 2]
+    if bad:
+        raise ValueError(f"{option} must be even frame counts >= 2, got {bad[0]}")
+
+
 def needle(seed: int, num_frames: int, depth: float | None = None, size: int = 112,
            multiple_choice: bool = True) -> Sample:
     """A coloured flash at `depth` (0 = first frames, 1 = last) among grey frames."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import TRAINING_MIX, VIDEO_FPS, Sample, count, is_correct, needle, prompt_text
+from .synthetic import TRAINING_MIX, VIDEO_FPS, Sample, check_frame_counts, count, is_correct, needle, prompt_text
 from .synthetic import sample as draw_sample
 
 HELD_OUT_SEED = 1_000_000
@@ -85,9 +85,7 @@ def check_args(args) -> None:
     if args.min_frames < 2 or args.max_frames < args.min_frames:
         raise ValueError(f"frames must satisfy 2 <= --min-frames <= --max-frames, got {args.min_frames} and "
                          f"{args.max_frames}")
-    bad = [n for n in args.eval_lengths if n < 2 or n % 2]
-    if bad:
-        raise ValueError(f"--eval-lengths must be even frame counts >= 2, got {bad[0]}")
+    check_frame_counts("--eval-lengths", args.eval_lengths)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
 

@@ -134,6 +134,22 @@ class App:
         self.out_dir = Path(tempfile.mkdtemp(prefix="videoprefill-app-"))
         atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)  # served plots live until exit
 
+    @staticmethod
+    def _sampling(fps, max_frames, max_pixels) -> Sampling:
+        return Sampling(fps=float(fps), max_frames=int(max_frames), max_pixels=int(max_pixels))
+
+    def decode_ahead(self, video, fps=2.0, max_frames=64, max_pixels=256 * 28 * 28) -> None:
+        """When a video is uploaded (or the sample chosen): start reading its frames with the
+        current settings (`VideoQA.decode_ahead`), so the question typed meanwhile does not wait for
+        them. Settings or a file that cannot be used are left for `ask` to report."""
+        if not video:
+            return
+        try:
+            sampling = self._sampling(fps, max_frames, max_pixels)
+        except (TypeError, ValueError):
+            return
+        self.qa.decode_ahead(str(video), sampling)
+
     def ask(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
             max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, mean_correction=False, progress=None):
         import dataclasses
@@ -147,7 +163,7 @@ class App:
         try:
             config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size),
                                          pattern_per_kv_head=bool(per_kv_head), mean_correction=bool(mean_correction))
-            sampling = Sampling(fps=float(fps), max_frames=int(max_frames), max_pixels=int(max_pixels))
+            sampling = self._sampling(fps, max_frames, max_pixels)
             modes = ("dense", "sparse") if mode == "compare" else (mode,)
             if self.qa.warmup and question and question.strip():  # as VideoQA.ask: before decoding
                 if progress is not None:
@@ -178,6 +194,9 @@ class App:
         if tok.get("cached"):
             tokens += (f"   (the video's {tok['cached']} prompt tokens came from the previous question's cache: "
                        "no decoding, no vision encoder, only the question prefilled)")
+        ahead_ms = main.timings.get("decoded_ahead_s", 0.0) * 1000
+        if ahead_ms:
+            tokens += f"   (frames read on upload, before the question: {ahead_ms:.0f} ms, not in TTFT)"
         line, heat = density_plots(main)
         layers = main.sparsity.get("layers") or [0]
         chosen = layers[-1] if int(layer) < 0 else int(layer)
@@ -241,6 +260,9 @@ def build(qa: VideoQA):
         runs = gr.Dataframe(headers=RUN_COLUMNS, label="this session's runs", elem_id="runs", interactive=False)
 
         use_sample.click(lambda: sample, outputs=video, api_name=False)
+        # Out of the queue: it only starts a reading thread, and must not wait behind a request.
+        video.change(app.decode_ahead, inputs=[video, fps, max_frames, max_pixels], queue=False, api_name=False,
+                     show_progress="hidden")
 
         def _ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head, per_kv_head,
                  mean_correction, progress=gr.Progress()):

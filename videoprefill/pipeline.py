@@ -10,6 +10,9 @@ Stages, each closed by a GPU synchronisation so a stage's time is its own:
   first_token_s   from the end of prefill to the first token chosen (LM head, sampling)
   ttft_s          from the request (a video path) to the first token
   total_s         the whole request, all new tokens included
+  decoded_ahead_s reading the frames done before the request, by `VideoQA.decode_ahead` (the web
+                  UI starts it when a video is uploaded); not part of the request's times, whose
+                  decode_video_s keeps only what it still waited for (0 without a decode ahead)
 
 A question about the video of the previous question, with the same sampling and attention
 settings, reuses that video's prefix: no decoding, no vision encoder, and a prefill of the
@@ -21,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +68,7 @@ class DecodedVideo:
     sampled: SampledFrames
     decode_s: float
     sampling: Sampling = field(default_factory=Sampling)
+    ahead_s: float = 0.0  # of the reading, what `VideoQA.decode_ahead` did before the request (not in decode_s)
     _resized_on_cpu: torch.Tensor | None = field(default=None, repr=False)
 
     def frames(self, device: torch.device) -> torch.Tensor:
@@ -89,6 +95,7 @@ class Prepared:
     prefix_len: int = 0  # tokens through the last video token (0: counted when it runs)
     video_key: tuple | None = None
     decoded: DecodedVideo | None = field(default=None, repr=False)  # frames, for inputs built on a prefix
+    decoded_ahead_s: float = 0.0  # reading done before the request (`VideoQA.decode_ahead`), not in decode_s
 
 
 @dataclass
@@ -189,6 +196,10 @@ class VideoQA:
         # question computes its prefix and nothing is held between requests).
         self.prefix_cache = True
         self._prefix: prefixes.VideoPrefix | None = None
+        # The video being read ahead of its question (`decode_ahead`): its prefix key and the read.
+        self._ahead: tuple[tuple, Future] | None = None
+        self._ahead_lock = threading.Lock()
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
@@ -221,6 +232,48 @@ class VideoQA:
         info = probe(video, decode_last=False)  # the read below decodes through the last frame
         sampled = read_frames(sampling.video_entry(info.path), self.processor.video_processor.patch_size)
         return DecodedVideo(info, sampled, time.perf_counter() - start, sampling)
+
+    def decode_ahead(self, video: str, sampling: Sampling | None = None) -> None:
+        """Start reading `video`'s frames (`decode`) on a background thread, before its question
+        comes: the web UI calls it when a video is uploaded, so the question typed meanwhile does
+        not wait for the decoding. `prepare` takes the frames when its video (the file unchanged)
+        and sampling are these; the request then counts as decode time only what it still waited
+        for (`Answer.timings["decoded_ahead_s"]` holds the rest). One video at a time: a newer call
+        drops the older one's frames. A decoding error is raised by the `prepare` that takes it."""
+        sampling = sampling or Sampling()
+        key = prefixes.video_key(os.fspath(video), sampling, self.frames_device)
+        self._take_ahead(None)  # the previous video's frames, read or not, are not needed
+        if key is None or self._prefix_to_build_on(key) is not None:
+            return  # a file that is not there (`prepare` says so), or one whose prefix is kept: nothing to read
+        with self._ahead_lock:
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="videoprefill-decode-ahead")
+            self._ahead = (key, self._ahead_pool.submit(self._read_ahead, os.fspath(video), sampling))
+
+    def _read_ahead(self, video: str, sampling: Sampling) -> DecodedVideo:
+        """`decode_ahead`'s work: the read, and on the CPU also the resize (done once and kept there;
+        on a GPU each question resizes, holding no GPU memory between them)."""
+        start = time.perf_counter()
+        decoded = self.decode(video, sampling)
+        if self.frames_device.type == "cpu":
+            decoded.frames(self.frames_device)
+        return dataclasses.replace(decoded, decode_s=time.perf_counter() - start)
+
+    def _take_ahead(self, key: tuple | None) -> DecodedVideo | None:
+        """The frames `decode_ahead` read for the video of prefix key `key`, waiting for the rest of
+        the read (its decode_s: the wait; ahead_s: the reading done before), or None. The read ahead
+        is given up either way."""
+        with self._ahead_lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if key is None or ahead[0] != key:
+            ahead[1].cancel()  # (a read already running finishes, unused)
+            return None
+        start = time.perf_counter()
+        decoded = ahead[1].result()  # raises the read's VideoError
+        waited = time.perf_counter() - start
+        return dataclasses.replace(decoded, decode_s=waited, ahead_s=max(decoded.decode_s - waited, 0.0))
 
     @staticmethod
     def _check_question(question: str) -> None:
@@ -293,6 +346,7 @@ class VideoQA:
         return Prepared(
             video=decoded.info, question=question, inputs=inputs,
             decode_s=(decoded.decode_s if count_decode else 0.0) + (end - start),
+            decoded_ahead_s=decoded.ahead_s if count_decode else 0.0,
             tokens={"video": n_video, "text": int(ids.numel()) - n_video, "total": int(ids.numel())},
             video_ranges=video_ranges, sampled_frames=int(frames.shape[0]), sampling=decoded.sampling,
             prefix_len=video_ranges[-1][1], video_key=key,
@@ -300,13 +354,15 @@ class VideoQA:
 
     def prepare(self, video: str, question: str, sampling: Sampling | None = None) -> Prepared:
         """Decode and sample the video and build the model inputs (the decode_video stage). A
-        question about the kept prefix's video (same file, unchanged, same sampling) skips that."""
+        question about the kept prefix's video (same file, unchanged, same sampling) skips that; one
+        about the video read by `decode_ahead` takes its frames."""
         self._check_question(question)  # an empty question fails before any decoding
         sampling = sampling or Sampling()
-        kept = self._prefix_to_build_on(prefixes.video_key(os.fspath(video), sampling, self.frames_device))
+        key = prefixes.video_key(os.fspath(video), sampling, self.frames_device)
+        kept = self._prefix_to_build_on(key)
         if kept is not None:
             return self._prepare_on_prefix(kept, question)
-        return self.prepare_decoded(self.decode(video, sampling), question)
+        return self.prepare_decoded(self._take_ahead(key) or self.decode(video, sampling), question)
 
     def follow_up(self, prepared: Prepared, question: str) -> Prepared:
         """Another question about the video of `prepared`: built on its kept prefix when there is
@@ -372,6 +428,7 @@ class VideoQA:
             "first_token_s": m["first_token"] - m["prefill_end"],
             "ttft_s": prepared.decode_s + (m["first_token"] - start),
             "total_s": prepared.decode_s + (end - start),
+            "decoded_ahead_s": prepared.decoded_ahead_s,
         }
         sparsity = recorder.finish() if attention == "sparse" else _dense_record(self.model)
         if not record_masks:

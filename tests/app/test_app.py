@@ -175,6 +175,41 @@ def test_the_ui_warms_up_before_it_decodes(monkeypatch):
     assert events == [("warm_up", "dense"), ("warm_up", "sparse"), ("prepare",)]
 
 
+def test_an_uploaded_video_is_read_before_the_question(monkeypatch):
+    """A change of the video (an upload, the sample button) starts reading its frames, out of the
+    request queue, with the sampling settings the question will use; the question then takes them
+    and says how long the reading ahead took."""
+    import threading
+
+    from app.ui import build
+    from models import load
+    from videoprefill.pipeline import VideoQA
+
+    qa = VideoQA(*load("demo", device="cpu"), warmup=False)
+    demo, app = build(qa)
+    change = next(f for f in demo.fns.values() if f.targets and f.targets[0][1] == "change")
+    ask_dep = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "_ask")
+    assert change.fn == app.decode_ahead and change.queue is False
+    assert change.inputs[0] is ask_dep.inputs[0]  # the video
+    assert change.inputs[1:] == ask_dep.inputs[5:8]  # fps, max frames, max pixels
+
+    reads = []
+    decode = qa.decode
+
+    def spy(*args, **kwargs):
+        reads.append(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(qa, "decode", spy)
+    change.fn(SAMPLE, 2.0, 8, 56 * 56)
+    out = app.ask(SAMPLE, DEMO_QUESTION, "sparse", fps=2.0, max_frames=8, max_pixels=56 * 56)
+    assert len(reads) == 1 and reads[0].startswith("videoprefill-decode-ahead")
+    assert "frames read on upload" in out[3]
+    app.decode_ahead(None)  # a cleared video: nothing to read
+    app.decode_ahead(SAMPLE, 0.0, 8, 56 * 56)  # settings ask will refuse: left to it
+    assert qa._ahead is None and len(reads) == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--port", "0"], "error: --port must be in 1..65535, got 0"),
     (["--port", "70000"], "error: --port must be in 1..65535, got 70000"),

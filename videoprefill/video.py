@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,21 +112,38 @@ def probe(path: str | os.PathLike, decode_last: bool = True) -> VideoInfo:
     return VideoInfo(str(p), count, fps, int(first.shape[1]), int(first.shape[0]))
 
 
+# `_quiet_stderr` across threads (a video read ahead, or the batch runner's decoding thread, while
+# another thread probes): the first to enter saves descriptor 2, the last to leave puts it back.
+_quiet_lock = threading.Lock()
+_quiet_count = 0
+_saved_stderr: int | None = None
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
-    """Silence file descriptor 2 (native libraries write there directly)."""
+    """Silence file descriptor 2 (native libraries write there directly), for the whole process
+    until the last thread inside leaves: two threads each saving and restoring it themselves could
+    leave it pointing at /dev/null for good."""
+    global _quiet_count, _saved_stderr
+    with _quiet_lock:
+        if _quiet_count == 0:
+            try:
+                _saved_stderr = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            except OSError:
+                pass  # left as it is
+        _quiet_count += 1
     try:
-        fd = os.dup(2)
-    except OSError:
         yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
     finally:
-        os.dup2(fd, 2)
-        os.close(fd)
+        with _quiet_lock:
+            _quiet_count -= 1
+            if _quiet_count == 0 and _saved_stderr is not None:
+                os.dup2(_saved_stderr, 2)
+                os.close(_saved_stderr)
+                _saved_stderr = None
 
 
 @dataclass

@@ -185,3 +185,40 @@ def test_decoded_video_resizes_once_on_the_cpu(sample_video):
     first = decoded.frames(torch.device("cpu"))
     assert decoded.frames(torch.device("cpu")) is first
     assert torch.equal(first, sampled.resized())
+
+
+def test_stderr_is_silenced_while_any_thread_probes_and_given_back_after_the_last(tmp_path):
+    """Two threads inside the probe's silencing at once, leaving in the order they did not enter in:
+    nothing reaches descriptor 2 while either is inside, and it writes where it did before after."""
+    import os
+    import threading
+
+    from videoprefill.video import _quiet_stderr
+
+    log = tmp_path / "stderr.txt"
+    saved = os.dup(2)
+    target = os.open(log, os.O_WRONLY | os.O_CREAT)
+    os.dup2(target, 2)
+    os.close(target)
+    try:
+        entered, leave_first, first_left = threading.Event(), threading.Event(), threading.Event()
+
+        def first():
+            with _quiet_stderr():
+                entered.set()
+                leave_first.wait(10)
+            first_left.set()
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        entered.wait(10)
+        with _quiet_stderr():
+            leave_first.set()
+            first_left.wait(10)
+            os.write(2, b"silenced\n")
+        thread.join(10)
+        os.write(2, b"after\n")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert log.read_text() == "after\n"

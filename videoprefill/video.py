@@ -107,9 +107,23 @@ def probe(path: str | os.PathLike, decode_last: bool = True) -> VideoInfo:
     except VideoError:
         raise
     except Exception as err:  # decord raises its own error types and RuntimeError
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VideoError(f"cannot decode video {p}: {cause[:200]}") from err
+        raise VideoError(f"cannot decode video {p}: {_decord_cause(err)}") from err
     return VideoInfo(str(p), count, fps, int(first.shape[1]), int(first.shape[0]))
+
+
+def _decord_cause(err: Exception) -> str:
+    """decord's error as one short line: its first line, without the time, source file and failed
+    check that decord's own checks put before the message; a file without a video stream (audio
+    only) said so in words."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    if "cannot find video stream" in line:
+        return "the file holds no video stream"
+    if "Check failed" in line and " ERROR " in line:
+        line = line.split(" ERROR ", 1)[1]
+    return line[:200]
 
 
 # `_quiet_stderr` across threads (a video read ahead, or the batch runner's decoding thread, while
@@ -254,7 +268,7 @@ def read_frames(entry: dict, patch_size: int, threads: int | None = None) -> Sam
     try:
         raw, metadata, sample_fps = _read_decord(entry, threads)
     except Exception as err:
-        raise VideoError(f"cannot sample frames: {str(err).strip().splitlines()[0][:200]}") from err
+        raise VideoError(f"cannot sample frames: {_decord_cause(err)}") from err
     factor = patch_size * vp.SPATIAL_MERGE_SIZE
     nframes, _, height, width = raw.shape
     min_pixels = entry.get("min_pixels", vp.VIDEO_MIN_TOKEN_NUM * factor * factor)

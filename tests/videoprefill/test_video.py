@@ -222,3 +222,23 @@ def test_stderr_is_silenced_while_any_thread_probes_and_given_back_after_the_las
         os.dup2(saved, 2)
         os.close(saved)
     assert log.read_text() == "after\n"
+
+
+def test_a_file_without_a_video_stream(tmp_path):
+    """An audio-only file: one plain line, not decord's internal check."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "speech.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for _ in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="flt", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(VideoError) as info:
+        probe(path)
+    assert str(info.value) == f"cannot decode video {path}: the file holds no video stream"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,8 @@ def probe(path: str | os.PathLike, decode_last: bool = True) -> VideoInfo:
 
 
 def _decord_cause(err: Exception) -> str:
-    """decord's error as one short line: its first line, without the time, source file and failed
-    check that decord's own checks put before the message; a file without a video stream (audio
+    """decord's error as one short line: its first line, without the time, source line, file name
+    and failed check that decord puts before its message; a file without a video stream (audio
     only) said so in words."""
     text = str(err).strip()
     if not text:
@@ -121,7 +122,8 @@ def _decord_cause(err: Exception) -> str:
     line = text.splitlines()[0]
     if "cannot find video stream" in line:
         return "the file holds no video stream"
-    if "Check failed" in line and " ERROR " in line:
+    line = re.sub(r"^\[[\d:]+\] \S+:\d+: (\[[^\]]*\] )?", "", line)  # "[05:49:51] video_reader.cc:270: [path] "
+    if line.startswith("Check failed") and " ERROR " in line:
         line = line.split(" ERROR ", 1)[1]
     return line[:200]
 

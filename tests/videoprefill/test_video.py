@@ -242,3 +242,18 @@ def test_a_file_without_a_video_stream(tmp_path):
     with pytest.raises(VideoError) as info:
         probe(path)
     assert str(info.value) == f"cannot decode video {path}: the file holds no video stream"
+
+
+def test_decords_own_prefix_is_left_out_of_the_message(tmp_path):
+    """An animated GIF, which decord cannot measure: its message without decord's time, source line
+    and the file name again."""
+    from PIL import Image
+
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (112, 112), (i * 20, 100, 50)) for i in range(8)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+    with pytest.raises(VideoError) as info:
+        probe(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot decode video {path}: ") and message.count(str(path)) == 1
+    assert "video_reader.cc" not in message and "[" not in message

@@ -260,9 +260,15 @@ def build(qa: VideoQA):
         runs = gr.Dataframe(headers=RUN_COLUMNS, label="this session's runs", elem_id="runs", interactive=False)
 
         use_sample.click(lambda: sample, outputs=video, api_name=False)
-        # Out of the queue: it only starts a reading thread, and must not wait behind a request.
-        video.change(app.decode_ahead, inputs=[video, fps, max_frames, max_pixels], queue=False, api_name=False,
-                     show_progress="hidden")
+        # Out of the queue: it only starts a reading thread, and must not wait behind a request. Again
+        # when a sampling setting is left or submitted (not on each keystroke); the same video and
+        # settings keep the read under way.
+        ahead = {"fn": app.decode_ahead, "inputs": [video, fps, max_frames, max_pixels], "queue": False,
+                 "api_name": False, "show_progress": "hidden"}
+        video.change(**ahead)
+        for setting in (fps, max_frames, max_pixels):
+            setting.blur(**ahead)
+            setting.submit(**ahead)
 
         def _ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head, per_kv_head,
                  mean_correction, progress=gr.Progress()):

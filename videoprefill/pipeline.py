@@ -238,10 +238,14 @@ class VideoQA:
         comes: the web UI calls it when a video is uploaded, so the question typed meanwhile does
         not wait for the decoding. `prepare` takes the frames when its video (the file unchanged)
         and sampling are these; the request then counts as decode time only what it still waited
-        for (`Answer.timings["decoded_ahead_s"]` holds the rest). One video at a time: a newer call
-        drops the older one's frames. A decoding error is raised by the `prepare` that takes it."""
+        for (`Answer.timings["decoded_ahead_s"]` holds the rest). One video at a time: a call for
+        the video and sampling being read keeps that read, another drops it. A decoding error is
+        raised by the `prepare` that takes it."""
         sampling = sampling or Sampling()
         key = prefixes.video_key(os.fspath(video), sampling, self.frames_device)
+        with self._ahead_lock:
+            if key is not None and self._ahead is not None and self._ahead[0] == key:
+                return
         self._take_ahead(None)  # the previous video's frames, read or not, are not needed
         if key is None or self._prefix_to_build_on(key) is not None:
             return  # a file that is not there (`prepare` says so), or one whose prefix is kept: nothing to read

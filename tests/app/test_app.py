@@ -176,9 +176,9 @@ def test_the_ui_warms_up_before_it_decodes(monkeypatch):
 
 
 def test_an_uploaded_video_is_read_before_the_question(monkeypatch):
-    """A change of the video (an upload, the sample button) starts reading its frames, out of the
-    request queue, with the sampling settings the question will use; the question then takes them
-    and says how long the reading ahead took."""
+    """A change of the video (an upload, the sample button), or a sampling setting left or
+    submitted, starts reading its frames, out of the request queue, with the sampling settings the
+    question will use; the question then takes them and says how long the reading ahead took."""
     import threading
 
     from app.ui import build
@@ -187,11 +187,14 @@ def test_an_uploaded_video_is_read_before_the_question(monkeypatch):
 
     qa = VideoQA(*load("demo", device="cpu"), warmup=False)
     demo, app = build(qa)
-    change = next(f for f in demo.fns.values() if f.targets and f.targets[0][1] == "change")
     ask_dep = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "_ask")
-    assert change.fn == app.decode_ahead and change.queue is False
-    assert change.inputs[0] is ask_dep.inputs[0]  # the video
-    assert change.inputs[1:] == ask_dep.inputs[5:8]  # fps, max frames, max pixels
+    ahead = [f for f in demo.fns.values() if f.fn == app.decode_ahead]
+    triggers = {(target, event) for f in ahead for target, event in f.targets}
+    video, settings = ask_dep.inputs[0], ask_dep.inputs[5:8]  # the video; fps, max frames, max pixels
+    assert triggers == {(video._id, "change")} | {(c._id, e) for c in settings for e in ("blur", "submit")}
+    for f in ahead:
+        assert f.queue is False and f.inputs == [video, *settings]
+    change = next(f for f in ahead if f.targets[0][1] == "change")
 
     reads = []
     decode = qa.decode

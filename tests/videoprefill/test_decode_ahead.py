@@ -58,6 +58,16 @@ def test_the_question_takes_the_frames_read_ahead(qa, reads, sample_video):
     assert qa._ahead is None  # taken: the frames are not held for a later request
 
 
+def test_asking_again_for_the_video_being_read_keeps_its_read(qa, reads, sample_video):
+    qa.decode_ahead(sample_video, SMALL)
+    first = qa._ahead[1]
+    qa.decode_ahead(sample_video, SMALL)
+    assert qa._ahead[1] is first
+    first.result()
+    qa.prepare(sample_video, QUESTION, SMALL)
+    assert len(reads) == 1 and reads[0].startswith("videoprefill-decode-ahead")
+
+
 def test_a_question_asked_while_the_read_runs_waits_for_it(qa, reads, sample_video, monkeypatch):
     """The question counts the part of the reading it waited for as its decode time."""
     gate = threading.Event()

@@ -26,7 +26,7 @@ import dataclasses
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -199,7 +199,6 @@ class VideoQA:
         # The video being read ahead of its question (`decode_ahead`): its prefix key and the read.
         self._ahead: tuple[tuple, Future] | None = None
         self._ahead_lock = threading.Lock()
-        self._ahead_pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
@@ -249,10 +248,20 @@ class VideoQA:
         self._take_ahead(None)  # the previous video's frames, read or not, are not needed
         if key is None or self._prefix_to_build_on(key) is not None:
             return  # a file that is not there (`prepare` says so), or one whose prefix is kept: nothing to read
+        future: Future = Future()
+
+        def read() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._read_ahead(os.fspath(video), sampling))
+                except BaseException as err:  # handed to the question that takes it
+                    future.set_exception(err)
+
         with self._ahead_lock:
-            if self._ahead_pool is None:
-                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="videoprefill-decode-ahead")
-            self._ahead = (key, self._ahead_pool.submit(self._read_ahead, os.fspath(video), sampling))
+            self._ahead = (key, future)
+        # A thread of its own per video: a newer upload does not wait behind an older read (which
+        # cannot be stopped once decord runs), and none keeps the process from exiting.
+        threading.Thread(target=read, name="videoprefill-decode-ahead", daemon=True).start()
 
     def _read_ahead(self, video: str, sampling: Sampling) -> DecodedVideo:
         """`decode_ahead`'s work: the read, and on the CPU also the resize (done once and kept there;

@@ -85,6 +85,29 @@ def test_a_question_asked_while_the_read_runs_waits_for_it(qa, reads, sample_vid
     assert prepared.decode_s >= 0.25  # it waited for the gate
 
 
+def test_a_newer_video_does_not_wait_behind_an_older_read(qa, reads, sample_video, tmp_path, monkeypatch):
+    """A read cannot be stopped once decord runs; the next upload's read starts at once anyway."""
+    older = str(tmp_path / "older.mp4")
+    shutil.copy(sample_video, older)
+    gate = threading.Event()
+    spy = qa.decode
+
+    def decode(video, *args, **kwargs):
+        if video == older:
+            gate.wait(30)
+        return spy(video, *args, **kwargs)
+
+    monkeypatch.setattr(qa, "decode", decode)
+    try:
+        qa.decode_ahead(older, SMALL)
+        qa.decode_ahead(sample_video, SMALL)
+        prepared = qa.prepare(sample_video, QUESTION, SMALL)  # the older read still held at the gate
+        assert prepared.decode_s < 10  # it did not wait for the older read (up to 30 s)
+        assert reads == ["videoprefill-decode-ahead"]  # the newer one's; the older has not got past its gate
+    finally:
+        gate.set()
+
+
 @pytest.mark.parametrize("change", ["sampling", "video", "file"])
 def test_frames_of_another_request_are_not_used(qa, reads, sample_video, tmp_path, change):
     """Other sampling, another video, or the file rewritten since: the request reads its own frames."""

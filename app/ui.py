@@ -151,7 +151,8 @@ class App:
         self.qa.decode_ahead(str(video), sampling)
 
     def ask(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
-            max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, mean_correction=False, progress=None):
+            max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, mean_correction=False, max_new_tokens=32,
+            progress=None):
         import dataclasses
 
         import gradio as gr
@@ -164,6 +165,9 @@ class App:
             config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size),
                                          pattern_per_kv_head=bool(per_kv_head), mean_correction=bool(mean_correction))
             sampling = self._sampling(fps, max_frames, max_pixels)
+            if max_new_tokens is None or int(max_new_tokens) < 1:
+                raise InputError(f"max new tokens must be at least 1, got {max_new_tokens}")
+            new_tokens = int(max_new_tokens)
             modes = ("dense", "sparse") if mode == "compare" else (mode,)
             if self.qa.warmup and question and question.strip():  # as VideoQA.ask: before decoding
                 if progress is not None:
@@ -175,7 +179,7 @@ class App:
             prepared = self.qa.prepare(str(video), question if question is not None else "", sampling)
             if progress is not None:
                 progress(0.4, desc="prefill and first token")
-            answers = {m: self.qa.run(prepared, m, 32, config) for m in modes}
+            answers = {m: self.qa.run(prepared, m, new_tokens, config) for m in modes}
         except (InputError, VideoError, ValueError) as err:
             raise gr.Error(str(err)) from None
         main = answers.get("sparse") or answers[mode]
@@ -245,6 +249,7 @@ def build(qa: VideoQA):
                                               label="one block pattern per KV head (shared by its query heads)")
                     mean_correction = gr.Checkbox(value=qa.config.mean_correction,
                                                   label="pruned blocks as their mean key and value (mean correction)")
+                    max_new_tokens = gr.Number(value=32, precision=0, label="max new tokens of an answer")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column():
                 answer = gr.Textbox(label="answer", lines=4, elem_id="answer")
@@ -271,12 +276,12 @@ def build(qa: VideoQA):
             setting.submit(**ahead)
 
         def _ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head, per_kv_head,
-                 mean_correction, progress=gr.Progress()):
+                 mean_correction, max_new_tokens=32, progress=gr.Progress()):
             return app.ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
-                           per_kv_head, mean_correction, progress)
+                           per_kv_head, mean_correction, max_new_tokens, progress)
 
         ask.click(_ask, inputs=[video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
-                                per_kv_head, mean_correction],
+                                per_kv_head, mean_correction, max_new_tokens],
                   outputs=[answer, ttft_table, ttft_plot, tokens, line, heat, mask, runs], api_name="ask")
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo, app

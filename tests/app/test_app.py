@@ -61,11 +61,13 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def ask(client, video, question, mode, per_kv_head=False, mean_correction=False):
+def ask(client, video, question, mode, per_kv_head=False, mean_correction=False, *more):
+    """/ask with the settings the tests use; `more`: the trailing inputs (max new tokens), left to
+    their defaults when not given, as a client written before them would."""
     from gradio_client import handle_file
 
     return client.predict(handle_file(video), question, mode, 0.1, 32, 2.0, 8, 56 * 56, -1, 0, per_kv_head,
-                          mean_correction, api_name="/ask")
+                          mean_correction, *more, api_name="/ask")
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
@@ -94,6 +96,17 @@ def test_ask_api_pattern_per_kv_head(client):
 def test_ask_api_mean_correction(client):
     runs = ask(client, SAMPLE, "What moves?", "sparse", mean_correction=True)[7]
     assert runs["data"][-1][1] == "sparse, mean correction"
+
+
+def test_ask_api_max_new_tokens(client):
+    """The answer's length is the setting's: one new token gives a shorter answer than the default."""
+    from gradio_client.exceptions import AppError
+
+    short = ask(client, SAMPLE, DEMO_QUESTION, "sparse", False, False, 1)[7]["data"][-1][-1]
+    full = ask(client, SAMPLE, DEMO_QUESTION, "sparse")[7]["data"][-1][-1]
+    assert 0 < len(short) < len(full)
+    with pytest.raises(AppError, match="max new tokens must be at least 1, got 0"):
+        ask(client, SAMPLE, DEMO_QUESTION, "sparse", False, False, 0)
 
 
 def test_bad_upload_is_reported_and_the_app_keeps_serving(client, tmp_path):

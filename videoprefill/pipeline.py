@@ -192,9 +192,13 @@ class VideoQA:
         self.video_token_id = model.config.video_token_id
         self._attention = None
         self.processor_on_gpu = True  # False: resize and video processor on the CPU (for comparisons)
-        # Keep the last video's prefix and one KV cache of it for the next question (False: every
+        # Keep the last video's prefix and its KV caches for the next question (False: every
         # question computes its prefix and nothing is held between requests).
         self.prefix_cache = True
+        # KV caches kept of that prefix, one per attention setting: 2 serve the compare mode's dense
+        # and sparse runs (a later question reuses both); a prefill that runs out of GPU memory
+        # while another setting's cache is kept frees it and runs again. 1: one cache, as before.
+        self.prefix_states = 2
         self._prefix: prefixes.VideoPrefix | None = None
         # The video being read ahead of its question (`decode_ahead`): its prefix key and the read.
         self._ahead: tuple[tuple, Future] | None = None
@@ -402,13 +406,14 @@ class VideoQA:
             prepared.prefix_len = prefixes.prefix_length(prepared.inputs["input_ids"], self.video_token_id)
         reuse = self.prefix_cache if reuse_prefix is None else reuse_prefix
         kept = self._kept_prefix(prepared.video_key) if reuse else None
-        state = kept.state if kept is not None and kept.state is not None and kept.state.settings == key else None
+        state = kept.states.get(key) if kept is not None else None
         if state is not None and not (prepared.prefix_len == kept.length and torch.equal(
                 prepared.inputs["input_ids"][:, : kept.length], kept.inputs["input_ids"])):
             state = None  # another prompt before the question (not built by this pipeline)
         if state is None:
-            if self._prefix is not None:
-                self._prefix.state = None  # free the kept KV cache before computing another
+            # Free kept KV caches before computing another: all but the newest `prefix_states - 1`
+            # of this video's, every one of another video's (or when nothing is to be kept).
+            self._free_states(self.prefix_states - 1 if kept is not None else 0)
             if not any(k in prepared.inputs for k in prefixes.PIXEL_KEYS):
                 self._reload(prepared)  # built on a prefix kept for other settings
         else:
@@ -417,18 +422,32 @@ class VideoQA:
             self.warm_up(attention, settings.config, settings.dense_layers, fixed_density)
         self._use(attention)
         mask_layers = self.mask_layers if record_masks else ()
-        # A cold prefix records masks of every mask layer, so that its kept record serves any request.
-        recorder = state.recorder.copy(mask_layers) if state else SparsityRecorder(mask_layers=self.mask_layers)
-        settings = dataclasses.replace(settings, recorder=recorder)
         cached = prepared.prefix_len if state else 0
-        clock = _StageClock(self.model, self.device)
+
+        def attempt():
+            # A cold prefix records masks of every mask layer, so that its kept record serves any request.
+            recorder = state.recorder.copy(mask_layers) if state else SparsityRecorder(mask_layers=self.mask_layers)
+            clock = _StageClock(self.model, self.device)
+            try:
+                start = _sync(self.device)
+                with torch.inference_mode(), request_settings(dataclasses.replace(settings, recorder=recorder)):
+                    out, made = self._generate(prepared, key, state, max_new_tokens, [clock.first_token_stopper()])
+                end = _sync(self.device)
+            finally:
+                clock.close()
+            return out, made, recorder, clock, start, end
+
         try:
-            start = _sync(self.device)
-            with torch.inference_mode(), request_settings(settings):
-                out, state = self._generate(prepared, key, state, max_new_tokens, [clock.first_token_stopper()])
-            end = _sync(self.device)
-        finally:
-            clock.close()
+            result = attempt()
+        except torch.cuda.OutOfMemoryError:
+            if state is not None or self._prefix is None or not self._prefix.states:
+                raise
+            result = None  # (run again below, once the failed attempt's tensors are released)
+        if result is None:
+            self._free_states(0)  # another setting's KV cache took the memory this prefill needed
+            torch.cuda.empty_cache()
+            result = attempt()
+        out, state, recorder, clock, start, end = result
         if reuse and prepared.video_key is not None:
             self._keep(prepared, state)
         m = clock.marks
@@ -562,11 +581,18 @@ class VideoQA:
                 video=prepared.video, sampling=prepared.sampling, sampled_frames=prepared.sampled_frames,
                 video_ranges=list(prepared.video_ranges),
             )
-        kept.state = state
+        kept.states.pop(state.settings, None)
+        kept.states[state.settings] = state  # the newest last
         self._prefix = kept
 
+    def _free_states(self, keep: int) -> None:
+        """Drop the kept prefix's KV caches, oldest first, until at most `keep` remain."""
+        states = self._prefix.states if self._prefix is not None else {}
+        while len(states) > max(keep, 0):
+            del states[next(iter(states))]
+
     def forget_prefix(self) -> None:
-        """Drop the kept prefix and its KV cache (GPU memory back to the allocator)."""
+        """Drop the kept prefix and its KV caches (GPU memory back to the allocator)."""
         self._prefix = None
 
     def ask(self, video: str, question: str = DEFAULT_QUESTION, attention: str = "sparse",

@@ -212,7 +212,8 @@ class PrefixState:
 
 @dataclass
 class VideoPrefix:
-    """The kept prefix of the last video: its inputs (no pixels) and at most one KV cache."""
+    """The kept prefix of the last video: its inputs (no pixels) and its KV caches, one per
+    attention setting, oldest first (`VideoQA.prefix_states` bounds how many)."""
 
     key: tuple
     length: int
@@ -222,7 +223,7 @@ class VideoPrefix:
     sampling: Sampling
     sampled_frames: int
     video_ranges: list[tuple[int, int]]
-    state: PrefixState | None = field(default=None, repr=False)
+    states: dict[tuple, PrefixState] = field(default_factory=dict, repr=False)
 
     def video_tokens(self) -> int:
         return sum(end - start for start, end in self.video_ranges)

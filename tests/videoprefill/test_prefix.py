@@ -75,7 +75,7 @@ def test_a_dense_prompt_prefills_in_one_call(attention, family, tiny_models, sam
             prepared = qa.prepare(sample_video, "What colour is the square?", SMALL)
             calls.clear()
             first = qa.run(prepared, attention, max_new_tokens=1, dense_layers=1)
-            prefill_calls, state = len(calls), qa._prefix.state
+            prefill_calls, state = len(calls), next(iter(qa._prefix.states.values()))
             later = qa.run(qa.follow_up(prepared, "Where does it go?"), attention, max_new_tokens=3, dense_layers=1)
             results[one_call] = prefill_calls, first, state, later
             length = prepared.prefix_len
@@ -281,7 +281,7 @@ def test_other_settings_or_a_changed_file_compute_the_prefix_again(tiny_models, 
     assert dense.text == cold.ask(video, question, "dense", SMALL, max_new_tokens=2).text
     assert qa.ask(video, question, "dense", SMALL, max_new_tokens=2).tokens["cached"] > 0
     # Other FlashPrefill settings, other sampling, a modified file: not the kept prefix.
-    other = FlashPrefillConfig(**{**SPARSE.__dict__, "alpha": 0.3})
+    other = FlashPrefillConfig(**{**SPARSE.__dict__, "alpha": 0.5})  # (SPARSE has 0.3)
     assert qa.ask(video, question, "dense", SMALL, max_new_tokens=2).tokens["cached"] > 0
     assert qa.run(qa.prepare(video, question, SMALL), "sparse", 2, other).tokens["cached"] == 0
     assert qa.ask(video, question, "sparse", Sampling(fps=2.0, max_frames=8, max_pixels=56 * 56),
@@ -295,9 +295,67 @@ def test_other_settings_or_a_changed_file_compute_the_prefix_again(tiny_models, 
     assert qa.ask(video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] > 0
     prepared = qa.prepare(video, question, SMALL)
     assert qa.run(prepared, "sparse", 2, reuse_prefix=False).tokens["cached"] == 0
-    assert qa._prefix is not None and qa._prefix.state is None
+    assert qa._prefix is not None and not qa._prefix.states
     qa.forget_prefix()
     assert qa._prefix is None
+
+
+def test_compare_keeps_both_caches_for_a_later_question(tiny_models, sample_video, monkeypatch):
+    """Dense and sparse on one video (the compare mode): a later question reuses both KV caches,
+    with the answers of requests that compute their prefix; with `prefix_states = 1` the two runs
+    replace each other's cache, as before."""
+    model, processor = load(tiny_models["qwen2.5-vl"], config=SPARSE, device="cpu")
+    questions = ("What colour is the square?", "Where does it go?")
+    cold = VideoQA(model, processor, warmup=False)
+    cold.prefix_cache = False
+    for states in (2, 1):
+        qa = VideoQA(model, processor, warmup=False)
+        qa.prefix_states = states
+        decodes = _decodes(qa, monkeypatch)
+        first = qa.compare(sample_video, questions[0], SMALL, max_new_tokens=3)
+        later = qa.compare(sample_video, questions[1], SMALL, max_new_tokens=3)
+        assert [first["runs"][m].tokens["cached"] for m in ("dense", "sparse")] == [0, 0]
+        cached = [later["runs"][m].tokens["cached"] for m in ("dense", "sparse")]
+        if states == 2:
+            assert cached[0] > 0 and cached[1] > 0 and len(decodes) == 1
+            assert [later["runs"][m].timings["vision_s"] for m in ("dense", "sparse")] == [0.0, 0.0]
+            assert [k[0] for k in qa._prefix.states] == ["dense", "sparse"]
+        else:
+            assert cached == [0, 0]  # each run found the other mode's cache, and freed it
+            assert [k[0] for k in qa._prefix.states] == ["sparse"]
+        fresh = cold.compare(sample_video, questions[1], SMALL, max_new_tokens=3)
+        for mode in ("dense", "sparse"):
+            assert later["runs"][mode].text == fresh["runs"][mode].text
+            assert later["runs"][mode].sparsity["density"] == pytest.approx(fresh["runs"][mode].sparsity["density"])
+
+
+def test_the_oldest_cache_goes_first_and_memory_runs_out_only_once(tiny_models, sample_video, monkeypatch):
+    """A third setting frees the oldest cache; a prefill that runs out of GPU memory while another
+    setting's cache is kept frees it and runs again, and one that runs out with nothing kept fails."""
+    model, processor = load(tiny_models["qwen2.5-vl"], config=SPARSE, device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    question = "What colour is the square?"
+    other = dataclasses.replace(SPARSE, alpha=0.5)
+    for mode, config in (("dense", None), ("sparse", None), ("sparse", other)):
+        qa.run(qa.prepare(sample_video, question, SMALL), mode, 2, config)
+    assert [(k[0], k[1].alpha) for k in qa._prefix.states] == [("sparse", 0.3), ("sparse", 0.5)]
+
+    generate, calls = qa._generate, []
+
+    def short_of_memory(*args, **kwargs):
+        calls.append(len(qa._prefix.states) if qa._prefix else 0)
+        if calls[-1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(qa, "_generate", short_of_memory)
+    answer = qa.run(qa.prepare(sample_video, question, SMALL), "dense", 2)
+    assert calls == [1, 0] and answer.tokens["cached"] == 0  # one kept cache (prefix_states 2): freed, run again
+    assert [k[0] for k in qa._prefix.states] == ["dense"]
+    monkeypatch.setattr(qa, "_generate", lambda *a, **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    qa.forget_prefix()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        qa.run(qa.prepare(sample_video, question, SMALL), "dense", 2)
 
 
 def test_a_removed_video_fails_as_before(tiny_models, sample_video, tmp_path):

@@ -197,8 +197,10 @@ class VideoQA:
         self.prefix_cache = True
         # KV caches kept of that prefix, one per attention setting: 2 serve the compare mode's dense
         # and sparse runs (a later question reuses both); a prefill that runs out of GPU memory
-        # while another setting's cache is kept frees it and runs again. 1: one cache, as before.
+        # while another setting's cache is kept frees it and runs again, and from then on prefixes
+        # as long free the others first. 1: one cache, as before.
         self.prefix_states = 2
+        self._states_fit_below: int | None = None  # a prefix length at which that ran out of memory
         self._prefix: prefixes.VideoPrefix | None = None
         # The video being read ahead of its question (`decode_ahead`): its prefix key and the read.
         self._ahead: tuple[tuple, Future] | None = None
@@ -412,8 +414,10 @@ class VideoQA:
             state = None  # another prompt before the question (not built by this pipeline)
         if state is None:
             # Free kept KV caches before computing another: all but the newest `prefix_states - 1`
-            # of this video's, every one of another video's (or when nothing is to be kept).
-            self._free_states(self.prefix_states - 1 if kept is not None else 0)
+            # of this video's, every one of another video's (or when nothing is to be kept), and
+            # every one for a prefix as long as one whose prefill ran out of memory beside them.
+            fits = self._states_fit_below is None or prepared.prefix_len < self._states_fit_below
+            self._free_states(self.prefix_states - 1 if kept is not None and fits else 0)
             if not any(k in prepared.inputs for k in prefixes.PIXEL_KEYS):
                 self._reload(prepared)  # built on a prefix kept for other settings
         else:
@@ -445,6 +449,7 @@ class VideoQA:
             result = None  # (run again below, once the failed attempt's tensors are released)
         if result is None:
             self._free_states(0)  # another setting's KV cache took the memory this prefill needed
+            self._states_fit_below = min(self._states_fit_below or prepared.prefix_len, prepared.prefix_len)
             torch.cuda.empty_cache()
             result = attempt()
         out, state, recorder, clock, start, end = result

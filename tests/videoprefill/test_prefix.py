@@ -331,7 +331,8 @@ def test_compare_keeps_both_caches_for_a_later_question(tiny_models, sample_vide
 
 def test_the_oldest_cache_goes_first_and_memory_runs_out_only_once(tiny_models, sample_video, monkeypatch):
     """A third setting frees the oldest cache; a prefill that runs out of GPU memory while another
-    setting's cache is kept frees it and runs again, and one that runs out with nothing kept fails."""
+    setting's cache is kept frees it and runs again, after which prefixes as long free the others
+    before their prefill; one that runs out with nothing kept fails."""
     model, processor = load(tiny_models["qwen2.5-vl"], config=SPARSE, device="cpu")
     qa = VideoQA(model, processor, warmup=False)
     question = "What colour is the square?"
@@ -352,6 +353,8 @@ def test_the_oldest_cache_goes_first_and_memory_runs_out_only_once(tiny_models, 
     answer = qa.run(qa.prepare(sample_video, question, SMALL), "dense", 2)
     assert calls == [1, 0] and answer.tokens["cached"] == 0  # one kept cache (prefix_states 2): freed, run again
     assert [k[0] for k in qa._prefix.states] == ["dense"]
+    qa.run(qa.prepare(sample_video, question, SMALL), "sparse", 2)  # as long a prefix: the others freed first
+    assert calls == [1, 0, 0] and [k[0] for k in qa._prefix.states] == ["sparse"]
     monkeypatch.setattr(qa, "_generate", lambda *a, **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
     qa.forget_prefix()
     with pytest.raises(torch.cuda.OutOfMemoryError):

@@ -490,6 +490,8 @@ class VideoQA:
         if dense_layers is None:
             dense_layers = self.info.dense_layers if self.info else 0
         settings = RequestSettings(config=config, fixed_density=fixed_density, dense_layers=dense_layers)
+        if attention == "dense":  # every layer dense: FlashPrefill's settings change nothing, one key for all
+            return ("dense", None, 0, None), settings
         return (attention, config, dense_layers, fixed_density), settings
 
     def _use(self, attention: str) -> None:

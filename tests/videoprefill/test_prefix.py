@@ -329,6 +329,20 @@ def test_compare_keeps_both_caches_for_a_later_question(tiny_models, sample_vide
             assert later["runs"][mode].sparsity["density"] == pytest.approx(fresh["runs"][mode].sparsity["density"])
 
 
+def test_a_dense_cache_serves_any_flashprefill_settings(tiny_models, sample_video):
+    """Dense attention does not depend on FlashPrefill's settings: a later dense question with
+    other ones reuses the dense cache (and runs no warm-up of its own), a sparse one does not."""
+    model, processor = load(tiny_models["qwen2.5-vl"], config=SPARSE, device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    question = "What colour is the square?"
+    other = dataclasses.replace(SPARSE, alpha=0.5, block_size=32)
+    assert qa.ask(sample_video, question, "dense", SMALL, max_new_tokens=2).tokens["cached"] == 0
+    assert qa.ask(sample_video, question, "dense", SMALL, max_new_tokens=2, config=other).tokens["cached"] > 0
+    assert qa.ask(sample_video, question, "sparse", SMALL, max_new_tokens=2).tokens["cached"] == 0
+    assert qa.ask(sample_video, question, "sparse", SMALL, max_new_tokens=2, config=other).tokens["cached"] == 0
+    assert qa._settings("dense", SPARSE, 1, None)[0] == qa._settings("dense", other, 0, None)[0]
+
+
 def test_the_oldest_cache_goes_first_and_memory_runs_out_only_once(tiny_models, sample_video, monkeypatch):
     """A third setting frees the oldest cache; a prefill that runs out of GPU memory while another
     setting's cache is kept frees it and runs again, after which prefixes as long free the others

@@ -7,6 +7,7 @@ queue one at a time (one GPU serves one prefill at a time).
 from __future__ import annotations
 
 import atexit
+import collections
 import io
 import os
 import shutil
@@ -150,9 +151,16 @@ class App:
             return
         self.qa.decode_ahead(str(video), sampling)
 
-    def ask(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
-            max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, mean_correction=False, max_new_tokens=32,
-            progress=None):
+    def ask(self, *args, **kwargs):
+        """The page's outputs when every mode asked for has answered: the last of `ask_steps`."""
+        return collections.deque(self.ask_steps(*args, **kwargs), maxlen=1)[0]
+
+    def ask_steps(self, video, question, mode="sparse", alpha=0.1, block_size=128, fps=2.0, max_frames=64,
+                  max_pixels=256 * 28 * 28, layer=-1, head=0, per_kv_head=False, mean_correction=False,
+                  max_new_tokens=32, progress=None):
+        """Answer with one attention mode or both (compare), yielding the page's outputs after each
+        mode's answer: in compare mode the sparse one first, so its answer shows while the dense
+        prefill (several times longer on a long video) still runs."""
         import dataclasses
 
         import gradio as gr
@@ -161,6 +169,8 @@ class App:
             raise gr.Error("Upload a video or press 'Use the sample video' first.")
         if mode not in ("sparse", "dense", "compare"):
             raise gr.Error(f"mode must be sparse, dense or compare, got {mode!r}")
+        modes = ("dense", "sparse") if mode == "compare" else (mode,)
+        answers = {}
         try:
             config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size),
                                          pattern_per_kv_head=bool(per_kv_head), mean_correction=bool(mean_correction))
@@ -168,7 +178,6 @@ class App:
             if max_new_tokens is None or int(max_new_tokens) < 1:
                 raise InputError(f"max new tokens must be at least 1, got {max_new_tokens}")
             new_tokens = int(max_new_tokens)
-            modes = ("dense", "sparse") if mode == "compare" else (mode,)
             if self.qa.warmup and question and question.strip():  # as VideoQA.ask: before decoding
                 if progress is not None:
                     progress(0.05, desc="warming up (once per settings)")
@@ -177,18 +186,34 @@ class App:
             if progress is not None:
                 progress(0.1, desc="decoding the video")
             prepared = self.qa.prepare(str(video), question if question is not None else "", sampling)
-            if progress is not None:
-                progress(0.4, desc="prefill and first token")
-            answers = {m: self.qa.run(prepared, m, new_tokens, config) for m in modes}
+            for m in sorted(modes, key=lambda m: m != "sparse"):
+                if progress is not None:
+                    progress(0.4 if not answers else 0.7, desc=f"{m}: prefill and first token")
+                answers[m] = self.qa.run(prepared, m, new_tokens, config)
+                self._add_run(m, answers[m], prepared, config)
+                yield self._render({k: answers[k] for k in modes if k in answers}, modes, layer, head)
         except (InputError, VideoError, ValueError) as err:
             raise gr.Error(str(err)) from None
-        main = answers.get("sparse") or answers[mode]
-        if mode == "compare":
-            d, s = answers["dense"], answers["sparse"]
-            agree = "answers agree" if d.text == s.text else "ANSWERS DIFFER"
-            speed = d.timings["ttft_s"] / s.timings["ttft_s"]
-            text = "\n".join([format_answer(d, "dense"), format_answer(s, "sparse"),
-                              f"TTFT speed-up {speed:.2f}x; {agree}"])
+
+    def _add_run(self, name, answer, prepared, config) -> None:
+        label = name
+        if name == "sparse":
+            label += ", per KV head" if config.pattern_per_kv_head else ""
+            label += ", mean correction" if config.mean_correction else ""
+        self.runs.append([len(self.runs) + 1, label, prepared.question[:60], answer.tokens["video"],
+                          round(answer.timings["ttft_s"] * 1000, 1), round(answer.timings["prefill_s"] * 1000, 1),
+                          round(answer.sparsity["density"], 4), answer.text[:80]])
+
+    def _render(self, answers: dict, modes: tuple, layer, head) -> tuple:
+        """The page's outputs for the answers so far (a mode of `modes` not among them: running)."""
+        main = answers.get("sparse") or answers[modes[0]]
+        if len(modes) == 2:
+            lines = [format_answer(answers[m], m) if m in answers else f"{m}: running ..." for m in modes]
+            if len(answers) == 2:
+                d, s = answers["dense"], answers["sparse"]
+                agree = "answers agree" if d.text == s.text else "ANSWERS DIFFER"
+                lines.append(f"TTFT speed-up {d.timings['ttft_s'] / s.timings['ttft_s']:.2f}x; {agree}")
+            text = "\n".join(lines)
         else:
             text = format_answer(main)
         table = [[name] + [round(a.timings[k] * 1000, 2) for k in (*STAGES, "ttft_s", "total_s")]
@@ -205,14 +230,6 @@ class App:
         layers = main.sparsity.get("layers") or [0]
         chosen = layers[-1] if int(layer) < 0 else int(layer)
         mask = block_mask_image(main, chosen, int(head))
-        for name, a in answers.items():
-            label = name
-            if name == "sparse":
-                label += ", per KV head" if config.pattern_per_kv_head else ""
-                label += ", mean correction" if config.mean_correction else ""
-            self.runs.append([len(self.runs) + 1, label, prepared.question[:60], a.tokens["video"],
-                              round(a.timings["ttft_s"] * 1000, 1), round(a.timings["prefill_s"] * 1000, 1),
-                              round(a.sparsity["density"], 4), a.text[:80]])
         return text, table, ttft_chart(answers), tokens, line, heat, mask, list(self.runs)
 
 
@@ -277,8 +294,8 @@ def build(qa: VideoQA):
 
         def _ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head, per_kv_head,
                  mean_correction, max_new_tokens=32, progress=gr.Progress()):
-            return app.ask(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
-                           per_kv_head, mean_correction, max_new_tokens, progress)
+            yield from app.ask_steps(video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
+                                     per_kv_head, mean_correction, max_new_tokens, progress)
 
         ask.click(_ask, inputs=[video, question, mode, alpha, block, fps, max_frames, max_pixels, layer, head,
                                 per_kv_head, mean_correction, max_new_tokens],

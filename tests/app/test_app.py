@@ -138,7 +138,7 @@ def test_browser_upload_ask_and_see_results(server):
         page.locator("#ask").click()
         page.wait_for_function(
             "() => document.querySelector('#answer textarea') && "
-            "document.querySelector('#answer textarea').value.includes('TTFT')", timeout=240_000)
+            "document.querySelector('#answer textarea').value.includes('TTFT speed-up')", timeout=240_000)
         answer = page.locator("#answer textarea").input_value()
         assert "sparse:" in answer and "dense:" in answer
         if shipped_demo() is not None:  # the trained demo names the sample's flash colour
@@ -164,6 +164,26 @@ def test_serves_no_file_outside_its_folders(server):
                     assert b"root:" not in body and b"[project]" not in body
             except urllib.error.HTTPError as err:
                 assert err.code in (403, 404)
+
+
+def test_compare_shows_the_sparse_answer_while_dense_runs():
+    """In compare mode the page is updated twice: first with the sparse answer and dense still
+    running, then with both, their speed-up and the session's runs in the order they ran."""
+    from app.ui import App
+    from models import load
+    from videoprefill.pipeline import VideoQA
+
+    app = App(VideoQA(*load("demo", device="cpu"), warmup=False))
+    steps = list(app.ask_steps(SAMPLE, DEMO_QUESTION, "compare", max_frames=8))
+    assert len(steps) == 2
+    (first, first_table, *_, first_runs), (final, final_table, *_, runs) = steps
+    assert first.splitlines()[0] == "dense: running ..." and first.splitlines()[1].startswith("sparse: ")
+    assert "speed-up" not in first and [row[0] for row in first_table] == ["sparse"]
+    assert final.startswith("dense: ") and "TTFT speed-up" in final
+    assert [row[0] for row in final_table] == ["dense", "sparse"]
+    assert [row[1] for row in runs] == ["sparse", "dense"] and first_runs == runs[:1]
+    single = app.ask(SAMPLE, DEMO_QUESTION, "sparse", max_frames=8)  # one mode: one update, which ask returns
+    assert "TTFT" in single[0] and "\n" not in single[0] and len(single[7]) == 3
 
 
 def test_the_ui_warms_up_before_it_decodes(monkeypatch):

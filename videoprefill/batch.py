@@ -312,6 +312,8 @@ def run_items(qa, items: list[Item], out_path: Path, args, config, sampling, ran
             if entry is None:
                 break
             video, group, decoded = entry
+            # Compare mode: both modes' caches kept for a video's later questions; one for a video asked once.
+            qa.prefix_states = 2 if len(group) > 1 else 1
             for n, item in enumerate(group):
                 if stop.requested:
                     break

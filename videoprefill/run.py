@@ -134,6 +134,7 @@ def _main(args) -> int:
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
         check_frame_pixels(sampling.max_pixels, processor.video_processor.patch_size)  # (before the warm-up)
         qa = VideoQA(model, processor, warmup=not args.no_warmup)
+        qa.prefix_states = 1  # one question a process: compare's dense cache is not held through its sparse run
         config = config_from_args(args, qa.config)
         if args.attention == "compare":
             result = qa.compare(args.video, question, sampling, args.max_new_tokens, config)

@@ -150,6 +150,9 @@ def test_errors_recorded_and_resume_adds_only_missing(tmp_path, videos):
     assert "cannot decode" in by_id["q2"]["error"] and "not found" in by_id["q4"]["error"]
     assert by_id["q0"]["error"] is None and by_id["q0"]["attention"] == "sparse"  # kept from the first run
     assert by_id["q5"]["attention"] == "compare" and set(by_id["q5"]["runs"]) == {"sparse", "dense"}
+    # q3 and q5 ask about the same video: q5's dense and sparse runs both reuse q3's caches
+    for mode in ("dense", "sparse"):
+        assert by_id["q3"]["runs"][mode]["cached_tokens"] == 0 < by_id["q5"]["runs"][mode]["cached_tokens"]
     # each row says what it was asked with: the first run's defaults, the second run's options
     first_config, second_config = by_id["q0"]["config"], by_id["q5"]["config"]
     assert not first_config["mean_correction"] and not first_config["pattern_per_kv_head"]

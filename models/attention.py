@@ -10,8 +10,9 @@ non-causal go to dense SDPA. A padded batch (a 4-D mask, since sdpa_mask is regi
 name) runs each row on its own valid token range. Per-request settings travel in a context
 variable set around `generate`.
 
-Where SDPA runs a query shorter than its keys (a decoding step, a question over a kept prefix), in
-both modes, its cuDNN backend is excluded (kernels.flash_prefill.api.SHORT_QUERY_BACKENDS): cuDNN
+Where SDPA runs a query shorter than its keys (a decoding step; a question over a kept prefix
+runs as kernels' dense attention, one flash-attention call, in the dense mode too), in both modes,
+its cuDNN backend is excluded (kernels.flash_prefill.api.SHORT_QUERY_BACKENDS): cuDNN
 builds an execution plan the first time it sees a shape, 53-65 ms on an H200, and every decoding
 step has a new key length; flash needs no plan and took 0.07 / 0.18 ms per step's call over 16K /
 131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run. A step of a user's request
@@ -229,9 +230,18 @@ def dense_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The dense mode (DENSE_NAME), and the sparse mode's dense calls: transformers' SDPA attention,
     short queries kept off cuDNN (the signature is transformers' attention interface, as
-    sparse_attention_forward's)."""
+    sparse_attention_forward's). A question over a cached prompt (several queries, fewer than the
+    keys, causal, one unpadded row) runs as kernels' `dense_attention` instead, as the sparse mode's
+    runs: one flash-attention call with the KV heads grouped and bottom-right causal alignment,
+    where SDPA needs an explicit mask, which rules out its flash backend (BENCHMARKS.md,
+    twenty-sixth session)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if 1 < tq < tk and causal and b == 1 and (attention_mask is None or _key_ranges(attention_mask, tk)[0] == (0, tk)):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return dense_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale), None
     # a decoding step or a question over a cache: no cuDNN (module docstring)
     short = sdpa_kernel(SHORT_QUERY_BACKENDS) if query.shape[2] < key.shape[2] else contextlib.nullcontext()
     with short:

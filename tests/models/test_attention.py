@@ -116,10 +116,11 @@ def test_decode_steps_take_the_dense_path(tiny_models, sample_video, monkeypatch
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 def test_short_queries_run_sdpa_without_cudnn(mode, tiny_models, sample_video, monkeypatch):
-    """In both modes SDPA runs a query shorter than its keys (the decoding steps; in the dense mode
-    also the question over the prefix's cache) with its cuDNN backend off, since cuDNN builds a
-    plan for each shape it has not run and these come in new shapes; the dense mode's prefill of the
-    prefix (queries = keys) keeps SDPA's own choice, and the flag is back on afterwards. (Two
+    """In both modes SDPA runs the decoding steps (one query) with its cuDNN backend off, since
+    cuDNN builds a plan for each shape it has not run and these come in new shapes; the dense
+    mode's prefill of the prefix (queries = keys) keeps SDPA's own choice, and the flag is back on
+    afterwards. The dense mode's question over the prefix's cache runs as kernels'
+    `dense_attention` (its own test: off cuDNN too), as in the sparse mode's dense calls. (Two
     prefill calls forced: a dense prompt's first question is one call; a later one is the question
     over the kept prefix's cache.)"""
     from transformers.integrations import sdpa_attention
@@ -141,14 +142,20 @@ def test_short_queries_run_sdpa_without_cudnn(mode, tiny_models, sample_video, m
         return real(module, query, key, *args, **kwargs)
 
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recording)
+    dense_calls = []
+    kernels_dense = attention_module.dense_attention
+    monkeypatch.setattr(attention_module, "dense_attention",
+                        lambda q, k, *a: dense_calls.append((q.shape[1], k.shape[1])) or kernels_dense(q, k, *a))
     answer = qa.run(prepared, mode, max_new_tokens=4)
     layers = model.config.text_config.num_hidden_layers
     steps = [cudnn for queries, _, cudnn in seen if queries == 1]
     assert answer.new_tokens == 4 and len(steps) == 3 * layers and not any(steps)
-    question = [cudnn for queries, keys, cudnn in seen if 1 < queries < keys]
     prefix = [cudnn for queries, keys, cudnn in seen if queries == keys]
-    assert len(question) == len(prefix) == (layers if mode == "dense" else 0)
-    assert all(prefix) and not any(question)
+    assert not [q for q, k, _ in seen if 1 < q < k]  # no question call through transformers' SDPA
+    assert len(prefix) == (layers if mode == "dense" else 0) and all(prefix)
+    question = prepared.tokens["total"] - prepared.prefix_len
+    if mode == "dense":
+        assert dense_calls == [(question, prepared.tokens["total"])] * layers
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 

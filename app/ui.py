@@ -10,8 +10,10 @@ import atexit
 import collections
 import io
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -126,6 +128,50 @@ def format_answer(answer, label: str = "") -> str:
     return text + (f"  ({UNTRAINED})" if not answer.trained else "")
 
 
+def format_partial(text: str, ttft_s: float, label: str = "") -> str:
+    """An answer still being generated: its text so far and its time to first token."""
+    prefix = f"{label}: " if label else ""
+    return f"{prefix}{text} ...  [TTFT {ttft_s * 1000:.1f} ms, generating]"
+
+
+_DONE = object()
+
+
+def streamed(run, **kwargs):
+    """Run `run(..., on_text=...)` (`VideoQA.run`) on a thread of its own and yield (text, ttft_s)
+    as the answer grows, the latest only when several came since the last yield; returns its
+    Answer (raises its error). The thread is waited for even when the caller stops early (a page
+    closed), so that no request runs beside the next one."""
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    result = {}
+
+    def work():
+        try:
+            result["answer"] = run(**kwargs, on_text=lambda text, ttft_s: updates.put((text, ttft_s)))
+        except BaseException as err:  # raised again on the caller's thread
+            result["error"] = err
+        finally:
+            updates.put(_DONE)
+
+    worker = threading.Thread(target=work, name="videoprefill-answer", daemon=True)
+    worker.start()
+    try:
+        while True:
+            pending = [updates.get()]
+            while not updates.empty():
+                pending.append(updates.get())
+            texts = [item for item in pending if item is not _DONE]
+            if texts:
+                yield texts[-1]
+            if pending[-1] is _DONE:
+                break
+    finally:
+        worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["answer"]
+
+
 class App:
     """Holds the loaded model and the session's runs; `ask` is the /ask endpoint."""
 
@@ -160,7 +206,9 @@ class App:
                   max_new_tokens=32, progress=None):
         """Answer with one attention mode or both (compare), yielding the page's outputs after each
         mode's answer: in compare mode the sparse one first, so its answer shows while the dense
-        prefill (several times longer on a long video) still runs."""
+        prefill (several times longer on a long video) still runs. While an answer is generated,
+        the updates between change the answer box only: its text so far, from the first token on
+        (`streamed`), with its TTFT."""
         import dataclasses
 
         import gradio as gr
@@ -189,7 +237,19 @@ class App:
             for m in sorted(modes, key=lambda m: m != "sparse"):
                 if progress is not None:
                     progress(0.4 if not answers else 0.7, desc=f"{m}: prefill and first token")
-                answers[m] = self.qa.run(prepared, m, new_tokens, config)
+                # The answer text as it is generated, the page's other outputs left as they are.
+                stream = streamed(self.qa.run, prepared=prepared, attention=m, max_new_tokens=new_tokens,
+                                  config=config)
+                try:
+                    while True:
+                        try:
+                            text, ttft_s = next(stream)
+                        except StopIteration as finished:
+                            answers[m] = finished.value
+                            break
+                        yield (self._answer_text(answers, modes, (m, text, ttft_s)), *(gr.update(),) * 7)
+                finally:
+                    stream.close()  # (a page closed mid-answer: the answer's thread is waited for)
                 self._add_run(m, answers[m], prepared, config)
                 yield self._render({k: answers[k] for k in modes if k in answers}, modes, layer, head)
         except (InputError, VideoError, ValueError) as err:
@@ -204,18 +264,30 @@ class App:
                           round(answer.timings["ttft_s"] * 1000, 1), round(answer.timings["prefill_s"] * 1000, 1),
                           round(answer.sparsity["density"], 4), answer.text[:80]])
 
+    @staticmethod
+    def _answer_text(answers: dict, modes: tuple, partial: tuple | None = None) -> str:
+        """The answer box: each mode's answer, the one being generated as far as it got (partial:
+        its mode, text and TTFT), the others running (next, while another one generates)."""
+        def line(m, label):
+            if m in answers:
+                return format_answer(answers[m], label)
+            if partial is not None and partial[0] == m:
+                return format_partial(partial[1], partial[2], label)
+            return f"{m}: next" if partial is not None else f"{m}: running ..."
+
+        if len(modes) == 1:
+            return line(modes[0], "")
+        lines = [line(m, m) for m in modes]
+        if len(answers) == 2:
+            d, s = answers["dense"], answers["sparse"]
+            agree = "answers agree" if d.text == s.text else "ANSWERS DIFFER"
+            lines.append(f"TTFT speed-up {d.timings['ttft_s'] / s.timings['ttft_s']:.2f}x; {agree}")
+        return "\n".join(lines)
+
     def _render(self, answers: dict, modes: tuple, layer, head) -> tuple:
         """The page's outputs for the answers so far (a mode of `modes` not among them: running)."""
         main = answers.get("sparse") or answers[modes[0]]
-        if len(modes) == 2:
-            lines = [format_answer(answers[m], m) if m in answers else f"{m}: running ..." for m in modes]
-            if len(answers) == 2:
-                d, s = answers["dense"], answers["sparse"]
-                agree = "answers agree" if d.text == s.text else "ANSWERS DIFFER"
-                lines.append(f"TTFT speed-up {d.timings['ttft_s'] / s.timings['ttft_s']:.2f}x; {agree}")
-            text = "\n".join(lines)
-        else:
-            text = format_answer(main)
+        text = self._answer_text(answers, modes)
         table = [[name] + [round(a.timings[k] * 1000, 2) for k in (*STAGES, "ttft_s", "total_s")]
                  for name, a in answers.items()]
         tok = main.tokens

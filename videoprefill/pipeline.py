@@ -173,6 +173,39 @@ class _StageClock:
             h.remove()
 
 
+class _AnswerStream:
+    """A `generate` streamer that hands the answer so far to `on_text(text, ttft_s)` after each new
+    token: the text decoded as `VideoQA.run` decodes the answer (special tokens skipped, stripped),
+    on the first token and whenever it changes; ttft_s, the request's time to first token (the value
+    `timings["ttft_s"]` gets). It runs on the generating thread between decoding steps. The first
+    new token's arrival on the host is a synchronisation point already, so it stamps the clock's
+    first token there when the stopping criterion has not (transformers calls the two in either
+    order, by version), before any work of its own."""
+
+    def __init__(self, tokenizer, clock: _StageClock, ttft_s, on_text):
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.ttft_s = ttft_s  # () -> the request's TTFT, once the first token is stamped
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.text: str | None = None
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.clock.marks.setdefault("first_token", time.perf_counter())
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        if text != self.text:
+            self.text = text
+            self.on_text(text, self.ttft_s())
+
+    def end(self) -> None:
+        pass
+
+
 class VideoQA:
     """Question answering over a video with a loaded Qwen-VL model (see models.load)."""
 
@@ -395,12 +428,14 @@ class VideoQA:
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
             record_masks: bool = True, fixed_density: float | None = None,
-            reuse_prefix: bool | None = None) -> Answer:
+            reuse_prefix: bool | None = None, on_text=None) -> Answer:
         """Prefill and generate for a prepared request with the chosen attention.
 
         reuse_prefix: use the kept KV cache of this video's prefix when it was made with the same
         settings, and keep this one's (default `self.prefix_cache`); False computes the prefix
-        and keeps nothing, a cold request (what the benchmarks time)."""
+        and keeps nothing, a cold request (what the benchmarks time).
+        on_text: called as `on_text(text, ttft_s)` with the answer so far while it is generated,
+        from the first token on (`_AnswerStream`); the last call's text is the answer's."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
@@ -434,8 +469,14 @@ class VideoQA:
             clock = _StageClock(self.model, self.device)
             try:
                 start = _sync(self.device)
+                stream = {}
+                if on_text is not None:
+                    stream["streamer"] = _AnswerStream(
+                        self.processor.tokenizer, clock,
+                        lambda: prepared.decode_s + (clock.marks["first_token"] - start), on_text)
                 with torch.inference_mode(), request_settings(dataclasses.replace(settings, recorder=recorder)):
-                    out, made = self._generate(prepared, key, state, max_new_tokens, [clock.first_token_stopper()])
+                    out, made = self._generate(prepared, key, state, max_new_tokens, [clock.first_token_stopper()],
+                                               **stream)
                 end = _sync(self.device)
             finally:
                 clock.close()
@@ -604,12 +645,14 @@ class VideoQA:
 
     def ask(self, video: str, question: str = DEFAULT_QUESTION, attention: str = "sparse",
             sampling: Sampling | None = None, max_new_tokens: int = 32,
-            config: FlashPrefillConfig | None = None) -> Answer:
-        """Answer `question` about `video`. Raises InputError (VideoError) for bad input."""
+            config: FlashPrefillConfig | None = None, on_text=None) -> Answer:
+        """Answer `question` about `video`. Raises InputError (VideoError) for bad input.
+        on_text: the answer so far while it is generated (`run`)."""
         self._check_question(question)
         if self.warmup:
             self.warm_up(attention, config)  # before decoding: the decode path is warmed too
-        return self.run(self.prepare(video, question, sampling), attention, max_new_tokens, config)
+        return self.run(self.prepare(video, question, sampling), attention, max_new_tokens, config,
+                        on_text=on_text)
 
     def compare(self, video: str, question: str = DEFAULT_QUESTION, sampling: Sampling | None = None,
                 max_new_tokens: int = 32, config: FlashPrefillConfig | None = None) -> dict:

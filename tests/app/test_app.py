@@ -167,23 +167,72 @@ def test_serves_no_file_outside_its_folders(server):
 
 
 def test_compare_shows_the_sparse_answer_while_dense_runs():
-    """In compare mode the page is updated twice: first with the sparse answer and dense still
-    running, then with both, their speed-up and the session's runs in the order they ran."""
+    """In compare mode the page is rendered twice: first with the sparse answer and dense still
+    running, then with both, their speed-up and the session's runs in the order they ran. Before
+    each, the answer box alone shows that answer as it is generated, with its TTFT."""
+    import gradio as gr
+
     from app.ui import App
     from models import load
     from videoprefill.pipeline import VideoQA
 
     app = App(VideoQA(*load("demo", device="cpu"), warmup=False))
     steps = list(app.ask_steps(SAMPLE, DEMO_QUESTION, "compare", max_frames=8))
-    assert len(steps) == 2
-    (first, first_table, *_, first_runs), (final, final_table, *_, runs) = steps
+    renders = [i for i, step in enumerate(steps) if isinstance(step[1], list)]
+    assert len(renders) == 2 and renders[1] == len(steps) - 1
+    (first, first_table, *_, first_runs), (final, final_table, *_, runs) = (steps[i] for i in renders)
     assert first.splitlines()[0] == "dense: running ..." and first.splitlines()[1].startswith("sparse: ")
     assert "speed-up" not in first and [row[0] for row in first_table] == ["sparse"]
     assert final.startswith("dense: ") and "TTFT speed-up" in final
     assert [row[0] for row in final_table] == ["dense", "sparse"]
     assert [row[1] for row in runs] == ["sparse", "dense"] and first_runs == runs[:1]
-    single = app.ask(SAMPLE, DEMO_QUESTION, "sparse", max_frames=8)  # one mode: one update, which ask returns
+    # The updates between: the answer box only, the other outputs unchanged.
+    sparse_partial, dense_partial = steps[: renders[0]], steps[renders[0] + 1: renders[1]]
+    assert sparse_partial and dense_partial
+    for _text, *rest in sparse_partial + dense_partial:
+        assert all(update == gr.update() for update in rest)
+    assert all(s[0].startswith("dense: next\nsparse: ") and "generating" in s[0] for s in sparse_partial)
+    sparse_line = first.splitlines()[1]
+    assert all(s[0].startswith("dense: ") and "generating" in s[0].splitlines()[0] for s in dense_partial)
+    assert all(s[0].splitlines()[1] == sparse_line for s in dense_partial)
+    answer = sparse_line.removeprefix("sparse: ").split("  [TTFT")[0]
+    ttft = sparse_line.split("[TTFT ")[1].split(" ms")[0]
+    assert sparse_partial[-1][0].splitlines()[1].startswith(f"sparse: {answer} ...  [TTFT {ttft} ms, generating]")
+    single = app.ask(SAMPLE, DEMO_QUESTION, "sparse", max_frames=8)  # one mode: the last update, which ask returns
     assert "TTFT" in single[0] and "\n" not in single[0] and len(single[7]) == 3
+
+
+def test_a_streamed_answer_s_error_and_a_closed_page():
+    """`streamed`: the answer's error is raised on the caller's thread; a caller that stops early
+    (the page closed) waits for the answer's thread, so no request runs beside the next one."""
+    import threading
+
+    from app.ui import streamed
+    from videoprefill.pipeline import InputError
+
+    def failing(on_text):
+        on_text("a", 0.5)
+        raise InputError("the question is empty")
+
+    stream = streamed(failing)
+    assert next(stream) == ("a", 0.5)
+    with pytest.raises(InputError, match="the question is empty"):
+        next(stream)
+
+    release, finished = threading.Event(), threading.Event()
+
+    def slow(on_text):
+        on_text("first", 0.1)
+        release.wait(10)
+        on_text("second", 0.1)
+        finished.set()
+        return "answer"
+
+    stream = streamed(slow)
+    assert next(stream) == ("first", 0.1)
+    threading.Timer(0.3, release.set).start()
+    stream.close()
+    assert finished.is_set()
 
 
 def test_the_ui_warms_up_before_it_decodes(monkeypatch):

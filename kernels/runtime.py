@@ -115,6 +115,20 @@ def _args_key(args: tuple) -> tuple:
     return tuple(key)
 
 
+def _owner(args: tuple) -> int:
+    """The CUDA device index of a launch's first tensor argument (a TMA descriptor's base tensor
+    counts), -1 when it is not on CUDA or there is none. Triton launches on the current device
+    whatever the tensors' device is: on another device's tensors that failed ("invalid resource
+    handle") or gave wrong results silently (H200 pair, twenty-seventh session)."""
+    for arg in args:
+        if type(arg) is torch.Tensor:
+            return arg.get_device()
+        base = getattr(arg, "base", None)
+        if isinstance(base, torch.Tensor):
+            return base.get_device()
+    return -1
+
+
 class Launcher:
     """`kernel[grid](*args, **constexprs)` with less host time, for kernels launched per layer.
 
@@ -128,7 +142,8 @@ class Launcher:
     specialisation is checked to hold nothing else (only 16-divisibility, of arguments the key
     says are divisible); any other (another Triton version's rules) turns the direct path off for
     this kernel, and its calls then all go through Triton's launch, as under the interpreter.
-    Launch hooks (a profiler's) are called as Triton calls them.
+    Launch hooks (a profiler's) are called as Triton calls them. A launch whose first tensor is on
+    another CUDA device than the current one runs with that device made current (`_owner`).
 
     Runtime arguments are passed positionally, constexprs and options by keyword.
     """
@@ -148,6 +163,10 @@ class Launcher:
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict):
         if not (self.direct and DIRECT_LAUNCH):
+            owner = _owner(args)
+            if owner >= 0 and owner != torch.cuda.current_device():
+                with torch.cuda.device(owner):
+                    return self.kernel[grid](*args, **kwargs)
             return self.kernel[grid](*args, **kwargs)
         if self.device is None:
             from triton import knobs
@@ -156,6 +175,10 @@ class Launcher:
             self.device, self.stream = driver.active.get_current_device, current_stream_getter()
             self.knobs = knobs.runtime
         device = self.device()
+        owner = _owner(args)
+        if owner != device and owner >= 0:  # Triton launches on the current device: make it the tensors'
+            with torch.cuda.device(owner):
+                return self.launch(grid, args, kwargs)
         try:
             keys = _args_key(args)
             key = (device, keys, tuple(kwargs.items()))
@@ -203,10 +226,14 @@ class Launcher:
         launch with this specialisation has gone through Triton once, under the interpreter, or
         where the compiled launcher is not the one `_c_launcher` reads. `again` returns False,
         launching nothing, while a launch hook (a profiler's) is set, another device is current or
-        direct launches are off (DIRECT_LAUNCH); then launch as usual."""
+        direct launches are off (DIRECT_LAUNCH); then launch as usual. None too where the tensors are
+        on another device than the current one (the compiled kernel found would be the current
+        device's)."""
         if not (self.direct and DIRECT_LAUNCH) or self.device is None:
             return None
         device = self.device()
+        if _owner(args) not in (device, -1):
+            return None  # (its tensors on another device: `launch` switches to it, each time)
         try:
             entry = self.compiled.get((device, _args_key(args), tuple(kwargs.items())))
         except (AttributeError, TypeError):

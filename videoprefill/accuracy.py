@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # (Triton launches on the current device; `--device cuda:N`)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     modes = ["dense", *configs]
     rows = []

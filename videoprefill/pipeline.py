@@ -425,6 +425,14 @@ class VideoQA:
         decoded = prepared.decoded or self.decode(prepared.video.path, prepared.sampling)
         return self.prepare_decoded(decoded, question)
 
+    def on_device(self):
+        """A context in which the model's GPU is the current CUDA device (nothing on the CPU). Triton
+        launches on the current device, which is cuda:0 in a thread that has not set one (the web
+        UI's and batch QA's threads included): `run` and `warm_up` run in it, so a model on cuda:N
+        gets its kernels launched there directly (`kernels.runtime.Launcher` switches device per
+        launch otherwise)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
             record_masks: bool = True, fixed_density: float | None = None,
@@ -436,6 +444,13 @@ class VideoQA:
         and keeps nothing, a cold request (what the benchmarks time).
         on_text: called as `on_text(text, ttft_s)` with the answer so far while it is generated,
         from the first token on (`_AnswerStream`); the last call's text is the answer's."""
+        with self.on_device():
+            return self._run(prepared, attention, max_new_tokens, config, dense_layers, record_masks,
+                             fixed_density, reuse_prefix, on_text)
+
+    def _run(self, prepared: Prepared, attention: str, max_new_tokens: int, config: FlashPrefillConfig | None,
+             dense_layers: int | None, record_masks: bool, fixed_density: float | None, reuse_prefix: bool | None,
+             on_text) -> Answer:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
@@ -557,6 +572,10 @@ class VideoQA:
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
         if key in self._warm:
             return
+        with self.on_device():
+            self._warm_up(key, attention, settings, fixed_density)
+
+    def _warm_up(self, key: tuple, attention: str, settings: RequestSettings, fixed_density: float | None) -> None:
         if self._warmup_request is None:
             decoded = self.decode(str(sample_video_path()), WARMUP_SAMPLING)
             self._warmup_request = self.prepare_decoded(decoded, DEFAULT_QUESTION, reuse_prefix=False)

@@ -325,7 +325,8 @@ def run_items(qa, items: list[Item], out_path: Path, args, config, sampling, ran
                     row["error"] = None
                     n_ok += 1
                 except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
+                    with qa.on_device():  # (the model's device, which need not be the current one)
+                        torch.cuda.empty_cache()
                     row["error"] = "out of GPU memory"
                     n_err += 1
                 except Exception as err:  # one item's failure never stops the run

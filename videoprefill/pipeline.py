@@ -674,15 +674,20 @@ class VideoQA:
                         on_text=on_text)
 
     def compare(self, video: str, question: str = DEFAULT_QUESTION, sampling: Sampling | None = None,
-                max_new_tokens: int = 32, config: FlashPrefillConfig | None = None) -> dict:
-        """Dense and sparse on the same decoded inputs: both answers, TTFT speed-up, agreement."""
+                max_new_tokens: int = 32, config: FlashPrefillConfig | None = None, on_text=None) -> dict:
+        """Dense and sparse on the same decoded inputs: both answers, TTFT speed-up, agreement.
+        on_text: `on_text(mode, text, ttft_s)` with each answer so far while it is generated (`run`)."""
         self._check_question(question)
         if self.warmup:
             for attention in ("dense", "sparse"):
                 self.warm_up(attention, config)
         prepared = self.prepare(video, question, sampling)
-        dense = self.run(prepared, "dense", max_new_tokens, config)
-        sparse = self.run(prepared, "sparse", max_new_tokens, config)
+
+        def stream(mode):
+            return None if on_text is None else lambda text, ttft_s: on_text(mode, text, ttft_s)
+
+        dense = self.run(prepared, "dense", max_new_tokens, config, on_text=stream("dense"))
+        sparse = self.run(prepared, "sparse", max_new_tokens, config, on_text=stream("sparse"))
         return {
             "runs": {"sparse": sparse, "dense": dense},
             "ttft_speedup": dense.timings["ttft_s"] / sparse.timings["ttft_s"],

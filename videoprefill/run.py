@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,12 +97,42 @@ def _human(answer, label: str | None = None) -> str:
     return "\n".join(lines)
 
 
+class LiveAnswer:
+    """On a terminal, the answer as it is generated, from its first token on: one line rewritten in
+    place (its end when it is wider than the terminal), wiped before the report prints the answer."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.shown = False
+
+    def show(self, label: str, text: str, ttft_s: float) -> None:
+        head = f"[{label}] " if label else ""
+        line = f"{head}answer so far (first token after {ttft_s * 1000:.0f} ms): {' '.join(text.split())} ..."
+        width = shutil.get_terminal_size().columns - 1
+        if len(line) > width:
+            line = "..." + line[-(width - 3):]
+        self.stream.write("\r\033[K" + line)
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.clear_line()
+            self.shown = False
+
+    def clear_line(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
     try:
         return _main(args)
     except KeyboardInterrupt:
+        if sys.stdout.isatty():
+            LiveAnswer(sys.stdout).clear_line()  # (an answer being shown)
         print("interrupted", file=sys.stderr)
         return 130
 
@@ -129,6 +160,8 @@ def _main(args) -> int:
     quiet_libraries()
     from models import load
 
+    # The answer shown as it is generated where stdout is a terminal (the report below is the same).
+    live = LiveAnswer(sys.stdout) if sys.stdout.isatty() and not args.json else None
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
@@ -137,19 +170,24 @@ def _main(args) -> int:
         qa.prefix_states = 1  # one question a process: compare's dense cache is not held through its sparse run
         config = config_from_args(args, qa.config)
         if args.attention == "compare":
-            result = qa.compare(args.video, question, sampling, args.max_new_tokens, config)
+            result = qa.compare(args.video, question, sampling, args.max_new_tokens, config,
+                                on_text=live.show if live else None)
             primary = result["runs"]["sparse"]
         else:
-            primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config)
+            primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config,
+                             on_text=(lambda text, ttft_s: live.show("", text, ttft_s)) if live else None)
             result = None
     except (InputError, VideoError, ModelLoadError, ValueError, TypeError) as err:
+        _clear(live)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one line, not a traceback; VIDEOPREFILL_DEBUG=1 shows it
+        _clear(live)
         if os.environ.get("VIDEOPREFILL_DEBUG"):
             raise
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
+    _clear(live)
 
     map_error = None
     if args.sparsity_map:
@@ -184,6 +222,11 @@ def _main(args) -> int:
     if args.sparsity_map and map_error is None:
         print(f"sparsity map written to {args.sparsity_map}")
     return _report_map_error(map_error)
+
+
+def _clear(live: LiveAnswer | None) -> None:
+    if live is not None:
+        live.clear()
 
 
 MAP_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -145,3 +146,42 @@ def test_bad_device_and_dense_layers_exit_2(sample_video):
         assert proc.returncode == 2 and "no usable CUDA device" in one_error_line(proc)
     proc = run(sample_video, "--dense-layers", "5", *SMALL)
     assert proc.returncode == 2 and "exceeds the 4 language-model layers" in one_error_line(proc)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("attention", ["sparse", "compare"])
+def test_a_terminal_sees_the_answer_as_it_is_generated(attention, monkeypatch):
+    """On a terminal the answer is shown from its first token on, on one line rewritten in place
+    and wiped before the report; the report is what a pipe gets. Not on a pipe, nor with --json."""
+    from videoprefill import run as cli
+    from videoprefill.synthetic import DEMO_QUESTION
+    from videoprefill.video import sample_video_path
+
+    argv = [str(sample_video_path()), "-q", DEMO_QUESTION, "--attention", attention, "--no-warmup",
+            "--device", "cpu", "--max-new-tokens", "4"]
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert cli.main(argv) == 0
+    shown = terminal.getvalue()
+    live, _, report = shown.rpartition("\r\033[K")
+    labels = ["[dense] ", "[sparse] "] if attention == "compare" else [""]
+    for label in labels:
+        assert f"\r\033[K{label}answer so far (first token after " in live
+    assert "answer so far" not in report and "\r" not in report
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert cli.main(argv) == 0
+    assert "\r" not in pipe.getvalue() and "answer so far" not in pipe.getvalue()
+    # The same report but for the timings.
+    strip = [line.split("TTFT")[0] for line in report.splitlines()]
+    assert strip == [line.split("TTFT")[0] for line in pipe.getvalue().splitlines()]
+    if TRAINED:
+        assert "answer: yellow" in report and "): yellow ..." in live
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert cli.main([*argv, "--json"]) == 0
+    assert "\r" not in terminal.getvalue()

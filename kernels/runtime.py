@@ -118,8 +118,9 @@ def _args_key(args: tuple) -> tuple:
 def _owner(args: tuple) -> int:
     """The CUDA device index of a launch's first tensor argument (a TMA descriptor's base tensor
     counts), -1 when it is not on CUDA or there is none. Triton launches on the current device
-    whatever the tensors' device is: on another device's tensors that failed ("invalid resource
-    handle") or gave wrong results silently (H200 pair, twenty-seventh session)."""
+    whatever the tensors' device is: on another device's tensors FlashPrefill failed ("invalid
+    resource handle"), and a launch prepared for one device and made again with another's tensors
+    was an illegal memory access (two H200s, BENCHMARKS.md, twenty-seventh session)."""
     for arg in args:
         if type(arg) is torch.Tensor:
             return arg.get_device()

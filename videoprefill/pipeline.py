@@ -179,8 +179,8 @@ class _AnswerStream:
     on the first token and whenever it changes; ttft_s, the request's time to first token (the value
     `timings["ttft_s"]` gets). It runs on the generating thread between decoding steps. The first
     new token's arrival on the host is a synchronisation point already, so it stamps the clock's
-    first token there when the stopping criterion has not (transformers calls the two in either
-    order, by version), before any work of its own."""
+    first token there, before any work of its own, unless the stopping criterion did (whichever
+    of the two transformers calls first)."""
 
     def __init__(self, tokenizer, clock: _StageClock, ttft_s, on_text):
         self.tokenizer = tokenizer

@@ -1,7 +1,7 @@
 """Kernels and the pipeline on a GPU other than the current one (`--device cuda:1`; skipped with
 fewer than two GPUs). Triton launches on the current device: before `kernels.runtime.Launcher`
-switched to the tensors' device, FlashPrefill on cuda:1 failed ("invalid resource handle") and the
-demo model on cuda:1 answered wrongly without an error."""
+switched to the tensors' device, FlashPrefill on cuda:1 failed ("invalid resource handle"), and a
+launch prepared on cuda:0 and made again with cuda:1's tensors was an illegal memory access."""
 
 from __future__ import annotations
 

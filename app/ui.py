@@ -125,6 +125,7 @@ def block_mask_image(answer, layer: int, head: int) -> np.ndarray | None:
 def format_answer(answer, label: str = "") -> str:
     prefix = f"{label}: " if label else ""
     text = f"{prefix}{answer.text or '(empty answer)'}  [TTFT {answer.timings['ttft_s'] * 1000:.1f} ms]"
+    text += "  (stopped)" if getattr(answer, "stopped", False) else ""
     return text + (f"  ({UNTRAINED})" if not answer.trained else "")
 
 
@@ -137,17 +138,19 @@ def format_partial(text: str, ttft_s: float, label: str = "") -> str:
 _DONE = object()
 
 
-def streamed(run, **kwargs):
-    """Run `run(..., on_text=...)` (`VideoQA.run`) on a thread of its own and yield (text, ttft_s)
-    as the answer grows, the latest only when several came since the last yield; returns its
-    Answer (raises its error). The thread is waited for even when the caller stops early (a page
-    closed), so that no request runs beside the next one."""
+def streamed(run, stop: threading.Event | None = None, **kwargs):
+    """Run `run(..., on_text=..., stop=...)` (`VideoQA.run`) on a thread of its own and yield
+    (text, ttft_s) as the answer grows, the latest only when several came since the last yield;
+    returns its Answer (raises its error). When the caller stops early (a page closed) it sets
+    `stop`, so that generation ends at the next token, and waits for the thread: no request runs
+    beside the next one."""
+    stop = stop if stop is not None else threading.Event()
     updates: queue.SimpleQueue = queue.SimpleQueue()
     result = {}
 
     def work():
         try:
-            result["answer"] = run(**kwargs, on_text=lambda text, ttft_s: updates.put((text, ttft_s)))
+            result["answer"] = run(**kwargs, on_text=lambda text, ttft_s: updates.put((text, ttft_s)), stop=stop)
         except BaseException as err:  # raised again on the caller's thread
             result["error"] = err
         finally:
@@ -166,6 +169,8 @@ def streamed(run, **kwargs):
             if pending[-1] is _DONE:
                 break
     finally:
+        if worker.is_alive():
+            stop.set()
         worker.join()
     if "error" in result:
         raise result["error"]
@@ -178,6 +183,7 @@ class App:
     def __init__(self, qa: VideoQA):
         self.qa = qa
         self.runs: list[list] = []
+        self._stop = threading.Event()  # the request being served stops when it is set (`stop`)
         self.out_dir = Path(tempfile.mkdtemp(prefix="videoprefill-app-"))
         atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)  # served plots live until exit
 
@@ -196,6 +202,11 @@ class App:
         except (TypeError, ValueError):
             return
         self.qa.decode_ahead(str(video), sampling)
+
+    def stop(self) -> None:
+        """The Stop button: the request being served generates no more tokens after the one being
+        made (its prefill runs to its end) and runs no further mode; what it has is shown."""
+        self._stop.set()
 
     def ask(self, *args, **kwargs):
         """The page's outputs when every mode asked for has answered: the last of `ask_steps`."""
@@ -219,6 +230,7 @@ class App:
             raise gr.Error(f"mode must be sparse, dense or compare, got {mode!r}")
         modes = ("dense", "sparse") if mode == "compare" else (mode,)
         answers = {}
+        stop = self._stop = threading.Event()  # (a Stop pressed before this request does not count)
         try:
             config = dataclasses.replace(self.qa.config, alpha=float(alpha), block_size=int(block_size),
                                          pattern_per_kv_head=bool(per_kv_head), mean_correction=bool(mean_correction))
@@ -238,8 +250,8 @@ class App:
                 if progress is not None:
                     progress(0.4 if not answers else 0.7, desc=f"{m}: prefill and first token")
                 # The answer text as it is generated, the page's other outputs left as they are.
-                stream = streamed(self.qa.run, prepared=prepared, attention=m, max_new_tokens=new_tokens,
-                                  config=config)
+                stream = streamed(self.qa.run, stop=stop, prepared=prepared, attention=m,
+                                  max_new_tokens=new_tokens, config=config)
                 try:
                     while True:
                         try:
@@ -251,7 +263,11 @@ class App:
                 finally:
                     stream.close()  # (a page closed mid-answer: the answer's thread is waited for)
                 self._add_run(m, answers[m], prepared, config)
+                if stop.is_set() or len(answers) == len(modes):
+                    break  # (stopped: the modes not run yet are not run)
                 yield self._render({k: answers[k] for k in modes if k in answers}, modes, layer, head)
+            yield self._render({k: answers[k] for k in modes if k in answers}, modes, layer, head,
+                               stopped=stop.is_set())
         except (InputError, VideoError, ValueError) as err:
             raise gr.Error(str(err)) from None
 
@@ -265,14 +281,17 @@ class App:
                           round(answer.sparsity["density"], 4), answer.text[:80]])
 
     @staticmethod
-    def _answer_text(answers: dict, modes: tuple, partial: tuple | None = None) -> str:
+    def _answer_text(answers: dict, modes: tuple, partial: tuple | None = None, stopped: bool = False) -> str:
         """The answer box: each mode's answer, the one being generated as far as it got (partial:
-        its mode, text and TTFT), the others running (next, while another one generates)."""
+        its mode, text and TTFT), the others running (next, while another one generates; not run
+        when the request was stopped)."""
         def line(m, label):
             if m in answers:
                 return format_answer(answers[m], label)
             if partial is not None and partial[0] == m:
                 return format_partial(partial[1], partial[2], label)
+            if stopped:
+                return f"{m}: not run (stopped)"
             return f"{m}: next" if partial is not None else f"{m}: running ..."
 
         if len(modes) == 1:
@@ -284,10 +303,11 @@ class App:
             lines.append(f"TTFT speed-up {d.timings['ttft_s'] / s.timings['ttft_s']:.2f}x; {agree}")
         return "\n".join(lines)
 
-    def _render(self, answers: dict, modes: tuple, layer, head) -> tuple:
-        """The page's outputs for the answers so far (a mode of `modes` not among them: running)."""
-        main = answers.get("sparse") or answers[modes[0]]
-        text = self._answer_text(answers, modes)
+    def _render(self, answers: dict, modes: tuple, layer, head, stopped: bool = False) -> tuple:
+        """The page's outputs for the answers so far (a mode of `modes` not among them: running, or
+        not run when the request was stopped)."""
+        main = answers.get("sparse") or next(iter(answers.values()))
+        text = self._answer_text(answers, modes, stopped=stopped)
         table = [[name] + [round(a.timings[k] * 1000, 2) for k in (*STAGES, "ttft_s", "total_s")]
                  for name, a in answers.items()]
         tok = main.tokens
@@ -339,7 +359,9 @@ def build(qa: VideoQA):
                     mean_correction = gr.Checkbox(value=qa.config.mean_correction,
                                                   label="pruned blocks as their mean key and value (mean correction)")
                     max_new_tokens = gr.Number(value=32, precision=0, label="max new tokens of an answer")
-                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    stop = gr.Button("Stop", elem_id="stop")
             with gr.Column():
                 answer = gr.Textbox(label="answer", lines=4, elem_id="answer")
                 tokens = gr.Markdown(elem_id="tokens")
@@ -354,6 +376,8 @@ def build(qa: VideoQA):
         runs = gr.Dataframe(headers=RUN_COLUMNS, label="this session's runs", elem_id="runs", interactive=False)
 
         use_sample.click(lambda: sample, outputs=video, api_name=False)
+        # Out of the queue too: it must reach the request being served, which holds the queue.
+        stop.click(app.stop, queue=False, api_name=False, show_progress="hidden")
         # Out of the queue: it only starts a reading thread, and must not wait behind a request. Again
         # when a sampling setting is left or submitted (not on each keystroke); the same video and
         # settings keep the read under way.

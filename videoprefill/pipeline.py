@@ -110,6 +110,7 @@ class Answer:
     video: dict
     new_tokens: int
     config: dict = field(default_factory=dict)
+    stopped: bool = False  # generation was stopped before its end (`VideoQA.run`'s `stop`)
 
     def to_json(self) -> dict:
         sparsity = {k: v for k, v in self.sparsity.items() if k != "masks"}
@@ -171,6 +172,17 @@ class _StageClock:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _stop_when_set(stop):
+    """A stopping criterion for `generate`: every sequence is done once `stop` (an Event) is set."""
+    from transformers import StoppingCriteria
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return _Stop()
 
 
 class _AnswerStream:
@@ -436,21 +448,23 @@ class VideoQA:
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
             record_masks: bool = True, fixed_density: float | None = None,
-            reuse_prefix: bool | None = None, on_text=None) -> Answer:
+            reuse_prefix: bool | None = None, on_text=None, stop: threading.Event | None = None) -> Answer:
         """Prefill and generate for a prepared request with the chosen attention.
 
         reuse_prefix: use the kept KV cache of this video's prefix when it was made with the same
         settings, and keep this one's (default `self.prefix_cache`); False computes the prefix
         and keeps nothing, a cold request (what the benchmarks time).
         on_text: called as `on_text(text, ttft_s)` with the answer so far while it is generated,
-        from the first token on (`_AnswerStream`); the last call's text is the answer's."""
+        from the first token on (`_AnswerStream`); the last call's text is the answer's.
+        stop: once set (from another thread), generation ends after the token being made; the
+        prefill runs to its end and the first token is always made. `Answer.stopped` says so."""
         with self.on_device():
             return self._run(prepared, attention, max_new_tokens, config, dense_layers, record_masks,
-                             fixed_density, reuse_prefix, on_text)
+                             fixed_density, reuse_prefix, on_text, stop)
 
     def _run(self, prepared: Prepared, attention: str, max_new_tokens: int, config: FlashPrefillConfig | None,
              dense_layers: int | None, record_masks: bool, fixed_density: float | None, reuse_prefix: bool | None,
-             on_text) -> Answer:
+             on_text, stop) -> Answer:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
@@ -489,9 +503,9 @@ class VideoQA:
                     stream["streamer"] = _AnswerStream(
                         self.processor.tokenizer, clock,
                         lambda: prepared.decode_s + (clock.marks["first_token"] - start), on_text)
+                criteria = [clock.first_token_stopper()] + ([_stop_when_set(stop)] if stop is not None else [])
                 with torch.inference_mode(), request_settings(dataclasses.replace(settings, recorder=recorder)):
-                    out, made = self._generate(prepared, key, state, max_new_tokens, [clock.first_token_stopper()],
-                                               **stream)
+                    out, made = self._generate(prepared, key, state, max_new_tokens, criteria, **stream)
                 end = _sync(self.device)
             finally:
                 clock.close()
@@ -535,6 +549,7 @@ class VideoQA:
             video={"path": prepared.video.path, "frames": prepared.video.num_frames, "fps": prepared.video.fps,
                    "duration_s": round(prepared.video.duration_s, 3), "sampled_frames": prepared.sampled_frames},
             new_tokens=int(new.numel()), config=dataclasses.asdict(settings.config),
+            stopped=stop is not None and stop.is_set() and int(new.numel()) < max_new_tokens,
         )
 
     def _settings(self, attention: str, config: FlashPrefillConfig | None, dense_layers: int | None,

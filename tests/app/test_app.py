@@ -204,13 +204,12 @@ def test_compare_shows_the_sparse_answer_while_dense_runs():
 
 def test_a_streamed_answer_s_error_and_a_closed_page():
     """`streamed`: the answer's error is raised on the caller's thread; a caller that stops early
-    (the page closed) waits for the answer's thread, so no request runs beside the next one."""
-    import threading
-
+    (the page closed) sets the request's stop, so its generation ends, and waits for its thread, so
+    no request runs beside the next one."""
     from app.ui import streamed
     from videoprefill.pipeline import InputError
 
-    def failing(on_text):
+    def failing(on_text, stop):
         on_text("a", 0.5)
         raise InputError("the question is empty")
 
@@ -219,20 +218,39 @@ def test_a_streamed_answer_s_error_and_a_closed_page():
     with pytest.raises(InputError, match="the question is empty"):
         next(stream)
 
-    release, finished = threading.Event(), threading.Event()
+    seen = {}
 
-    def slow(on_text):
+    def generating(on_text, stop):
         on_text("first", 0.1)
-        release.wait(10)
-        on_text("second", 0.1)
-        finished.set()
+        seen["stopped"] = stop.wait(30)  # (as generate: until the stop is set)
+        seen["finished"] = True
         return "answer"
 
-    stream = streamed(slow)
+    stream = streamed(generating)
     assert next(stream) == ("first", 0.1)
-    threading.Timer(0.3, release.set).start()
     stream.close()
-    assert finished.is_set()
+    assert seen == {"stopped": True, "finished": True}
+
+def test_stop_ends_the_answer_and_runs_no_further_mode():
+    """Stop pressed while compare's sparse answer is generated: that answer ends after the token
+    being made and is shown as stopped, the dense mode is not run, and the next request runs in
+    full."""
+    from app.ui import App
+    from models import load
+    from videoprefill.pipeline import VideoQA
+
+    app = App(VideoQA(*load("demo", device="cpu"), warmup=False))
+    steps = []
+    for step in app.ask_steps(SAMPLE, DEMO_QUESTION, "compare", max_frames=8, max_new_tokens=32):
+        steps.append(step)
+        if len(steps) == 1:
+            app.stop()  # (the first update: the sparse answer's first text)
+    final, table, *_, runs = steps[-1]
+    assert final.splitlines()[0] == "dense: not run (stopped)"
+    assert final.splitlines()[1].startswith("sparse: ") and "(stopped)" in final and "speed-up" not in final
+    assert [row[0] for row in table] == ["sparse"] and [row[1] for row in runs] == ["sparse"]
+    full = app.ask(SAMPLE, DEMO_QUESTION, "compare", max_frames=8)
+    assert "stopped" not in full[0] and "TTFT speed-up" in full[0]
 
 
 def test_the_ui_warms_up_before_it_decodes(monkeypatch):

@@ -75,3 +75,21 @@ def test_the_stream_skips_the_prompt_and_stamps_the_first_token(tiny):
     stream.put(torch.tensor([[11]]))
     stream.put(torch.tensor([ids[0]]))
     assert clock.marks["first_token"] == 1.0 and calls[-1][1] == 1.0
+
+
+def test_stop_ends_generation_after_the_token_being_made(tiny, sample_video):
+    """A stop set while the answer is generated (here on its first text) ends it there; one set
+    before the request still lets the first token be made; without it the untrained model's
+    answer runs to max_new_tokens."""
+    import threading
+
+    qa = VideoQA(*tiny, warmup=False)
+    full = qa.ask(sample_video, QUESTIONS[0], "sparse", SMALL, max_new_tokens=8)
+    assert full.new_tokens == 8 and not full.stopped
+    stop = threading.Event()
+    prepared = qa.prepare(sample_video, QUESTIONS[0], SMALL)
+    answer = qa.run(prepared, "sparse", 8, on_text=lambda *_: stop.set(), stop=stop)
+    assert answer.stopped and answer.new_tokens <= 2
+    assert full.text.startswith(answer.text) and answer.timings["ttft_s"] > 0
+    early = qa.run(qa.prepare(sample_video, QUESTIONS[1], SMALL), "dense", 8, stop=stop)
+    assert early.stopped and early.new_tokens == 1

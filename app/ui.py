@@ -249,19 +249,9 @@ class App:
             for m in sorted(modes, key=lambda m: m != "sparse"):
                 if progress is not None:
                     progress(0.4 if not answers else 0.7, desc=f"{m}: prefill and first token")
-                # The answer text as it is generated, the page's other outputs left as they are.
-                stream = streamed(self.qa.run, stop=stop, prepared=prepared, attention=m,
-                                  max_new_tokens=new_tokens, config=config)
-                try:
-                    while True:
-                        try:
-                            text, ttft_s = next(stream)
-                        except StopIteration as finished:
-                            answers[m] = finished.value
-                            break
-                        yield (self._answer_text(answers, modes, (m, text, ttft_s)), *(gr.update(),) * 7)
-                finally:
-                    stream.close()  # (a page closed mid-answer: the answer's thread is waited for)
+                answers[m] = yield from self._growing(
+                    answers, modes, m, streamed(self.qa.run, stop=stop, prepared=prepared, attention=m,
+                                                max_new_tokens=new_tokens, config=config))
                 self._add_run(m, answers[m], prepared, config)
                 if stop.is_set() or len(answers) == len(modes):
                     break  # (stopped: the modes not run yet are not run)
@@ -270,6 +260,21 @@ class App:
                                stopped=stop.is_set())
         except (InputError, VideoError, ValueError) as err:
             raise gr.Error(str(err)) from None
+
+    def _growing(self, answers: dict, modes: tuple, mode: str, stream):
+        """The page's updates while mode's answer is generated (`stream`, from `streamed`): the
+        answer box as far as it got, the other outputs left as they are. Returns the Answer."""
+        import gradio as gr
+
+        try:
+            while True:
+                try:
+                    text, ttft_s = next(stream)
+                except StopIteration as finished:
+                    return finished.value
+                yield (self._answer_text(answers, modes, (mode, text, ttft_s)), *(gr.update(),) * 7)
+        finally:
+            stream.close()  # (a page closed mid-answer: its generation stopped, its thread waited for)
 
     def _add_run(self, name, answer, prepared, config) -> None:
         label = name

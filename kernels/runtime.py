@@ -163,11 +163,11 @@ class Launcher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict):
+        owner = _owner(args)
+        if owner >= 0 and owner != torch.cuda.current_device():  # Triton launches on the current device
+            with torch.cuda.device(owner):
+                return self.launch(grid, args, kwargs)
         if not (self.direct and DIRECT_LAUNCH):
-            owner = _owner(args)
-            if owner >= 0 and owner != torch.cuda.current_device():
-                with torch.cuda.device(owner):
-                    return self.kernel[grid](*args, **kwargs)
             return self.kernel[grid](*args, **kwargs)
         if self.device is None:
             from triton import knobs
@@ -176,10 +176,6 @@ class Launcher:
             self.device, self.stream = driver.active.get_current_device, current_stream_getter()
             self.knobs = knobs.runtime
         device = self.device()
-        owner = _owner(args)
-        if owner != device and owner >= 0:  # Triton launches on the current device: make it the tensors'
-            with torch.cuda.device(owner):
-                return self.launch(grid, args, kwargs)
         try:
             keys = _args_key(args)
             key = (device, keys, tuple(kwargs.items()))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -216,6 +217,17 @@ class _AnswerStream:
 
     def end(self) -> None:
         pass
+
+
+def _on_model_device(method):
+    """A `VideoQA` method run with the model's device current (`VideoQA.on_device`)."""
+
+    @functools.wraps(method)
+    def on_device(self, *args, **kwargs):
+        with self.on_device():
+            return method(self, *args, **kwargs)
+
+    return on_device
 
 
 class VideoQA:
@@ -440,11 +452,12 @@ class VideoQA:
     def on_device(self):
         """A context in which the model's GPU is the current CUDA device (nothing on the CPU). Triton
         launches on the current device, which is cuda:0 in a thread that has not set one (the web
-        UI's and batch QA's threads included): `run` and `warm_up` run in it, so a model on cuda:N
-        gets its kernels launched there directly (`kernels.runtime.Launcher` switches device per
-        launch otherwise)."""
+        UI's and batch QA's threads included): `run` and `warm_up` run in it (`_on_model_device`),
+        so a model on cuda:N gets its kernels launched there directly (`kernels.runtime.Launcher`
+        switches device per launch otherwise)."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
+    @_on_model_device
     def run(self, prepared: Prepared, attention: str = "sparse", max_new_tokens: int = 32,
             config: FlashPrefillConfig | None = None, dense_layers: int | None = None,
             record_masks: bool = True, fixed_density: float | None = None,
@@ -458,13 +471,6 @@ class VideoQA:
         from the first token on (`_AnswerStream`); the last call's text is the answer's.
         stop: once set (from another thread), generation ends after the token being made; the
         prefill runs to its end and the first token is always made. `Answer.stopped` says so."""
-        with self.on_device():
-            return self._run(prepared, attention, max_new_tokens, config, dense_layers, record_masks,
-                             fixed_density, reuse_prefix, on_text, stop)
-
-    def _run(self, prepared: Prepared, attention: str, max_new_tokens: int, config: FlashPrefillConfig | None,
-             dense_layers: int | None, record_masks: bool, fixed_density: float | None, reuse_prefix: bool | None,
-             on_text, stop) -> Answer:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
@@ -570,6 +576,7 @@ class VideoQA:
             set_attention(self.model, attention)
             self._attention = attention
 
+    @_on_model_device
     def warm_up(self, attention: str = "sparse", config: FlashPrefillConfig | None = None,
                 dense_layers: int | None = None, fixed_density: float | None = None) -> None:
         """Run a short request with these settings once, untimed, unless one ran: the bundled sample
@@ -587,10 +594,6 @@ class VideoQA:
         key, settings = self._settings(attention, config, dense_layers, fixed_density)
         if key in self._warm:
             return
-        with self.on_device():
-            self._warm_up(key, attention, settings, fixed_density)
-
-    def _warm_up(self, key: tuple, attention: str, settings: RequestSettings, fixed_density: float | None) -> None:
         if self._warmup_request is None:
             decoded = self.decode(str(sample_video_path()), WARMUP_SAMPLING)
             self._warmup_request = self.prepare_decoded(decoded, DEFAULT_QUESTION, reuse_prefix=False)

@@ -116,6 +116,7 @@ class LiveAnswer:
         self.shown = True
 
     def clear(self) -> None:
+        """Wipe the line, where one is shown (nothing otherwise)."""
         if self.shown:
             self.clear_line()
             self.shown = False
@@ -161,7 +162,8 @@ def _main(args) -> int:
     from models import load
 
     # The answer shown as it is generated where stdout is a terminal (the report below is the same).
-    live = LiveAnswer(sys.stdout) if sys.stdout.isatty() and not args.json else None
+    live = LiveAnswer(sys.stdout)
+    streaming = sys.stdout.isatty() and not args.json
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
@@ -171,23 +173,23 @@ def _main(args) -> int:
         config = config_from_args(args, qa.config)
         if args.attention == "compare":
             result = qa.compare(args.video, question, sampling, args.max_new_tokens, config,
-                                on_text=live.show if live else None)
+                                on_text=live.show if streaming else None)
             primary = result["runs"]["sparse"]
         else:
             primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config,
-                             on_text=(lambda text, ttft_s: live.show("", text, ttft_s)) if live else None)
+                             on_text=(lambda text, ttft_s: live.show("", text, ttft_s)) if streaming else None)
             result = None
     except (InputError, VideoError, ModelLoadError, ValueError, TypeError) as err:
-        _clear(live)
+        live.clear()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one line, not a traceback; VIDEOPREFILL_DEBUG=1 shows it
-        _clear(live)
+        live.clear()
         if os.environ.get("VIDEOPREFILL_DEBUG"):
             raise
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
-    _clear(live)
+    live.clear()
 
     map_error = None
     if args.sparsity_map:
@@ -222,11 +224,6 @@ def _main(args) -> int:
     if args.sparsity_map and map_error is None:
         print(f"sparsity map written to {args.sparsity_map}")
     return _report_map_error(map_error)
-
-
-def _clear(live: LiveAnswer | None) -> None:
-    if live is not None:
-        live.clear()
 
 
 MAP_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")

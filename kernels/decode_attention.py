@@ -1,0 +1,212 @@
+"""Attention of one query token over a KV cache whose valid length is read on the device.
+
+A decoding step attends one new token to every cached key. `decode_attention` does it over a
+cache reserved for the whole answer, with the number of valid positions in a device tensor, so
+that the same launches serve every step and a CUDA graph can replay them (models.decode): nothing
+about a step's length is known on the host.
+
+q (B, HQ, D), k / v (B, H, CAP, D) (transformers' cache layout; any strides with a unit last
+one), lengths (B,) integers on the same device: row b attends to its keys 0 .. lengths[b] - 1
+(a length past CAP counts as CAP; a length of 0 gives NaN rows). HQ a multiple of H: the query
+heads of a KV head (grouped-query attention) read its keys and values once, together. Returns
+(B, HQ, D) in q's dtype. fp16 / bf16 / fp32; head dim up to 256.
+
+Split-K ("flash decoding"): one program per (row, KV head, span of SPLIT keys) computes its
+group's scores tile by tile (BLOCK_N keys) with an online softmax in fp32 and writes the span's
+unnormalised output, maximum and sum; a second kernel combines the spans of each query head. The
+grid depends on CAP only (`splits`); spans past a row's length end at once. The probabilities
+meet V in the inputs' dtype, as in flash attention (in fp32 for bf16 under Triton's interpreter,
+which multiplies bf16 wrongly). `decode_attention_reference` is the readable
+PyTorch form.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import Launcher, check_device, interpreting
+
+LOG2E = 1.4426950408889634
+# Launch settings: the fastest of 36 (tiles of 64 / 128 keys, 4 / 8 / 16 programs per SM, 4 / 8
+# warps, 2-4 stages) on an H200 at 64K and 128K keys, within 0.6 us of it at 16K: 76.5 us at 128K
+# keys (3.5 TB/s of K and V) against 85.2 us for SDPA's flash kernel over exactly the length, GPU
+# time in CUDA graphs, 28 query / 4 KV heads (BENCHMARKS.md, twenty-eighth session).
+BLOCK_N = 64  # keys per tile
+MIN_SPLIT = 256  # keys per span, at least
+PROGRAMS_PER_SM = 4  # spans are sized so that a launch has about this many programs per SM
+NUM_WARPS, NUM_STAGES = 4, 2
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GROUP = 64  # query heads per KV head
+MAX_HEAD_DIM = 256
+
+
+# The span and capacity are not specialised: a new cache capacity compiles nothing. The strides are
+# (multiples of 16 in any reserved cache: the loads can be vectorised).
+@triton.jit(do_not_specialize=["SPLIT", "CAP"])
+def _decode_spans_kernel(Q, K, V, LENGTHS, PART_O, PART_ML, scale_log2, H, SPLIT, CAP, NUM_SPLITS,
+                         s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    bh = tl.program_id(0)  # row * H + KV head
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    hk = (bh % H).to(tl.int64)
+    length = tl.minimum(tl.load(LENGTHS + b).to(tl.int32), CAP)
+    start = split * SPLIT
+    end = tl.minimum(start + SPLIT, length)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    in_group = g < GROUP
+    in_dim = d < D
+    q = tl.load(Q + b * s_qb + (hk * GROUP + g)[:, None] * s_qh + d[None, :],
+                mask=in_group[:, None] & in_dim[None, :], other=0.0)
+    if UPCAST:  # Triton's interpreter multiplies bf16 bits wrongly: fp32 there
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_rows = K + b * s_kb + hk * s_kh
+    v_rows = V + b * s_vb + hk * s_vh
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        k = tl.load(k_rows + n.to(tl.int64)[:, None] * s_kt + d[None, :], mask=valid[:, None] & in_dim[None, :],
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_rows + n.to(tl.int64)[:, None] * s_vt + d[None, :], mask=valid[:, None] & in_dim[None, :],
+                    other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    # Row (b, query head) of the span records: (b * H + hk) * GROUP + g.
+    rec = (bh.to(tl.int64) * GROUP + g) * NUM_SPLITS + split
+    tl.store(PART_O + rec[:, None] * BLOCK_D + d[None, :], acc, mask=in_group[:, None])
+    tl.store(PART_ML + rec * 2, m, mask=in_group)
+    tl.store(PART_ML + rec * 2 + 1, l_sum, mask=in_group)
+
+
+@triton.jit
+def _decode_combine_kernel(PART_O, PART_ML, OUT, HQ, NUM_SPLITS, s_ob, s_oh,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * HQ + query head
+    d = tl.arange(0, BLOCK_D)
+    first = row * NUM_SPLITS
+    top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.load(PART_ML + (first + s) * 2, mask=s < NUM_SPLITS, other=float("-inf")))
+    m = tl.max(top, axis=0)
+    den = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        inside = s < NUM_SPLITS
+        span_m = tl.load(PART_ML + (first + s) * 2, mask=inside, other=float("-inf"))
+        w = tl.where(span_m > float("-inf"), tl.exp2(span_m - m), 0.0)  # (an empty span weighs nothing)
+        den += w * tl.load(PART_ML + (first + s) * 2 + 1, mask=inside, other=0.0)
+        o = tl.load(PART_O + (first + s)[:, None] * BLOCK_D + d[None, :], mask=inside[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+    out = acc / tl.sum(den, axis=0)
+    b = row // HQ
+    h = row % HQ
+    tl.store(OUT + b * s_ob + h * s_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+_spans_launch = Launcher(_decode_spans_kernel)
+_combine_launch = Launcher(_decode_combine_kernel)
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """Softmax attention of each row's query heads over its first lengths[b] keys, in fp32."""
+    b, hq, _ = q.shape
+    group = hq // k.shape[1]
+    out = torch.empty_like(q)
+    for i, n in enumerate(lengths.tolist()):
+        n = min(int(n), k.shape[2])
+        keys = k[i, :, :n].float().repeat_interleave(group, dim=0)  # (HQ, n, D)
+        values = v[i, :, :n].float().repeat_interleave(group, dim=0)
+        weights = (torch.einsum("hd,hnd->hn", q[i].float(), keys) * scale).softmax(dim=-1)
+        out[i] = torch.einsum("hn,hnd->hd", weights, values).to(q.dtype)
+    return out
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Raise ValueError / TypeError for inputs `decode_attention` does not take."""
+    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be (B, HQ, D) and k, v one (B, H, CAP, D) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        raise ValueError(f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)}: same rows and head dim, query "
+                         "heads a multiple of KV heads")
+    if hq // k.shape[1] > MAX_GROUP or not 0 < d <= MAX_HEAD_DIM or k.shape[2] == 0:
+        raise ValueError(f"up to {MAX_GROUP} query heads per KV head, head dims 1-{MAX_HEAD_DIM} and a cache of at "
+                         f"least one position are supported, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if lengths.shape != (b,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be a ({b},) int32 or int64 tensor, got {tuple(lengths.shape)} {lengths.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k and v must have a unit last stride")
+    check_device("decode_attention", q.device)
+    if any(t.device != q.device for t in (k, v, lengths)):
+        raise ValueError("q, k, v and lengths must be on one device")
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def splits(capacity: int, programs_per_span: int, device: torch.device, split: int | None = None,
+           block_n: int = BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(keys per span, spans) for a cache of `capacity` positions and `programs_per_span` (row, KV
+    head) pairs: spans of a multiple of block_n keys, at least MIN_SPLIT, about programs_per_sm
+    programs per SM in all. `split` given: that many keys per span."""
+    if split is None:
+        sms = _sm_count(device.index) if device.type == "cuda" else 8
+        spans = max(1, -(-programs_per_sm * sms // programs_per_span))
+        split = max(MIN_SPLIT, -(-capacity // spans))
+    split = -(-split // block_n) * block_n
+    return split, -(-capacity // split)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
+                     split: int | None = None, *, block_n: int = BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM,
+                     num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """Attention of q (B, HQ, D) over the first lengths[b] positions of k / v (B, H, CAP, D), ->
+    (B, HQ, D) (module docstring). split: keys per span (tests; default from `splits`). The
+    keyword-only arguments are the launch's tuning (benchmarks; defaults: the module's constants)."""
+    check(q, k, v, lengths)
+    b, hq, d = q.shape
+    h, cap = k.shape[1], k.shape[2]
+    group = hq // h
+    span, num_splits = splits(cap, b * h, q.device, split, block_n, programs_per_sm)
+    block_d = max(16, triton.next_power_of_2(d))
+    part_o = torch.empty(b * hq * num_splits, block_d, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(b * hq * num_splits, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"  # (the latter: unused for 16-bit inputs)
+    _spans_launch[(b * h, num_splits)](
+        q, k, v, lengths, part_o, part_ml, scale * LOG2E, h, span, cap, num_splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d, BLOCK_N=block_n,
+        PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=num_stages,
+    )
+    _combine_launch[(b * hq,)](part_o, part_ml, out, hq, num_splits, out.stride(0), out.stride(1),
+                               D=d, BLOCK_D=block_d, BLOCK_S=16, num_warps=4)
+    return out

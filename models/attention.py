@@ -17,7 +17,9 @@ builds an execution plan the first time it sees a shape, 53-65 ms on an H200, an
 step has a new key length; flash needs no plan and took 0.07 / 0.18 ms per step's call over 16K /
 131K keys, against cuDNN's 0.19 / 0.25 ms even at a length just run. A step of a user's request
 (a prompt length not decoded before) went from 55-64 to 17-22 ms (BENCHMARKS.md, fourteenth
-session). A prefill (queries = keys) keeps SDPA's own choice.
+session). A prefill (queries = keys) keeps SDPA's own choice. A decoding step replayed from a CUDA
+graph (models.decode) runs within `decode_lengths`: kernels.decode_attention over the reserved
+cache, its length read on the GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from kernels import (
     find_pattern,
     flash_prefill,
 )
+from kernels.decode_attention import decode_attention
 from kernels.flash_prefill.api import SHORT_QUERY_BACKENDS
 from kernels.flash_prefill.reference import causal_pattern
 from kernels.testing import random_pattern
@@ -207,6 +210,22 @@ def request_settings(settings: RequestSettings):
         _SETTINGS.reset(token)
 
 
+_DECODE_LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "videoprefill_decode_lengths", default=None
+)
+
+
+@contextlib.contextmanager
+def decode_lengths(lengths: torch.Tensor):
+    """Within the block, a one-token query attends to the first lengths[b] positions of its keys,
+    the whole of a cache reserved ahead (kernels.decode_attention; models.decode's steps)."""
+    token = _DECODE_LENGTHS.set(lengths)
+    try:
+        yield
+    finally:
+        _DECODE_LENGTHS.reset(token)
+
+
 def set_default_settings(settings: RequestSettings) -> None:
     """Settings used outside any request_settings block (a model loaded with a config)."""
     global _DEFAULTS
@@ -234,10 +253,14 @@ def dense_attention_forward(
     keys, causal, one unpadded row) runs as kernels' `dense_attention` instead, as the sparse mode's
     runs: one flash-attention call with the KV heads grouped and bottom-right causal alignment,
     where SDPA needs an explicit mask, which rules out its flash backend (BENCHMARKS.md,
-    twenty-sixth session)."""
+    twenty-sixth session). A decoding step within `decode_lengths` runs kernels.decode_attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+    lengths = _DECODE_LENGTHS.get()
+    if lengths is not None and tq == 1:  # a decoding step over a reserved cache (`decode_lengths`)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query[:, :, 0], key, value, lengths, scale)[:, None], None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if 1 < tq < tk and causal and b == 1 and (attention_mask is None or _key_ranges(attention_mask, tk)[0] == (0, tk)):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

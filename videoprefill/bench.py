@@ -89,14 +89,15 @@ def warm_up(qa) -> None:
     """Both attention modes once on a short synthetic request, FlashPrefill forced on (min_seq_len
     0), the sparse mode so once more with the pattern kernels' plain launches (their variants past
     32K keys) and once more as configured (dense attention below min_seq_len), as
-    `VideoQA.warm_up` does: compiles and loads the kernels and warms cuDNN before anything is timed."""
+    `VideoQA.warm_up` does: compiles and loads the kernels (the graph-decoding steps' too) and
+    warms cuDNN before anything is timed."""
     from kernels import FlashPrefillConfig
     from kernels.flash_prefill.api import plain_pattern_launches
 
     warm = synthetic_request(qa, 4096)
     forced = FlashPrefillConfig.for_model("qwen2.5-vl", min_seq_len=0)
-    for mode in ("dense", "sparse"):
-        qa.run(warm, mode, max_new_tokens=2, config=forced)
+    for mode in ("dense", "sparse"):  # (3 tokens: decoding steps captured and replayed, models.decode)
+        qa.run(warm, mode, max_new_tokens=3, config=forced)
     with plain_pattern_launches():
         qa.run(warm, "sparse", max_new_tokens=2, config=forced)
     qa.run(warm, "sparse", max_new_tokens=2, config=FlashPrefillConfig.for_model("qwen2.5-vl"))

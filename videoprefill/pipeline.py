@@ -35,6 +35,7 @@ import torch
 from kernels import FlashPrefillConfig
 from kernels.flash_prefill.api import plain_pattern_launches
 from models.attention import RequestSettings, SparsityRecorder, current_settings, request_settings, set_attention
+from models.decode import MIN_NEW_TOKENS, graph_decoding
 from models.text import fused_adds_at_every_length
 
 from . import prefix as prefixes
@@ -262,6 +263,9 @@ class VideoQA:
         # The video being read ahead of its question (`decode_ahead`): its prefix key and the read.
         self._ahead: tuple[tuple, Future] | None = None
         self._ahead_lock = threading.Lock()
+        # On CUDA, an answer's decoding steps after its second token replay a CUDA graph over a KV
+        # cache reserved for the answer (models.decode); False: as transformers runs them.
+        self.graph_decode = True
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", **load_kwargs) -> VideoQA:
@@ -604,10 +608,16 @@ class VideoQA:
             passes.append((forced, plain_pattern_launches))
         if attention == "sparse" and settings.config.min_seq_len > 0:
             passes.append((settings.config, contextlib.nullcontext))
-        for config, context in passes:
+        for i, (config, context) in enumerate(passes):
+            # The first pass also decodes as an answer does (a graph captured and replayed).
+            steps = MIN_NEW_TOKENS if i == 0 and self._graph_decode() else 1
             with torch.inference_mode(), request_settings(dataclasses.replace(settings, config=config)), context():
-                self._generate(self._warmup_request, key, None, max_new_tokens=1, one_call=False)
+                self._generate(self._warmup_request, key, None, max_new_tokens=steps, one_call=False,
+                               min_new_tokens=steps)
         self._warm.add(key)
+
+    def _graph_decode(self) -> bool:
+        return self.graph_decode and self.device.type == "cuda"
 
     def _one_call(self, prepared: Prepared, key: tuple) -> bool:
         """Whether a request that computes its prefix prefills in one call (ONE_CALL_WHEN_DENSE):
@@ -628,9 +638,11 @@ class VideoQA:
         prefix's dense record."""
         options = dict(do_sample=False, stopping_criteria=stopping_criteria,
                        pad_token_id=self.processor.tokenizer.pad_token_id, **generate_kwargs)
+        decoding = graph_decoding(self.model, max_new_tokens, enabled=self._graph_decode())
         if state is None and (self._one_call(prepared, key) if one_call is None else one_call):
-            out, cache = prefixes.generate_whole(self.model, prepared.inputs, prepared.prefix_len,
-                                                 max_new_tokens=max_new_tokens, **options)
+            with decoding:
+                out, cache = prefixes.generate_whole(self.model, prepared.inputs, prepared.prefix_len,
+                                                     max_new_tokens=max_new_tokens, **options)
             settings = current_settings()
             prefix_record = (settings.recorder.causal_prefix(prepared.prefix_len, settings.dense_layers)
                              if settings.recorder is not None else SparsityRecorder())
@@ -641,8 +653,9 @@ class VideoQA:
             recorder = current_settings().recorder
             state = prefixes.PrefixState(settings=key, cache=cache,
                                          recorder=recorder.copy() if recorder is not None else SparsityRecorder())
-        out = prefixes.generate_over_prefix(self.model, prepared.inputs, prepared.prefix_len, state.cache, positions,
-                                            max_new_tokens=max_new_tokens, **options)
+        with decoding:
+            out = prefixes.generate_over_prefix(self.model, prepared.inputs, prepared.prefix_len, state.cache,
+                                                positions, max_new_tokens=max_new_tokens, **options)
         return out, state
 
     def _reload(self, prepared: Prepared) -> None:

@@ -1,0 +1,267 @@
+"""A language model's decoding steps replayed from a CUDA graph (`graph_decoding`).
+
+After the prefill, `generate` runs the model once per new token. On the 7B model on an H200 such
+a step took 17-30 ms where its GPU work is a few ms: the rest is the host running some 20 modules
+and launching some 15 kernels per layer (BENCHMARKS.md, fourteenth and fifteenth sessions). Within
+`graph_decoding(model, max_new_tokens)`, `generate` still drives the answer (its logits
+processors, stopping criteria, streamer and end of text are untouched), and the model's forward
+takes the decoding steps:
+
+- At the first step each layer of the KV cache moves into buffers reserved for the prompt and the
+  answer (its keys and values copied once; a step then appends nothing). The cache's layers hold
+  views of the buffers' first positions, one longer after each step, so the cache reads as
+  transformers' own to everything else (`generate`, the pipeline's kept prefix).
+- A step writes its key and value at the next position, a device tensor, and attends to the
+  positions up to it (models.attention.decode_lengths: kernels.decode_attention reads the length
+  on the device). So every step makes the same launches: the first runs them as they are, the
+  second captures them into a CUDA graph, and every later step copies its token and position into
+  the graph's inputs and replays it.
+- A step runs what the model's forward runs for one token: the embedding, the rotary embedding of
+  its position (the positions `generate` passes, as the language model reads them), every decoder
+  layer (attention mask none: the token sees every cached position), the final norm and the head.
+
+A call it does not take goes to the model's own forward: the prefill, a batch, a cache of another
+kind, embeddings given instead of ids, a capture that fails (logged; the answer goes on eagerly),
+a reservation that runs out of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+
+import torch
+
+from .attention import decode_lengths
+from .fused import tower
+
+logger = logging.getLogger(__name__)
+
+# Positions reserved past the prompt: the answer's (max_new_tokens) rounded up to a multiple of this.
+RESERVE_MULTIPLE = 64
+# Fewest new tokens for which `graph_decoding` takes the steps: a graph pays off from its first
+# replay, the third token.
+MIN_NEW_TOKENS = 3
+
+
+@contextlib.contextmanager
+def graph_decoding(model, max_new_tokens: int, enabled: bool = True, capture: bool | None = None):
+    """Within the block, the decoding steps of `model.generate` (batch 1) run as described in the
+    module docstring; yields the `StepGraphs` (None when not enabled or fewer than MIN_NEW_TOKENS).
+    capture: record and replay a CUDA graph (default: on CUDA); False runs every step's launches as
+    they are over the reserved cache (what the CPU tests check against `generate`)."""
+    if not enabled or max_new_tokens < MIN_NEW_TOKENS:
+        yield None
+        return
+    steps = StepGraphs(model, max_new_tokens, capture)
+    had_own = "forward" in model.__dict__
+    own = model.__dict__.get("forward")
+    model.forward = steps.wrap(model.forward)
+    try:
+        yield steps
+    finally:
+        if had_own:
+            model.forward = own
+        else:
+            del model.forward
+        steps.close()
+
+
+class _StepCache:
+    """What the decoder layers are given as their cache inside a step: `update` writes the step's
+    key and value at position `index` (a (1,) device tensor) of the layer's reserved buffers and
+    returns the whole buffers (the attention reads their first index + 1 positions)."""
+
+    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor):
+        self.buffers, self.index = buffers, index
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.buffers[layer_idx]
+        keys.index_copy_(2, self.index, key_states)
+        values.index_copy_(2, self.index, value_states)
+        return keys, values
+
+
+def _cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword under which this transformers version's decoder layer takes the KV cache."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
+def _given_cache(kwargs: dict):
+    """The KV cache a forward call was given, under either of transformers' names for it."""
+    return next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+
+
+def _rotary_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The (3, 1, 1) mRoPE positions the language model gives its rotary embedding for one token's
+    `position_ids` as `generate` passes them: (3, 1, 1), or (4, 1, 1) with the text positions
+    first, or (1, 1) text positions; None where not given."""
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 2:
+        position_ids = position_ids[None].expand(3, -1, -1)
+    elif position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        position_ids = position_ids[1:]
+    return position_ids if position_ids.shape == (3, 1, 1) else None
+
+
+class StepGraphs:
+    """The decoding steps of one `generate` call (`graph_decoding`). `eager_steps` and
+    `replayed_steps` count the steps run each way."""
+
+    def __init__(self, model, max_new_tokens: int, capture: bool | None = None):
+        self.model = model
+        self.text = tower(model, "language_model")
+        self.head = model.get_output_embeddings()
+        self.max_new_tokens = max_new_tokens
+        self.capture = capture
+        self.layer_cache = _cache_keyword(self.text.layers[0])
+        self.calls = 0
+        self.off = False
+        self.cache = None  # the cache `generate` passes
+        self.output = None  # (the forward's output class, the field holding the cache)
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.capacity = 0
+        self.graph = None
+        self.eager_steps = 0
+        self.replayed_steps = 0
+
+    def wrap(self, forward):
+        @functools.wraps(forward)
+        def step_or_forward(*args, **kwargs):
+            self.calls += 1
+            if self.calls == 1:
+                out = forward(*args, **kwargs)
+                self._first_call(out, kwargs)
+                return out
+            if self.off or args or not self._takes(kwargs):
+                return forward(*args, **kwargs)
+            return self._step(kwargs, forward)
+
+        return step_or_forward
+
+    def _first_call(self, out, kwargs: dict) -> None:
+        """The prefill: learn the cache it filled and how the forward returns it."""
+        self.cache = _given_cache(kwargs)
+        field = next((k for k, v in out.items() if v is self.cache), None) if self.cache is not None else None
+        if field is None:
+            self.off = True
+        else:
+            self.output = (type(out), field)
+
+    def _takes(self, kwargs: dict) -> bool:
+        """Whether a call is a step this can run: one token's id, over the prefill's cache, with no
+        pixels; before the first step, a cache of transformers' dynamic layers of batch 1 (on CUDA
+        where the step is to be captured)."""
+        from transformers.cache_utils import DynamicLayer
+
+        ids = kwargs.get("input_ids")
+        if _given_cache(kwargs) is not self.cache or ids is None or ids.shape != (1, 1):
+            return False
+        if any(kwargs.get(k) is not None for k in ("inputs_embeds", "pixel_values", "pixel_values_videos")):
+            return False
+        if self.buffers is not None:
+            return True  # (the cache's layers checked at the first step, and moved into the buffers)
+        capture = ids.is_cuda if self.capture is None else self.capture
+        if capture and not ids.is_cuda:
+            return False
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and len(layers) == len(self.text.layers) and all(
+            type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
+            and layer.keys.shape[0] == 1 for layer in layers)
+
+    def _reserve(self, length: int) -> bool:
+        """Move each cache layer's keys and values into buffers of `capacity` positions."""
+        need = length + self.max_new_tokens
+        self.capacity = -(-need // RESERVE_MULTIPLE) * RESERVE_MULTIPLE
+        buffers = []
+        try:
+            for layer in self.cache.layers:
+                pair = []
+                for name in ("keys", "values"):
+                    held = getattr(layer, name)
+                    b, h, _, d = held.shape
+                    buffer = held.new_empty(b, h, self.capacity, d)
+                    buffer[:, :, :length].copy_(held)
+                    setattr(layer, name, buffer[:, :, :length])
+                    pair.append(buffer)
+                buffers.append(tuple(pair))
+        except torch.OutOfMemoryError:
+            logger.warning("no memory to reserve the KV cache for graph decoding; decoding as transformers does")
+            return False
+        self.buffers = buffers
+        device = buffers[0][0].device
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        return True
+
+    def _step(self, kwargs: dict, forward):
+        length = self.cache.get_seq_length()
+        positions = _rotary_positions(kwargs.get("position_ids"))
+        if positions is None:
+            delta = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+            if delta is None or delta.numel() != 1:
+                self.off = True
+                return forward(**kwargs)
+            positions = (delta.reshape(1, 1, 1) + length).expand(3, 1, 1)
+        if (self.buffers is None and not self._reserve(length)) or length >= self.capacity:
+            self.off = True
+            return forward(**kwargs)
+        self.ids.copy_(kwargs["input_ids"])
+        self.positions.copy_(positions)
+        self.index.fill_(length)
+        capture = self.ids.is_cuda if self.capture is None else self.capture
+        if self.graph is None and capture and self.eager_steps > 0:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            self.replayed_steps += 1
+        else:
+            self._run()
+            self.eager_steps += 1
+        for layer, (keys, values) in zip(self.cache.layers, self.buffers):
+            layer.keys, layer.values = keys[:, :, : length + 1], values[:, :, : length + 1]
+        kind, field = self.output
+        return kind(logits=self.logits.clone(), **{field: self.cache})
+
+    def _run(self) -> None:
+        """One step's launches: the token at `ids`, its positions `positions`, written at `index`."""
+        text = self.text
+        with decode_lengths(self.index + 1):
+            hidden = text.embed_tokens(self.ids)
+            rotary = text.rotary_emb(hidden, self.positions)
+            cache = _StepCache(self.buffers, self.index)
+            for layer in text.layers:
+                out = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=None,
+                            use_cache=True, **{self.layer_cache: cache})
+                hidden = out[0] if isinstance(out, tuple) else out
+            self.logits = self.head(text.norm(hidden))
+
+    def _capture(self) -> None:
+        """Record `_run` into a CUDA graph on a side stream; on failure, decode on without one."""
+        current = torch.cuda.current_stream(self.ids.device)
+        stream = torch.cuda.Stream(self.ids.device)
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._run()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:
+            logger.warning("decoding steps could not be captured in a CUDA graph (%s); decoding without one", error)
+            self.capture = False
+            return
+        finally:
+            current.wait_stream(stream)
+        self.graph = graph
+
+    def close(self) -> None:
+        """Release the graph and its tensors (the cache keeps its views of the buffers)."""
+        self.graph = self.buffers = self.cache = None
+        self.__dict__.pop("logits", None)

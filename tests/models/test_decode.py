@@ -1,0 +1,165 @@
+"""models.decode: decoding steps over a reserved KV cache, replayed from a CUDA graph on the GPU.
+
+On the CPU the steps run their launches as they are (capture off): what a graph records. The
+tests compare them with transformers' own decoding: the same tokens and scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models.decode as decode
+from kernels import FlashPrefillConfig
+from models import load
+from videoprefill import prefix as prefixes
+from videoprefill.pipeline import VideoQA
+from videoprefill.video import Sampling
+
+SMALL = Sampling(fps=4.0, max_frames=8, max_pixels=56 * 56, min_pixels=28 * 28)
+SPARSE = FlashPrefillConfig(block_size=16, alpha=0.3, sink_blocks=1, window_blocks=1, last_full_blocks=1,
+                            min_seq_len=0)
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return {family: load(tiny_models[family], config=SPARSE, device="cpu") for family in FAMILIES}
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """Every StepGraphs that graph_decoding makes while the test runs, in order."""
+    made = []
+
+    class Counted(decode.StepGraphs):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(decode, "StepGraphs", Counted)
+    return made
+
+
+def _generate(model, processor, inputs, new_tokens: int, steps: bool, capture: bool | None = False):
+    """generate over a fresh cache, each new token's scores kept; with `steps`, inside
+    graph_decoding (capture off by default). -> (output, the StepGraphs or None, the cache)."""
+    cache = prefixes.new_cache(model)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                   return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.inference_mode(), decode.graph_decoding(model, new_tokens, enabled=steps, capture=capture) as graphs:
+        out = model.generate(**inputs, **{prefixes.cache_argument(model): cache},
+                             **prefixes.generation_options(model, options))
+    return out, graphs, cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_give_generates_tokens_and_scores(family, tiny, sample_video):
+    model, processor = tiny[family]
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    prompt = inputs["input_ids"].shape[1]
+    expected, _, plain_cache = _generate(model, processor, inputs, 7, steps=False)
+    got, graphs, cache = _generate(model, processor, inputs, 7, steps=True)
+    assert graphs.eager_steps == 6 and graphs.replayed_steps == 0 and not graphs.off  # every step after the first token
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # The cache reads as transformers' own: the prompt and the 6 tokens fed back, the same values,
+    # held as views of the reserved buffers (room for the answer, rounded up).
+    assert cache.get_seq_length() == plain_cache.get_seq_length() == prompt + 6
+    for ours, theirs in zip(cache.layers, plain_cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=1e-4, atol=1e-4)
+        assert ours.keys.untyped_storage().nbytes() >= (prompt + 7) * ours.keys[0, :, 0].numel() * 4
+    assert "forward" not in model.__dict__  # the model's own forward back
+
+
+def test_answers_as_without_steps_first_and_later_questions(tiny, sample_video, made, monkeypatch):
+    """Through the pipeline, sparse and dense, a first question (dense: one prefill call) and a
+    later one over the kept prefix, whose cache holds views of the reserved buffers: the same
+    answers, streamed the same, as with transformers' decoding."""
+    model, processor = tiny["qwen2.5-vl"]
+    plain = VideoQA(model, processor, warmup=False)
+    stepped = VideoQA(model, processor, warmup=False)
+    monkeypatch.setattr(stepped, "_graph_decode", lambda: True)  # (CUDA only otherwise)
+    for attention in ("sparse", "dense"):
+        for question in ("What colour is it?", "Where does it go?"):
+            streamed = []
+            answer = stepped.ask(sample_video, question, attention, SMALL, max_new_tokens=8,
+                                 on_text=lambda text, _, streamed=streamed: streamed.append(text))
+            expected = plain.ask(sample_video, question, attention, SMALL, max_new_tokens=8)
+            assert (answer.text, answer.new_tokens) == (expected.text, expected.new_tokens)
+            assert streamed[-1] == answer.text and answer.tokens["cached"] == expected.tokens["cached"]
+            assert made[-1].eager_steps == answer.new_tokens - 1 > 0
+        assert answer.tokens["cached"] > 0
+
+
+def test_steps_it_cannot_take_go_to_the_models_forward(tiny, sample_video):
+    """Asked to capture on the CPU (no CUDA graphs there), every step goes to the model's own
+    forward: no buffers reserved, transformers' tokens and scores exactly."""
+    model, processor = tiny["qwen3-vl"]
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    expected, _, plain_cache = _generate(model, processor, inputs, 5, steps=False)
+    got, graphs, cache = _generate(model, processor, inputs, 5, steps=True, capture=True)
+    assert graphs.calls == 5 and graphs.eager_steps == graphs.replayed_steps == graphs.capacity == 0
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores, strict=True))
+    # transformers' own tensors, not views of reserved buffers
+    assert all(layer.keys.untyped_storage().nbytes() == layer.keys.nbytes for layer in cache.layers)
+
+
+def test_short_answers_and_disabled_leave_the_forward_alone(tiny):
+    model, _ = tiny["qwen2-vl"]
+    for new_tokens, enabled in ((decode.MIN_NEW_TOKENS - 1, True), (32, False)):
+        with decode.graph_decoding(model, new_tokens, enabled=enabled) as graphs:
+            assert graphs is None and "forward" not in model.__dict__
+
+
+def test_rotary_positions_from_what_generate_passes():
+    text_first = torch.tensor([45, 31, 31, 31]).view(4, 1, 1)
+    assert torch.equal(decode._rotary_positions(text_first), text_first[1:])
+    three = torch.tensor([7, 8, 9]).view(3, 1, 1)
+    assert decode._rotary_positions(three) is three
+    assert torch.equal(decode._rotary_positions(torch.tensor([[5]])), torch.full((3, 1, 1), 5))
+    assert decode._rotary_positions(None) is None
+    assert decode._rotary_positions(torch.zeros(3, 1, 2, dtype=torch.long)) is None  # not one token
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_replays_give_generates_tokens_on_cuda(family, tiny_models, sample_video):
+    """On the GPU in fp32 (dense attention: FlashPrefill's kernels take 16-bit floats): the first
+    step eager, the second captured, the rest replayed; tokens and scores as transformers' decoding."""
+    model, processor = load(tiny_models[family], attention="dense", device="cuda", dtype="fp32")
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    expected, _, _ = _generate_cuda(model, processor, inputs, 9, steps=False)
+    got, graphs, _ = _generate_cuda(model, processor, inputs, 9, steps=True)
+    assert (graphs.eager_steps, graphs.replayed_steps, graphs.off) == (1, 7, False)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+def _generate_cuda(model, processor, inputs, new_tokens, steps):
+    cache = prefixes.new_cache(model)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                   return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.inference_mode(), decode.graph_decoding(model, new_tokens, enabled=steps) as graphs:
+        out = model.generate(**inputs, **{prefixes.cache_argument(model): cache},
+                             **prefixes.generation_options(model, options))
+    return out, graphs, cache
+
+
+@pytest.mark.cuda
+def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made):
+    """The bundled demo model in bf16, as `videoprefill.run` loads it (its warm-up decoding as an
+    answer does): graph decoding on (the default on CUDA) and off give the same answers, and the
+    steps after the second token were replayed."""
+    qa = VideoQA.from_pretrained("demo", device="cuda")
+    for attention in ("sparse", "dense"):
+        question = "Describe this video."  # (the demo model answers it at length, in nonsense)
+        on = qa.ask(sample_video, question, attention, max_new_tokens=12)
+        assert on.new_tokens >= 4 and made[-1].replayed_steps == on.new_tokens - 2 and not made[-1].off
+        qa.graph_decode = False
+        off = qa.ask(sample_video, question, attention, max_new_tokens=12)
+        qa.graph_decode = True
+        assert (on.text, on.new_tokens) == (off.text, off.new_tokens)

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     layers = model.config.text_config.num_hidden_layers
-    demo, _ = build(VideoQA(model, processor, mask_layers=tuple(range(layers))))
+    qa = VideoQA(model, processor, mask_layers=tuple(range(layers)))
+    qa.graph_decode = not args.no_graph_decode
+    demo, _ = build(qa)
     # Stop on SIGTERM as on Ctrl-C, so exit handlers remove the run's plot folder.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:

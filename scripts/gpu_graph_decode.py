@@ -10,7 +10,8 @@ Qwen2.5-VL-7B architecture (random bf16 weights, `videoprefill.bench.cold_qa`).
    graph's replay timed alone (GPU time of a step), the peak memory allocated, and the floor a step
    cannot beat (the language model's weights and the KV cache read once from HBM).
 3. `--sweep`: decode_attention's launch settings; `--compare TOKENS`: token ids and scores three
-   ways (transformers' decoding, the steps without a graph, with one).
+   ways (transformers' decoding, the steps without a graph, with one); `--profile TOKENS`: the GPU
+   kernels of a decoding step; `--host-listing TOKENS`: where a replayed step's host time goes.
 
 A development script (results go to BENCHMARKS.md):
 
@@ -160,6 +161,75 @@ def compare(qa, tokens: int, new_tokens: int, fixed: float) -> None:
               f"scores equal {torch.equal(graph_scores, eager_scores)}", flush=True)
 
 
+def profile(qa, tokens: int, new_tokens: int, fixed: float) -> None:
+    """The GPU kernels of the decoding steps of one sparse request (steps run without a graph, the
+    same launches a graph replays): a request with `new_tokens` profiled minus the same with 3, per
+    step, the largest first."""
+    import functools
+
+    import videoprefill.pipeline as pipeline
+    from kernels import FlashPrefillConfig
+
+    sys_path_scripts()
+    from gpu_decode_steps import kernel_ms
+
+    prepared = synthetic_request(qa, tokens)
+    config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    pipeline.graph_decoding = functools.partial(decode.graph_decoding, capture=False)
+    run = functools.partial(qa.run, prepared, "sparse", config=config, fixed_density=fixed)
+    run(max_new_tokens=new_tokens)
+    whole = kernel_ms(lambda: run(max_new_tokens=new_tokens))
+    first = kernel_ms(lambda: run(max_new_tokens=3))
+    pipeline.graph_decoding = decode.graph_decoding
+    steps = new_tokens - 3
+    per_step = {k: (v - first.get(k, 0.0)) / steps for k, v in whole.items()}
+    total = sum(v for v in per_step.values() if v > 0)
+    rows = [{"kernel": k[:90], "ms": v, "share": v / total} for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])
+            if v > 0][:15]
+    print(f"GPU kernels per decoding step ({steps} steps, {tokens} video tokens): {total:.2f} ms in all")
+    print(markdown_table(rows, [("kernel", "kernel", "s"), ("ms per step", "ms", ".3f"), ("share", "share", ".1%")]))
+
+
+def host_listing(qa, tokens: int, new_tokens: int, fixed: float) -> None:
+    """Where a replayed step's host time goes: a sparse request with 5 and with `new_tokens` new
+    tokens under cProfile (both reserve, capture and replay), per function the difference of their
+    own time per step, the largest first."""
+    import cProfile
+    import pstats
+
+    from kernels import FlashPrefillConfig
+
+    prepared = synthetic_request(qa, tokens)
+    config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    qa.run(prepared, "sparse", max_new_tokens=new_tokens, config=config, fixed_density=fixed)
+    stats = {}
+    for count in (5, new_tokens):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        answer = qa.run(prepared, "sparse", max_new_tokens=count, config=config, fixed_density=fixed)
+        profiler.disable()
+        assert answer.new_tokens == count, "the request ended early"
+        stats[count] = pstats.Stats(profiler).stats
+    steps = new_tokens - 5
+    rows = []
+    for key, (_, calls, tottime, cumtime, _) in stats[new_tokens].items():
+        _, calls_before, tottime_before, cumtime_before, _ = stats[5].get(key, (0, 0, 0.0, 0.0, None))
+        name = f"{key[0].split('site-packages/')[-1]}:{key[1]}({key[2]})"
+        rows.append({"name": name[-95:], "calls": (calls - calls_before) / steps,
+                     "own": 1e6 * (tottime - tottime_before) / steps, "cum": 1e6 * (cumtime - cumtime_before) / steps})
+    rows.sort(key=lambda r: -r["own"])
+    print(f"host time per replayed step under cProfile: {sum(r['own'] for r in rows) / 1e3:.2f} ms ({steps} steps)")
+    print(markdown_table(rows[:30], [("function", "name", "s"), ("calls per step", "calls", ".1f"),
+                                     ("own us per step", "own", ".0f"), ("cumulative us per step", "cum", ".0f")]))
+
+
+def sys_path_scripts() -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 65536, 131072])
@@ -170,6 +240,10 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="instead: decode_attention's launch settings (sweep)")
     parser.add_argument("--compare", type=int, default=0, metavar="TOKENS",
                         help="instead: token ids and scores three ways at TOKENS video tokens (compare)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                        help="instead: the GPU kernels of a decoding step at TOKENS video tokens (profile)")
+    parser.add_argument("--host-listing", type=int, default=0, metavar="TOKENS",
+                        help="instead: where a replayed step's host time goes at TOKENS video tokens (host_listing)")
     args = parser.parse_args()
 
     from kernels import FlashPrefillConfig
@@ -179,6 +253,12 @@ def main() -> None:
         return
     if args.compare:
         compare(cold_qa(), args.compare, args.new_tokens, args.fixed_density)
+        return
+    if args.profile:
+        profile(cold_qa(), args.profile, args.new_tokens, args.fixed_density)
+        return
+    if args.host_listing:
+        host_listing(cold_qa(), args.host_listing, args.new_tokens, args.fixed_density)
         return
     print(attention_table([4096, 16384, 65536, 131072]), flush=True)
 

@@ -548,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     qa = VideoQA(model, processor, mask_layers=())
+    qa.graph_decode = not args.no_graph_decode
     try:
         config = config_from_args(args, qa.config)
     except ValueError as err:

@@ -18,12 +18,15 @@ UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Which model to load, on which device, in which dtype (`models.load`): this command's, batch
-    QA's and the web UI's options."""
+    """Which model to load, on which device, in which dtype (`models.load`), and how it decodes
+    (`VideoQA.graph_decode`): this command's, batch QA's and the web UI's options."""
     p.add_argument("--model", default="demo", help="demo (default), a hub id or a local checkpoint folder")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="model dtype (default: auto, bf16 on CUDA and fp32 on the CPU)")
+    p.add_argument("--no-graph-decode", action="store_true",
+                   help="decode each answer as transformers does (default on CUDA: its steps after the second "
+                        "token replay a CUDA graph)")
 
 
 def add_request_arguments(p: argparse.ArgumentParser, attention_help: str, fps: float) -> None:
@@ -169,6 +172,7 @@ def _main(args) -> int:
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
         check_frame_pixels(sampling.max_pixels, processor.video_processor.patch_size)  # (before the warm-up)
         qa = VideoQA(model, processor, warmup=not args.no_warmup)
+        qa.graph_decode = not args.no_graph_decode
         qa.prefix_states = 1  # one question a process: compare's dense cache is not held through its sparse run
         config = config_from_args(args, qa.config)
         if args.attention == "compare":

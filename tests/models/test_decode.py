@@ -5,6 +5,8 @@ tests compare them with transformers' own decoding: the same tokens and scores."
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -153,7 +155,7 @@ def _generate_cuda(model, processor, inputs, new_tokens, steps):
 def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made):
     """The bundled demo model in bf16, as `videoprefill.run` loads it (its warm-up decoding as an
     answer does): graph decoding on (the default on CUDA) and off give the same answers, and the
-    steps after the second token were replayed."""
+    steps after the second token were replayed, on the main thread and on another."""
     qa = VideoQA.from_pretrained("demo", device="cuda")
     for attention in ("sparse", "dense"):
         question = "Describe this video."  # (the demo model answers it at length, in nonsense)
@@ -163,3 +165,10 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made):
         off = qa.ask(sample_video, question, attention, max_new_tokens=12)
         qa.graph_decode = True
         assert (on.text, on.new_tokens) == (off.text, off.new_tokens)
+    # On a thread of its own, as the web UI runs each request: captured and replayed there too.
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(qa.ask(sample_video, question, "sparse",
+                                                                   max_new_tokens=12)))
+    worker.start()
+    worker.join()
+    assert answers[0].text == on.text and made[-1].replayed_steps == answers[0].new_tokens - 2

@@ -70,6 +70,23 @@ def test_mean_correction_flag_reaches_the_attention(monkeypatch):
     assert seen and all(seen)
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-graph-decode"]], ids=["default", "no-graph-decode"])
+def test_graph_decode_flag_reaches_the_pipeline(flag, monkeypatch):
+    """--no-graph-decode turns the pipeline's graph decoding off (it is on by default; it runs on CUDA)."""
+    from videoprefill import pipeline
+    from videoprefill import run as run_module
+    from videoprefill.video import sample_video_path
+
+    seen = []
+    original = pipeline.VideoQA.run
+    monkeypatch.setattr(pipeline.VideoQA, "run", lambda self, *a, **k: seen.append(self.graph_decode)
+                        or original(self, *a, **k))
+    settings = ["--json", "--fps", "2", "--max-frames", "8", "--max-pixels", str(112 * 112), "--max-new-tokens", "1",
+                "--device", "cpu", "--no-warmup"]
+    assert run_module.main([str(sample_video_path()), *settings, *flag]) == 0
+    assert seen == [not flag]
+
+
 def test_compare_human_output_and_map(sample_video, tmp_path):
     png = tmp_path / "map.png"
     proc = run(sample_video, "--attention", "compare", "--alpha", "0.5", "--sparsity-map", str(png), *SMALL)

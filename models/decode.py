@@ -1,8 +1,9 @@
 """A language model's decoding steps replayed from a CUDA graph (`graph_decoding`).
 
 After the prefill, `generate` runs the model once per new token. On the 7B model on an H200 such
-a step took 17-30 ms where its GPU work is a few ms: the rest is the host running some 20 modules
-and launching some 15 kernels per layer (BENCHMARKS.md, fourteenth and fifteenth sessions). Within
+a step took 17-30 ms where its GPU work is 6-8 ms: the rest is the host running some 20 modules
+and launching some 20 kernels per layer (BENCHMARKS.md, fourteenth, fifteenth and twenty-eighth
+sessions). Within
 `graph_decoding(model, max_new_tokens)`, `generate` still drives the answer (its logits
 processors, stopping criteria, streamer and end of text are untouched), and the model's forward
 takes the decoding steps:
@@ -21,8 +22,9 @@ takes the decoding steps:
   layer (attention mask none: the token sees every cached position), the final norm and the head.
 
 A call it does not take goes to the model's own forward: the prefill, a batch, a cache of another
-kind, embeddings given instead of ids, a capture that fails (logged; the answer goes on eagerly),
-a reservation that runs out of memory.
+kind, embeddings given instead of ids, positions not given in a form the language model reads, a
+reservation that runs out of memory (logged). A capture that fails is logged and the steps go on
+without a graph.
 """
 
 from __future__ import annotations
@@ -112,7 +114,6 @@ class StepGraphs:
     `replayed_steps` count the steps run each way."""
 
     def __init__(self, model, max_new_tokens: int, capture: bool | None = None):
-        self.model = model
         self.text = tower(model, "language_model")
         self.head = model.get_output_embeddings()
         self.max_new_tokens = max_new_tokens
@@ -145,7 +146,8 @@ class StepGraphs:
     def _first_call(self, out, kwargs: dict) -> None:
         """The prefill: learn the cache it filled and how the forward returns it."""
         self.cache = _given_cache(kwargs)
-        field = next((k for k, v in out.items() if v is self.cache), None) if self.cache is not None else None
+        items = out.items() if self.cache is not None and hasattr(out, "items") else ()
+        field = next((k for k, v in items if v is self.cache), None)
         if field is None:
             self.off = True
         else:
@@ -201,13 +203,7 @@ class StepGraphs:
     def _step(self, kwargs: dict, forward):
         length = self.cache.get_seq_length()
         positions = _rotary_positions(kwargs.get("position_ids"))
-        if positions is None:
-            delta = getattr(getattr(self.model, "model", None), "rope_deltas", None)
-            if delta is None or delta.numel() != 1:
-                self.off = True
-                return forward(**kwargs)
-            positions = (delta.reshape(1, 1, 1) + length).expand(3, 1, 1)
-        if (self.buffers is None and not self._reserve(length)) or length >= self.capacity:
+        if positions is None or (self.buffers is None and not self._reserve(length)) or length >= self.capacity:
             self.off = True
             return forward(**kwargs)
         self.ids.copy_(kwargs["input_ids"])

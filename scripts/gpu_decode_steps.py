@@ -169,6 +169,36 @@ def fused_ab(qa, config, args) -> None:
         print(f"| {way} | {', '.join(f'{v:.2f}' for v in values)} | {sorted(values)[1]:.2f} |")
 
 
+def host_per_step(run, fewer: int, more: int) -> tuple[list[tuple[float, float, float, str]], int]:
+    """`run(new_tokens)` with `fewer` and with `more` new tokens under cProfile; per function, the
+    difference of the two runs' own time (us), calls and cumulative time (us) per step (`more -
+    fewer` steps), the largest own time first: (rows, steps)."""
+    stats = {}
+    for tokens in (fewer, more):
+        profile = cProfile.Profile()
+        profile.enable()
+        run(tokens)
+        profile.disable()
+        stats[tokens] = pstats.Stats(profile).stats
+    steps = more - fewer
+    rows = []
+    for key, (_, calls, tottime, cumtime, _) in stats[more].items():
+        _, calls_before, tottime_before, cumtime_before, _ = stats[fewer].get(key, (0, 0, 0.0, 0.0, None))
+        name = f"{key[0].split('site-packages/')[-1]}:{key[1]}({key[2]})"
+        rows.append((1e6 * (tottime - tottime_before) / steps, (calls - calls_before) / steps,
+                     1e6 * (cumtime - cumtime_before) / steps, name))
+    return sorted(rows, reverse=True), steps
+
+
+def print_host_rows(rows, steps: int, what: str, count: int = 45) -> None:
+    total = sum(r[0] for r in rows)
+    print(f"host time per {what} under cProfile: {total / 1e3:.2f} ms ({steps} steps)")
+    print("| function | calls per step | own us per step | cumulative us per step |")
+    print("|---|---|---|---|")
+    for own, calls, cumulative, name in rows[:count]:
+        print(f"| {name[-100:]} | {calls:.1f} | {own:.0f} | {cumulative:.0f} |")
+
+
 def step_listing(qa, config, args) -> None:
     """Where a decoding step's host time goes: a sparse request (fixed density) at a new length,
     run once untimed, then the same with 2 and with `--new-tokens` new tokens under cProfile; per
@@ -176,26 +206,10 @@ def step_listing(qa, config, args) -> None:
     fixed = args.fixed_density
     prepared = synthetic_request(qa, args.step_listing)
     qa.run(prepared, "sparse", max_new_tokens=2, config=config, fixed_density=fixed)
-    stats = {}
-    for tokens in (2, args.new_tokens):
-        profile = cProfile.Profile()
-        profile.enable()
-        qa.run(prepared, "sparse", max_new_tokens=tokens, config=config, fixed_density=fixed)
-        profile.disable()
-        stats[tokens] = pstats.Stats(profile).stats
-    steps = args.new_tokens - 2
-    rows = []
-    for key, (_, calls, tottime, cumtime, _) in stats[args.new_tokens].items():
-        _, calls_before, tottime_before, cumtime_before, _ = stats[2].get(key, (0, 0, 0.0, 0.0, None))
-        name = f"{key[0].split('site-packages/')[-1]}:{key[1]}({key[2]})"
-        rows.append((1e6 * (tottime - tottime_before) / steps, (calls - calls_before) / steps,
-                     1e6 * (cumtime - cumtime_before) / steps, name))
-    total = sum(r[0] for r in rows)
-    print(f"host time per decoding step under cProfile: {total / 1e3:.2f} ms ({steps} steps)")
-    print("| function | calls per step | own us per step | cumulative us per step |")
-    print("|---|---|---|---|")
-    for own, calls, cumulative, name in sorted(rows, reverse=True)[:45]:
-        print(f"| {name[-100:]} | {calls:.1f} | {own:.0f} | {cumulative:.0f} |")
+    rows, steps = host_per_step(
+        lambda tokens: qa.run(prepared, "sparse", max_new_tokens=tokens, config=config, fixed_density=fixed),
+        2, args.new_tokens)
+    print_host_rows(rows, steps, "decoding step")
 
 
 def main() -> None:

@@ -193,34 +193,22 @@ def profile(qa, tokens: int, new_tokens: int, fixed: float) -> None:
 def host_listing(qa, tokens: int, new_tokens: int, fixed: float) -> None:
     """Where a replayed step's host time goes: a sparse request with 5 and with `new_tokens` new
     tokens under cProfile (both reserve, capture and replay), per function the difference of their
-    own time per step, the largest first."""
-    import cProfile
-    import pstats
-
+    own time per step, the largest first (`gpu_decode_steps.host_per_step`)."""
     from kernels import FlashPrefillConfig
+
+    sys_path_scripts()
+    from gpu_decode_steps import host_per_step, print_host_rows
 
     prepared = synthetic_request(qa, tokens)
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
-    qa.run(prepared, "sparse", max_new_tokens=new_tokens, config=config, fixed_density=fixed)
-    stats = {}
-    for count in (5, new_tokens):
-        profiler = cProfile.Profile()
-        profiler.enable()
+
+    def run(count: int) -> None:
         answer = qa.run(prepared, "sparse", max_new_tokens=count, config=config, fixed_density=fixed)
-        profiler.disable()
         assert answer.new_tokens == count, "the request ended early"
-        stats[count] = pstats.Stats(profiler).stats
-    steps = new_tokens - 5
-    rows = []
-    for key, (_, calls, tottime, cumtime, _) in stats[new_tokens].items():
-        _, calls_before, tottime_before, cumtime_before, _ = stats[5].get(key, (0, 0, 0.0, 0.0, None))
-        name = f"{key[0].split('site-packages/')[-1]}:{key[1]}({key[2]})"
-        rows.append({"name": name[-95:], "calls": (calls - calls_before) / steps,
-                     "own": 1e6 * (tottime - tottime_before) / steps, "cum": 1e6 * (cumtime - cumtime_before) / steps})
-    rows.sort(key=lambda r: -r["own"])
-    print(f"host time per replayed step under cProfile: {sum(r['own'] for r in rows) / 1e3:.2f} ms ({steps} steps)")
-    print(markdown_table(rows[:30], [("function", "name", "s"), ("calls per step", "calls", ".1f"),
-                                     ("own us per step", "own", ".0f"), ("cumulative us per step", "cum", ".0f")]))
+
+    run(new_tokens)
+    rows, steps = host_per_step(run, 5, new_tokens)
+    print_host_rows(rows, steps, "replayed step", count=30)
 
 
 def sys_path_scripts() -> None:

@@ -617,6 +617,7 @@ class VideoQA:
         self._warm.add(key)
 
     def _graph_decode(self) -> bool:
+        """Whether answers decode from CUDA graphs (`graph_decode`, and the model on CUDA)."""
         return self.graph_decode and self.device.type == "cuda"
 
     def _one_call(self, prepared: Prepared, key: tuple) -> bool:

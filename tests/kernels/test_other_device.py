@@ -63,7 +63,9 @@ def test_kernels_on_another_device_give_the_current_devices_results():
 
 def test_the_demo_model_answers_on_another_device():
     """The pipeline on cuda:1 answers as on cuda:0 (bf16 both), FlashPrefill from the first block, from
-    this thread and from another (dense), and leaves the current device alone."""
+    this thread and from another (dense), and leaves the current device alone. A long answer
+    (the demo model answers "Describe this video." at length) decodes from a CUDA graph captured on
+    the model's device (models.decode)."""
     import dataclasses
 
     from models import load
@@ -83,6 +85,10 @@ def test_the_demo_model_answers_on_another_device():
         thread.start()
         thread.join()
         answers[device + ", dense in a thread"] = found["text"]
+        long = qa.ask(video, "Describe this video.", "sparse", config=sparse, max_new_tokens=8)
+        assert long.new_tokens == 8
+        answers[device + ", graph-decoded"] = long.text
     assert answers["cuda:1"] == answers["cuda:0"] != ""
+    assert answers["cuda:1, graph-decoded"] == answers["cuda:0, graph-decoded"] != ""
     assert answers["cuda:1, dense in a thread"] == answers["cuda:0, dense in a thread"] != ""
     assert torch.cuda.current_device() == 0

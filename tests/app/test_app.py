@@ -305,6 +305,9 @@ def test_an_uploaded_video_is_read_before_the_question(monkeypatch):
 
     monkeypatch.setattr(qa, "decode", spy)
     change.fn(SAMPLE, 2.0, 8, 56 * 56)
+    # The question comes once the read is done, as after typing it. (Asked at once, the reading
+    # thread may not have started before the question waits for it: nothing read ahead then.)
+    qa._ahead[1].result(timeout=120)
     out = app.ask(SAMPLE, DEMO_QUESTION, "sparse", fps=2.0, max_frames=8, max_pixels=56 * 56)
     assert len(reads) == 1 and reads[0].startswith("videoprefill-decode-ahead")
     assert "frames read on upload" in out[3]

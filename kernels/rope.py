@@ -7,7 +7,10 @@ embedding of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers, which PyTorch 
 a dozen fp32 passes over q and k (casts, broadcast products, the negation and concatenation of
 rotate_half), and of their language models (the same map with cos and sin in the model's dtype,
 computed in that dtype in five passes per tensor); here it is one program per BLOCK_S tokens
-that loads cos and sin once and loops over the heads.
+that loads cos and sin once and loops over the heads. Few tokens (a question, a decoding step)
+make few programs, so there the heads are split between programs too (`head_programs`): one
+program looping over the 7B model's 32 heads took 10 us for one token on an H200 (BENCHMARKS.md,
+twenty-eighth session).
 
 q: (S, HQ, D), k: (S, HK, D) (HK may differ from HQ: grouped KV heads), any strides with a unit
 last stride (views of the projections); cos, sin: (S, D), broadcast over the heads. Returns new
@@ -53,9 +56,10 @@ def _rope_kernel(
     c2 = tl.load(c + HALF, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(s, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(s + HALF, mask=mask, other=0.0).to(tl.float32)
-    for h in range(HQ):
+    # Heads program_id(1), + num_programs(1), ... of q and of k.
+    for h in range(tl.program_id(1), HQ, tl.num_programs(1)):
         _rope_one(Q, QO, rows, cols, mask, h, stride_qs, stride_qh, HQ, c1, c2, s1, s2, HALF)
-    for h in range(HK):
+    for h in range(tl.program_id(1), HK, tl.num_programs(1)):
         _rope_one(K, KO, rows, cols, mask, h, stride_ks, stride_kh, HK, c1, c2, s1, s2, HALF)
 
 
@@ -109,6 +113,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return launch(q, k, cos, sin, block_s)
 
 
+# Programs a launch aims for at least, splitting the heads between them when there are few tokens.
+MIN_PROGRAMS = 128
+
+
+def head_programs(blocks: int, heads: int) -> int:
+    """How many programs share the heads of one block of tokens: up to `heads` (the larger of q's
+    and k's), so that `blocks` blocks make about MIN_PROGRAMS programs; 1 from MIN_PROGRAMS blocks."""
+    return max(1, min(heads, MIN_PROGRAMS // blocks))
+
+
 def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s: int = 32):
     """`rope` without its input checks, for a caller that has just checked these tensors (`supported`):
     at one token a step's host time is what counts."""
@@ -124,8 +138,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if _rope_prepared.active():
         key = (q.shape, k.shape, q.stride(), k.stride(), cos.stride(0), sin.stride(0), q.dtype, k.dtype, cos.dtype,
                sin.dtype, q.device.index, block_s, *(t.data_ptr() % 16 for t in tensors))
+    blocks = triton.cdiv(s, block_s)
     _rope_prepared.launch(key, tensors, lambda: (
-        (triton.cdiv(s, block_s),),
+        (blocks, head_programs(blocks, max(hq, hk))),
         (*tensors, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), s, hq, hk),
         dict(HALF=half, BLOCK_S=block_s, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)))
     return q_out, k_out

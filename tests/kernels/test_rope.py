@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.rope import rope, rope_reference, supported
+from kernels.rope import head_programs, rope, rope_reference, supported
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (conftest)
 # One rounding step of the output dtype: the kernel and the reference differ only in how the
@@ -37,12 +37,14 @@ def test_rope_matches_reference(s, h, d, dtype):
         torch.testing.assert_close(out, ref, rtol=TOLERANCE[dtype], atol=1e-6)
 
 
+@pytest.mark.parametrize("s", [70, 1], ids=["70-tokens", "one-token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
-def test_rope_grouped_kv_heads(dtype):
+def test_rope_grouped_kv_heads(dtype, s):
     """The language models' layout: q and k from separate projections, 7 query heads to 1 KV head
-    (Qwen2.5-VL-7B has 28 to 4), cos / sin in the model's dtype."""
+    (Qwen2.5-VL-7B has 28 to 4), cos / sin in the model's dtype; the heads split between programs
+    (few tokens), q's more of them than k's."""
     g = torch.Generator().manual_seed(3)
-    s, d = 70, 64
+    d = 64
     q = torch.randn(1, s, 7 * d, generator=g).to(dtype).to(DEVICE).view(s, 7, d)
     k = torch.randn(1, s, d, generator=g).to(dtype).to(DEVICE).view(s, 1, d)
     angles = torch.randn(s, d // 2, generator=g) * 20
@@ -53,6 +55,11 @@ def test_rope_grouped_kv_heads(dtype):
     assert qo.shape == (s, 7, d) and ko.shape == (s, 1, d)
     torch.testing.assert_close(qo, qr, rtol=TOLERANCE[dtype], atol=1e-6)
     torch.testing.assert_close(ko, kr, rtol=TOLERANCE[dtype], atol=1e-6)
+
+
+def test_few_tokens_split_the_heads_between_programs():
+    assert head_programs(1, 32) == 32 and head_programs(3, 7) == 7 and head_programs(64, 32) == 2
+    assert head_programs(4096, 32) == 1 and head_programs(200, 8) == 1
 
 
 def test_reference_is_a_rotation():

@@ -44,7 +44,8 @@ def made(monkeypatch):
 
 def _generate(model, processor, inputs, new_tokens: int, steps: bool, capture: bool | None = False):
     """generate over a fresh cache, each new token's scores kept; with `steps`, inside
-    graph_decoding (capture off by default). -> (output, the StepGraphs or None, the cache)."""
+    graph_decoding (capture off by default, None: on CUDA). -> (output, the StepGraphs or None, the
+    cache)."""
     cache = prefixes.new_cache(model)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_scores=True,
                    return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
@@ -133,22 +134,12 @@ def test_graph_replays_give_generates_tokens_on_cuda(family, tiny_models, sample
     step eager, the second captured, the rest replayed; tokens and scores as transformers' decoding."""
     model, processor = load(tiny_models[family], attention="dense", device="cuda", dtype="fp32")
     inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
-    expected, _, _ = _generate_cuda(model, processor, inputs, 9, steps=False)
-    got, graphs, _ = _generate_cuda(model, processor, inputs, 9, steps=True)
+    expected, _, _ = _generate(model, processor, inputs, 9, steps=False)
+    got, graphs, _ = _generate(model, processor, inputs, 9, steps=True, capture=None)  # (capture: on CUDA)
     assert (graphs.eager_steps, graphs.replayed_steps, graphs.off) == (1, 7, False)
     assert torch.equal(got.sequences, expected.sequences)
     for ours, theirs in zip(got.scores, expected.scores, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
-
-
-def _generate_cuda(model, processor, inputs, new_tokens, steps):
-    cache = prefixes.new_cache(model)
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_scores=True,
-                   return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
-    with torch.inference_mode(), decode.graph_decoding(model, new_tokens, enabled=steps) as graphs:
-        out = model.generate(**inputs, **{prefixes.cache_argument(model): cache},
-                             **prefixes.generation_options(model, options))
-    return out, graphs, cache
 
 
 @pytest.mark.cuda

@@ -257,13 +257,12 @@ def dense_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     lengths = _DECODE_LENGTHS.get()
     if lengths is not None and tq == 1:  # a decoding step over a reserved cache (`decode_lengths`)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return decode_attention(query[:, :, 0], key, value, lengths, scale)[:, None], None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if 1 < tq < tk and causal and b == 1 and (attention_mask is None or _key_ranges(attention_mask, tk)[0] == (0, tk)):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return dense_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale), None
     # a decoding step or a question over a cache: no cuDNN (module docstring)
     short = sdpa_kernel(SHORT_QUERY_BACKENDS) if query.shape[2] < key.shape[2] else contextlib.nullcontext()

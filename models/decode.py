@@ -195,6 +195,8 @@ class StepGraphs:
             return False
         self.buffers = buffers
         device = buffers[0][0].device
+        if self.capture is None:  # (default: capture on CUDA)
+            self.capture = device.type == "cuda"
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
@@ -209,8 +211,7 @@ class StepGraphs:
         self.ids.copy_(kwargs["input_ids"])
         self.positions.copy_(positions)
         self.index.fill_(length)
-        capture = self.ids.is_cuda if self.capture is None else self.capture
-        if self.graph is None and capture and self.eager_steps > 0:
+        if self.graph is None and self.capture and self.eager_steps > 0:
             self._capture()
         if self.graph is not None:
             self.graph.replay()

@@ -21,6 +21,9 @@ takes the decoding steps:
   its position (the positions `generate` passes, as the language model reads them), every decoder
   layer (attention mask none: the token sees every cached position), the final norm and the head.
 
+Within it `generate` also checks for its stop a step behind on CUDA (models.stop_check): the host
+queues the next step while the GPU runs this one, instead of waiting for each token.
+
 A call it does not take goes to the model's own forward: the prefill, a batch, a cache of another
 kind, embeddings given instead of ids, positions not given in a form the language model reads, a
 reservation that runs out of memory (logged). A capture that fails is logged and the steps go on
@@ -38,6 +41,7 @@ import torch
 
 from .attention import decode_lengths
 from .fused import tower
+from .stop_check import step_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +53,15 @@ MIN_NEW_TOKENS = 3
 
 
 @contextlib.contextmanager
-def graph_decoding(model, max_new_tokens: int, enabled: bool = True, capture: bool | None = None):
+def graph_decoding(model, max_new_tokens: int, enabled: bool = True, capture: bool | None = None,
+                   ahead: bool | None = None):
     """Within the block, the decoding steps of `model.generate` (batch 1) run as described in the
     module docstring; yields the `StepGraphs` (None when not enabled or fewer than MIN_NEW_TOKENS).
     capture: record and replay a CUDA graph (default: on CUDA); False runs every step's launches as
-    they are over the reserved cache (what the CPU tests check against `generate`)."""
+    they are over the reserved cache (what the CPU tests check against `generate`).
+    ahead: `generate` checks for its stop a step behind, so the host queues the next step while the
+    GPU runs this one (models.stop_check; default: the model on CUDA). `StepGraphs.ahead` says
+    whether it does."""
     if not enabled or max_new_tokens < MIN_NEW_TOKENS:
         yield None
         return
@@ -62,7 +70,8 @@ def graph_decoding(model, max_new_tokens: int, enabled: bool = True, capture: bo
     own = model.__dict__.get("forward")
     model.forward = steps.wrap(model.forward)
     try:
-        yield steps
+        with step_ahead(model.device.type == "cuda" if ahead is None else ahead) as steps.ahead:
+            yield steps
     finally:
         if had_own:
             model.forward = own
@@ -111,7 +120,8 @@ def _rotary_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
 
 class StepGraphs:
     """The decoding steps of one `generate` call (`graph_decoding`). `eager_steps` and
-    `replayed_steps` count the steps run each way."""
+    `replayed_steps` count the steps run each way (a step queued past the end of the answer, and
+    undone, among them); `ahead`, whether `generate` checked for its stop a step behind."""
 
     def __init__(self, model, max_new_tokens: int, capture: bool | None = None):
         self.text = tower(model, "language_model")
@@ -128,6 +138,7 @@ class StepGraphs:
         self.graph = None
         self.eager_steps = 0
         self.replayed_steps = 0
+        self.ahead = False
 
     def wrap(self, forward):
         @functools.wraps(forward)

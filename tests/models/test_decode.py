@@ -5,16 +5,19 @@ tests compare them with transformers' own decoding: the same tokens and scores."
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
 import torch
 
 import models.decode as decode
+import models.stop_check as stop_check
 from kernels import FlashPrefillConfig
 from models import load
 from videoprefill import prefix as prefixes
 from videoprefill.pipeline import VideoQA
+from videoprefill.synthetic import DEMO_QUESTION
 from videoprefill.video import Sampling
 
 SMALL = Sampling(fps=4.0, max_frames=8, max_pixels=56 * 56, min_pixels=28 * 28)
@@ -42,14 +45,17 @@ def made(monkeypatch):
     return made
 
 
-def _generate(model, processor, inputs, new_tokens: int, steps: bool, capture: bool | None = False):
+def _generate(model, processor, inputs, new_tokens: int, steps: bool, capture: bool | None = False,
+              ahead: bool | None = None, min_new_tokens: int | None = None, **generate_kwargs):
     """generate over a fresh cache, each new token's scores kept; with `steps`, inside
-    graph_decoding (capture off by default, None: on CUDA). -> (output, the StepGraphs or None, the
-    cache)."""
+    graph_decoding (capture off by default, None: on CUDA; ahead: its default, on CUDA).
+    -> (output, the StepGraphs or None, the cache)."""
     cache = prefixes.new_cache(model)
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_scores=True,
-                   return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
-    with torch.inference_mode(), decode.graph_decoding(model, new_tokens, enabled=steps, capture=capture) as graphs:
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens if min_new_tokens is None else min_new_tokens,
+                   do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   pad_token_id=processor.tokenizer.pad_token_id, **generate_kwargs)
+    with torch.inference_mode(), decode.graph_decoding(model, new_tokens, enabled=steps, capture=capture,
+                                                       ahead=ahead) as graphs:
         out = model.generate(**inputs, **{prefixes.cache_argument(model): cache},
                              **prefixes.generation_options(model, options))
     return out, graphs, cache
@@ -79,11 +85,15 @@ def test_steps_give_generates_tokens_and_scores(family, tiny, sample_video):
 def test_answers_as_without_steps_first_and_later_questions(tiny, sample_video, made, monkeypatch):
     """Through the pipeline, sparse and dense, a first question (dense: one prefill call) and a
     later one over the kept prefix, whose cache holds views of the reserved buffers: the same
-    answers, streamed the same, as with transformers' decoding."""
+    answers, streamed the same, as with transformers' decoding; with the stop check a step behind,
+    as on CUDA."""
+    import videoprefill.pipeline as pipeline
+
     model, processor = tiny["qwen2.5-vl"]
     plain = VideoQA(model, processor, warmup=False)
     stepped = VideoQA(model, processor, warmup=False)
     monkeypatch.setattr(stepped, "_graph_decode", lambda: True)  # (CUDA only otherwise)
+    monkeypatch.setattr(pipeline, "graph_decoding", functools.partial(decode.graph_decoding, ahead=True))
     for attention in ("sparse", "dense"):
         for question in ("What colour is it?", "Where does it go?"):
             streamed = []
@@ -92,7 +102,7 @@ def test_answers_as_without_steps_first_and_later_questions(tiny, sample_video, 
             expected = plain.ask(sample_video, question, attention, SMALL, max_new_tokens=8)
             assert (answer.text, answer.new_tokens) == (expected.text, expected.new_tokens)
             assert streamed[-1] == answer.text and answer.tokens["cached"] == expected.tokens["cached"]
-            assert made[-1].eager_steps == answer.new_tokens - 1 > 0
+            assert made[-1].eager_steps == answer.new_tokens - 1 > 0 and made[-1].ahead
         assert answer.tokens["cached"] > 0
 
 
@@ -135,23 +145,34 @@ def test_graph_replays_give_generates_tokens_on_cuda(family, tiny_models, sample
     model, processor = load(tiny_models[family], attention="dense", device="cuda", dtype="fp32")
     inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
     expected, _, _ = _generate(model, processor, inputs, 9, steps=False)
-    got, graphs, _ = _generate(model, processor, inputs, 9, steps=True, capture=None)  # (capture: on CUDA)
-    assert (graphs.eager_steps, graphs.replayed_steps, graphs.off) == (1, 7, False)
+    got, graphs, _ = _generate(model, processor, inputs, 9, steps=True, capture=None)  # (capture, ahead: on CUDA)
+    assert (graphs.eager_steps, graphs.replayed_steps, graphs.off, graphs.ahead) == (1, 7, False, True)
     assert torch.equal(got.sequences, expected.sequences)
     for ours, theirs in zip(got.scores, expected.scores, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.cuda
-def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made):
+def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, checks):
     """The bundled demo model in bf16, as `videoprefill.run` loads it (its warm-up decoding as an
-    answer does): graph decoding on (the default on CUDA) and off give the same answers, and the
-    steps after the second token were replayed, on the main thread and on another."""
+    answer does): graph decoding on (the default on CUDA, with the stop check a step behind) and
+    off give the same answers, and the steps after the second token were replayed, on the main
+    thread and on another. Its answer to the colour question ends before max_new_tokens: the step
+    queued past its end is undone."""
     qa = VideoQA.from_pretrained("demo", device="cuda")
+    short = qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12)
+    assert short.new_tokens < 12 and made[-1].ahead and checks[-1].undone == 1
+    assert made[-1].replayed_steps == short.new_tokens - 1  # (the undone step among them)
+    qa.graph_decode = False
+    assert qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12).text == short.text
+    qa.graph_decode = True
     for attention in ("sparse", "dense"):
-        question = "Describe this video."  # (the demo model answers it at length, in nonsense)
+        question = "Describe this video."  # (not what the demo model learned: its answer runs long or ends early)
         on = qa.ask(sample_video, question, attention, max_new_tokens=12)
-        assert on.new_tokens >= 4 and made[-1].replayed_steps == on.new_tokens - 2 and not made[-1].off
+        # Every step read back a step late; one queued past an end of text (if any) replayed and undone.
+        undone = checks[-1].undone
+        assert on.new_tokens >= 4 and made[-1].replayed_steps == on.new_tokens - 2 + undone and not made[-1].off
+        assert made[-1].ahead and checks[-1].reads == on.new_tokens - 1 and undone == (on.new_tokens < 12)
         qa.graph_decode = False
         off = qa.ask(sample_video, question, attention, max_new_tokens=12)
         qa.graph_decode = True
@@ -162,4 +183,98 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made):
                                                                    max_new_tokens=12)))
     worker.start()
     worker.join()
-    assert answers[0].text == on.text and made[-1].replayed_steps == answers[0].new_tokens - 2
+    assert answers[0].text == on.text and made[-1].replayed_steps == answers[0].new_tokens - 2 + checks[-1].undone
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """Every StepAheadStopCheck that generate makes while the test runs, in order."""
+    made = []
+
+    class Counted(stop_check.StepAheadStopCheck):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stop_check, "StepAheadStopCheck", Counted)
+    return made
+
+
+class _Tokens:
+    """A streamer that keeps what generate hands it: the prompt, then each new token."""
+
+    def __init__(self):
+        self.puts = []
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.puts.append("end")
+
+
+class _StopAt:
+    """A stopping criterion: done once the sequence is `length` tokens long (on the host, as the
+    web UI's Stop is)."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_a_step_ahead_gives_the_same_tokens_scores_stream_and_cache(family, tiny, sample_video, checks):
+    """The stop check a step behind (CPU: its logic, without the asynchronous copies): the tokens,
+    scores, streamed tokens and cache of transformers' decoding; every step after the first read
+    back a step late, nothing undone when the answer runs to max_new_tokens."""
+    model, processor = tiny[family]
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    prompt = inputs["input_ids"].shape[1]
+    plain_stream, ahead_stream = _Tokens(), _Tokens()
+    expected, _, plain_cache = _generate(model, processor, inputs, 6, steps=False, streamer=plain_stream)
+    got, graphs, cache = _generate(model, processor, inputs, 6, steps=True, ahead=True, streamer=ahead_stream)
+    assert graphs.ahead and len(checks) == 1 and (checks[0].reads, checks[0].undone) == (5, 0)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert ahead_stream.puts == plain_stream.puts and len(ahead_stream.puts) == 1 + 6 + 1
+    assert cache.get_seq_length() == plain_cache.get_seq_length() == prompt + 5
+
+
+def test_a_stop_seen_a_step_late_undoes_the_step_run_past_it(tiny, sample_video, checks):
+    """Stopped by a criterion after 3 of 8 tokens: the step already queued for a 4th is undone (its
+    token not returned, not streamed, its key and value cut from the cache), as transformers'
+    decoding without it stops."""
+    model, processor = tiny["qwen2.5-vl"]
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    prompt = inputs["input_ids"].shape[1]
+    plain_stream, ahead_stream = _Tokens(), _Tokens()
+    criteria = dict(min_new_tokens=0, stopping_criteria=[_StopAt(prompt + 3)])
+    expected, _, plain_cache = _generate(model, processor, inputs, 8, steps=False, streamer=plain_stream, **criteria)
+    got, graphs, cache = _generate(model, processor, inputs, 8, steps=True, ahead=True, streamer=ahead_stream,
+                                   **criteria)
+    assert expected.sequences.shape[1] == prompt + 3
+    assert torch.equal(got.sequences, expected.sequences) and len(got.scores) == 3
+    assert ahead_stream.puts == plain_stream.puts
+    assert graphs.eager_steps == 3 and (checks[0].reads, checks[0].undone) == (2, 1)  # steps 2-4 run, 4 undone
+    assert cache.get_seq_length() == plain_cache.get_seq_length() == prompt + 2
+    for ours, theirs in zip(cache.layers, plain_cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+
+
+def test_the_stop_check_is_transformers_own_outside_step_ahead(tiny, sample_video, checks):
+    from transformers.generation import utils
+
+    with stop_check.step_ahead() as ahead:
+        assert ahead and utils.DeferredStopCheck.is_supported(torch.device("cpu"), None, False, is_assistant=False)
+        assert not utils.DeferredStopCheck.is_supported(torch.device("cpu"), None, False, is_assistant=True)
+    assert not utils.DeferredStopCheck.is_supported(torch.device("cpu"), None, False, is_assistant=False)
+    model, processor = tiny["qwen2-vl"]
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    _, graphs, _ = _generate(model, processor, inputs, 4, steps=True, ahead=False)
+    _generate(model, processor, inputs, 4, steps=False)
+    assert not graphs.ahead and checks == []
+    with stop_check.step_ahead(enabled=False) as ahead:
+        assert not ahead

@@ -16,7 +16,8 @@ takes the decoding steps:
   positions up to it (models.attention.decode_lengths: kernels.decode_attention reads the length
   on the device). So every step makes the same launches: the first runs them as they are, the
   second captures them into a CUDA graph, and every later step copies its token and position into
-  the graph's inputs and replays it.
+  the graph's inputs and replays it. Once a model's step has been captured (by the warm-up), its
+  later answers capture the first step instead of running it as it is.
 - A step runs what the model's forward runs for one token: the embedding, the rotary embedding of
   its position (the positions `generate` passes, as the language model reads them), every decoder
   layer (attention mask none: the token sees every cached position), the final norm and the head.
@@ -36,6 +37,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import weakref
 
 import torch
 
@@ -50,6 +52,9 @@ RESERVE_MULTIPLE = 64
 # Fewest new tokens for which `graph_decoding` takes the steps: a graph pays off from its first
 # replay, the third token.
 MIN_NEW_TOKENS = 3
+# Language models whose decoding step was captured before (the warm-ups decode as an answer does):
+# their next answers capture the first step, every kernel of a step having run eagerly once.
+_CAPTURED: weakref.WeakSet = weakref.WeakSet()
 
 
 @contextlib.contextmanager
@@ -222,7 +227,7 @@ class StepGraphs:
         self.ids.copy_(kwargs["input_ids"])
         self.positions.copy_(positions)
         self.index.fill_(length)
-        if self.graph is None and self.capture and self.eager_steps > 0:
+        if self.graph is None and self.capture and (self.eager_steps > 0 or self.text in _CAPTURED):
             self._capture()
         if self.graph is not None:
             self.graph.replay()
@@ -249,7 +254,9 @@ class StepGraphs:
             self.logits = self.head(text.norm(hidden))
 
     def _capture(self) -> None:
-        """Record `_run` into a CUDA graph on a side stream; on failure, decode on without one."""
+        """Record `_run` into a CUDA graph on a side stream; on failure, decode on without one (or,
+        at the first step, try again after it)."""
+        first = self.eager_steps == 0
         current = torch.cuda.current_stream(self.ids.device)
         stream = torch.cuda.Stream(self.ids.device)
         stream.wait_stream(current)
@@ -262,12 +269,17 @@ class StepGraphs:
                 finally:
                     graph.capture_end()
         except RuntimeError as error:
+            if first:
+                _CAPTURED.discard(self.text)
+                logger.info("the first decoding step could not be captured (%s); capturing the second", error)
+                return
             logger.warning("decoding steps could not be captured in a CUDA graph (%s); decoding without one", error)
             self.capture = False
             return
         finally:
             current.wait_stream(stream)
         self.graph = graph
+        _CAPTURED.add(self.text)
 
     def close(self) -> None:
         """Release the graph and its tensors (the cache keeps its views of the buffers)."""

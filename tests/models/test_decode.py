@@ -141,28 +141,31 @@ def test_rotary_positions_from_what_generate_passes():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_replays_give_generates_tokens_on_cuda(family, tiny_models, sample_video):
     """On the GPU in fp32 (dense attention: FlashPrefill's kernels take 16-bit floats): the first
-    step eager, the second captured, the rest replayed; tokens and scores as transformers' decoding."""
+    step eager, the second captured, the rest replayed, and in the next answer the first step
+    captured; tokens and scores as transformers' decoding."""
     model, processor = load(tiny_models[family], attention="dense", device="cuda", dtype="fp32")
     inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
     expected, _, _ = _generate(model, processor, inputs, 9, steps=False)
-    got, graphs, _ = _generate(model, processor, inputs, 9, steps=True, capture=None)  # (capture, ahead: on CUDA)
-    assert (graphs.eager_steps, graphs.replayed_steps, graphs.off, graphs.ahead) == (1, 7, False, True)
-    assert torch.equal(got.sequences, expected.sequences)
-    for ours, theirs in zip(got.scores, expected.scores, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+    for eager in (1, 0):  # the model's first answer captures its second step, the next its first
+        got, graphs, _ = _generate(model, processor, inputs, 9, steps=True, capture=None)  # (capture, ahead: CUDA)
+        assert (graphs.eager_steps, graphs.replayed_steps, graphs.off, graphs.ahead) == (eager, 8 - eager, False, True)
+        assert torch.equal(got.sequences, expected.sequences)
+        for ours, theirs in zip(got.scores, expected.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.cuda
 def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, checks):
     """The bundled demo model in bf16, as `videoprefill.run` loads it (its warm-up decoding as an
     answer does): graph decoding on (the default on CUDA, with the stop check a step behind) and
-    off give the same answers, and the steps after the second token were replayed, on the main
-    thread and on another. Its answer to the colour question ends before max_new_tokens: the step
-    queued past its end is undone."""
+    off give the same answers, and every step after the first token was replayed (the first
+    captured: the warm-up captured before), on the main thread and on another. Its answer to the
+    colour question ends before max_new_tokens: the step queued past its end is undone."""
     qa = VideoQA.from_pretrained("demo", device="cuda")
     short = qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12)
     assert short.new_tokens < 12 and made[-1].ahead and checks[-1].undone == 1
-    assert made[-1].replayed_steps == short.new_tokens - 1  # (the undone step among them)
+    # Captured at the first step (the warm-up captured one before), the undone step among the replays.
+    assert (made[-1].eager_steps, made[-1].replayed_steps) == (0, short.new_tokens)
     qa.graph_decode = False
     assert qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12).text == short.text
     qa.graph_decode = True
@@ -171,7 +174,7 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, che
         on = qa.ask(sample_video, question, attention, max_new_tokens=12)
         # Every step read back a step late; one queued past an end of text (if any) replayed and undone.
         undone = checks[-1].undone
-        assert on.new_tokens >= 4 and made[-1].replayed_steps == on.new_tokens - 2 + undone and not made[-1].off
+        assert on.new_tokens >= 4 and made[-1].replayed_steps == on.new_tokens - 1 + undone and not made[-1].off
         assert made[-1].ahead and checks[-1].reads == on.new_tokens - 1 and undone == (on.new_tokens < 12)
         qa.graph_decode = False
         off = qa.ask(sample_video, question, attention, max_new_tokens=12)
@@ -183,7 +186,7 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, che
                                                                    max_new_tokens=12)))
     worker.start()
     worker.join()
-    assert answers[0].text == on.text and made[-1].replayed_steps == answers[0].new_tokens - 2 + checks[-1].undone
+    assert answers[0].text == on.text and made[-1].replayed_steps == answers[0].new_tokens - 1 + checks[-1].undone
 
 
 @pytest.fixture

@@ -58,7 +58,8 @@ class StepAheadStopCheck:
         self.cache = cache if cache_is_returned else None
         if self.cache is not None:
             self.cache.activate_past_recording()
-        on_cuda = input_ids.device.type == "cuda"
+        self.device = input_ids.device
+        on_cuda = self.device.type == "cuda"
         self.slots = [(torch.zeros((), dtype=torch.bool, pin_memory=on_cuda),
                        torch.zeros(input_ids.shape[0], dtype=torch.long, pin_memory=on_cuda),
                        torch.cuda.Event() if on_cuda else None) for _ in range(2)]
@@ -78,7 +79,7 @@ class StepAheadStopCheck:
             flag.copy_(unfinished.max() == 0, non_blocking=True)
             held.copy_(tokens, non_blocking=True)
             if done is not None:
-                done.record()
+                done.record(torch.cuda.current_stream(self.device))  # (where the copies above were queued)
             if self.pending is not None:
                 self._read(self.pending)
             self.pending = slot

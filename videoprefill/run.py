@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefill runs FlashPrefill."
@@ -100,9 +101,31 @@ def _human(answer, label: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _columns(char: str) -> int:
+    """Terminal columns of a character: 2 for East Asian wide and full-width ones, 0 for combining
+    marks and zero-width joiners, 1 otherwise (from the standard library's Unicode database)."""
+    if unicodedata.combining(char) or char in "\u200b\u200c\u200d":
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
+
+
+def fit_columns(line: str, width: int) -> str:
+    """`line` when it fits in `width` terminal columns, else "..." and as much of its end as fits."""
+    if sum(map(_columns, line)) <= width:
+        return line
+    kept, used = [], 3
+    for char in reversed(line):
+        used += _columns(char)
+        if used > width:
+            break
+        kept.append(char)
+    return "..." + "".join(reversed(kept))
+
+
 class LiveAnswer:
     """On a terminal, the answer as it is generated, from its first token on: one line rewritten in
-    place (its end when it is wider than the terminal), wiped before the report prints the answer."""
+    place (its end when it is wider than the terminal, counted in columns, so that an answer in
+    Chinese does not wrap), wiped before the report prints the answer."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -111,9 +134,7 @@ class LiveAnswer:
     def show(self, label: str, text: str, ttft_s: float) -> None:
         head = f"[{label}] " if label else ""
         line = f"{head}answer so far (first token after {ttft_s * 1000:.0f} ms): {' '.join(text.split())} ..."
-        width = shutil.get_terminal_size().columns - 1
-        if len(line) > width:
-            line = "..." + line[-(width - 3):]
+        line = fit_columns(line, shutil.get_terminal_size().columns - 1)
         self.stream.write("\r\033[K" + line)
         self.stream.flush()
         self.shown = True

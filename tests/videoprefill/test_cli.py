@@ -202,3 +202,22 @@ def test_a_terminal_sees_the_answer_as_it_is_generated(attention, monkeypatch):
     monkeypatch.setattr(sys, "stdout", terminal)
     assert cli.main([*argv, "--json"]) == 0
     assert "\r" not in terminal.getvalue()
+
+
+def test_the_live_line_fits_the_terminal_in_columns(monkeypatch):
+    """The line shown while the answer is generated keeps its end within the terminal's width,
+    counted in columns: a Chinese character takes two, a combining mark none."""
+    from videoprefill.run import LiveAnswer, fit_columns
+
+    assert fit_columns("yellow", 6) == "yellow"
+    assert fit_columns("yellow square", 10) == "... square"
+    assert fit_columns("答案是黄色", 10) == "答案是黄色"
+    assert fit_columns("答案是黄色", 9) == "...是黄色"  # 3 + 6 columns
+    assert fit_columns("答案是黄色", 8) == "...黄色"
+    assert fit_columns("cafe\u0301", 4) == "cafe\u0301"  # (e and its accent in one column)
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *a: os.terminal_size((41, 24)))
+    terminal = _Terminal()
+    LiveAnswer(terminal).show("", "视频里闪过的颜色是黄色，然后方块向右移动。" * 2, 0.1)
+    line = terminal.getvalue().removeprefix("\r\033[K")
+    assert line.startswith("...") and line.endswith("。 ...")
+    assert sum(2 if "\u4e00" <= c <= "\u9fff" or c in "，。" else 1 for c in line) <= 40

@@ -211,6 +211,20 @@ def host_listing(qa, tokens: int, new_tokens: int, fixed: float) -> None:
     print_host_rows(rows, steps, "replayed step", count=30)
 
 
+def record_chosen_ids(chosen: dict) -> None:
+    """From now on, `chosen["ids"]` holds the token ids of the pipeline's last `generate` call (the
+    prompt and the answer)."""
+    def recording(original):
+        def recorded(*a, **k):
+            out = original(*a, **k)
+            chosen["ids"] = (out[0] if isinstance(out, tuple) else out).tolist()
+            return out
+        return recorded
+
+    for name in ("generate_whole", "generate_over_prefix"):
+        setattr(prefixes, name, recording(getattr(prefixes, name)))
+
+
 def sys_path_scripts() -> None:
     import os
     import sys
@@ -272,16 +286,7 @@ def main() -> None:
             super().close()
 
     decode.StepGraphs = Counted
-    def recording(original):
-        def recorded(*a, **k):
-            out = original(*a, **k)
-            chosen["ids"] = (out[0] if isinstance(out, tuple) else out).tolist()
-            return out
-        return recorded
-
-    for name in ("generate_whole", "generate_over_prefix"):  # (the token ids each request chose)
-        setattr(prefixes, name, recording(getattr(prefixes, name)))
-
+    record_chosen_ids(chosen)
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     text = qa.model.config.text_config

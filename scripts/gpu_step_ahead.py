@@ -25,11 +25,11 @@ import statistics
 import warnings
 
 import torch
+from gpu_graph_decode import record_chosen_ids  # (this script's folder is on the path)
 
 import models.decode as decode
 import models.stop_check as stop_check
 import videoprefill.pipeline as pipeline
-from videoprefill import prefix as prefixes
 from videoprefill.bench import cold_qa, markdown_table, synthetic_request
 
 WAYS = {  # name -> (graph decoding, the stop check a step behind, the first step captured)
@@ -104,16 +104,7 @@ def main() -> None:
             checks.append(self)
 
     stop_check.StepAheadStopCheck = Counted
-
-    def recording(original):
-        def recorded(*a, **k):
-            out = original(*a, **k)
-            chosen["ids"] = (out[0] if isinstance(out, tuple) else out).tolist()
-            return out
-        return recorded
-
-    for name in ("generate_whole", "generate_over_prefix"):  # (the token ids each request chose)
-        setattr(prefixes, name, recording(getattr(prefixes, name)))
+    record_chosen_ids(chosen)  # (the token ids each request chose)
 
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")

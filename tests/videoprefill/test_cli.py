@@ -32,6 +32,7 @@ def test_json_sparse(sample_video):
     t = out["timings"]
     assert 0 < t["prefill_s"] < t["ttft_s"] <= t["total_s"]
     assert t["ttft_s"] >= t["decode_video_s"] + t["vision_s"] + t["prefill_s"]
+    assert t["decoded_ahead_s"] > 0  # (the frames read while the warm-up ran)
     assert out["tokens"]["video"] > 0 and out["tokens"]["total"] == out["tokens"]["video"] + out["tokens"]["text"]
     assert 0 < out["sparsity"]["density"] <= 1 and len(out["sparsity"]["per_layer"]) == 4
 
@@ -71,7 +72,7 @@ def test_mean_correction_flag_reaches_the_attention(monkeypatch):
 
 
 @pytest.mark.parametrize("flag", [[], ["--no-graph-decode"]], ids=["default", "no-graph-decode"])
-def test_graph_decode_flag_reaches_the_pipeline(flag, monkeypatch):
+def test_graph_decode_flag_reaches_the_pipeline(flag, monkeypatch, capsys):
     """--no-graph-decode turns the pipeline's graph decoding off (it is on by default; it runs on CUDA)."""
     from videoprefill import pipeline
     from videoprefill import run as run_module
@@ -85,6 +86,7 @@ def test_graph_decode_flag_reaches_the_pipeline(flag, monkeypatch):
                 "--device", "cpu", "--no-warmup"]
     assert run_module.main([str(sample_video_path()), *settings, *flag]) == 0
     assert seen == [not flag]
+    assert json.loads(capsys.readouterr().out)["timings"]["decoded_ahead_s"] == 0  # (no warm-up to read during)
 
 
 def test_compare_human_output_and_map(sample_video, tmp_path):
@@ -94,6 +96,7 @@ def test_compare_human_output_and_map(sample_video, tmp_path):
     assert "[dense] answer:" in proc.stdout and "[sparse] answer:" in proc.stdout
     assert ("untrained" in proc.stdout) is not TRAINED and "TTFT speed-up" in proc.stdout
     assert "Describe this video." in proc.stdout
+    assert proc.stdout.count("frames read during the warm-up") == 2  # (one read, taken by both runs)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

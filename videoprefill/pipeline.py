@@ -11,7 +11,8 @@ Stages, each closed by a GPU synchronisation so a stage's time is its own:
   ttft_s          from the request (a video path) to the first token
   total_s         the whole request, all new tokens included
   decoded_ahead_s reading the frames done before the request, by `VideoQA.decode_ahead` (the web
-                  UI starts it when a video is uploaded); not part of the request's times, whose
+                  UI starts it when a video is uploaded, `videoprefill.run` when its model has
+                  loaded, before the warm-up); not part of the request's times, whose
                   decode_video_s keeps only what it still waited for (0 without a decode ahead)
 
 A question about the video of the previous question, with the same sampling and attention

@@ -115,6 +115,21 @@ class Answer:
     config: dict = field(default_factory=dict)
     stopped: bool = False  # generation was stopped before its end (`VideoQA.run`'s `stop`)
 
+    @property
+    def ms_per_token(self) -> float | None:
+        """Milliseconds per new token after the first, (total - TTFT) / (new tokens - 1); None
+        with fewer than two."""
+        if self.new_tokens < 2:
+            return None
+        return 1000 * (self.timings["total_s"] - self.timings["ttft_s"]) / (self.new_tokens - 1)
+
+    def after_first(self) -> str:
+        """"N more tokens at X ms each" (the tokens after the first), or "" with fewer than two."""
+        if self.ms_per_token is None:
+            return ""
+        more = self.new_tokens - 1
+        return f"{more} more token{'s' if more > 1 else ''} at {self.ms_per_token:.1f} ms each"
+
     def to_json(self) -> dict:
         sparsity = {k: v for k, v in self.sparsity.items() if k != "masks"}
         return {

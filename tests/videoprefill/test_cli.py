@@ -224,3 +224,27 @@ def test_the_live_line_fits_the_terminal_in_columns(monkeypatch):
     line = terminal.getvalue().removeprefix("\r\033[K")
     assert line.startswith("...") and line.endswith("。 ...")
     assert sum(2 if "\u4e00" <= c <= "\u9fff" or c in "，。" else 1 for c in line) <= 40
+
+
+def test_the_report_gives_the_time_per_token_after_the_first():
+    """(total - TTFT) / (new tokens - 1), in the CLI's report and the web UI's answer line; nothing
+    for a one-token answer."""
+    from videoprefill.pipeline import Answer
+    from videoprefill.run import _human
+
+    timings = {"decode_video_s": 0.01, "vision_s": 0.02, "prefill_s": 0.05, "first_token_s": 0.002, "ttft_s": 0.1,
+               "total_s": 0.13}
+    sparsity = {"per_layer": [0.5], "density": 0.5}
+    tokens = {"video": 10, "text": 5, "total": 15}
+    answer = Answer("yellow square", "sparse", "demo", True, timings, tokens, sparsity, {}, new_tokens=4)
+    assert answer.ms_per_token == pytest.approx(10.0)
+    assert "(total 130.0 ms; 3 more tokens at 10.0 ms each)" in _human(answer)
+    one = Answer("yes", "sparse", "demo", True, timings, tokens, sparsity, {}, new_tokens=1)
+    assert one.ms_per_token is None and "(total 130.0 ms)\n" in _human(one)
+    two = Answer("yes", "sparse", "demo", True, timings, tokens, sparsity, {}, new_tokens=2)
+    assert two.after_first() == "1 more token at 30.0 ms each"
+    from app.ui import format_answer  # (gradio is imported only when the page is built)
+
+    expected = "sparse: yellow square  [TTFT 100.0 ms, then 3 more tokens at 10.0 ms each]"
+    assert format_answer(answer, "sparse") == expected
+    assert format_answer(one) == "yes  [TTFT 100.0 ms]"

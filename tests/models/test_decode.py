@@ -268,6 +268,8 @@ def test_a_stop_seen_a_step_late_undoes_the_step_run_past_it(tiny, sample_video,
 
 
 def test_the_stop_check_is_transformers_own_outside_step_ahead(tiny, sample_video, checks):
+    """Only within step_ahead (and not for an assistant model) does generate defer its check; graph
+    decoding with ahead=False and plain generate make no StepAheadStopCheck."""
     from transformers.generation import utils
 
     with stop_check.step_ahead() as ahead:

@@ -4,8 +4,8 @@ transformers' decoding.
 
 1. Whole requests of `--video-tokens` (sparse at a fixed density, benchmark only), streamed to a
    callback as the web UI streams them, the three ways alternated `--rounds` times: ms per decoding
-   step over the answer, (total - TTFT) / (new tokens - 1), which holds the first step (eager) and
-   the second (captured); ms per step once replaying, from the totals of `--new-tokens` and of
+   step over the answer, (total - TTFT) / (new tokens - 1), which holds the answer's first steps
+   (a capture, or an eager step and a capture); ms per step once replaying, from the totals of `--new-tokens` and of
    `--short-tokens` new tokens; the TTFT; whether the ways chose the same token ids. Graph decoding
    captures an answer's first step once the model has captured one (the warm-up); the way "first
    step eager" runs it as it is first, as every answer did before.

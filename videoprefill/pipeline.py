@@ -22,6 +22,7 @@ question's tokens only (`tokens["cached"]` says how many tokens came from the ca
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -345,6 +346,15 @@ class VideoQA:
         # A thread of its own per video: a newer upload does not wait behind an older read (which
         # cannot be stopped once decord runs), and none keeps the process from exiting.
         threading.Thread(target=read, name="videoprefill-decode-ahead", daemon=True).start()
+
+    def finish_reading(self, timeout: float = 60.0) -> None:
+        """Wait, up to `timeout` seconds, for a read `decode_ahead` started to end (its frames kept
+        for the question that takes them): for a process about to exit, which must not end while
+        the video reader runs on another thread, nor print while the read has stderr silenced."""
+        with self._ahead_lock:
+            ahead = self._ahead
+        if ahead is not None:
+            concurrent.futures.wait([ahead[1]], timeout)
 
     def _read_ahead(self, video: str, sampling: Sampling) -> DecodedVideo:
         """`decode_ahead`'s work: the read, and on the CPU also the resize (done once and kept there;

@@ -153,6 +153,14 @@ class LiveAnswer:
         self.stream.flush()
 
 
+def _error(message: str) -> None:
+    """`message` on stderr, once no video read (the one started ahead) has it silenced."""
+    from videoprefill.video import wait_for_stderr
+
+    wait_for_stderr()
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if sys.stdout.isatty():
             LiveAnswer(sys.stdout).clear_line()  # (an answer being shown)
-        print("interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
 
 
@@ -180,7 +188,7 @@ def _main(args) -> int:
                             total_pixels=args.total_pixels)
         probe(args.video)  # bad files fail before the model loads
     except (InputError, VideoError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _error(f"error: {err}")
         return 2
 
     from videoprefill import quiet_libraries
@@ -191,6 +199,7 @@ def _main(args) -> int:
     # The answer shown as it is generated where stdout is a terminal (the report below is the same).
     live = LiveAnswer(sys.stdout)
     streaming = sys.stdout.isatty() and not args.json
+    qa = None
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
@@ -198,9 +207,9 @@ def _main(args) -> int:
         qa = VideoQA(model, processor, warmup=not args.no_warmup)
         qa.graph_decode = not args.no_graph_decode
         qa.prefix_states = 1  # one question a process: compare's dense cache is not held through its sparse run
+        config = config_from_args(args, qa.config)
         if qa.warmup:  # the video's frames are read while the warm-up runs (timings: decoded_ahead_s)
             qa.decode_ahead(args.video, sampling)
-        config = config_from_args(args, qa.config)
         if args.attention == "compare":
             result = qa.compare(args.video, question, sampling, args.max_new_tokens, config,
                                 on_text=live.show if streaming else None)
@@ -209,15 +218,26 @@ def _main(args) -> int:
             primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config,
                              on_text=(lambda text, ttft_s: live.show("", text, ttft_s)) if streaming else None)
             result = None
+    except KeyboardInterrupt:
+        if qa is not None:
+            qa.finish_reading()  # (a read started ahead: the process exits only after it)
+        raise
     except (InputError, VideoError, ModelLoadError, ValueError, TypeError) as err:
         live.clear()
-        print(f"error: {err}", file=sys.stderr)
+        if qa is not None:
+            qa.finish_reading()
+        _error(f"error: {err}")
         return 2
     except Exception as err:  # one line, not a traceback; VIDEOPREFILL_DEBUG=1 shows it
         live.clear()
+        if qa is not None:
+            qa.finish_reading()
         if os.environ.get("VIDEOPREFILL_DEBUG"):
+            from videoprefill.video import wait_for_stderr
+
+            wait_for_stderr()  # (the traceback is printed there)
             raise
-        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        _error(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         return 1
     live.clear()
 
@@ -277,7 +297,7 @@ def _check_map_path(path: str) -> str:
 def _report_map_error(message: str | None) -> int:
     if message is None:
         return 0
-    print(message, file=sys.stderr)
+    _error(message)
     return 1
 
 

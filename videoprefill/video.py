@@ -131,8 +131,17 @@ def _decord_cause(err: Exception) -> str:
 # `_quiet_stderr` across threads (a video read ahead, or the batch runner's decoding thread, while
 # another thread probes): the first to enter saves descriptor 2, the last to leave puts it back.
 _quiet_lock = threading.Lock()
+_quiet_done = threading.Condition(_quiet_lock)  # notified when the last thread leaves
 _quiet_count = 0
 _saved_stderr: int | None = None
+
+
+def wait_for_stderr(timeout: float = 30.0) -> bool:
+    """Wait until no thread has file descriptor 2 silenced (a video being read, `_quiet_stderr`),
+    so that a message written to stderr now is seen: a CLI's error while its video is read ahead.
+    False when `timeout` seconds passed first."""
+    with _quiet_lock:
+        return _quiet_done.wait_for(lambda: _quiet_count == 0, timeout)
 
 
 @contextlib.contextmanager
@@ -160,6 +169,8 @@ def _quiet_stderr():
                 os.dup2(_saved_stderr, 2)
                 os.close(_saved_stderr)
                 _saved_stderr = None
+            if _quiet_count == 0:
+                _quiet_done.notify_all()
 
 
 @dataclass

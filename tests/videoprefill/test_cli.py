@@ -248,3 +248,32 @@ def test_the_report_gives_the_time_per_token_after_the_first():
     expected = "sparse: yellow square  [TTFT 100.0 ms, then 3 more tokens at 10.0 ms each]"
     assert format_answer(answer, "sparse") == expected
     assert format_answer(one) == "yes  [TTFT 100.0 ms]"
+
+
+def test_an_error_while_the_video_is_read_ahead_is_seen():
+    """Reading a video silences file descriptor 2 for the whole process (the native readers write
+    there). An error the CLI hits while its video is read ahead, during the warm-up, waits for the
+    read to end and is printed where stderr goes (a process of its own: its real descriptor 2)."""
+    from videoprefill.video import sample_video_path
+
+    code = """
+import sys, threading, time
+from videoprefill import run as cli, video
+from videoprefill.pipeline import VideoQA
+reading = threading.Event()
+def slow_read(self, path, sampling):
+    with video._quiet_stderr():
+        reading.set()
+        time.sleep(1.0)
+    return self.decode(path, sampling)
+def failing_warm_up(self, *args, **kwargs):
+    assert reading.wait(10)
+    raise RuntimeError("the warm-up failed")
+VideoQA._read_ahead = slow_read
+VideoQA.warm_up = failing_warm_up
+sys.exit(cli.main(sys.argv[1:]))
+"""
+    argv = [str(sample_video_path()), "--device", "cpu", "--max-frames", "8", "--max-pixels", str(112 * 112)]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and one_error_line(proc) == "error: RuntimeError: the warm-up failed"

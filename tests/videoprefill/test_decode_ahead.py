@@ -145,3 +145,23 @@ def test_nothing_is_read_ahead_for_a_missing_file_or_a_kept_prefix(qa, reads, sa
     assert qa._ahead is None and len(reads) == 1
     again = qa.prepare(sample_video, "And then?", SMALL)
     assert again.prefix_len > 0 and len(reads) == 1  # built on the kept prefix, nothing read
+
+
+def test_finish_reading_waits_for_the_read_and_keeps_its_frames(qa, reads, sample_video, monkeypatch):
+    """What a CLI calls before it exits on an error: the read running ahead ends first (its frames
+    still there for a question); with nothing read ahead it returns at once."""
+    qa.finish_reading()
+    gate = threading.Event()
+    spy = qa.decode
+
+    def slow(*args, **kwargs):
+        gate.wait(10)
+        return spy(*args, **kwargs)
+
+    monkeypatch.setattr(qa, "decode", slow)
+    qa.decode_ahead(sample_video, SMALL)
+    threading.Timer(0.3, gate.set).start()
+    qa.finish_reading()
+    assert gate.is_set() and qa._ahead[1].done() and len(reads) == 1
+    prepared = qa.prepare(sample_video, QUESTION, SMALL)
+    assert prepared.decode_s < 0.25 and len(reads) == 1  # taken, not read again

@@ -68,8 +68,9 @@ def test_asking_again_for_the_video_being_read_keeps_its_read(qa, reads, sample_
     assert len(reads) == 1 and reads[0].startswith("videoprefill-decode-ahead")
 
 
-def test_a_question_asked_while_the_read_runs_waits_for_it(qa, reads, sample_video, monkeypatch):
-    """The question counts the part of the reading it waited for as its decode time."""
+@pytest.fixture
+def gate(qa, reads, monkeypatch):
+    """An Event that `qa.decode` (spied on by `reads`) waits for before it reads."""
     gate = threading.Event()
     spy = qa.decode
 
@@ -78,6 +79,11 @@ def test_a_question_asked_while_the_read_runs_waits_for_it(qa, reads, sample_vid
         return spy(*args, **kwargs)
 
     monkeypatch.setattr(qa, "decode", slow)
+    return gate
+
+
+def test_a_question_asked_while_the_read_runs_waits_for_it(qa, reads, gate, sample_video):
+    """The question counts the part of the reading it waited for as its decode time."""
     qa.decode_ahead(sample_video, SMALL)
     threading.Timer(0.3, gate.set).start()
     prepared = qa.prepare(sample_video, QUESTION, SMALL)
@@ -147,18 +153,10 @@ def test_nothing_is_read_ahead_for_a_missing_file_or_a_kept_prefix(qa, reads, sa
     assert again.prefix_len > 0 and len(reads) == 1  # built on the kept prefix, nothing read
 
 
-def test_finish_reading_waits_for_the_read_and_keeps_its_frames(qa, reads, sample_video, monkeypatch):
+def test_finish_reading_waits_for_the_read_and_keeps_its_frames(qa, reads, gate, sample_video):
     """What a CLI calls before it exits on an error: the read running ahead ends first (its frames
     still there for a question); with nothing read ahead it returns at once."""
     qa.finish_reading()
-    gate = threading.Event()
-    spy = qa.decode
-
-    def slow(*args, **kwargs):
-        gate.wait(10)
-        return spy(*args, **kwargs)
-
-    monkeypatch.setattr(qa, "decode", slow)
     qa.decode_ahead(sample_video, SMALL)
     threading.Timer(0.3, gate.set).start()
     qa.finish_reading()

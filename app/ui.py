@@ -124,7 +124,8 @@ def block_mask_image(answer, layer: int, head: int) -> np.ndarray | None:
 
 def format_answer(answer, label: str = "") -> str:
     prefix = f"{label}: " if label else ""
-    after = f", then {answer.after_first()}" if answer.after_first() else ""
+    after = answer.after_first()
+    after = f", then {after}" if after else ""
     text = f"{prefix}{answer.text or '(empty answer)'}  [TTFT {answer.timings['ttft_s'] * 1000:.1f} ms{after}]"
     text += "  (stopped)" if getattr(answer, "stopped", False) else ""
     return text + (f"  ({UNTRAINED})" if not answer.trained else "")

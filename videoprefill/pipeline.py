@@ -126,10 +126,11 @@ class Answer:
 
     def after_first(self) -> str:
         """"N more tokens at X ms each" (the tokens after the first), or "" with fewer than two."""
-        if self.ms_per_token is None:
+        ms = self.ms_per_token
+        if ms is None:
             return ""
         more = self.new_tokens - 1
-        return f"{more} more token{'s' if more > 1 else ''} at {self.ms_per_token:.1f} ms each"
+        return f"{more} more token{'s' if more > 1 else ''} at {ms:.1f} ms each"
 
     def to_json(self) -> dict:
         sparsity = {k: v for k, v in self.sparsity.items() if k != "masks"}

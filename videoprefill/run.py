@@ -92,7 +92,7 @@ def _human(answer, label: str | None = None) -> str:
         f"{head}TTFT {t['ttft_s'] * 1000:.1f} ms = decode video {t['decode_video_s'] * 1000:.1f} + vision "
         f"{t['vision_s'] * 1000:.1f} + LLM prefill {t['prefill_s'] * 1000:.1f} + first token "
         f"{t['first_token_s'] * 1000:.1f} ms (total {t['total_s'] * 1000:.1f} ms"
-        + (f"; {answer.after_first()})" if answer.after_first() else ")")
+        + (f"; {after})" if (after := answer.after_first()) else ")")
     )
     if t.get("decoded_ahead_s"):
         lines[-1] += f"; frames read during the warm-up: {t['decoded_ahead_s'] * 1000:.1f} ms, not in TTFT"

@@ -31,18 +31,23 @@ def tiny(tiny_models):
     return {family: load(tiny_models[family], config=SPARSE, device="cpu") for family in FAMILIES}
 
 
-@pytest.fixture
-def made(monkeypatch):
-    """Every StepGraphs that graph_decoding makes while the test runs, in order."""
+def _instances(monkeypatch, module, name: str) -> list:
+    """Every instance of `module.name` (a class) made while the test runs, in order."""
     made = []
 
-    class Counted(decode.StepGraphs):
+    class Counted(getattr(module, name)):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(decode, "StepGraphs", Counted)
+    monkeypatch.setattr(module, name, Counted)
     return made
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """Every StepGraphs that graph_decoding makes while the test runs, in order."""
+    return _instances(monkeypatch, decode, "StepGraphs")
 
 
 def _generate(model, processor, inputs, new_tokens: int, steps: bool, capture: bool | None = False,
@@ -192,15 +197,7 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, che
 @pytest.fixture
 def checks(monkeypatch):
     """Every StepAheadStopCheck that generate makes while the test runs, in order."""
-    made = []
-
-    class Counted(stop_check.StepAheadStopCheck):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(stop_check, "StepAheadStopCheck", Counted)
-    return made
+    return _instances(monkeypatch, stop_check, "StepAheadStopCheck")
 
 
 class _Tokens:

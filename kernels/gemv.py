@@ -1,0 +1,209 @@
+"""One token's linear projections as matrix-vector products (GEMV), for captured decoding steps.
+
+A decoding step multiplies one token's vector by every weight matrix of the language model: its
+GPU time is the time to read the weights. On an H200, cuBLAS's `F.linear` for one token reads the
+7B model's projections at 2.9-4.2 TB/s, a plain Triton GEMV at 3.7-4.5 TB/s, the same shapes
+0.39 ms a step faster in all, and 0.78 ms with q, k, v and gate, up each read by one launch
+(BENCHMARKS.md, twenty-ninth session). Here:
+
+- `gemv(x, parts)`: `y_i = W_i x + b_i` for up to three weight matrices of one input width (the
+  attention's q, k and v projections) in one launch; `add=True` adds `W x` into a given output
+  (a residual: the MLP's down projection);
+- `gated_gemv(x, gate, up)`: `silu(W_gate x + b_gate) * (W_up x + b_up)`, the gated MLP's first
+  half and its activation in one launch.
+
+Each program reads BLOCK_N whole rows of a weight matrix with the vector, in fp32, and writes its
+BLOCK_N outputs rounded once to x's dtype. cuBLAS rounds the gate and up products before the
+activation; `gated_gemv` does not (the same function within a rounding).
+
+x: one row of K (any leading shape of one element), contiguous; weights (N, K) contiguous, biases
+(N,), all of x's dtype (fp16, bf16, fp32), on one CUDA device (or CPU under TRITON_INTERPRET=1).
+Launched through Triton's launch path (`runtime.Launcher`): models.text uses these only while a
+decoding step is captured into a CUDA graph, where a launch's host time is paid once. The
+readable PyTorch forms are `gemv_reference` and `gated_gemv_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .runtime import Launcher, check_device, interpreting
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_PARTS = 3
+
+
+@triton.jit
+def _dot_rows(X, W, N, K, block, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N,) fp32: rows block * BLOCK_N + [0, BLOCK_N) of W (N, K) times X (K,); 0 past N."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = W + rows[:, None].to(tl.int64) * K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(X + cols, mask=col_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _part(X, W, B, Y, N, K, block, BIAS: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    y = _dot_rows(X, W, N, K, block, BLOCK_N, BLOCK_K)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    if BIAS:
+        y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if ADD:
+        y += tl.load(Y + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gemv_kernel(X, W0, B0, Y0, N0, W1, B1, Y1, N1, W2, B2, Y2, N2, K, PARTS: tl.constexpr, BIAS: tl.constexpr,
+                 ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The first cdiv(N0, BLOCK_N) programs compute part 0's rows, the next part 1's, then part 2's."""
+    block = tl.program_id(0)
+    first = tl.cdiv(N0, BLOCK_N)
+    if block < first:
+        _part(X, W0, B0, Y0, N0, K, block, BIAS, ADD, BLOCK_N, BLOCK_K)
+    elif PARTS > 1:
+        block -= first
+        second = tl.cdiv(N1, BLOCK_N)
+        if block < second:
+            _part(X, W1, B1, Y1, N1, K, block, BIAS, ADD, BLOCK_N, BLOCK_K)
+        elif PARTS > 2:
+            _part(X, W2, B2, Y2, N2, K, block - second, BIAS, ADD, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gated_gemv_kernel(X, WG, WU, BG, BU, Y, N, K, BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    g = _dot_rows(X, WG, N, K, block, BLOCK_N, BLOCK_K)
+    u = _dot_rows(X, WU, N, K, block, BLOCK_N, BLOCK_K)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    if BIAS:
+        g += tl.load(BG + rows, mask=row_ok, other=0.0).to(tl.float32)
+        u += tl.load(BU + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=row_ok)
+
+
+_gemv_launch = Launcher(_gemv_kernel)
+_gated_launch = Launcher(_gated_gemv_kernel)
+
+
+def config(rows: int, k: int, gated: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for a launch over `rows` weight rows of width k in all (gated: the
+    gate's and the up's rows together). The best of 16 settings on an H200 for the 7B model's
+    launches were within 4% of (8, 512, 4); these three rules keep the ones that gained 3-5%
+    there: the gated launch and the down projection's long rows (BENCHMARKS.md, thirtieth session)."""
+    block_k = min(512, triton.next_power_of_2(max(k, 16)))
+    if gated:
+        return 8, min(256, block_k), 4
+    if k >= 8192:
+        return 4, block_k, 8
+    return 8, block_k, 4
+
+
+def gemv_reference(x: torch.Tensor, parts, add: bool = False, out=None) -> list[torch.Tensor]:
+    """[W x + b (+ out_i with add)] in fp32, each rounded once to x's dtype, shaped x.shape[:-1] + (N,)."""
+    xs = x.reshape(-1).float()
+    ys = []
+    for i, (w, b) in enumerate(parts):
+        y = w.float() @ xs + (b.float() if b is not None else 0)
+        if add:
+            y = y + out[i].reshape(-1).float()
+        ys.append(y.to(x.dtype).view(*x.shape[:-1], w.shape[0]))
+    return ys
+
+
+def gated_gemv_reference(x: torch.Tensor, gate, up) -> torch.Tensor:
+    """silu(W_gate x + b_gate) * (W_up x + b_up) in fp32, rounded once to x's dtype."""
+    g, u = (w.float() @ x.reshape(-1).float() + (b.float() if b is not None else 0) for w, b in (gate, up))
+    return (F.silu(g) * u).to(x.dtype).view(*x.shape[:-1], gate[0].shape[0])
+
+
+def supported(x: torch.Tensor, parts) -> bool:
+    """Whether `gemv(x, parts)` (or `gated_gemv(x, *parts)`, two parts) runs on these tensors: see the
+    module docstring. Its callers check each call's tensors with it, so it raises nothing."""
+    if x.numel() == 0 or x.dim() == 0 or x.numel() != x.shape[-1] or x.stride(-1) != 1 or x.dtype not in _DTYPES:
+        return False
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
+        return False
+    return weights_supported(parts, x.shape[-1], x.dtype, x.device)
+
+
+def weights_supported(parts, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `parts` ((W, b or None) pairs) are weights `gemv` takes for inputs of width k, dtype
+    and device: 1-3 contiguous (N, k) matrices, with (N,) biases, all or none."""
+    if not 1 <= len(parts) <= MAX_PARTS:
+        return False
+    has_bias = parts[0][1] is not None
+    for w, b in parts:
+        if w.dim() != 2 or w.shape[1] != k or w.dtype != dtype or w.device != device or not w.is_contiguous():
+            return False
+        if (b is not None) != has_bias:
+            return False
+        if b is not None and (b.shape != w.shape[:1] or b.dtype != dtype or b.device != device
+                              or not b.is_contiguous()):
+            return False
+    return True
+
+
+def _check(x: torch.Tensor, parts, name: str) -> None:
+    check_device(name, x.device)
+    if not supported(x, parts):
+        shapes = [(tuple(w.shape), None if b is None else tuple(b.shape)) for w, b in parts]
+        raise ValueError(f"{name} takes one contiguous row of K and (N, K) contiguous weights with (N,) biases "
+                         f"(all or none), of one dtype of {_DTYPES} on one device; got x {tuple(x.shape)} "
+                         f"{x.dtype}, parts {shapes}")
+
+
+def gemv(x: torch.Tensor, parts, add: bool = False, out=None) -> list[torch.Tensor]:
+    """[W_i x + b_i for (W_i, b_i) in parts] (b_i may be None), one launch for all; each shaped
+    x.shape[:-1] + (N_i,). With `add`, written into the given `out` tensors (one per part,
+    contiguous, of x's dtype) as out_i + W_i x + b_i."""
+    _check(x, parts, "gemv")
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    if out is None:
+        if add:
+            raise ValueError("gemv: add=True needs the out tensors to add into")
+        out = [x.new_empty(*lead, w.shape[0]) for w, _ in parts]
+    elif len(out) != len(parts) or any(o.numel() != w.shape[0] or not o.is_contiguous() or o.dtype != x.dtype
+                                       or o.device != x.device for o, (w, _) in zip(out, parts)):
+        raise ValueError("gemv: out must hold one contiguous tensor of N_i elements per part, of x's dtype")
+    ws = [w for w, _ in parts]
+    padded = list(zip(ws, [b if b is not None else w for w, b in parts], out)) + [(ws[0], ws[0], out[0])] * (
+        MAX_PARTS - len(parts))
+    block_n, block_k, warps = config(sum(w.shape[0] for w in ws), k)
+    blocks = sum(triton.cdiv(w.shape[0], block_n) for w in ws)
+    args = [x]
+    for i, (w, b, y) in enumerate(padded):
+        args += [w, b, y, w.shape[0] if i < len(parts) else 0]
+    _gemv_launch[(blocks,)](*args, k, PARTS=len(parts), BIAS=parts[0][1] is not None, ADD=add, BLOCK_N=block_n,
+                            BLOCK_K=block_k, num_warps=warps)
+    return list(out)
+
+
+def gated_gemv(x: torch.Tensor, gate, up) -> torch.Tensor:
+    """silu(W_gate x + b_gate) * (W_up x + b_up), shaped x.shape[:-1] + (N,); gate, up: (W, b or None)."""
+    _check(x, (gate, up), "gated_gemv")
+    if gate[0].shape != up[0].shape:
+        raise ValueError(f"gated_gemv: gate and up weights differ in shape: {tuple(gate[0].shape)}, "
+                         f"{tuple(up[0].shape)}")
+    n, k = gate[0].shape
+    y = x.new_empty(*x.shape[:-1], n)
+    block_n, block_k, warps = config(2 * n, k, gated=True)
+    bias = gate[1] is not None
+    _gated_launch[(triton.cdiv(n, block_n),)](x, gate[0], up[0], gate[1] if bias else gate[0],
+                                              up[1] if bias else up[0], y, n, k, BIAS=bias, BLOCK_N=block_n,
+                                              BLOCK_K=block_k, num_warps=warps)
+    return y

@@ -1,0 +1,197 @@
+"""Captured decoding steps with their projections as Triton GEMVs (kernels.gemv, models.fused.
+one_token_gemvs) on the Qwen2.5-VL-7B architecture (random bf16 weights, `videoprefill.bench.cold_qa`).
+
+1. The launch settings of each of a step's GEMV launches (q, k and v in one; o; gate, up and the
+   activation; down adding into the residual; the head), GPU time only (`gpu_graph_decode.graph_ms`),
+   against what cuBLAS runs for the same (the three `F.linear`s; `F.linear`; two `F.linear`s and
+   `kernels.activation.silu_mul`; `addmm_`; `F.linear`), and with the setting `kernels.gemv.config`
+   picks, which part 2 runs.
+2. Whole requests of `--video-tokens` (sparse at a fixed density, benchmark only), streamed to a
+   callback, the ways alternated `--rounds` times: graph decoding as before ("cuBLAS"), with the
+   GEMVs, and with the GEMVs and the residual adds fused. ms per decoding step over the answer,
+   (total - TTFT) / (new tokens - 1); a graph's replay timed alone (a step's GPU time); the TTFT;
+   whether the token ids are those of the first way.
+3. Numerics: the logits of one-token forwards (no cache), bf16 with cuBLAS and with the GEMVs,
+   against the same model in fp32 (cuBLAS, TF32 off): relative error, and how often the top token
+   is the fp32 model's.
+
+A development script (results go to BENCHMARKS.md):
+
+    PYTHONPATH=$PWD python3 scripts/gpu_gemv_steps.py [--video-tokens 16384 131072] [--new-tokens 33]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import statistics
+
+import torch
+import torch.nn.functional as F
+from gpu_graph_decode import graph_ms, record_chosen_ids  # (this script's folder is on the path)
+
+import kernels.gemv as gemv_module
+import models.decode as decode
+import videoprefill.pipeline as pipeline
+from kernels.activation import silu_mul
+from videoprefill.bench import cold_qa, markdown_table, synthetic_request
+
+HIDDEN, WIDTH, KV, VOCAB = 3584, 18944, 512, 152064
+SETTINGS = [(n, k, w) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8)) if n * k <= 8192]
+WAYS = {"cuBLAS": (False, False), "GEMV": (True, False), "GEMV, fused adds": (True, True)}
+STOCK_CONFIG = gemv_module.config
+
+
+def launches():
+    """(name, rows (config's first argument), K, our launch, cuBLAS's) of one decoding step's calls."""
+    def t(*shape, scale=0.02):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+    x, h = t(1, HIDDEN, scale=1.0), t(1, WIDTH, scale=1.0)
+    q, k, v = (t(n, HIDDEN) for n in (HIDDEN, KV, KV))
+    qb, kb, vb = (t(n) for n in (HIDDEN, KV, KV))
+    o, gate, up, down, head = t(HIDDEN, HIDDEN), t(WIDTH, HIDDEN), t(WIDTH, HIDDEN), t(HIDDEN, WIDTH), t(VOCAB, HIDDEN)
+    residual = t(1, HIDDEN, scale=1.0)
+    return [
+        ("q, k, v", HIDDEN + 2 * KV, HIDDEN, lambda: gemv_module.gemv(x, [(q, qb), (k, kb), (v, vb)]),
+         lambda: (F.linear(x, q, qb), F.linear(x, k, kb), F.linear(x, v, vb))),
+        ("o", HIDDEN, HIDDEN, lambda: gemv_module.gemv(x, [(o, None)]), lambda: F.linear(x, o)),
+        ("gate, up, activation", 2 * WIDTH, HIDDEN, lambda: gemv_module.gated_gemv(x, (gate, None), (up, None)),
+         lambda: silu_mul(F.linear(x, gate), F.linear(x, up))),
+        ("down, added", HIDDEN, WIDTH, lambda: gemv_module.gemv(h, [(down, None)], add=True, out=[residual]),
+         lambda: residual.addmm_(h, down.t())),
+        ("head", VOCAB, HIDDEN, lambda: gemv_module.gemv(x, [(head, None)]), lambda: F.linear(x, head)),
+    ]
+
+
+def sweep() -> tuple[dict, list]:
+    """The best setting per launch ({(rows, K): setting}) and the table's rows."""
+    best, rows = {}, []
+    for name, n, k, ours, cublas in launches():
+        default = STOCK_CONFIG(n, k, gated="gate" in name)
+        times = {}
+        for setting in SETTINGS:
+            gemv_module.config = lambda rows, k, gated=False, s=setting: s
+            times[setting] = graph_ms(ours)
+        gemv_module.config = STOCK_CONFIG
+        chosen = min(times, key=times.get)
+        best[(n, k)] = chosen
+        gb = (n * k + (n if "added" in name else 0)) * 2 / 1e9
+        rows.append({"launch": name, "rows": n, "k": k, "cublas": graph_ms(cublas) * 1e3,
+                     "default": times.get(default, float("nan")) * 1e3, "default_setting": str(default),
+                     "best": times[chosen] * 1e3, "setting": str(chosen), "tbs": gb / times[chosen]})
+        print(rows[-1], flush=True)
+    return best, rows
+
+
+def numerics(model, count: int) -> str:
+    """Part 3's table."""
+    import copy
+
+    from models.fused import one_token_gemvs
+
+    assert not torch.backends.cuda.matmul.allow_tf32
+    exact_model = copy.deepcopy(model).float()
+    ids = torch.randint(0, VOCAB, (count, 1, 1), generator=torch.Generator().manual_seed(0)).cuda()
+    errors, top = {"cuBLAS": [], "GEMV": []}, {"cuBLAS": 0, "GEMV": 0}
+    with torch.inference_mode():
+        for token in ids:
+            exact = exact_model(input_ids=token).logits.double()
+            for way in errors:
+                with one_token_gemvs(way == "GEMV"):
+                    got = model(input_ids=token).logits.double()
+                errors[way].append(((got - exact).norm() / exact.norm()).item())
+                top[way] += int(got.argmax() == exact.argmax())
+    del exact_model
+    torch.cuda.empty_cache()
+    rows = [{"way": way, "median": statistics.median(errors[way]), "max": max(errors[way]),
+             "top": f"{top[way]} of {count}"} for way in errors]
+    return markdown_table(rows, [("bf16 way", "way", "s"), ("relative error of the logits (median)", "median", ".2e"),
+                                 ("(max)", "max", ".2e"), ("top token as fp32", "top", "s")])
+
+
+def use(qa, way: str) -> None:
+    gemv, adds = WAYS[way]
+    qa.graph_decode = True
+    pipeline.graph_decoding = functools.partial(decode.graph_decoding, gemv=None if gemv else False)
+    decode.FUSED_ADDS_WITH_GEMVS = adds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
+    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fixed-density", type=float, default=0.05)
+    parser.add_argument("--no-sweep", action="store_true", help="skip part 1")
+    parser.add_argument("--tokens-checked", type=int, default=16, help="one-token forwards in part 3")
+    args = parser.parse_args()
+
+    from kernels import FlashPrefillConfig
+
+    if not args.no_sweep:
+        _, table = sweep()
+        print(markdown_table(table, [
+            ("launch", "launch", "s"), ("weight rows", "rows", "d"), ("K", "k", "d"), ("cuBLAS us", "cublas", ".1f"),
+            ("GEMV us, config()", "default", ".1f"), ("config() setting", "default_setting", "s"),
+            ("GEMV us, best", "best", ".1f"), ("best (BLOCK_N, BLOCK_K, warps)", "setting", "s"),
+            ("best TB/s", "tbs", ".2f")]), flush=True)
+
+    qa = cold_qa()
+    print(numerics(qa.model, args.tokens_checked), flush=True)
+    made, chosen, replay_ms = [], {}, []
+
+    class Counted(decode.StepGraphs):
+        """Each graph's replay timed alone before it is released (a step's GPU time)."""
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+        def close(self):
+            if self.graph is not None:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    self.graph.replay()
+                end.record()
+                end.synchronize()
+                replay_ms.append(start.elapsed_time(end) / 10)
+            super().close()
+
+    decode.StepGraphs = Counted
+    record_chosen_ids(chosen)
+    config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    rows = []
+    for tokens in args.video_tokens:
+        prepared = synthetic_request(qa, tokens)
+        steps, ttft, replays, ids = ({way: [] for way in WAYS} for _ in range(4))
+        for r in range(args.rounds + 1):  # (round 0 untimed)
+            for way in WAYS:
+                use(qa, way)
+                made.clear()
+                replay_ms.clear()
+                answer = qa.run(prepared, "sparse", max_new_tokens=args.new_tokens, config=config,
+                                fixed_density=args.fixed_density, on_text=lambda text, _: None)
+                assert answer.new_tokens == args.new_tokens, "the request ended early"
+                t = answer.timings
+                ids[way] = chosen["ids"]
+                if r:
+                    steps[way].append(1e3 * (t["total_s"] - t["ttft_s"]) / (args.new_tokens - 1))
+                    ttft[way].append(t["ttft_s"])
+                    replays[way].append(replay_ms[-1] if replay_ms else float("nan"))
+        for way in WAYS:
+            rows.append({"tokens": tokens, "way": way, "ms": statistics.median(steps[way]),
+                         "all": ", ".join(f"{v:.2f}" for v in steps[way]), "replay": statistics.median(replays[way]),
+                         "ttft": statistics.median(ttft[way]), "same": str(ids[way] == ids["cuBLAS"])})
+            print(rows[-1], flush=True)
+    use(qa, "GEMV, fused adds")
+    print(markdown_table(rows, [
+        ("video tokens", "tokens", "d"), ("way", "way", "s"), ("ms/step (median)", "ms", ".2f"),
+        ("ms/step (rounds)", "all", "s"), ("replay alone ms (GPU)", "replay", ".3f"), ("TTFT s", "ttft", ".3f"),
+        ("ids as cuBLAS", "same", "s")]))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,10 @@ takes the decoding steps:
 - A step runs what the model's forward runs for one token: the embedding, the rotary embedding of
   its position (the positions `generate` passes, as the language model reads them), every decoder
   layer (attention mask none: the token sees every cached position), the final norm and the head.
+  Captured, its projections run as Triton GEMVs (models.fused.one_token_gemvs; q, k and v in one
+  launch, gate, up and the activation in one) and its layers' residual adds fused as over long
+  inputs (models.text.fused_adds_at_every_length): kernels whose launch costs more host time than
+  cuBLAS's, paid once in the capture, and whose GPU time is shorter.
 
 Within it `generate` also checks for its stop a step behind on CUDA (models.stop_check): the host
 queues the next step while the GPU runs this one, instead of waiting for each token.
@@ -42,8 +46,9 @@ import weakref
 import torch
 
 from .attention import decode_lengths
-from .fused import tower
+from .fused import one_token_gemvs, tower
 from .stop_check import step_ahead
+from .text import fused_adds_at_every_length
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +60,25 @@ MIN_NEW_TOKENS = 3
 # Language models whose decoding step was captured before (the warm-ups decode as an answer does):
 # their next answers capture the first step, every kernel of a step having run eagerly once.
 _CAPTURED: weakref.WeakSet = weakref.WeakSet()
+# Whether a step's layers run their residual adds fused where it runs its projections as GEMVs.
+FUSED_ADDS_WITH_GEMVS = True
 
 
 @contextlib.contextmanager
 def graph_decoding(model, max_new_tokens: int, enabled: bool = True, capture: bool | None = None,
-                   ahead: bool | None = None):
+                   ahead: bool | None = None, gemv: bool | None = None):
     """Within the block, the decoding steps of `model.generate` (batch 1) run as described in the
     module docstring; yields the `StepGraphs` (None when not enabled or fewer than MIN_NEW_TOKENS).
     capture: record and replay a CUDA graph (default: on CUDA); False runs every step's launches as
     they are over the reserved cache (what the CPU tests check against `generate`).
     ahead: `generate` checks for its stop a step behind, so the host queues the next step while the
     GPU runs this one (models.stop_check; default: the model on CUDA). `StepGraphs.ahead` says
-    whether it does."""
+    whether it does. gemv: a step's projections as GEMVs and its residual adds fused (default: in
+    captured steps; True: in every step, as the CPU tests check them)."""
     if not enabled or max_new_tokens < MIN_NEW_TOKENS:
         yield None
         return
-    steps = StepGraphs(model, max_new_tokens, capture)
+    steps = StepGraphs(model, max_new_tokens, capture, gemv)
     had_own = "forward" in model.__dict__
     own = model.__dict__.get("forward")
     model.forward = steps.wrap(model.forward)
@@ -128,11 +136,12 @@ class StepGraphs:
     `replayed_steps` count the steps run each way (a step queued past the end of the answer, and
     undone, among them); `ahead`, whether `generate` checked for its stop a step behind."""
 
-    def __init__(self, model, max_new_tokens: int, capture: bool | None = None):
+    def __init__(self, model, max_new_tokens: int, capture: bool | None = None, gemv: bool | None = None):
         self.text = tower(model, "language_model")
         self.head = model.get_output_embeddings()
         self.max_new_tokens = max_new_tokens
         self.capture = capture
+        self.gemv = gemv
         self.layer_cache = _cache_keyword(self.text.layers[0])
         self.calls = 0
         self.off = False
@@ -233,17 +242,19 @@ class StepGraphs:
             self.graph.replay()
             self.replayed_steps += 1
         else:
-            self._run()
+            self._run(gemv=bool(self.gemv))
             self.eager_steps += 1
         for layer, (keys, values) in zip(self.cache.layers, self.buffers):
             layer.keys, layer.values = keys[:, :, : length + 1], values[:, :, : length + 1]
         kind, field = self.output
         return kind(logits=self.logits.clone(), **{field: self.cache})
 
-    def _run(self) -> None:
-        """One step's launches: the token at `ids`, its positions `positions`, written at `index`."""
+    def _run(self, gemv: bool) -> None:
+        """One step's launches: the token at `ids`, its positions `positions`, written at `index`;
+        with `gemv`, its projections as GEMVs and its residual adds fused."""
         text = self.text
-        with decode_lengths(self.index + 1):
+        adds = fused_adds_at_every_length() if gemv and FUSED_ADDS_WITH_GEMVS else contextlib.nullcontext()
+        with decode_lengths(self.index + 1), one_token_gemvs(gemv), adds:
             hidden = text.embed_tokens(self.ids)
             rotary = text.rotary_emb(hidden, self.positions)
             cache = _StepCache(self.buffers, self.index)
@@ -265,7 +276,7 @@ class StepGraphs:
             with torch.cuda.stream(stream):
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
-                    self._run()
+                    self._run(gemv=self.gemv is not False)
                 finally:
                     graph.capture_end()
         except RuntimeError as error:

@@ -22,16 +22,48 @@ which downloads) and are undone by calling them with enabled=False.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
 
 import torch
 import torch.nn.functional as F
 
+from kernels import gemv as one_token
 from kernels.activation import silu_mul
 from kernels.rms_norm import add_rms_norm
 from kernels.rms_norm import supported as add_norm_supported
 
 PATCHED = "_videoprefill_stock_forward"
+PENDING = "_videoprefill_pending"  # a linear layer's result computed by another's launch (models.text)
+
+# Within `one_token_gemvs()`: the modules' list of linear layers holding a result computed for them
+# by another's launch (models.text), emptied when the block ends. Outside: None.
+_ONE_TOKEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("one_token_gemvs", default=None)
+
+
+@contextlib.contextmanager
+def one_token_gemvs(enabled: bool = True):
+    """Within the block (when enabled), one token's projections run as kernels.gemv launches: the
+    gated MLPs' (`_gated_rows`) and the linear layers models.text prepares. models.decode enters it
+    while it captures a decoding step into a CUDA graph, where the launches' host time is paid once
+    and the GEMVs read the weights faster than cuBLAS (BENCHMARKS.md, thirtieth session)."""
+    if not enabled:
+        yield
+        return
+    held: list = []
+    token = _ONE_TOKEN.set(held)
+    try:
+        yield
+    finally:
+        _ONE_TOKEN.reset(token)
+        for module in held:
+            module.__dict__.pop(PENDING, None)
+
+
+def one_token_pending() -> list | None:
+    """Inside `one_token_gemvs`, its list of modules holding a pending result; None outside."""
+    return _ONE_TOKEN.get()
 
 
 def tower(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -115,7 +147,12 @@ def chunk_tokens(width: int, dtype: torch.dtype) -> int:
 
 def _gated_rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) (the activation fused on CUDA), written into `out` when given;
-    with `accumulate` (CUDA, checked by `adds_into`), added to out without down's bias."""
+    with `accumulate` (CUDA, checked by `adds_into`), added to out without down's bias. One token
+    inside `one_token_gemvs`: two GEMV launches (gate, up and the activation; down)."""
+    if _ONE_TOKEN.get() is not None:
+        y = _gated_gemv(self, x, out, accumulate)
+        if y is not None:
+            return y
     if not (x.is_cuda or accumulate):
         y = getattr(self, PATCHED)(x)
         return y if out is None else out.copy_(y)
@@ -133,6 +170,24 @@ def _gated_rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumula
         return torch.addmm(down.bias, hidden, down.weight.t(), out=out)
     out.copy_(down(hidden))
     return out
+
+
+def _gated_gemv(self, x: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor | None:
+    """`_gated_rows` for one token as two kernels.gemv launches (None where they do not take the
+    tensors): silu(gate(x)) * up(x), then down's product written into out (made when None), or with
+    `accumulate` added to it without down's bias."""
+    gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+    parts = ((gate.weight, gate.bias), (up.weight, up.bias))
+    down_parts = ((down.weight, None if accumulate else down.bias),)
+    if type(down) is not torch.nn.Linear or not (
+            one_token.supported(x, parts)
+            and one_token.weights_supported(down_parts, gate.out_features, x.dtype, x.device)):
+        return None
+    if out is not None and not (out.is_contiguous() and out.dtype == x.dtype and out.device == x.device
+                                and out.numel() == down.out_features):
+        return None
+    hidden = one_token.gated_gemv(x, *parts)
+    return one_token.gemv(hidden, down_parts, add=accumulate, out=None if out is None else [out])[0]
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

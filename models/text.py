@@ -10,6 +10,10 @@ fused:
 - on CUDA, over at least FUSED_ADDS_MIN_TOKENS tokens, each decoder layer's add after the
   attention with the RMSNorm after it as one kernel, and its add after the MLP inside the MLP's
   down projection (`fuse_layer_adds`, models.fused.norm_and_mlp_residuals);
+- one token's linear projections (every `nn.Linear` of the language model, and the head) as
+  kernels.gemv launches inside `models.fused.one_token_gemvs`, which models.decode enters while it
+  captures a decoding step; each attention's q, k and v projections of one input in one launch
+  (`fuse_one_token_projections`);
 - the rotary embedding by kernels.rope, on CUDA. The attention modules call their modeling
   file's `apply_rotary_pos_emb(q, k, cos, sin)` (the same function in all three families), so
   `fuse_text_rope` replaces that module-level function by one that runs the fused kernel when
@@ -30,15 +34,18 @@ import sys
 
 import torch
 
+from kernels import gemv as one_token
 from kernels.rope import launch as launch_rope
 from kernels.rope import supported as rope_supported
 
 from .fused import (
     PATCHED,
+    PENDING,
     fuse_mlp_activations,
     fuse_rms_norms,
     is_rms_norm,
     norm_and_mlp_residuals,
+    one_token_pending,
     set_forward,
     tower,
 )
@@ -161,14 +168,73 @@ def fuse_layer_adds(model: torch.nn.Module, enabled: bool = True) -> int:
     return set_forward(_language_model(model).modules(), _is_pre_norm_layer, _add_norm_layer_forward, enabled)
 
 
+GROUP = "_videoprefill_projection_group"  # the q, k, v projections one launch computes together
+
+
+def _one_token_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer: inside `models.fused.one_token_gemvs`, one token as a kernels.gemv launch
+    (with the other projections of its group, whose results wait for their own calls on the same
+    input); the stock forward otherwise."""
+    held = one_token_pending()
+    if held is not None:
+        pending = self.__dict__.pop(PENDING, None)
+        if pending is not None and pending[0] is x:
+            return pending[1]
+        group = self.__dict__.get(GROUP, (self,))
+        parts = [(m.weight, m.bias) for m in group]
+        if one_token.supported(x, parts):
+            results = one_token.gemv(x, parts)
+            for module, y in zip(group, results, strict=True):
+                if module is not self:
+                    module.__dict__[PENDING] = (x, y)
+                    held.append(module)
+            return results[next(i for i, m in enumerate(group) if m is self)]
+    return getattr(self, PATCHED)(x)
+
+
+def _projection_groups(root: torch.nn.Module) -> list[tuple[torch.nn.Linear, ...]]:
+    """The (q_proj, k_proj, v_proj) of each attention under root that one gemv launch takes together:
+    plain linear layers of one input width, dtype and device, all with a bias or none."""
+    groups = []
+    for module in root.modules():
+        group = tuple(getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+        if not all(type(m) is torch.nn.Linear for m in group):
+            continue
+        q = group[0].weight
+        if one_token.weights_supported([(m.weight, m.bias) for m in group], q.shape[1], q.dtype, q.device):
+            groups.append(group)
+    return groups
+
+
+def fuse_one_token_projections(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Run the language model's linear layers and the head as kernels.gemv launches for one token
+    inside `models.fused.one_token_gemvs` (enabled), or always as transformers does (not enabled).
+    Returns how many run so now."""
+    root = _language_model(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [m for m in root.modules() if type(m) is torch.nn.Linear]
+    if type(head) is torch.nn.Linear and all(head is not m for m in linears):
+        linears.append(head)
+    for module in linears:
+        module.__dict__.pop(GROUP, None)
+    count = set_forward(linears, lambda m: True, _one_token_linear_forward, enabled)
+    if enabled:
+        for group in _projection_groups(root):
+            for module in group:
+                module.__dict__[GROUP] = group
+    return count
+
+
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
     return tower(model, "language_model")
 
 
 def prepare_language_model(model: torch.nn.Module, enabled: bool = True) -> dict[str, int]:
     """Fused RMSNorms and, on CUDA, the fused gated-MLP activation, rotary embedding and residual
-    adds in the language model of a loaded Qwen-VL model (enabled), or as transformers runs it (not
-    enabled). Returns how many modules of each kind run fused now."""
+    adds, and one token's projections as GEMVs in captured decoding steps, in the language model of
+    a loaded Qwen-VL model (enabled), or as transformers runs it (not enabled). Returns how many
+    modules of each kind run fused now."""
     root = _language_model(model)
     return {"fused_norms": fuse_rms_norms(root, enabled), "fused_mlps": fuse_mlp_activations(root, enabled),
-            "fused_rope": fuse_text_rope(model, enabled), "fused_adds": fuse_layer_adds(model, enabled)}
+            "fused_rope": fuse_text_rope(model, enabled), "fused_adds": fuse_layer_adds(model, enabled),
+            "one_token_gemvs": fuse_one_token_projections(model, enabled)}

@@ -51,16 +51,17 @@ def made(monkeypatch):
 
 
 def _generate(model, processor, inputs, new_tokens: int, steps: bool, capture: bool | None = False,
-              ahead: bool | None = None, min_new_tokens: int | None = None, **generate_kwargs):
+              ahead: bool | None = None, min_new_tokens: int | None = None, gemv: bool | None = None,
+              **generate_kwargs):
     """generate over a fresh cache, each new token's scores kept; with `steps`, inside
-    graph_decoding (capture off by default, None: on CUDA; ahead: its default, on CUDA).
-    -> (output, the StepGraphs or None, the cache)."""
+    graph_decoding (capture off by default, None: on CUDA; ahead and gemv: their defaults, on CUDA
+    and in captured steps). -> (output, the StepGraphs or None, the cache)."""
     cache = prefixes.new_cache(model)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens if min_new_tokens is None else min_new_tokens,
                    do_sample=False, output_scores=True, return_dict_in_generate=True,
                    pad_token_id=processor.tokenizer.pad_token_id, **generate_kwargs)
     with torch.inference_mode(), decode.graph_decoding(model, new_tokens, enabled=steps, capture=capture,
-                                                       ahead=ahead) as graphs:
+                                                       ahead=ahead, gemv=gemv) as graphs:
         out = model.generate(**inputs, **{prefixes.cache_argument(model): cache},
                              **prefixes.generation_options(model, options))
     return out, graphs, cache
@@ -85,6 +86,34 @@ def test_steps_give_generates_tokens_and_scores(family, tiny, sample_video):
         torch.testing.assert_close(ours.values, theirs.values, rtol=1e-4, atol=1e-4)
         assert ours.keys.untyped_storage().nbytes() >= (prompt + 7) * ours.keys[0, :, 0].numel() * 4
     assert "forward" not in model.__dict__  # the model's own forward back
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_with_gemvs_and_fused_adds_give_generates_tokens(family, tiny, sample_video, monkeypatch):
+    """What a captured step runs, run eagerly here (under Triton's interpreter): the projections as
+    kernels.gemv launches (each layer's down projection adding into the residual) and the residual
+    adds fused. transformers' tokens, its scores within fp32 rounding."""
+    import kernels.gemv as gemv_module
+    import models.fused as fused
+    import models.text as text
+
+    model, processor = tiny[family]
+    layers = len(fused.tower(model, "language_model").layers)
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    expected, _, _ = _generate(model, processor, inputs, 5, steps=False)
+    monkeypatch.setattr(text, "_add_norm_here", lambda x: True)  # (CUDA only otherwise)
+    monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
+    adds = []
+    stock = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, parts, add=False, out=None: adds.append(add) or stock(
+        x, parts, add, out))
+    got, graphs, _ = _generate(model, processor, inputs, 5, steps=True, gemv=True)
+    assert graphs.eager_steps == 4
+    # Per step and layer: q, k, v; o; down, adding into the residual. And the head.
+    assert len(adds) == 4 * (3 * layers + 1) and adds.count(True) == 4 * layers
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_answers_as_without_steps_first_and_later_questions(tiny, sample_video, made, monkeypatch):

@@ -9,7 +9,8 @@ one_token_gemvs) on the Qwen2.5-VL-7B architecture (random bf16 weights, `videop
 2. Whole requests of `--video-tokens` (sparse at a fixed density, benchmark only), streamed to a
    callback, the ways alternated `--rounds` times: graph decoding as before ("cuBLAS"), with the
    GEMVs, and with the GEMVs and the residual adds fused. ms per decoding step over the answer,
-   (total - TTFT) / (new tokens - 1); a graph's replay timed alone (a step's GPU time); the TTFT;
+   (total - TTFT) / (new tokens - 1); a graph's replay timed alone (a step's GPU time); the capture's
+   host wall time (synchronised before and after: the capture alone); the TTFT;
    whether the token ids are those of the first way.
 3. Numerics: the logits of one-token forwards (no cache), bf16 with cuBLAS and with the GEMVs,
    against the same model in fp32 (cuBLAS, TF32 off): relative error, and how often the top token
@@ -26,6 +27,7 @@ import argparse
 import functools
 import itertools
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fixed-density", type=float, default=0.05)
     parser.add_argument("--no-sweep", action="store_true", help="skip part 1")
-    parser.add_argument("--tokens-checked", type=int, default=16, help="one-token forwards in part 3")
+    parser.add_argument("--tokens-checked", type=int, default=16, help="one-token forwards in part 3 (0: skip it)")
     args = parser.parse_args()
 
     from kernels import FlashPrefillConfig
@@ -139,15 +141,26 @@ def main() -> None:
             ("best TB/s", "tbs", ".2f")]), flush=True)
 
     qa = cold_qa()
-    print(numerics(qa.model, args.tokens_checked), flush=True)
+    if args.tokens_checked:
+        print(numerics(qa.model, args.tokens_checked), flush=True)
     made, chosen, replay_ms = [], {}, []
 
+    capture_ms = []
+
     class Counted(decode.StepGraphs):
-        """Each graph's replay timed alone before it is released (a step's GPU time)."""
+        """Each graph's replay timed alone before it is released (a step's GPU time), and the host's
+        wall time of its capture (the GPU idle before and after)."""
 
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
+
+        def _capture(self):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            super()._capture()
+            torch.cuda.synchronize()
+            capture_ms.append(1e3 * (time.perf_counter() - start))
 
         def close(self):
             if self.graph is not None:
@@ -166,12 +179,13 @@ def main() -> None:
     rows = []
     for tokens in args.video_tokens:
         prepared = synthetic_request(qa, tokens)
-        steps, ttft, replays, ids = ({way: [] for way in WAYS} for _ in range(4))
+        steps, ttft, replays, captures, ids = ({way: [] for way in WAYS} for _ in range(5))
         for r in range(args.rounds + 1):  # (round 0 untimed)
             for way in WAYS:
                 use(qa, way)
                 made.clear()
                 replay_ms.clear()
+                capture_ms.clear()
                 answer = qa.run(prepared, "sparse", max_new_tokens=args.new_tokens, config=config,
                                 fixed_density=args.fixed_density, on_text=lambda text, _: None)
                 assert answer.new_tokens == args.new_tokens, "the request ended early"
@@ -181,15 +195,18 @@ def main() -> None:
                     steps[way].append(1e3 * (t["total_s"] - t["ttft_s"]) / (args.new_tokens - 1))
                     ttft[way].append(t["ttft_s"])
                     replays[way].append(replay_ms[-1] if replay_ms else float("nan"))
+                    captures[way].append(capture_ms[-1] if capture_ms else float("nan"))
         for way in WAYS:
             rows.append({"tokens": tokens, "way": way, "ms": statistics.median(steps[way]),
                          "all": ", ".join(f"{v:.2f}" for v in steps[way]), "replay": statistics.median(replays[way]),
+                         "capture": statistics.median(captures[way]),
                          "ttft": statistics.median(ttft[way]), "same": str(ids[way] == ids["cuBLAS"])})
             print(rows[-1], flush=True)
     use(qa, "GEMV, fused adds")
     print(markdown_table(rows, [
         ("video tokens", "tokens", "d"), ("way", "way", "s"), ("ms/step (median)", "ms", ".2f"),
-        ("ms/step (rounds)", "all", "s"), ("replay alone ms (GPU)", "replay", ".3f"), ("TTFT s", "ttft", ".3f"),
+        ("ms/step (rounds)", "all", "s"), ("replay alone ms (GPU)", "replay", ".3f"),
+        ("capture ms (host wall)", "capture", ".1f"), ("TTFT s", "ttft", ".3f"),
         ("ids as cuBLAS", "same", "s")]))
 
 

@@ -13,7 +13,8 @@ heads of a KV head (grouped-query attention) read its keys and values once, toge
 
 Split-K ("flash decoding"): one program per (row, KV head, span of SPLIT keys) computes its
 group's scores tile by tile (BLOCK_N keys) with an online softmax in fp32 and writes the span's
-unnormalised output, maximum and sum; a second kernel combines the spans of each query head. The
+unnormalised output, maximum and sum; a second kernel combines the spans of each query head
+(COMBINE_DIMS of its output dims a program, COMBINE_SPANS spans a load). The
 grid depends on CAP only (`splits`); spans past a row's length end at once. The probabilities
 meet V in the inputs' dtype, as in flash attention (in fp32 for bf16 under Triton's interpreter,
 which multiplies bf16 wrongly). `decode_attention_reference` is the readable
@@ -39,6 +40,11 @@ BLOCK_N = 64  # keys per tile
 MIN_SPLIT = 256  # keys per span, at least
 PROGRAMS_PER_SM = 4  # spans are sized so that a launch has about this many programs per SM
 NUM_WARPS, NUM_STAGES = 4, 2
+# The combine: output dims per program, spans per load (fixed, so that no cache capacity compiles
+# another variant). Against one program per query head reading 16 spans a load, the whole
+# attention took 11.4 against 16.1 us at 16K keys and 69.5 against 79.0 us at 128K on an H200
+# (BENCHMARKS.md, thirtieth session).
+COMBINE_DIMS, COMBINE_SPANS = 32, 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 64  # query heads per KV head
 MAX_HEAD_DIM = 256
@@ -98,10 +104,11 @@ def _decode_spans_kernel(Q, K, V, LENGTHS, PART_O, PART_ML, scale_log2, H, SPLIT
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_ML, OUT, HQ, NUM_SPLITS, s_ob, s_oh,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_combine_kernel(PART_O, PART_ML, OUT, HQ, NUM_SPLITS, s_ob, s_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_DC: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (row, query head) and BLOCK_DC of its output dims: BLOCK_S spans a load."""
     row = tl.program_id(0).to(tl.int64)  # b * HQ + query head
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     first = row * NUM_SPLITS
     top = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
@@ -109,7 +116,7 @@ def _decode_combine_kernel(PART_O, PART_ML, OUT, HQ, NUM_SPLITS, s_ob, s_oh,
         top = tl.maximum(top, tl.load(PART_ML + (first + s) * 2, mask=s < NUM_SPLITS, other=float("-inf")))
     m = tl.max(top, axis=0)
     den = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_DC], tl.float32)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         inside = s < NUM_SPLITS
@@ -186,7 +193,8 @@ def splits(capacity: int, programs_per_span: int, device: torch.device, split: i
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
                      split: int | None = None, *, block_n: int = BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM,
-                     num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+                     num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES, combine_dims: int = COMBINE_DIMS,
+                     combine_spans: int = COMBINE_SPANS) -> torch.Tensor:
     """Attention of q (B, HQ, D) over the first lengths[b] positions of k / v (B, H, CAP, D), ->
     (B, HQ, D) (module docstring). split: keys per span (tests; default from `splits`). The
     keyword-only arguments are the launch's tuning (benchmarks; defaults: the module's constants)."""
@@ -207,6 +215,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d, BLOCK_N=block_n,
         PRECISION=precision, UPCAST=upcast, num_warps=num_warps, num_stages=num_stages,
     )
-    _combine_launch[(b * hq,)](part_o, part_ml, out, hq, num_splits, out.stride(0), out.stride(1),
-                               D=d, BLOCK_D=block_d, BLOCK_S=16, num_warps=4)
+    dims = min(combine_dims, block_d)
+    _combine_launch[(b * hq, block_d // dims)](
+        part_o, part_ml, out, hq, num_splits, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, BLOCK_DC=dims,
+        BLOCK_S=combine_spans, num_warps=4)
     return out

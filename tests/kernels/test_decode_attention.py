@@ -27,6 +27,7 @@ CASES = [
     (1, 28, 4, 700, 128, [513], None),  # the 7B shape, spans past the length
     (2, 4, 2, 200, 80, [1, 137], 64),  # a padded head dim, one key, a span past the length
     (1, 2, 2, 90, 32, [90], 512),  # one query head per KV head, one span
+    (1, 2, 1, 9000, 64, [8990], 64),  # 141 spans: more than the combine reads in one load
 ]
 
 

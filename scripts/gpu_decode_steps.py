@@ -30,12 +30,15 @@ import torch
 from videoprefill.bench import cold_qa, synthetic_request
 
 
-def kernel_ms(fn) -> Counter:
+def kernel_ms(fn, counts: Counter | None = None) -> Counter:
+    """GPU ms per kernel name over `fn()`; with `counts`, each kernel's launches added there."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return Counter({e.key: e.device_time_total / 1e3 for e in prof.key_averages()
-                    if e.device_type == torch.autograd.DeviceType.CUDA})
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if counts is not None:
+        counts.update({e.key: e.count for e in events})
+    return Counter({e.key: e.device_time_total / 1e3 for e in events})
 
 
 def _profiled(qa, prepared, mode, fixed, config, new_tokens, backends=None) -> dict:

@@ -9,7 +9,8 @@ Qwen2.5-VL-7B architecture (random bf16 weights, `videoprefill.bench.cold_qa`).
    (total - TTFT) / (new tokens - 1), the TTFT, whether both ways chose the same token ids, a
    graph's replay timed alone (GPU time of a step), the peak memory allocated, and the floor a step
    cannot beat (the language model's weights and the KV cache read once from HBM).
-3. `--sweep`: decode_attention's launch settings; `--compare TOKENS`: token ids and scores three
+3. `--sweep`: decode_attention's launch settings; `--combine`: its combine kernel as it was and as
+   it is; `--compare TOKENS`: token ids and scores three
    ways (transformers' decoding, the steps without a graph, with one); `--profile TOKENS`: the GPU
    kernels of a decoding step; `--host-listing TOKENS`: where a replayed step's host time goes.
 
@@ -116,6 +117,29 @@ def sweep(lengths) -> str:
                                  ("GB/s", "gbs", ".0f"), ("SDPA flash us", "flash", ".1f")])
 
 
+def combine_table(lengths) -> str:
+    """decode_attention with the combine as it was (one program per query head, 16 spans a load) and
+    as it is (COMBINE_DIMS dims a program, COMBINE_SPANS spans a load), at 4 and 8 programs per SM,
+    GPU time only."""
+    from kernels.decode_attention import decode_attention
+
+    rows = []
+    for n in lengths:
+        q = torch.randn(1, 28, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 4, n + 64, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lengths_t = torch.tensor([n], device="cuda")
+        for per_sm in (4, 8):
+            row = {"keys": n, "per_sm": per_sm}
+            for name, dims, spans in (("before", 128, 16), ("now", None, None)):
+                tuning = {} if dims is None else {"combine_dims": dims, "combine_spans": spans}
+                row[name] = 1e3 * graph_ms(lambda: decode_attention(  # noqa: B023 (called at once)
+                    q, k, v, lengths_t, 0.088, programs_per_sm=per_sm, **tuning))  # noqa: B023
+            rows.append(row)
+            print(row, flush=True)
+    return markdown_table(rows, [("keys", "keys", "d"), ("programs per SM", "per_sm", "d"),
+                                 ("us, combine before", "before", ".1f"), ("us, combine now", "now", ".1f")])
+
+
 def compare(qa, tokens: int, new_tokens: int, fixed: float) -> None:
     """The token ids and scores of one request three ways: transformers' decoding, the steps over the
     reserved cache without a graph, and replayed from a graph; where the first two part, the top
@@ -163,8 +187,10 @@ def compare(qa, tokens: int, new_tokens: int, fixed: float) -> None:
 
 def profile(qa, tokens: int, new_tokens: int, fixed: float) -> None:
     """The GPU kernels of the decoding steps of one sparse request (steps run without a graph, the
-    same launches a graph replays): a request with `new_tokens` profiled minus the same with 3, per
-    step, the largest first."""
+    same launches a graph replays, its GEMVs and fused adds among them): a request with
+    `new_tokens` profiled minus the same with 3, per step, the largest first, with launches per
+    step."""
+    import collections
     import functools
 
     import videoprefill.pipeline as pipeline
@@ -175,19 +201,23 @@ def profile(qa, tokens: int, new_tokens: int, fixed: float) -> None:
 
     prepared = synthetic_request(qa, tokens)
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
-    pipeline.graph_decoding = functools.partial(decode.graph_decoding, capture=False)
+    pipeline.graph_decoding = functools.partial(decode.graph_decoding, capture=False, gemv=True)
     run = functools.partial(qa.run, prepared, "sparse", config=config, fixed_density=fixed)
     run(max_new_tokens=new_tokens)
-    whole = kernel_ms(lambda: run(max_new_tokens=new_tokens))
-    first = kernel_ms(lambda: run(max_new_tokens=3))
+    whole_n, first_n = collections.Counter(), collections.Counter()
+    whole = kernel_ms(lambda: run(max_new_tokens=new_tokens), whole_n)
+    first = kernel_ms(lambda: run(max_new_tokens=3), first_n)
     pipeline.graph_decoding = decode.graph_decoding
     steps = new_tokens - 3
     per_step = {k: (v - first.get(k, 0.0)) / steps for k, v in whole.items()}
+    launches = {k: (whole_n[k] - first_n.get(k, 0)) / steps for k in whole}
     total = sum(v for v in per_step.values() if v > 0)
-    rows = [{"kernel": k[:90], "ms": v, "share": v / total} for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])
-            if v > 0][:15]
-    print(f"GPU kernels per decoding step ({steps} steps, {tokens} video tokens): {total:.2f} ms in all")
-    print(markdown_table(rows, [("kernel", "kernel", "s"), ("ms per step", "ms", ".3f"), ("share", "share", ".1%")]))
+    rows = [{"kernel": k[:90], "ms": v, "share": v / total, "n": launches[k]}
+            for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]) if v > 0][:25]
+    print(f"GPU kernels per decoding step ({steps} steps, {tokens} video tokens): {total:.2f} ms in all, "
+          f"{sum(n for n in launches.values() if n > 0):.0f} launches")
+    print(markdown_table(rows, [("kernel", "kernel", "s"), ("launches per step", "n", ".1f"),
+                                ("ms per step", "ms", ".3f"), ("share", "share", ".1%")]))
 
 
 def host_listing(qa, tokens: int, new_tokens: int, fixed: float) -> None:
@@ -240,6 +270,7 @@ def main() -> None:
     parser.add_argument("--fixed-density", type=float, default=0.05)
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
     parser.add_argument("--sweep", action="store_true", help="instead: decode_attention's launch settings (sweep)")
+    parser.add_argument("--combine", action="store_true", help="instead: decode_attention's combine before and now")
     parser.add_argument("--compare", type=int, default=0, metavar="TOKENS",
                         help="instead: token ids and scores three ways at TOKENS video tokens (compare)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS",
@@ -252,6 +283,9 @@ def main() -> None:
 
     if args.sweep:
         print(sweep([16384, 65536, 131072]))
+        return
+    if args.combine:
+        print(combine_table([4096, 16384, 65536, 131072]))
         return
     if args.compare:
         compare(cold_qa(), args.compare, args.new_tokens, args.fixed_density)

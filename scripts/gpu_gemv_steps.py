@@ -3,6 +3,7 @@ one_token_gemvs) on the Qwen2.5-VL-7B architecture (random bf16 weights, `videop
 
 1. The launch settings of each of a step's GEMV launches (q, k and v in one; o; gate, up and the
    activation; down adding into the residual; the head), GPU time only (`gpu_graph_decode.graph_ms`),
+   with the weights in L2 (one copy, called again and again) and cold (copies taken in turn),
    against what cuBLAS runs for the same (the three `F.linear`s; `F.linear`; two `F.linear`s and
    `kernels.activation.silu_mul`; `addmm_`; `F.linear`), and with the setting `kernels.gemv.config`
    picks, which part 2 runs.
@@ -45,32 +46,51 @@ WAYS = {"cuBLAS": (False, False), "GEMV": (True, False), "GEMV, fused adds": (Tr
 STOCK_CONFIG = gemv_module.config
 
 
-def launches():
-    """(name, rows (config's first argument), K, our launch, cuBLAS's) of one decoding step's calls."""
+def launches(cold: bool):
+    """(name, rows (config's first argument), K, our launch, cuBLAS's) of one decoding step's calls.
+    cold: each weight in as many copies as make 100 MB or more, the calls taking them in turn, so
+    that a call does not find its weights in the 50 MB L2 (as in a step, where 28 layers' weights
+    pass between two calls of one projection)."""
     def t(*shape, scale=0.02):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
 
+    def copies(*shape):
+        count = max(1, -(-100 * 2**20 // (2 * shape[0] * (shape[1] if len(shape) > 1 else 1)))) if cold else 1
+        return [t(*shape) for _ in range(count)]
+
+    def turns(fn, count):
+        calls = itertools.count()
+        return lambda: fn(next(calls) % count)
+
     x, h = t(1, HIDDEN, scale=1.0), t(1, WIDTH, scale=1.0)
-    q, k, v = (t(n, HIDDEN) for n in (HIDDEN, KV, KV))
+    qkv = [copies(n, HIDDEN) for n in (HIDDEN, KV, KV)]
+    n_qkv = len(qkv[0])
     qb, kb, vb = (t(n) for n in (HIDDEN, KV, KV))
-    o, gate, up, down, head = t(HIDDEN, HIDDEN), t(WIDTH, HIDDEN), t(WIDTH, HIDDEN), t(HIDDEN, WIDTH), t(VOCAB, HIDDEN)
+    o, gate, up = copies(HIDDEN, HIDDEN), copies(WIDTH, HIDDEN), copies(WIDTH, HIDDEN)
+    down, head = copies(HIDDEN, WIDTH), copies(VOCAB, HIDDEN)
     residual = t(1, HIDDEN, scale=1.0)
     return [
-        ("q, k, v", HIDDEN + 2 * KV, HIDDEN, lambda: gemv_module.gemv(x, [(q, qb), (k, kb), (v, vb)]),
-         lambda: (F.linear(x, q, qb), F.linear(x, k, kb), F.linear(x, v, vb))),
-        ("o", HIDDEN, HIDDEN, lambda: gemv_module.gemv(x, [(o, None)]), lambda: F.linear(x, o)),
-        ("gate, up, activation", 2 * WIDTH, HIDDEN, lambda: gemv_module.gated_gemv(x, (gate, None), (up, None)),
-         lambda: silu_mul(F.linear(x, gate), F.linear(x, up))),
-        ("down, added", HIDDEN, WIDTH, lambda: gemv_module.gemv(h, [(down, None)], add=True, out=[residual]),
-         lambda: residual.addmm_(h, down.t())),
-        ("head", VOCAB, HIDDEN, lambda: gemv_module.gemv(x, [(head, None)]), lambda: F.linear(x, head)),
+        ("q, k, v", HIDDEN + 2 * KV, HIDDEN,
+         turns(lambda i: gemv_module.gemv(x, [(qkv[0][i], qb), (qkv[1][i], kb), (qkv[2][i], vb)]), n_qkv),
+         turns(lambda i: (F.linear(x, qkv[0][i], qb), F.linear(x, qkv[1][i], kb), F.linear(x, qkv[2][i], vb)),
+               n_qkv)),
+        ("o", HIDDEN, HIDDEN, turns(lambda i: gemv_module.gemv(x, [(o[i], None)]), len(o)),
+         turns(lambda i: F.linear(x, o[i]), len(o))),
+        ("gate, up, activation", 2 * WIDTH, HIDDEN,
+         turns(lambda i: gemv_module.gated_gemv(x, (gate[i], None), (up[i], None)), len(gate)),
+         turns(lambda i: silu_mul(F.linear(x, gate[i]), F.linear(x, up[i])), len(gate))),
+        ("down, added", HIDDEN, WIDTH,
+         turns(lambda i: gemv_module.gemv(h, [(down[i], None)], add=True, out=[residual]), len(down)),
+         turns(lambda i: residual.addmm_(h, down[i].t()), len(down))),
+        ("head", VOCAB, HIDDEN, turns(lambda i: gemv_module.gemv(x, [(head[i], None)]), len(head)),
+         turns(lambda i: F.linear(x, head[i]), len(head))),
     ]
 
 
-def sweep() -> tuple[dict, list]:
+def sweep(cold: bool) -> tuple[dict, list]:
     """The best setting per launch ({(rows, K): setting}) and the table's rows."""
     best, rows = {}, []
-    for name, n, k, ours, cublas in launches():
+    for name, n, k, ours, cublas in launches(cold):
         default = STOCK_CONFIG(n, k, gated="gate" in name)
         times = {}
         for setting in SETTINGS:
@@ -82,8 +102,10 @@ def sweep() -> tuple[dict, list]:
         gb = (n * k + (n if "added" in name else 0)) * 2 / 1e9
         rows.append({"launch": name, "rows": n, "k": k, "cublas": graph_ms(cublas) * 1e3,
                      "default": times.get(default, float("nan")) * 1e3, "default_setting": str(default),
-                     "best": times[chosen] * 1e3, "setting": str(chosen), "tbs": gb / times[chosen]})
-        print(rows[-1], flush=True)
+                     "best": times[chosen] * 1e3, "setting": str(chosen), "tbs": gb / times[chosen],
+                     "weights": "cold" if cold else "in L2"})
+        print(rows[-1], {str(k): round(v * 1e3, 1) for k, v in sorted(times.items(), key=lambda kv: kv[1])},
+              flush=True)
     return best, rows
 
 
@@ -127,18 +149,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fixed-density", type=float, default=0.05)
     parser.add_argument("--no-sweep", action="store_true", help="skip part 1")
+    parser.add_argument("--sweep-only", action="store_true", help="part 1 alone")
     parser.add_argument("--tokens-checked", type=int, default=16, help="one-token forwards in part 3 (0: skip it)")
     args = parser.parse_args()
 
     from kernels import FlashPrefillConfig
 
     if not args.no_sweep:
-        _, table = sweep()
+        table = sweep(cold=False)[1] + sweep(cold=True)[1]
         print(markdown_table(table, [
-            ("launch", "launch", "s"), ("weight rows", "rows", "d"), ("K", "k", "d"), ("cuBLAS us", "cublas", ".1f"),
+            ("launch", "launch", "s"), ("weights", "weights", "s"), ("weight rows", "rows", "d"), ("K", "k", "d"),
+            ("cuBLAS us", "cublas", ".1f"),
             ("GEMV us, config()", "default", ".1f"), ("config() setting", "default_setting", "s"),
             ("GEMV us, best", "best", ".1f"), ("best (BLOCK_N, BLOCK_K, warps)", "setting", "s"),
             ("best TB/s", "tbs", ".2f")]), flush=True)
+        if args.sweep_only:
+            return
 
     qa = cold_qa()
     if args.tokens_checked:

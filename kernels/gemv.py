@@ -1,10 +1,9 @@
 """One token's linear projections as matrix-vector products (GEMV), for captured decoding steps.
 
 A decoding step multiplies one token's vector by every weight matrix of the language model: its
-GPU time is the time to read the weights. On an H200, cuBLAS's `F.linear` for one token reads the
-7B model's projections at 2.9-4.2 TB/s, a plain Triton GEMV at 3.7-4.5 TB/s, the same shapes
-0.39 ms a step faster in all, and 0.78 ms with q, k, v and gate, up each read by one launch
-(BENCHMARKS.md, twenty-ninth session). Here:
+GPU time is the time to read the weights. On an H200 these launches, in place of cuBLAS's
+`F.linear` calls (and the activation's kernel), took a replayed 7B decoding step's GPU time from
+5.77 to 4.72 ms at 16K video tokens (BENCHMARKS.md, thirtieth session). Here:
 
 - `gemv(x, parts)`: `y_i = W_i x + b_i` for up to three weight matrices of one input width (the
   attention's q, k and v projections) in one launch; `add=True` adds `W x` into a given output
@@ -18,9 +17,10 @@ activation; `gated_gemv` does not (the same function within a rounding).
 
 x: one row of K (any leading shape of one element), contiguous; weights (N, K) contiguous, biases
 (N,), all of x's dtype (fp16, bf16, fp32), on one CUDA device (or CPU under TRITON_INTERPRET=1).
-Launched through Triton's launch path (`runtime.Launcher`): models.text uses these only while a
-decoding step is captured into a CUDA graph, where a launch's host time is paid once. The
-readable PyTorch forms are `gemv_reference` and `gated_gemv_reference`.
+Launched through `runtime.Launcher`. models.fused and models.text run them only inside
+`models.fused.one_token_gemvs`, which models.decode enters while it captures a decoding step into
+a CUDA graph, where a launch's host time is paid once. The readable PyTorch forms are
+`gemv_reference` and `gated_gemv_reference`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from gpu_graph_decode import graph_ms, record_chosen_ids  # (this script's folder is on the path)
+from gpu_graph_decode import graph_ms, record_chosen_ids, replay_time  # (this script's folder is on the path)
 
 import kernels.gemv as gemv_module
 import models.decode as decode
@@ -190,13 +190,7 @@ def main() -> None:
 
         def close(self):
             if self.graph is not None:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(10):
-                    self.graph.replay()
-                end.record()
-                end.synchronize()
-                replay_ms.append(start.elapsed_time(end) / 10)
+                replay_ms.append(replay_time(self.graph))
             super().close()
 
     decode.StepGraphs = Counted

@@ -32,7 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from gpu_graph_decode import graph_ms, record_chosen_ids, replay_time  # (this script's folder is on the path)
+from gpu_graph_decode import graph_ms, record_chosen_ids, timed_step_graphs  # (this script's folder is on the path)
 
 import kernels.gemv as gemv_module
 import models.decode as decode
@@ -169,17 +169,10 @@ def main() -> None:
     qa = cold_qa()
     if args.tokens_checked:
         print(numerics(qa.model, args.tokens_checked), flush=True)
-    made, chosen, replay_ms = [], {}, []
+    made, chosen, replay_ms, capture_ms = [], {}, [], []
 
-    capture_ms = []
-
-    class Counted(decode.StepGraphs):
-        """Each graph's replay timed alone before it is released (a step's GPU time), and the host's
-        wall time of its capture (the GPU idle before and after)."""
-
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
+    class Counted(timed_step_graphs(made, replay_ms)):
+        """Also the host's wall time of each capture (the GPU synchronised before and after)."""
 
         def _capture(self):
             torch.cuda.synchronize()
@@ -187,11 +180,6 @@ def main() -> None:
             super()._capture()
             torch.cuda.synchronize()
             capture_ms.append(1e3 * (time.perf_counter() - start))
-
-        def close(self):
-            if self.graph is not None:
-                replay_ms.append(replay_time(self.graph))
-            super().close()
 
     decode.StepGraphs = Counted
     record_chosen_ids(chosen)

@@ -267,6 +267,22 @@ def replay_time(graph, replays: int = 10) -> float:
     return start.elapsed_time(end) / replays
 
 
+def timed_step_graphs(made: list, replay_ms: list) -> type:
+    """A `decode.StepGraphs` that adds each instance to `made` and, before its graph is released,
+    its replay's GPU time (`replay_time`) to `replay_ms`."""
+    class Timed(decode.StepGraphs):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+        def close(self):
+            if self.graph is not None:
+                replay_ms.append(replay_time(self.graph))
+            super().close()
+
+    return Timed
+
+
 def sys_path_scripts() -> None:
     import os
     import sys
@@ -312,20 +328,7 @@ def main() -> None:
 
     made, chosen, replay_ms = [], {}, []
 
-    class Counted(decode.StepGraphs):
-        """Each graph's replay timed alone before it is released (GPU time of a step: the replays
-        write the last step's key and value again, the same values at the same position)."""
-
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-        def close(self):
-            if self.graph is not None:
-                replay_ms.append(replay_time(self.graph))
-            super().close()
-
-    decode.StepGraphs = Counted
+    decode.StepGraphs = timed_step_graphs(made, replay_ms)
     record_chosen_ids(chosen)
     qa = cold_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")

@@ -14,11 +14,11 @@ A development script (results go to BENCHMARKS.md):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from gpu_graph_decode import decoding_parser  # (this script's folder is on the path)
 
 import models.decode as decode
 from videoprefill.bench import cold_qa, markdown_table, synthetic_request
@@ -64,11 +64,7 @@ def profile_capture(qa, prepared, config, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    parser = decoding_parser(__doc__.splitlines()[0])
     parser.add_argument("--profile-capture", action="store_true",
                         help="also: the host's functions in one capture (cProfile), the largest own time first")
     args = parser.parse_args()

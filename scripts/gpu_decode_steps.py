@@ -19,13 +19,13 @@ against launches built in full (`prepared_ab`). A development script (results go
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import cProfile
 import pstats
 from collections import Counter
 
 import torch
+from gpu_graph_decode import decoding_parser  # (this script's folder is on the path)
 
 from videoprefill.bench import cold_qa, synthetic_request
 
@@ -216,10 +216,7 @@ def step_listing(qa, config, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    parser = decoding_parser(__doc__.splitlines()[0], rounds=False)
     parser.add_argument("--host-profile", type=int, default=0, metavar="TOKENS",
                         help="instead: decoding steps under cProfile around TOKENS video tokens (host_profile)")
     parser.add_argument("--ab", type=int, default=0, metavar="TOKENS",

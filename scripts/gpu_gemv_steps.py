@@ -24,7 +24,6 @@ A development script (results go to BENCHMARKS.md):
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import statistics
@@ -32,7 +31,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from gpu_graph_decode import graph_ms, record_chosen_ids, timed_step_graphs  # (this script's folder is on the path)
+from gpu_graph_decode import (  # (this script's folder is on the path)
+    decoding_parser,
+    graph_ms,
+    record_chosen_ids,
+    timed_step_graphs,
+)
 
 import kernels.gemv as gemv_module
 import models.decode as decode
@@ -143,11 +147,7 @@ def use(qa, way: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    parser = decoding_parser(__doc__.splitlines()[0])
     parser.add_argument("--no-sweep", action="store_true", help="skip part 1")
     parser.add_argument("--sweep-only", action="store_true", help="part 1 alone")
     parser.add_argument("--tokens-checked", type=int, default=16, help="one-token forwards in part 3 (0: skip it)")

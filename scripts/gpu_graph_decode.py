@@ -283,6 +283,18 @@ def timed_step_graphs(made: list, replay_ms: list) -> type:
     return Timed
 
 
+def decoding_parser(description: str, video_tokens=(16384, 131072), rounds: bool = True) -> argparse.ArgumentParser:
+    """The decoding scripts' parser with their common options: --video-tokens, --new-tokens, --rounds
+    (with `rounds`) and --fixed-density (the sparse requests' density, benchmark only)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--video-tokens", type=int, nargs="+", default=list(video_tokens))
+    parser.add_argument("--new-tokens", type=int, default=33)
+    if rounds:
+        parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fixed-density", type=float, default=0.05)
+    return parser
+
+
 def sys_path_scripts() -> None:
     import os
     import sys
@@ -291,11 +303,7 @@ def sys_path_scripts() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 65536, 131072])
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
+    parser = decoding_parser(__doc__.splitlines()[0], video_tokens=(16384, 65536, 131072))
     parser.add_argument("--hbm-tbs", type=float, default=4.8, help="HBM bandwidth for the floor, TB/s")
     parser.add_argument("--sweep", action="store_true", help="instead: decode_attention's launch settings (sweep)")
     parser.add_argument("--combine", action="store_true", help="instead: decode_attention's combine before and now")

@@ -19,13 +19,12 @@ A development script (results go to BENCHMARKS.md):
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import warnings
 
 import torch
-from gpu_graph_decode import record_chosen_ids  # (this script's folder is on the path)
+from gpu_graph_decode import decoding_parser, record_chosen_ids  # (this script's folder is on the path)
 
 import models.decode as decode
 import models.stop_check as stop_check
@@ -86,12 +85,8 @@ def syncs_per_step(qa, prepared, config, fixed: float, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
-    parser.add_argument("--new-tokens", type=int, default=33)
+    parser = decoding_parser(__doc__.splitlines()[0])
     parser.add_argument("--short-tokens", type=int, default=9)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fixed-density", type=float, default=0.05)
     args = parser.parse_args()
 
     from kernels import FlashPrefillConfig

@@ -11,13 +11,21 @@ takes the decoding steps:
 - At the first step each layer of the KV cache moves into buffers reserved for the prompt and the
   answer (its keys and values copied once; a step then appends nothing). The cache's layers hold
   views of the buffers' first positions, one longer after each step, so the cache reads as
-  transformers' own to everything else (`generate`, the pipeline's kept prefix).
-- A step writes its key and value at the next position, a device tensor, and attends to the
-  positions up to it (models.attention.decode_lengths: kernels.decode_attention reads the length
-  on the device). So every step makes the same launches: the first runs them as they are, the
-  second captures them into a CUDA graph, and every later step copies its token and position into
-  the graph's inputs and replays it. Once a model's step has been captured (by the warm-up), its
-  later answers capture the first step instead of running it as it is.
+  transformers' own to everything else (`generate`, the pipeline's kept prefix). Where the
+  buffers lie (their addresses, head stride and capacity) goes into a small device table
+  (kernels.decode_attention.fill_table).
+- A step writes its key and value at the next position, a device tensor, into the buffers its
+  table holds (kernels.decode_attention.write_kv), and attends to the positions up to it
+  (models.attention.decode_lengths: kernels.decode_attention reads the length and the buffers on
+  the device). So every step makes the same launches, whatever the answer's cache: the first runs
+  them as they are, the second captures them into a CUDA graph, and every later step copies its
+  token and position into the graph's inputs and replays it.
+- The graph is kept for the model's next answers (`_KEPT`, one per language model): an answer
+  fills the table with its own buffers and replays from its first step, with no capture (15-35 ms
+  on the 7B model, BENCHMARKS.md, thirtieth and thirty-first sessions). The graph holds no cache:
+  the buffers belong to the answer's cache, as transformers' tensors would. Where the model's
+  weights (replaced, not updated in place), attention implementation or cache shape changed since,
+  the answer captures its first step again.
 - A step runs what the model's forward runs for one token: the embedding, the rotary embedding of
   its position (the positions `generate` passes, as the language model reads them), every decoder
   layer (attention mask none: the token sees every cached position), the final norm and the head.
@@ -40,10 +48,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import weakref
 
 import torch
+
+from kernels.decode_attention import TABLE_COLUMNS, fill_table, write_kv
 
 from .attention import decode_lengths
 from .fused import one_token_gemvs, tower
@@ -62,6 +73,18 @@ MIN_NEW_TOKENS = 3
 _CAPTURED: weakref.WeakSet = weakref.WeakSet()
 # Whether a step's layers run their residual adds fused where it runs its projections as GEMVs.
 FUSED_ADDS_WITH_GEMVS = True
+# Language models' captured steps, kept for their next answers (module docstring): language model ->
+# _KeptStep. An answer takes its model's out while it decodes and puts it (or its own) back at its end.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _KeptStep:
+    """A captured decoding step and the tensors it reads and writes, but for the cache: its table."""
+
+    def __init__(self, steps: StepGraphs, key: tuple):
+        self.key = key
+        self.graph, self.ids, self.positions, self.index = steps.graph, steps.ids, steps.positions, steps.index
+        self.table, self.logits = steps.table, steps.logits
 
 
 @contextlib.contextmanager
@@ -95,17 +118,16 @@ def graph_decoding(model, max_new_tokens: int, enabled: bool = True, capture: bo
 
 class _StepCache:
     """What the decoder layers are given as their cache inside a step: `update` writes the step's
-    key and value at position `index` (a (1,) device tensor) of the layer's reserved buffers and
-    returns the whole buffers (the attention reads their first index + 1 positions)."""
+    key and value at position `index` (a (1,) device tensor) of the layer's reserved buffers, as
+    `table` holds them, and returns the buffers (the attention reads its layer's first index + 1
+    positions from the table, `decode_lengths`)."""
 
-    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor):
-        self.buffers, self.index = buffers, index
+    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor, table: torch.Tensor):
+        self.buffers, self.index, self.table = buffers, index, table
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.buffers[layer_idx]
-        keys.index_copy_(2, self.index, key_states)
-        values.index_copy_(2, self.index, value_states)
-        return keys, values
+        write_kv(key_states, value_states, self.index, self.table, layer_idx)
+        return self.buffers[layer_idx]
 
 
 def _cache_keyword(module: torch.nn.Module) -> str:
@@ -134,7 +156,8 @@ def _rotary_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
 class StepGraphs:
     """The decoding steps of one `generate` call (`graph_decoding`). `eager_steps` and
     `replayed_steps` count the steps run each way (a step queued past the end of the answer, and
-    undone, among them); `ahead`, whether `generate` checked for its stop a step behind."""
+    undone, among them); `captures`, the graphs captured (0 where the model's kept step served);
+    `ahead`, whether `generate` checked for its stop a step behind."""
 
     def __init__(self, model, max_new_tokens: int, capture: bool | None = None, gemv: bool | None = None):
         self.text = tower(model, "language_model")
@@ -150,8 +173,10 @@ class StepGraphs:
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.capacity = 0
         self.graph = None
+        self.key = None  # what the captured step depends on besides its table (`_step_key`)
         self.eager_steps = 0
         self.replayed_steps = 0
+        self.captures = 0
         self.ahead = False
 
     def wrap(self, forward):
@@ -222,10 +247,31 @@ class StepGraphs:
         device = buffers[0][0].device
         if self.capture is None:  # (default: capture on CUDA)
             self.capture = device.type == "cuda"
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        kept = _KEPT.pop(self.text, None) if self.capture else None
+        if kept is not None and kept.key == self._step_key():
+            self.graph, self.key, self.logits = kept.graph, kept.key, kept.logits
+            self.ids, self.positions, self.index, self.table = kept.ids, kept.positions, kept.index, kept.table
+        else:
+            self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+            self.positions = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
+            self.index = torch.zeros(1, dtype=torch.long, device=device)
+            self.table = torch.zeros(len(buffers), TABLE_COLUMNS, dtype=torch.long, device=device)
+        fill_table(self.table, buffers)
         return True
+
+    def _step_key(self) -> tuple:
+        """What a captured step depends on besides its table: how it was captured (GEMVs, fused
+        adds), the device, the attention implementation, the cache's shape and dtype, and where
+        every weight and buffer of the language model and the head lies (a weight replaced, not
+        updated in place, gives another key)."""
+        keys = self.buffers[0][0]
+        attention = getattr(getattr(self.text, "config", None), "_attn_implementation", None)
+        # (each module's own tensors: about 0.6 ms for the 7B model on the H200 machine, a third of what
+        # `parameters()` takes, BENCHMARKS.md, thirty-first session)
+        weights = tuple(t.data_ptr() for module in itertools.chain(self.text.modules(), (self.head,))
+                        for held in (module._parameters, module._buffers) for t in held.values() if t is not None)
+        return (self.gemv is not False, FUSED_ADDS_WITH_GEMVS, str(keys.device), attention, len(self.buffers),
+                keys.shape[1], keys.shape[3], keys.dtype, weights)
 
     def _step(self, kwargs: dict, forward):
         length = self.cache.get_seq_length()
@@ -254,10 +300,10 @@ class StepGraphs:
         with `gemv`, its projections as GEMVs and its residual adds fused."""
         text = self.text
         adds = fused_adds_at_every_length() if gemv and FUSED_ADDS_WITH_GEMVS else contextlib.nullcontext()
-        with decode_lengths(self.index + 1), one_token_gemvs(gemv), adds:
+        with decode_lengths(self.index + 1, self.table), one_token_gemvs(gemv), adds:
             hidden = text.embed_tokens(self.ids)
             rotary = text.rotary_emb(hidden, self.positions)
-            cache = _StepCache(self.buffers, self.index)
+            cache = _StepCache(self.buffers, self.index, self.table)
             for layer in text.layers:
                 out = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=None,
                             use_cache=True, **{self.layer_cache: cache})
@@ -289,10 +335,14 @@ class StepGraphs:
             return
         finally:
             current.wait_stream(stream)
-        self.graph = graph
+        self.graph, self.key = graph, self._step_key()
+        self.captures += 1
         _CAPTURED.add(self.text)
 
     def close(self) -> None:
-        """Release the graph and its tensors (the cache keeps its views of the buffers)."""
+        """Keep the captured step for the model's next answer (`_KEPT`) and release the rest here:
+        the cache keeps its views of the buffers, which the kept step does not hold."""
+        if self.graph is not None:
+            _KEPT[self.text] = _KeptStep(self, self.key)
         self.graph = self.buffers = self.cache = None
         self.__dict__.pop("logits", None)

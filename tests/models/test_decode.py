@@ -174,18 +174,31 @@ def test_rotary_positions_from_what_generate_passes():
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_replays_give_generates_tokens_on_cuda(family, tiny_models, sample_video):
-    """On the GPU in fp32 (dense attention: FlashPrefill's kernels take 16-bit floats): the first
-    step eager, the second captured, the rest replayed, and in the next answer the first step
-    captured; tokens and scores as transformers' decoding."""
+    """On the GPU in fp32 (dense attention: FlashPrefill's kernels take 16-bit floats): the model's
+    first answer runs its first step eagerly and captures the second; the next answers replay the
+    kept graph from their first step over their own caches (another prompt, another capacity);
+    once a weight is replaced, the next answer captures its first step again. Tokens and scores as
+    transformers' decoding throughout."""
     model, processor = load(tiny_models[family], attention="dense", device="cuda", dtype="fp32")
-    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
-    expected, _, _ = _generate(model, processor, inputs, 9, steps=False)
-    for eager in (1, 0):  # the model's first answer captures its second step, the next its first
-        got, graphs, _ = _generate(model, processor, inputs, 9, steps=True, capture=None)  # (capture, ahead: CUDA)
-        assert (graphs.eager_steps, graphs.replayed_steps, graphs.off, graphs.ahead) == (eager, 8 - eager, False, True)
+    qa = VideoQA(model, processor, warmup=False)
+    inputs = qa.prepare(sample_video, "What colour is it?", SMALL).inputs
+    other = qa.prepare(sample_video, "Where does the square go after it turns?", SMALL).inputs
+    assert other["input_ids"].shape[1] > inputs["input_ids"].shape[1]
+    # (prompt, new tokens, (eager steps, replayed steps, captures))
+    runs = [(inputs, 9, (1, 7, 1)), (inputs, 9, (0, 8, 0)), (other, 70, (0, 69, 0)), (inputs, 5, (0, 4, 0))]
+    for prompt, new_tokens, counts in runs:
+        expected, _, _ = _generate(model, processor, prompt, new_tokens, steps=False)
+        got, graphs, _ = _generate(model, processor, prompt, new_tokens, steps=True, capture=None)  # (CUDA: capture)
+        assert (graphs.eager_steps, graphs.replayed_steps, graphs.captures) == counts
+        assert not graphs.off and graphs.ahead
         assert torch.equal(got.sequences, expected.sequences)
         for ours, theirs in zip(got.scores, expected.scores, strict=True):
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone() * 2)  # replaced, not updated in place
+    expected, _, _ = _generate(model, processor, inputs, 6, steps=False)
+    got, graphs, _ = _generate(model, processor, inputs, 6, steps=True, capture=None)
+    assert (graphs.eager_steps, graphs.captures) == (0, 1) and torch.equal(got.sequences, expected.sequences)
 
 
 @pytest.mark.cuda
@@ -198,8 +211,8 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, che
     qa = VideoQA.from_pretrained("demo", device="cuda")
     short = qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12)
     assert short.new_tokens < 12 and made[-1].ahead and checks[-1].undone == 1
-    # Captured at the first step (the warm-up captured one before), the undone step among the replays.
-    assert (made[-1].eager_steps, made[-1].replayed_steps) == (0, short.new_tokens)
+    # Replayed from the first step (the warm-up's graph kept), the undone step among the replays.
+    assert (made[-1].eager_steps, made[-1].replayed_steps, made[-1].captures) == (0, short.new_tokens, 0)
     qa.graph_decode = False
     assert qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12).text == short.text
     qa.graph_decode = True

@@ -3,7 +3,8 @@ Qwen2.5-VL-7B architecture (random bf16 weights, `videoprefill.bench.cold_qa`).
 
 1. The attention of one decoding step: kernels.decode_attention over a cache reserved 64 positions
    past the length, against SDPA's flash kernel over exactly the length (what a step ran before),
-   28 query / 4 KV heads, head dim 128; and their largest difference.
+   28 query / 4 KV heads, head dim 128; and their largest difference. The GPU time of
+   decode_attention from CUDA graphs, given the cache and reading it from a table (as a step does).
 2. Whole requests of `--video-tokens` (sparse at a fixed density, benchmark only; dense at the
    first length), graph decoding on and off alternated `--rounds` times: ms per decoding step,
    (total - TTFT) / (new tokens - 1), the TTFT, whether both ways chose the same token ids, a
@@ -35,7 +36,7 @@ def attention_table(lengths) -> str:
     import triton.testing
     from torch.nn.attention import sdpa_kernel
 
-    from kernels.decode_attention import decode_attention
+    from kernels.decode_attention import TABLE_COLUMNS, decode_attention, fill_table
     from kernels.flash_prefill.api import SHORT_QUERY_BACKENDS
 
     def ours(q, k, v, lengths_t):
@@ -54,11 +55,19 @@ def attention_table(lengths) -> str:
         t_ours = triton.testing.do_bench(lambda: ours(q, k, v, lengths_t))  # noqa: B023 (called at once)
         t_sdpa = triton.testing.do_bench(lambda: sdpa(q, k, v, n))  # noqa: B023
         gbs = 2 * 4 * n * 128 * 2 / (t_ours * 1e-3) / 1e9
-        rows.append({"keys": n, "ours": t_ours * 1e3, "sdpa": t_sdpa * 1e3, "gbs": gbs, "diff": diff})
+        table = fill_table(torch.empty(1, TABLE_COLUMNS, dtype=torch.long, device="cuda"), [(k, v)])
+        from_table = decode_attention(q[:, :, 0], k, v, lengths_t, 128**-0.5, table=table)
+        assert torch.equal(from_table, ours(q, k, v, lengths_t)), "the table's attention differs"
+        given_gpu = graph_ms(lambda: ours(q, k, v, lengths_t))  # noqa: B023
+        table_gpu = graph_ms(lambda: decode_attention(q[:, :, 0], k, v, lengths_t, 128**-0.5, table=table))  # noqa: B023
+        rows.append({"keys": n, "ours": t_ours * 1e3, "sdpa": t_sdpa * 1e3, "gbs": gbs, "diff": diff,
+                     "given_gpu": given_gpu * 1e3, "table_gpu": table_gpu * 1e3})
     return markdown_table(rows, [("keys", "keys", "d"), ("decode_attention us", "ours", ".1f"),
                                  ("SDPA flash us (exact length)", "sdpa", ".1f"),
                                  ("decode_attention GB/s (K, V read)", "gbs", ".0f"),
-                                 ("max abs difference", "diff", ".2e")])
+                                 ("max abs difference", "diff", ".2e"),
+                                 ("GPU us, cache given", "given_gpu", ".1f"),
+                                 ("GPU us, from a table", "table_gpu", ".1f")])
 
 
 def graph_ms(fn, reps: int = 20) -> float:

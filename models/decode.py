@@ -56,7 +56,7 @@ import torch
 
 from kernels.decode_attention import TABLE_COLUMNS, fill_table, write_kv
 
-from .attention import decode_lengths
+from .attention import ATTENTION_NAME, DENSE_NAME, decode_lengths
 from .fused import one_token_gemvs, tower
 from .stop_check import step_ahead
 from .text import fused_adds_at_every_length
@@ -261,11 +261,13 @@ class StepGraphs:
 
     def _step_key(self) -> tuple:
         """What a captured step depends on besides its table: how it was captured (GEMVs, fused
-        adds), the device, the attention implementation, the cache's shape and dtype, and where
-        every weight and buffer of the language model and the head lies (a weight replaced, not
-        updated in place, gives another key)."""
+        adds), the device, the attention implementation (ours, in the sparse or the dense mode, or
+        another), the cache's shape and dtype, and where every weight and buffer of the language
+        model and the head lies (a weight replaced, not updated in place, gives another key)."""
         keys = self.buffers[0][0]
         attention = getattr(getattr(self.text, "config", None), "_attn_implementation", None)
+        if attention in (ATTENTION_NAME, DENSE_NAME):
+            attention = ATTENTION_NAME  # (both modes run a step's attention alike: the compare mode keeps one graph)
         # (each module's own tensors: about 0.6 ms for the 7B model on the H200 machine, a third of what
         # `parameters()` takes, BENCHMARKS.md, thirty-first session)
         weights = tuple(t.data_ptr() for module in itertools.chain(self.text.modules(), (self.head,))

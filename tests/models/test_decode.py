@@ -205,9 +205,10 @@ def test_graph_replays_give_generates_tokens_on_cuda(family, tiny_models, sample
 def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, checks):
     """The bundled demo model in bf16, as `videoprefill.run` loads it (its warm-up decoding as an
     answer does): graph decoding on (the default on CUDA, with the stop check a step behind) and
-    off give the same answers, and every step after the first token was replayed (the first
-    captured: the warm-up captured before), on the main thread and on another. Its answer to the
-    colour question ends before max_new_tokens: the step queued past its end is undone."""
+    off give the same answers, and every step after the first token was replayed from the graph the
+    first warm-up captured and the model kept, in either attention mode, on the main thread and on
+    another. Its answer to the colour question ends before max_new_tokens: the step queued past its
+    end is undone."""
     qa = VideoQA.from_pretrained("demo", device="cuda")
     short = qa.ask(sample_video, DEMO_QUESTION, "sparse", max_new_tokens=12)
     assert short.new_tokens < 12 and made[-1].ahead and checks[-1].undone == 1
@@ -222,12 +223,13 @@ def test_demo_model_answers_the_same_with_graph_decoding(sample_video, made, che
         # Every step read back a step late; one queued past an end of text (if any) replayed and undone.
         undone = checks[-1].undone
         assert on.new_tokens >= 4 and made[-1].replayed_steps == on.new_tokens - 1 + undone and not made[-1].off
+        assert made[-1].captures == 0  # the graph kept since the first warm-up, in either mode
         assert made[-1].ahead and checks[-1].reads == on.new_tokens - 1 and undone == (on.new_tokens < 12)
         qa.graph_decode = False
         off = qa.ask(sample_video, question, attention, max_new_tokens=12)
         qa.graph_decode = True
         assert (on.text, on.new_tokens) == (off.text, off.new_tokens)
-    # On a thread of its own, as the web UI runs each request: captured and replayed there too.
+    # On a thread of its own, as the web UI runs each request: replayed there too.
     answers = []
     worker = threading.Thread(target=lambda: answers.append(qa.ask(sample_video, question, "sparse",
                                                                    max_new_tokens=12)))
@@ -322,3 +324,33 @@ def test_the_stop_check_is_transformers_own_outside_step_ahead(tiny, sample_vide
     assert not graphs.ahead and checks == []
     with stop_check.step_ahead(enabled=False) as ahead:
         assert not ahead
+
+
+def test_what_a_kept_step_depends_on(tiny):
+    """A model's kept step serves its next answer only where nothing it baked in changed (its key):
+    the same in both of our attention modes (both run a step's attention alike), another with
+    another attention implementation, a replaced weight or another cache dtype."""
+    from models.attention import set_attention
+
+    model, _ = tiny["qwen2.5-vl"]
+    steps = decode.StepGraphs(model, 8)
+    steps.buffers = [(torch.zeros(1, 2, 64, 16), torch.zeros(1, 2, 64, 16))]
+    head = model.get_output_embeddings()
+    weight = head.weight
+    try:
+        set_attention(model, "sparse")
+        key = steps._step_key()
+        set_attention(model, "dense")
+        assert steps._step_key() == key
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        assert steps._step_key() != key
+        set_attention(model, "sparse")
+        head.weight = torch.nn.Parameter(weight.detach().clone())
+        assert steps._step_key() != key
+        head.weight = weight
+        assert steps._step_key() == key
+        steps.buffers = [(torch.zeros(1, 2, 64, 16, dtype=torch.float16),) * 2]
+        assert steps._step_key() != key
+    finally:
+        head.weight = weight
+        set_attention(model, "sparse")

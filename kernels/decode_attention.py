@@ -305,9 +305,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     """Attention of q (B, HQ, D) over the first lengths[b] positions of k / v (B, H, CAP, D), ->
     (B, HQ, D) (module docstring). split: keys per span (tests; default `splits`'s).
     table: read the cache of layer `layer` from this table (`fill_table`) instead: k and v then give
-    only its heads, head dim, dtype and position stride (buffers laid out as the table's, batch 1),
-    and their addresses and capacity are not read. The other keyword-only arguments are the
-    launch's tuning (benchmarks; defaults: the module's constants)."""
+    only its heads, head dim, dtype and position stride (buffers laid out as the table's, batch 1)
+    and, off CUDA, a bound on the span count; their addresses and capacity are not read. The other
+    keyword-only arguments are the launch's tuning (benchmarks; defaults: the module's constants)."""
     check(q, k, v, lengths)
     b, hq, d = q.shape
     h, cap = k.shape[1], k.shape[2]
@@ -320,7 +320,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
             raise ValueError("a table's cache is contiguous (1, H, CAP, D) buffers on q's device")
         if k.data_ptr() % TABLE_ALIGN or v.data_ptr() % TABLE_ALIGN:
             raise ValueError(f"with a table, k and v must start at multiples of {TABLE_ALIGN} bytes")
-    span, num_splits = splits(None if table is not None else cap, b * h, q.device, split, block_n, programs_per_sm)
+    # With a table on CUDA, the span count of any capacity, so that a captured launch serves every later
+    # cache; elsewhere nothing replays it, and the given k's capacity bounds the count (Triton's
+    # interpreter pays for every program).
+    capacity = None if table is not None and q.is_cuda else cap
+    span, num_splits = splits(capacity, b * h, q.device, split, block_n, programs_per_sm)
     block_d = max(16, triton.next_power_of_2(d))
     part_o = torch.empty(b * hq * num_splits, block_d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(b * hq * num_splits, 2, dtype=torch.float32, device=q.device)

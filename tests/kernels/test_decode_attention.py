@@ -87,14 +87,15 @@ def table_of(buffers):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t)[6:])
 def test_a_cache_read_from_a_table(dtype):
     """With a table the launch reads the cache whose addresses it holds, not the k and v it is
-    given (here buffers of another capacity holding NaN): what a graph captured over one answer's
-    buffers does over the next answer's."""
+    given (here other buffers holding NaN): what a graph captured over one answer's buffers does
+    over the next answer's (on CUDA, of another capacity too:
+    test_a_captured_graph_serves_the_buffers_of_a_refilled_table)."""
     layers = []
     for seed, cap in ((4, 700), (5, 700)):
         q, k, v = cache(1, 28, 4, cap, 64, dtype, seed=seed)
         layers.append((q, k.contiguous(), v.contiguous()))
     table = table_of([(k, v) for _, k, v in layers])
-    stale = torch.full((1, 4, 96, 64), float("nan"), dtype=dtype, device=DEVICE)
+    stale = torch.full((1, 4, 700, 64), float("nan"), dtype=dtype, device=DEVICE)
     for layer, (q, k, v) in enumerate(layers):
         for n in (1, 300, 700, 5000):
             lengths = torch.tensor([n], device=DEVICE)

@@ -210,17 +210,17 @@ def request_settings(settings: RequestSettings):
         _SETTINGS.reset(token)
 
 
-_DECODE_LENGTHS: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor | None] | None] = contextvars.ContextVar(
+_DECODE_LENGTHS: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = contextvars.ContextVar(
     "videoprefill_decode_lengths", default=None
 )
 
 
 @contextlib.contextmanager
-def decode_lengths(lengths: torch.Tensor, table: torch.Tensor | None = None):
-    """Within the block, a one-token query attends to the first lengths[b] positions of its keys,
-    the whole of a cache reserved ahead (kernels.decode_attention; models.decode's steps); with
-    `table` (kernels.decode_attention.fill_table), to those of its layer's row (the attention
-    module's `layer_idx`), where the keys and values it is given only describe the cache."""
+def decode_lengths(lengths: torch.Tensor, table: torch.Tensor):
+    """Within the block, a one-token query attends to the first lengths[b] positions of the cache
+    reserved ahead that `table` (kernels.decode_attention.fill_table) holds in its layer's row (the
+    attention module's `layer_idx`); the keys and values it is given only describe that cache
+    (kernels.decode_attention; models.decode's steps)."""
     token = _DECODE_LENGTHS.set((lengths, table))
     try:
         yield
@@ -263,8 +263,8 @@ def dense_attention_forward(
     step = _DECODE_LENGTHS.get()
     if step is not None and tq == 1:  # a decoding step over a reserved cache (`decode_lengths`)
         lengths, table = step
-        layer = module.layer_idx if table is not None else 0
-        return decode_attention(query[:, :, 0], key, value, lengths, scale, table=table, layer=layer)[:, None], None
+        return decode_attention(query[:, :, 0], key, value, lengths, scale, table=table,
+                                layer=module.layer_idx)[:, None], None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if 1 < tq < tk and causal and b == 1 and (attention_mask is None or _key_ranges(attention_mask, tk)[0] == (0, tk)):
         return dense_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale), None

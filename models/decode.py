@@ -30,9 +30,10 @@ takes the decoding steps:
   its position (the positions `generate` passes, as the language model reads them), every decoder
   layer (attention mask none: the token sees every cached position), the final norm and the head.
   Captured, its projections run as Triton GEMVs (models.fused.one_token_gemvs; q, k and v in one
-  launch, gate, up and the activation in one) and its layers' residual adds fused as over long
-  inputs (models.text.fused_adds_at_every_length): kernels whose launch costs more host time than
-  cuBLAS's, paid once in the capture, and whose GPU time is shorter.
+  launch, gate, up and the activation in one) and its layers' RMSNorms and residual adds inside
+  those launches (models.text.fused_adds_at_every_length, `_one_token_layer`): kernels whose
+  launch costs more host time than cuBLAS's, paid once in the capture, and whose GPU time is
+  shorter.
 
 Within it `generate` also checks for its stop a step behind on CUDA (models.stop_check): the host
 queues the next step while the GPU runs this one, instead of waiting for each token.
@@ -56,6 +57,7 @@ import torch
 
 from kernels.decode_attention import TABLE_COLUMNS, fill_table, write_kv
 
+from . import text as _text
 from .attention import ATTENTION_NAME, DENSE_NAME, decode_lengths
 from .fused import one_token_gemvs, tower
 from .stop_check import step_ahead
@@ -261,7 +263,7 @@ class StepGraphs:
 
     def _step_key(self) -> tuple:
         """What a captured step depends on besides its table: how it was captured (GEMVs, fused
-        adds), the device, the attention implementation (ours, in the sparse or the dense mode, or
+        adds, norms in the GEMVs), the device, the attention implementation (ours, in the sparse or the dense mode, or
         another), the cache's shape and dtype, and where every weight and buffer of the language
         model and the head lies (a weight replaced, not updated in place, gives another key)."""
         keys = self.buffers[0][0]
@@ -272,8 +274,8 @@ class StepGraphs:
         # `parameters()` takes, BENCHMARKS.md, thirty-first session)
         weights = tuple(t.data_ptr() for module in itertools.chain(self.text.modules(), (self.head,))
                         for held in (module._parameters, module._buffers) for t in held.values() if t is not None)
-        return (self.gemv is not False, FUSED_ADDS_WITH_GEMVS, str(keys.device), attention, len(self.buffers),
-                keys.shape[1], keys.shape[3], keys.dtype, weights)
+        return (self.gemv is not False, FUSED_ADDS_WITH_GEMVS, _text.NORMS_IN_GEMVS, str(keys.device), attention,
+                len(self.buffers), keys.shape[1], keys.shape[3], keys.dtype, weights)
 
     def _step(self, kwargs: dict, forward):
         length = self.cache.get_seq_length()

@@ -36,9 +36,10 @@ from kernels.rms_norm import supported as add_norm_supported
 
 PATCHED = "_videoprefill_stock_forward"
 PENDING = "_videoprefill_pending"  # a linear layer's result computed by another's launch (models.text)
+RESIDUAL = "_videoprefill_residual"  # a residual a linear layer's launch adds to its product (models.text)
 
 # Within `one_token_gemvs()`: the modules' list of linear layers holding a result computed for them
-# by another's launch (models.text), emptied when the block ends. Outside: None.
+# by another's launch or a residual to add (models.text), emptied when the block ends. Outside: None.
 _ONE_TOKEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("one_token_gemvs", default=None)
 
 
@@ -59,6 +60,7 @@ def one_token_gemvs(enabled: bool = True):
         _ONE_TOKEN.reset(token)
         for module in held:
             module.__dict__.pop(PENDING, None)
+            module.__dict__.pop(RESIDUAL, None)
 
 
 def one_token_pending() -> list | None:
@@ -172,21 +174,23 @@ def _gated_rows(self, x: torch.Tensor, out: torch.Tensor | None = None, accumula
     return out
 
 
-def _gated_gemv(self, x: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor | None:
+def _gated_gemv(self, x: torch.Tensor, out: torch.Tensor | None, accumulate: bool, norm=None,
+                down_bias: bool | None = None) -> torch.Tensor | None:
     """`_gated_rows` for one token as two kernels.gemv launches (None where they do not take the
     tensors): silu(gate(x)) * up(x), then down's product written into out (made when None), or with
-    `accumulate` added to it without down's bias."""
+    `accumulate` added to it, without down's bias unless `down_bias`. With `norm` (weight, eps), of
+    x's RMS norm, computed in the first launch."""
     gate, up, down = self.gate_proj, self.up_proj, self.down_proj
     parts = ((gate.weight, gate.bias), (up.weight, up.bias))
-    down_parts = ((down.weight, None if accumulate else down.bias),)
+    down_parts = ((down.weight, down.bias if (not accumulate if down_bias is None else down_bias) else None),)
     if type(down) is not torch.nn.Linear or not (
-            one_token.supported(x, parts)
+            one_token.supported(x, parts, norm)
             and one_token.weights_supported(down_parts, gate.out_features, x.dtype, x.device)):
         return None
     if out is not None and not (out.is_contiguous() and out.dtype == x.dtype and out.device == x.device
                                 and out.numel() == down.out_features):
         return None
-    hidden = one_token.gated_gemv(x, *parts)
+    hidden = one_token.gated_gemv(x, *parts, norm=norm)
     return one_token.gemv(hidden, down_parts, add=accumulate, out=None if out is None else [out])[0]
 
 
@@ -259,6 +263,18 @@ def norm_and_mlp_residuals(hidden_states: torch.Tensor, attn: torch.Tensor, norm
         return add_into(mlp, normed, total).view(attn.shape)
     total, normed = add_rms_norm(x, y, norm.weight, eps, out=y)
     return (total + mlp(normed)).view(attn.shape)
+
+
+def one_token_norm_and_mlp_residual(total: torch.Tensor, norm: torch.nn.Module, mlp: torch.nn.Module) -> torch.Tensor:
+    """`total + mlp(norm(total))` for one token inside `one_token_gemvs`: the RMSNorm inside the gate,
+    up and activation launch, the add (with down's bias) inside the down projection's, written over
+    total, which the caller owns. The stock computation where the launches do not take the tensors."""
+    if _ONE_TOKEN.get() is not None and is_rms_norm(norm) and adds_into(mlp, total, total):
+        y = _gated_gemv(mlp, total, total, accumulate=True, norm=(norm.weight, norm.variance_epsilon),
+                        down_bias=True)
+        if y is not None:
+            return y.view(total.shape)
+    return total + mlp(norm(total))
 
 
 def fuse_mlp_activations(root: torch.nn.Module, enabled: bool = True) -> int:

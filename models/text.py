@@ -13,7 +13,8 @@ fused:
 - one token's linear projections (every `nn.Linear` of the language model, and the head) as
   kernels.gemv launches inside `models.fused.one_token_gemvs`, which models.decode enters while it
   captures a decoding step; each attention's q, k and v projections of one input in one launch
-  (`fuse_one_token_projections`);
+  (`fuse_one_token_projections`); with the fused adds too (a captured step), each layer's norms
+  and residual adds inside those launches (`_one_token_layer`, `NORMS_IN_GEMVS`);
 - the rotary embedding by kernels.rope, on CUDA. The attention modules call their modeling
   file's `apply_rotary_pos_emb(q, k, cos, sin)` (the same function in all three families), so
   `fuse_text_rope` replaces that module-level function by one that runs the fused kernel when
@@ -41,10 +42,12 @@ from kernels.rope import supported as rope_supported
 from .fused import (
     PATCHED,
     PENDING,
+    RESIDUAL,
     fuse_mlp_activations,
     fuse_rms_norms,
     is_rms_norm,
     norm_and_mlp_residuals,
+    one_token_norm_and_mlp_residual,
     one_token_pending,
     set_forward,
     tower,
@@ -148,6 +151,10 @@ def _add_norm_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) 
     short = hidden_states.numel() < FUSED_ADDS_MIN_TOKENS * hidden_states.shape[-1] and not _EVERY_LENGTH.get()
     if args or differentiable or short or not _add_norm_here(hidden_states):
         return stock(hidden_states, *args, **kwargs)
+    if NORMS_IN_GEMVS and one_token_pending() is not None and hidden_states.numel() == hidden_states.shape[-1]:
+        out = _one_token_layer(self, hidden_states, kwargs)
+        if out is not None:
+            return out
     out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     attn = out[0] if isinstance(out, tuple) else out
     return norm_and_mlp_residuals(hidden_states, attn, self.post_attention_layernorm, self.mlp)
@@ -174,22 +181,82 @@ GROUP = "_videoprefill_projection_group"  # the q, k, v projections one launch c
 def _one_token_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     """A linear layer: inside `models.fused.one_token_gemvs`, one token as a kernels.gemv launch
     (with the other projections of its group, whose results wait for their own calls on the same
-    input); the stock forward otherwise."""
+    input; plus the residual `_one_token_layer` gave it); the stock forward otherwise."""
     held = one_token_pending()
     if held is not None:
         pending = self.__dict__.pop(PENDING, None)
-        if pending is not None and pending[0] is x:
-            return pending[1]
+        if pending is not None:
+            key, y, normed = pending
+            if key is x:
+                return y
+            if normed:  # computed from the layer's normalised input, which this x is not
+                raise RuntimeError(f"{type(self).__name__} was given another input than the one its result was "
+                                   "computed for: the attention does not project its hidden states as q, k, v")
+        residual = self.__dict__.pop(RESIDUAL, None)
         group = self.__dict__.get(GROUP, (self,))
         parts = [(m.weight, m.bias) for m in group]
-        if one_token.supported(x, parts):
-            results = one_token.gemv(x, parts)
+        if one_token.supported(x, parts) and (residual is None or (
+                len(parts) == 1 and residual.numel() == self.out_features and residual.is_contiguous()
+                and residual.dtype == x.dtype and residual.device == x.device)):
+            results = one_token.gemv(x, parts, residual=None if residual is None else [residual])
             for module, y in zip(group, results, strict=True):
                 if module is not self:
-                    module.__dict__[PENDING] = (x, y)
+                    module.__dict__[PENDING] = (x, y, False)
                     held.append(module)
             return results[next(i for i, m in enumerate(group) if m is self)]
+        if residual is not None:
+            return residual + getattr(self, PATCHED)(x)
     return getattr(self, PATCHED)(x)
+
+
+# Inside one_token_gemvs with the fused adds (captured decoding steps), a decoder layer's two RMSNorms
+# and two residual adds run inside its projections' GEMV launches (`_one_token_layer`): on an H200 a
+# 7B step's GPU time 0.21 ms shorter (BENCHMARKS.md, thirty-second session). False: the fused adds'
+# kernels (F.rms_norm, add_rms_norm) run them. (The final norm stays a launch of its own: inside the
+# head's GEMV, whose 19K programs would each sum the squares again, it measured 1 us slower.)
+NORMS_IN_GEMVS = True
+
+
+def _runs_one_token_linear(module) -> bool:
+    return type(module) is torch.nn.Linear and getattr(
+        module.__dict__.get("forward"), "__func__", None) is _one_token_linear_forward
+
+
+def _one_token_layer(layer: torch.nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """One token through a pre-norm decoder layer inside `one_token_gemvs`, with no launch for its
+    norms and adds: the input RMSNorm inside the q, k, v launch, the residual added inside the output
+    projection's, the post-attention RMSNorm inside the gate, up launch and the last add inside the
+    down projection's (models.fused.one_token_norm_and_mlp_residual). None where the layer does not
+    have that form (the caller runs it otherwise).
+
+    The attention runs as its modeling file writes it, given a view of the hidden states that its q,
+    k and v projections recognise: they return the results computed here from the normalised input.
+    All three families' attention reads its input only through those projections and its shape;
+    an attention that gave them another input would raise (`_one_token_linear_forward`)."""
+    attention = layer.self_attn
+    group = getattr(getattr(attention, "q_proj", None), "__dict__", {}).get(GROUP)
+    o_proj = getattr(attention, "o_proj", None)
+    norm = layer.input_layernorm
+    if group is None or not all(_runs_one_token_linear(m) for m in (*group, o_proj)):
+        return None
+    parts = [(m.weight, m.bias) for m in group]
+    held = one_token_pending()
+    weights = (norm.weight, norm.variance_epsilon)
+    if held is None or not one_token.supported(hidden_states, parts, weights):
+        return None
+    given = hidden_states.view(hidden_states.shape)
+    for module, y in zip(group, one_token.gemv(hidden_states, parts, norm=weights), strict=True):
+        module.__dict__[PENDING] = (given, y, True)
+        held.append(module)
+    o_proj.__dict__[RESIDUAL] = hidden_states
+    held.append(o_proj)
+    out = attention(hidden_states=given, **kwargs)
+    total = out[0] if isinstance(out, tuple) else out
+    left = [m for m in (*group, o_proj) if PENDING in m.__dict__ or RESIDUAL in m.__dict__]
+    if left:
+        raise RuntimeError(f"{type(attention).__name__} did not run its q, k, v projections on its input and its "
+                           f"output through o_proj: {len(left)} results left")
+    return one_token_norm_and_mlp_residual(total, layer.post_attention_layernorm, layer.mlp)
 
 
 def _projection_groups(root: torch.nn.Module) -> list[tuple[torch.nn.Linear, ...]]:

@@ -9,13 +9,17 @@ one_token_gemvs) on the Qwen2.5-VL-7B architecture (random bf16 weights, `videop
    picks, which part 2 runs.
 2. Whole requests of `--video-tokens` (sparse at a fixed density, benchmark only), streamed to a
    callback, the ways alternated `--rounds` times: graph decoding as before ("cuBLAS"), with the
-   GEMVs, and with the GEMVs and the residual adds fused. ms per decoding step over the answer,
+   GEMVs, with the GEMVs and the residual adds fused, and with the norms and adds inside the GEMVs
+   (models.text.NORMS_IN_GEMVS). ms per decoding step over the answer,
    (total - TTFT) / (new tokens - 1); a graph's replay timed alone (a step's GPU time); the capture's
    host wall time (synchronised before and after: the capture alone); the TTFT;
    whether the token ids are those of the first way.
-3. Numerics: the logits of one-token forwards (no cache), bf16 with cuBLAS and with the GEMVs,
-   against the same model in fp32 (cuBLAS, TF32 off): relative error, and how often the top token
-   is the fp32 model's.
+3. Numerics: the logits of one-token forwards (no cache), bf16 with cuBLAS, with the GEMVs and
+   with the layers' norms and adds inside them, against the same model in fp32 (cuBLAS, TF32 off):
+   relative error, and how often the top token is the fp32 model's.
+4. (`--norm-launches`) The layer's norms and adds as launches of their own (`F.rms_norm`,
+   `kernels.rms_norm.add_rms_norm`) against inside the GEMVs (`norm=`, `residual=`), GPU time of
+   each group of launches, cold weights.
 
 A development script (results go to BENCHMARKS.md):
 
@@ -24,6 +28,7 @@ A development script (results go to BENCHMARKS.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import statistics
@@ -40,13 +45,15 @@ from gpu_graph_decode import (  # (this script's folder is on the path)
 
 import kernels.gemv as gemv_module
 import models.decode as decode
+import models.text as text
 import videoprefill.pipeline as pipeline
 from kernels.activation import silu_mul
 from videoprefill.bench import cold_qa, markdown_table, synthetic_request
 
 HIDDEN, WIDTH, KV, VOCAB = 3584, 18944, 512, 152064
 SETTINGS = [(n, k, w) for n, k, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8)) if n * k <= 8192]
-WAYS = {"cuBLAS": (False, False), "GEMV": (True, False), "GEMV, fused adds": (True, True)}
+WAYS = {"cuBLAS": (False, False, False), "GEMV": (True, False, False), "GEMV, fused adds": (True, True, False),
+        "GEMV, norms and adds inside": (True, True, True)}
 STOCK_CONFIG = gemv_module.config
 
 
@@ -122,12 +129,14 @@ def numerics(model, count: int) -> str:
     assert not torch.backends.cuda.matmul.allow_tf32
     exact_model = copy.deepcopy(model).float()
     ids = torch.randint(0, VOCAB, (count, 1, 1), generator=torch.Generator().manual_seed(0)).cuda()
-    errors, top = {"cuBLAS": [], "GEMV": []}, {"cuBLAS": 0, "GEMV": 0}
+    ways = {"cuBLAS": (False, False), "GEMV": (True, False), "GEMV, norms and adds inside": (True, True)}
+    errors, top = {way: [] for way in ways}, dict.fromkeys(ways, 0)
     with torch.inference_mode():
         for token in ids:
             exact = exact_model(input_ids=token).logits.double()
-            for way in errors:
-                with one_token_gemvs(way == "GEMV"):
+            for way, (gemv, inside) in ways.items():
+                adds = text.fused_adds_at_every_length() if inside else contextlib.nullcontext()
+                with one_token_gemvs(gemv), adds:
                     got = model(input_ids=token).logits.double()
                 errors[way].append(((got - exact).norm() / exact.norm()).item())
                 top[way] += int(got.argmax() == exact.argmax())
@@ -140,10 +149,62 @@ def numerics(model, count: int) -> str:
 
 
 def use(qa, way: str) -> None:
-    gemv, adds = WAYS[way]
+    gemv, adds, inside = WAYS[way]
     qa.graph_decode = True
     pipeline.graph_decoding = functools.partial(decode.graph_decoding, gemv=None if gemv else False)
     decode.FUSED_ADDS_WITH_GEMVS = adds
+    text.NORMS_IN_GEMVS = inside
+
+
+def norm_launches() -> str:
+    """Part 4's table: a layer's norms and adds around its GEMVs as launches of their own, and inside
+    them; cold weights (copies taken in turn, as `launches(cold=True)`)."""
+    from kernels.rms_norm import add_rms_norm
+
+    def t(*shape, scale=0.02):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+    def copies(*shape):
+        return [t(*shape) for _ in range(max(1, -(-100 * 2**20 // (2 * shape[0] * shape[1]))))]
+
+    x, residual, attn = t(1, HIDDEN, scale=1.0), t(1, HIDDEN, scale=1.0), t(1, HIDDEN, scale=1.0)
+    g1, g2, gf = (t(HIDDEN, scale=0.1) + 1 for _ in range(3))
+    eps = 1e-6
+    q, k, v = copies(HIDDEN, HIDDEN), copies(KV, HIDDEN), copies(KV, HIDDEN)
+    o, gate, up, head = copies(HIDDEN, HIDDEN), copies(WIDTH, HIDDEN), copies(WIDTH, HIDDEN), copies(VOCAB, HIDDEN)
+    qb, kb, vb = t(HIDDEN), t(KV), t(KV)
+    count = itertools.count()
+
+    def qkv(i, norm):
+        parts = [(q[i % len(q)], qb), (k[i % len(k)], kb), (v[i % len(v)], vb)]
+        if norm:
+            return gemv_module.gemv(x, parts, norm=(g1, eps))
+        return gemv_module.gemv(F.rms_norm(x, (HIDDEN,), g1, eps), parts)
+
+    def o_mlp(i, inside):
+        j = i % len(gate)
+        if inside:
+            total = gemv_module.gemv(attn, [(o[i % len(o)], None)], residual=[residual])[0]
+            return gemv_module.gated_gemv(total, (gate[j], None), (up[j], None), norm=(g2, eps))
+        y = gemv_module.gemv(attn, [(o[i % len(o)], None)])[0]
+        _, normed = add_rms_norm(residual, y, g2, eps)
+        return gemv_module.gated_gemv(normed, (gate[j], None), (up[j], None))
+
+    def final(i, norm):
+        w = head[i % len(head)]
+        if norm:
+            return gemv_module.gemv(x, [(w, None)], norm=(gf, eps))
+        return gemv_module.gemv(F.rms_norm(x, (HIDDEN,), gf, eps), [(w, None)])
+
+    rows = []
+    for name, fn in (("input norm; q, k, v", qkv), ("o; residual add, post-attention norm; gate, up", o_mlp),
+                     ("final norm; head", final)):
+        apart = graph_ms(lambda fn=fn: fn(next(count), False))
+        inside = graph_ms(lambda fn=fn: fn(next(count), True))
+        rows.append({"launches": name, "apart": apart * 1e3, "inside": inside * 1e3, "saved": (apart - inside) * 1e3})
+        print(rows[-1], flush=True)
+    return markdown_table(rows, [("launches", "launches", "s"), ("norms and adds apart us", "apart", ".1f"),
+                                 ("inside the GEMVs us", "inside", ".1f"), ("less us", "saved", ".1f")])
 
 
 def main() -> None:
@@ -151,7 +212,10 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip part 1")
     parser.add_argument("--sweep-only", action="store_true", help="part 1 alone")
     parser.add_argument("--tokens-checked", type=int, default=16, help="one-token forwards in part 3 (0: skip it)")
+    parser.add_argument("--norm-launches", action="store_true", help="part 4 first")
     args = parser.parse_args()
+    if args.norm_launches:
+        print(norm_launches(), flush=True)
 
     from kernels import FlashPrefillConfig
 
@@ -210,7 +274,7 @@ def main() -> None:
                          "capture": statistics.median(captures[way]),
                          "ttft": statistics.median(ttft[way]), "same": str(ids[way] == ids["cuBLAS"])})
             print(rows[-1], flush=True)
-    use(qa, "GEMV, fused adds")
+    use(qa, "GEMV, norms and adds inside")
     print(markdown_table(rows, [
         ("video tokens", "tokens", "d"), ("way", "way", "s"), ("ms/step (median)", "ms", ".2f"),
         ("ms/step (rounds)", "all", "s"), ("replay alone ms (GPU)", "replay", ".3f"),

@@ -122,3 +122,70 @@ def test_gemv_at_the_7b_shapes_cuda(rows, k):
         gate, up = weights((18944, 18944), k, torch.bfloat16, bias=False)
         torch.testing.assert_close(gated_gemv(x, gate, up), gated_gemv_reference(x, gate, up), rtol=2**-7,
                                    atol=2**-7)
+
+
+def norm_of(k, dtype, seed=5):
+    return (tensors([(k,)], dtype, seed=seed, scale=0.5)[0] + torch.ones(k, device=DEVICE).to(dtype), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("k", [200, 1100])
+def test_gemv_with_the_norm_before_it(k, dtype):
+    """norm=(weight, eps): the projections of x's RMS norm (the norm's sums over every K block, the
+    last ragged), one launch for three parts, as the fp32 reference; a gated launch too."""
+    x = tensors([(1, 1, k)], dtype, scale=3.0)[0]
+    norm = norm_of(k, dtype)
+    parts = weights((37, 9, 9), k, dtype)
+    for ours, theirs in zip(gemv(x, parts, norm=norm), gemv_reference(x, parts, norm=norm), strict=True):
+        assert_close(ours, theirs, dtype)
+    gate, up = weights((75, 75), k, dtype, bias=False)
+    assert_close(gated_gemv(x, gate, up, norm=norm), gated_gemv_reference(x, gate, up, norm=norm), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+def test_gemv_adds_a_residual_into_new_outputs(dtype):
+    """residual: r + W x + b written to a new tensor (or a given out), the residual left as it was."""
+    x, residual = tensors([(1, 1, 300), (1, 1, 70)], dtype, scale=1.0)
+    kept = residual.clone()
+    parts = weights((70,), 300, dtype)
+    expected = gemv_reference(x, parts, residual=[residual])[0]
+    (got,) = gemv(x, parts, residual=[residual])
+    assert got.data_ptr() != residual.data_ptr() and torch.equal(residual, kept)
+    assert_close(got, expected, dtype)
+    out = torch.empty_like(residual)
+    assert gemv(x, parts, residual=[residual], out=[out])[0] is out
+    assert_close(out, expected, dtype)
+
+
+def test_norm_references_are_the_norm_then_the_projections():
+    x, w, b, w2, g = tensors([(1, 1, 64), (30, 64), (30,), (30, 64), (64,)], torch.float64, device="cpu", scale=2.0)
+    normed = F.rms_norm(x, (64,), g, 1e-5)
+    fp32 = dict(rtol=1e-5, atol=1e-5)  # (the references compute in fp32)
+    torch.testing.assert_close(gemv_reference(x, [(w, b)], norm=(g, 1e-5))[0], F.linear(normed, w, b), **fp32)
+    torch.testing.assert_close(gated_gemv_reference(x, (w, None), (w2, None), norm=(g, 1e-5)),
+                               F.silu(F.linear(normed, w)) * F.linear(normed, w2), **fp32)
+    r = torch.ones(1, 1, 30, dtype=torch.float64)
+    torch.testing.assert_close(gemv_reference(x, [(w, None)], residual=[r])[0], r + F.linear(x, w), **fp32)
+
+
+@pytest.mark.parametrize("case", ["width", "dtype", "eps"])
+def test_gemv_rejects_a_norm_it_does_not_take(case):
+    x = tensors([(1, 64)], torch.float32)[0]
+    parts = weights((8,), 64, torch.float32)
+    weight, eps = norm_of(64, torch.float32)
+    norm = {"width": (weight[:32], eps), "dtype": (weight.half(), eps), "eps": (weight, 1)}[case]
+    assert supported(x, parts) and not supported(x, parts, norm)
+    with pytest.raises(ValueError, match="RMSNorm weight"):
+        gemv(x, parts, norm=norm)
+    with pytest.raises(ValueError, match="RMSNorm weight"):
+        gated_gemv(x, parts[0], parts[0], norm=norm)
+
+
+def test_gemv_takes_add_or_a_residual():
+    x = tensors([(1, 64)], torch.float32)[0]
+    parts = weights((8,), 64, torch.float32)
+    out = torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="either add or residual"):
+        gemv(x, parts, add=True, out=[out], residual=[out])
+    with pytest.raises(ValueError, match="residual must hold"):
+        gemv(x, parts, residual=[torch.zeros(7, device=DEVICE)])

@@ -91,8 +91,8 @@ def test_steps_give_generates_tokens_and_scores(family, tiny, sample_video):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_steps_with_gemvs_and_fused_adds_give_generates_tokens(family, tiny, sample_video, monkeypatch):
     """What a captured step runs, run eagerly here (under Triton's interpreter): the projections as
-    kernels.gemv launches (each layer's down projection adding into the residual) and the residual
-    adds fused. transformers' tokens, its scores within fp32 rounding."""
+    kernels.gemv launches with the layers' norms and residual adds inside them. transformers' tokens,
+    its scores within fp32 rounding."""
     import kernels.gemv as gemv_module
     import models.fused as fused
     import models.text as text
@@ -103,14 +103,21 @@ def test_steps_with_gemvs_and_fused_adds_give_generates_tokens(family, tiny, sam
     expected, _, _ = _generate(model, processor, inputs, 5, steps=False)
     monkeypatch.setattr(text, "_add_norm_here", lambda x: True)  # (CUDA only otherwise)
     monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
-    adds = []
-    stock = gemv_module.gemv
-    monkeypatch.setattr(gemv_module, "gemv", lambda x, parts, add=False, out=None: adds.append(add) or stock(
-        x, parts, add, out))
+    calls = []
+    stock, stock_gated = gemv_module.gemv, gemv_module.gated_gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, parts, add=False, out=None, residual=None, norm=None: (
+        calls.append(("add" if add else "residual" if residual is not None else "", norm is not None))
+        or stock(x, parts, add, out, residual, norm)))
+    monkeypatch.setattr(gemv_module, "gated_gemv", lambda x, gate, up, norm=None: (
+        calls.append(("gated", norm is not None)) or stock_gated(x, gate, up, norm)))
     got, graphs, _ = _generate(model, processor, inputs, 5, steps=True, gemv=True)
     assert graphs.eager_steps == 4
-    # Per step and layer: q, k, v; o; down, adding into the residual. And the head.
-    assert len(adds) == 4 * (3 * layers + 1) and adds.count(True) == 4 * layers
+    # Per step and layer: q, k, v of the input norm; o, adding the residual; gate and up of the
+    # post-attention norm; down, adding into the sum. And the head. No other launch.
+    assert calls.count(("", True)) == 4 * layers and calls.count(("residual", False)) == 4 * layers
+    assert calls.count(("", False)) == 4
+    assert calls.count(("gated", True)) == 4 * layers and calls.count(("add", False)) == 4 * layers
+    assert len(calls) == 4 * (4 * layers + 1)
     assert torch.equal(got.sequences, expected.sequences)
     for ours, theirs in zip(got.scores, expected.scores, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models.fused as fused
-from models.text import prepare_language_model
+from models.text import fused_adds_at_every_length, prepare_language_model
 from models.tiny import FAMILIES, build_config, build_tokenizer, model_class
 
 
@@ -122,6 +122,58 @@ def test_one_token_projections_as_gemvs_keep_the_function(family, monkeypatch):
     with torch.no_grad(), fused.one_token_gemvs():
         model(input_ids=torch.tensor([[5, 6]]))  # two tokens: cuBLAS
     assert len(launches) == 4 * layers + 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_token_layers_run_their_norms_and_adds_inside_the_gemvs(family, monkeypatch):
+    """Inside one_token_gemvs with the fused adds (a captured decoding step; here under Triton's
+    interpreter), a token's decoder layers run no norm and no add of their own: the input norm in
+    the q, k, v launch, the residual in o's, the post-attention norm in gate and up's, the last add
+    in down's. The stock model's logits within fp32 rounding, as with NORMS_IN_GEMVS off (where
+    add_rms_norm and the input norms run)."""
+    import models.text as text_module
+
+    model, config = tiny_model(family)
+    layers = config.text_config.num_hidden_layers
+    prepare_language_model(model)
+    monkeypatch.setattr(text_module, "_add_norm_here", lambda x: True)
+    monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
+    norms = []
+    for layer in fused.tower(model, "language_model").layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.register_forward_hook(lambda *a: norms.append(1))
+    add_norms = []
+    add_rms_norm = fused.add_rms_norm
+    monkeypatch.setattr(fused, "add_rms_norm", lambda *a, **k: add_norms.append(1) or add_rms_norm(*a, **k))
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        norms.clear()
+        for inside in (True, False):
+            monkeypatch.setattr(text_module, "NORMS_IN_GEMVS", inside)
+            with fused.one_token_gemvs(), text_module.fused_adds_at_every_length():
+                ours = model(input_ids=ids).logits
+            torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+            assert (len(norms), len(add_norms)) == ((0, 0) if inside else (layers, layers))
+    assert not any(fused.PENDING in m.__dict__ or fused.RESIDUAL in m.__dict__ for m in model.modules())
+
+
+def test_an_attention_projecting_another_input_raises(monkeypatch):
+    """The q, k, v results a layer computes from its normalised input are for the input it gives its
+    attention: an attention projecting anything else gets an error, not a wrong answer."""
+    import models.text as text_module
+
+    model, _ = tiny_model("qwen2.5-vl")
+    prepare_language_model(model)
+    monkeypatch.setattr(text_module, "_add_norm_here", lambda x: True)
+    monkeypatch.setattr(fused, "_accumulates_here", lambda x: True)
+    attention = fused.tower(model, "language_model").layers[1].self_attn
+    forward = attention.forward
+    monkeypatch.setattr(attention, "forward", lambda hidden_states, **kw: forward(hidden_states * 1.0, **kw))
+    with torch.no_grad(), fused.one_token_gemvs(), text_module.fused_adds_at_every_length():
+        with pytest.raises(RuntimeError, match="another input"):
+            model(input_ids=torch.tensor([[5]]))
+    assert not any(fused.PENDING in m.__dict__ for m in model.modules())
 
 
 def test_only_silu_gated_mlps_are_fused():
@@ -253,13 +305,13 @@ def test_prepared_language_model_cuda_bf16():
 
 @pytest.mark.cuda
 def test_one_token_gemvs_cuda_bf16():
-    """A token's logits from the small model on the GPU in bf16 with its projections as GEMVs: their
-    error against the model in fp32, over 8 tokens, is within 1.5 times that of the same model
-    through cuBLAS."""
+    """A token's logits from the small model on the GPU in bf16 with its projections as GEMVs, and
+    with its norms and residual adds inside them too: their error against the model in fp32, over 8
+    tokens, is within 1.5 times that of the same model through cuBLAS."""
     model, config = tiny_model("qwen2.5-vl", device="cuda")
     model16 = copy.deepcopy(model).to(torch.bfloat16)
     prepare_language_model(model16)
-    errors = {"ours": 0.0, "stock": 0.0}
+    errors = {"ours": 0.0, "norms in": 0.0, "stock": 0.0}
     with torch.no_grad():
         for token in range(1, 9):
             ids = torch.tensor([[token]], device="cuda")
@@ -267,7 +319,12 @@ def test_one_token_gemvs_cuda_bf16():
             stock = model16(input_ids=ids).logits.double()
             with fused.one_token_gemvs():
                 ours = model16(input_ids=ids).logits.double()
+            with fused.one_token_gemvs(), fused_adds_at_every_length():  # (as a captured step runs)
+                normed = model16(input_ids=ids).logits.double()
             assert not torch.equal(ours, stock)  # (the GEMVs ran: they round differently)
+            assert not torch.equal(normed, ours)  # (and the norms inside them)
             errors["ours"] += (ours - exact).norm().item()
+            errors["norms in"] += (normed - exact).norm().item()
             errors["stock"] += (stock - exact).norm().item()
     assert 0 < errors["ours"] <= 1.5 * errors["stock"], errors
+    assert 0 < errors["norms in"] <= 1.5 * errors["stock"], errors

@@ -9,7 +9,9 @@ processors, stopping criteria, streamer and end of text are untouched), and the 
 takes the decoding steps:
 
 - At the first step each layer of the KV cache moves into buffers reserved for the prompt and the
-  answer (its keys and values copied once; a step then appends nothing). The cache's layers hold
+  answer (its keys and values copied once; a step then appends nothing), or, where the layer's
+  keys and values already lead buffers with room for the answer (models.cache, as the pipeline's
+  caches), stays in them with no copy. The cache's layers hold
   views of the buffers' first positions, one longer after each step, so the cache reads as
   transformers' own to everything else (`generate`, the pipeline's kept prefix). Where the
   buffers lie (their addresses, head stride and capacity) goes into a small device table
@@ -54,19 +56,19 @@ import logging
 import weakref
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
-from kernels.decode_attention import TABLE_COLUMNS, fill_table, write_kv
+from kernels.decode_attention import TABLE_ALIGN, TABLE_COLUMNS, fill_table, write_kv
 
 from . import text as _text
 from .attention import ATTENTION_NAME, DENSE_NAME, decode_lengths
+from .cache import RoomyLayer, capacity_for, give_room, room
 from .fused import one_token_gemvs, tower
 from .stop_check import step_ahead
 from .text import fused_adds_at_every_length
 
 logger = logging.getLogger(__name__)
 
-# Positions reserved past the prompt: the answer's (max_new_tokens) rounded up to a multiple of this.
-RESERVE_MULTIPLE = 64
 # Fewest new tokens for which `graph_decoding` takes the steps: a graph pays off from its first
 # replay, the third token.
 MIN_NEW_TOKENS = 3
@@ -130,6 +132,11 @@ class _StepCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         write_kv(key_states, value_states, self.index, self.table, layer_idx)
         return self.buffers[layer_idx]
+
+
+def _reservable(buffer: torch.Tensor) -> bool:
+    """Whether a layer's buffer can be a reservation (kernels.decode_attention.fill_table's rules)."""
+    return buffer.is_contiguous() and buffer.data_ptr() % TABLE_ALIGN == 0
 
 
 def _cache_keyword(module: torch.nn.Module) -> str:
@@ -207,10 +214,8 @@ class StepGraphs:
 
     def _takes(self, kwargs: dict) -> bool:
         """Whether a call is a step this can run: one token's id, over the prefill's cache, with no
-        pixels; before the first step, a cache of transformers' dynamic layers of batch 1 (on CUDA
-        where the step is to be captured)."""
-        from transformers.cache_utils import DynamicLayer
-
+        pixels; before the first step, a cache of transformers' dynamic layers (or models.cache's)
+        of batch 1 (on CUDA where the step is to be captured)."""
         ids = kwargs.get("input_ids")
         if _given_cache(kwargs) is not self.cache or ids is None or ids.shape != (1, 1):
             return False
@@ -223,28 +228,34 @@ class StepGraphs:
             return False
         layers = getattr(self.cache, "layers", None)
         return bool(layers) and len(layers) == len(self.text.layers) and all(
-            type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
-            and layer.keys.shape[0] == 1 for layer in layers)
+            type(layer) in (DynamicLayer, RoomyLayer) and getattr(layer, "keys", None) is not None
+            and layer.keys.dim() == 4 and layer.keys.shape[0] == 1 for layer in layers)
 
     def _reserve(self, length: int) -> bool:
-        """Move each cache layer's keys and values into buffers of `capacity` positions."""
+        """Give each cache layer's keys and values buffers of at least `length + max_new_tokens`
+        positions: the buffers the layers' keys and values already lead where they hold the answer
+        (models.cache: a cache with room, as the pipeline's), else new ones the keys and values are
+        copied into, with models.cache.ROOM positions more for the next question."""
         need = length + self.max_new_tokens
-        self.capacity = -(-need // RESERVE_MULTIPLE) * RESERVE_MULTIPLE
-        buffers = []
-        try:
-            for layer in self.cache.layers:
-                pair = []
-                for name in ("keys", "values"):
-                    held = getattr(layer, name)
-                    b, h, _, d = held.shape
-                    buffer = held.new_empty(b, h, self.capacity, d)
-                    buffer[:, :, :length].copy_(held)
-                    setattr(layer, name, buffer[:, :, :length])
-                    pair.append(buffer)
-                buffers.append(tuple(pair))
-        except torch.OutOfMemoryError:
-            logger.warning("no memory to reserve the KV cache for graph decoding; decoding as transformers does")
-            return False
+        buffers = [room(layer) for layer in self.cache.layers]
+        if not all(pair is not None and pair[0].shape[2] >= need and pair[0].shape == buffers[0][0].shape
+                   and all(_reservable(t) for t in pair) for pair in buffers):
+            buffers = []
+            capacity = capacity_for(need)
+            try:
+                for layer in self.cache.layers:
+                    pair = tuple(held.new_empty(*held.shape[:2], capacity, held.shape[3])
+                                 for held in (layer.keys, layer.values))
+                    pair[0][:, :, :length].copy_(layer.keys)
+                    pair[1][:, :, :length].copy_(layer.values)
+                    give_room(layer, *pair)
+                    buffers.append(pair)
+            except torch.OutOfMemoryError:
+                logger.warning("no memory to reserve the KV cache for graph decoding; decoding as transformers does")
+                return False
+        for layer, (keys, values) in zip(self.cache.layers, buffers, strict=True):
+            layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+        self.capacity = buffers[0][0].shape[2]
         self.buffers = buffers
         device = buffers[0][0].device
         if self.capture is None:  # (default: capture on CUDA)

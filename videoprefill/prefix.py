@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.attention import SparsityRecorder
+from models.cache import with_room
 from models.fused import tower
 
 from .video import Sampling, VideoInfo
@@ -140,9 +141,12 @@ def prompt_positions(model, inputs: dict) -> torch.Tensor:
 
 
 def new_cache(model):
+    """An empty KV cache for the model whose layers grow in place (models.cache): a question over a
+    kept prefix, and its answer's reservation for graph decoding, copy none of the prefix's keys and
+    values."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    return with_room(DynamicCache(config=model.config))
 
 
 def crop(cache, length: int) -> None:

@@ -73,6 +73,29 @@ def test_transformers_layout_without_copy_on_gpu():
     torch.testing.assert_close(flash_prefill(*views, config=cfg), flash_prefill(q, k, v, config=cfg), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("q_len", [12288, 200])  # a prefill; a question over a cached prefix
+def test_keys_and_values_leading_longer_buffers_on_gpu(q_len):
+    """K and V as the leading positions of (B, H, capacity, D) buffers, as a KV cache with room holds
+    them (models.cache), transposed as transformers passes them: the output and the blocks of the
+    same tensors given contiguous, on the default route (the Hopper kernel on an H200) and the
+    dense flash-attention call."""
+    cfg = FlashPrefillConfig(alpha=0.1, min_seq_len=0)
+    t = 12288
+    q, k, v = structured_qkv(1, q_len, t, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    held = []
+    for x in (k, v):
+        buffer = torch.full((1, 4, t + 576, 128), float("nan"), dtype=x.dtype, device="cuda")
+        buffer[:, :, :t] = x.transpose(1, 2)
+        held.append(buffer[:, :, :t].transpose(1, 2))
+    assert held[0].stride(2) == (t + 576) * 128
+    out, pattern = flash_prefill(q, *held, config=cfg, return_pattern=True)
+    expected, expected_pattern = flash_prefill(q, k, v, config=cfg, return_pattern=True)
+    assert torch.equal(pattern.to_dense(), expected_pattern.to_dense())
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(dense_attention(q, *held, 128**-0.5), dense_attention(q, k, v, 128**-0.5), atol=0,
+                               rtol=0)
+
+
 def test_no_host_sync_in_sparse_path():
     """Pattern discovery, selection and attention launch without waiting for the GPU."""
     q, k, v = structured_qkv(1, 16384, 16384, 28, 4, 128, 128, dtype=torch.bfloat16, device="cuda")

@@ -15,6 +15,7 @@ import models.decode as decode
 import models.stop_check as stop_check
 from kernels import FlashPrefillConfig
 from models import load
+from models.cache import capacity_for, room
 from videoprefill import prefix as prefixes
 from videoprefill.pipeline import VideoQA
 from videoprefill.synthetic import DEMO_QUESTION
@@ -149,7 +150,7 @@ def test_answers_as_without_steps_first_and_later_questions(tiny, sample_video, 
 
 def test_steps_it_cannot_take_go_to_the_models_forward(tiny, sample_video):
     """Asked to capture on the CPU (no CUDA graphs there), every step goes to the model's own
-    forward: no buffers reserved, transformers' tokens and scores exactly."""
+    forward: no buffers reserved, the tokens and scores of transformers' decoding exactly."""
     model, processor = tiny["qwen3-vl"]
     inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
     expected, _, plain_cache = _generate(model, processor, inputs, 5, steps=False)
@@ -157,8 +158,39 @@ def test_steps_it_cannot_take_go_to_the_models_forward(tiny, sample_video):
     assert graphs.calls == 5 and graphs.eager_steps == graphs.replayed_steps == graphs.capacity == 0
     assert torch.equal(got.sequences, expected.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores, strict=True))
-    # transformers' own tensors, not views of reserved buffers
-    assert all(layer.keys.untyped_storage().nbytes() == layer.keys.nbytes for layer in cache.layers)
+    # nothing reserved: the layers still lead the buffers their cache made at the prefill
+    prompt = inputs["input_ids"].shape[1]
+    assert all(room(layer)[0].shape[2] == capacity_for(prompt) for layer in cache.layers)
+
+
+def test_a_cache_with_room_for_the_answer_is_reserved_in_place(tiny, sample_video, monkeypatch):
+    """Over the pipeline's cache (models.cache), whose layers lead buffers with room, graph decoding
+    reserves nothing: the steps write into the buffers the prefill made. Without room for the
+    answer, the layers move into new buffers. The tokens and scores of transformers' decoding over
+    its own cache (concatenating) either way."""
+    import models.cache as room_cache
+
+    model, processor = tiny["qwen2.5-vl"]
+    layers = len(decode.tower(model, "language_model").layers)
+    inputs = VideoQA(model, processor, warmup=False).prepare(sample_video, "What colour is it?", SMALL).inputs
+    prompt = inputs["input_ids"].shape[1]
+    with monkeypatch.context() as plain:
+        plain.setattr(prefixes, "with_room", lambda cache: cache)
+        expected, _, theirs = _generate(model, processor, inputs, 5, steps=False)
+    assert room(theirs.layers[0]) is None  # (transformers' own cache)
+    moved = []
+    give_room = decode.give_room
+    monkeypatch.setattr(decode, "give_room", lambda layer, *b: moved.append(layer) or give_room(layer, *b))
+    for room_size, multiple, moves, capacity in ((room_cache.ROOM, room_cache.MULTIPLE, 0, capacity_for(prompt)),
+                                                 (0, 1, layers, prompt + 5)):
+        monkeypatch.setattr(room_cache, "ROOM", room_size)
+        monkeypatch.setattr(room_cache, "MULTIPLE", multiple)
+        moved.clear()
+        got, graphs, _ = _generate(model, processor, inputs, 5, steps=True)
+        assert graphs.eager_steps == 4 and len(moved) == moves and graphs.capacity == capacity
+        assert torch.equal(got.sequences, expected.sequences)
+        for ours, theirs in zip(got.scores, expected.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_short_answers_and_disabled_leave_the_forward_alone(tiny):

@@ -13,6 +13,7 @@ import torch
 from kernels import BlockSparsePattern, FlashPrefillConfig
 from models import load, set_attention
 from models.attention import SparsityRecorder
+from models.cache import room
 from models.tiny import FAMILIES
 from videoprefill import prefix as prefixes
 from videoprefill.pipeline import VideoQA
@@ -213,8 +214,13 @@ def test_a_later_question_reuses_the_prefix(attention, demo, monkeypatch):
     qa = VideoQA(model, processor, warmup=False)
     decodes = _decodes(qa, monkeypatch)
     questions = (DEMO_QUESTION, "What colour is the flash?", DEMO_QUESTION)
-    first, second, again = (qa.ask(video, q, attention, EXACT, max_new_tokens=4) for q in questions)
+    first = qa.ask(video, questions[0], attention, EXACT, max_new_tokens=4)
+    (state,) = qa._prefix.states.values()
+    buffers = [tuple(t.data_ptr() for t in room(layer)) for layer in state.cache.layers]
+    second, again = (qa.ask(video, q, attention, EXACT, max_new_tokens=4) for q in questions[1:])
     assert decodes == [video]  # the later questions neither decode nor run the vision encoder
+    # nor copy the prefix's keys and values: their tokens went into the room after them (models.cache)
+    assert [tuple(t.data_ptr() for t in room(layer)) for layer in state.cache.layers] == buffers
     assert first.text.lower().startswith("yellow")
     assert first.tokens["cached"] == 0 and first.timings["vision_s"] > 0
     for later in (second, again):

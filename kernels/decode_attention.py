@@ -225,6 +225,11 @@ def fill_table(table: torch.Tensor, buffers: list[tuple[torch.Tensor, torch.Tens
     return table.copy_(torch.tensor(rows, dtype=torch.int64))
 
 
+def _table_has(table: torch.Tensor, layer: int) -> bool:
+    """Whether `table` is a 2-D int64 table (`fill_table`) with a row `layer`."""
+    return table.dtype == torch.int64 and table.dim() == 2 and 0 <= layer < table.shape[0]
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, table: torch.Tensor, layer: int) -> None:
     """Write one token's key and value, (1, H, 1, D) each, at position index[0] (a (1,) device
     tensor) of layer `layer`'s buffers in `table` (`fill_table`; buffers of key's dtype); a
@@ -235,7 +240,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, table:
     if key.dtype not in _DTYPES or value.dtype != key.dtype or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError(f"key and value must share one of {_DTYPES} with a unit last stride, got {key.dtype}, "
                          f"{value.dtype}")
-    if index.shape != (1,) or table.dtype != torch.int64 or table.dim() != 2 or not 0 <= layer < table.shape[0]:
+    if index.shape != (1,) or not _table_has(table, layer):
         raise ValueError(f"index must be (1,) and layer a row of the (layers, {TABLE_COLUMNS}) table, got "
                          f"{tuple(index.shape)}, {layer}, {tuple(table.shape)}")
     check_device("write_kv", key.device)
@@ -313,7 +318,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     h, cap = k.shape[1], k.shape[2]
     group = hq // h
     if table is not None:
-        if b != 1 or table.dtype != torch.int64 or table.dim() != 2 or not 0 <= layer < table.shape[0]:
+        if b != 1 or not _table_has(table, layer):
             raise ValueError(f"a cache read from a table takes one row and a layer of the (layers, {TABLE_COLUMNS}) "
                              f"int64 table, got {b} rows, layer {layer}, {table.dtype} {tuple(table.shape)}")
         if table.device != q.device or k.stride(2) != d or v.stride(2) != d:

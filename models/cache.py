@@ -10,9 +10,9 @@ tokens of the 7B model, 7.5 GB each time. Here:
   it appends into them. A layer out of room moves into new buffers with room: one copy, as the
   concatenation made. The prefix's prefill, into an empty layer, copies its keys and values once
   either way.
-- `room(layer)` says which buffers a layer's keys and values lead, if any; `give_room` records
-  buffers a layer's keys and values were moved into (models.decode's reservation, which takes the
-  layer's own buffers where they hold the answer).
+- `room(layer)` says which buffers a layer's keys and values lead, if any; `move_into_room` moves
+  them into new buffers with room (also models.decode's reservation where the layer's own buffers
+  do not hold the answer).
 
 So a question over a kept prefix writes its keys and values after the prefix's, in place, and its
 answer is reserved there too: neither copies the cache. On an H200 with the 7B architecture at
@@ -68,6 +68,21 @@ def capacity_for(length: int) -> int:
     return -(-(length + ROOM) // MULTIPLE) * MULTIPLE
 
 
+def move_into_room(layer, end: int, like: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """New (keys, values) buffers of `capacity_for(end)` positions for the layer, with its keys and
+    values (none while it is empty) copied to their start, recorded (`give_room`) and returned;
+    shaped as `like`'s (key, value) tensors where given, else as the layer's own. The one copy a
+    layer out of room makes, as transformers' concatenation."""
+    length = layer.keys.shape[-2] if layer.keys.dim() == 4 else 0
+    capacity = capacity_for(end)
+    buffers = tuple(t.new_empty(*t.shape[:2], capacity, t.shape[3]) for t in (like or (layer.keys, layer.values)))
+    if length:
+        buffers[0][:, :, :length].copy_(layer.keys)
+        buffers[1][:, :, :length].copy_(layer.values)
+    give_room(layer, *buffers)
+    return buffers
+
+
 class RoomyLayer(DynamicLayer):
     """transformers' `DynamicLayer` whose update writes into buffers with room (module docstring)."""
 
@@ -82,12 +97,7 @@ class RoomyLayer(DynamicLayer):
                 for b, s in zip(buffers, (key_states, value_states)))):
             buffers = None
         if buffers is None:
-            capacity = capacity_for(end)
-            buffers = tuple(s.new_empty(*s.shape[:2], capacity, s.shape[3]) for s in (key_states, value_states))
-            if length:
-                buffers[0][:, :, :length].copy_(self.keys)
-                buffers[1][:, :, :length].copy_(self.values)
-            give_room(self, *buffers)
+            buffers = move_into_room(self, end, like=(key_states, value_states))
         buffers[0][:, :, length:end].copy_(key_states)
         buffers[1][:, :, length:end].copy_(value_states)
         self.keys, self.values = buffers[0][:, :, :end], buffers[1][:, :, :end]

@@ -62,7 +62,7 @@ from kernels.decode_attention import TABLE_ALIGN, TABLE_COLUMNS, fill_table, wri
 
 from . import text as _text
 from .attention import ATTENTION_NAME, DENSE_NAME, decode_lengths
-from .cache import RoomyLayer, capacity_for, give_room, room
+from .cache import RoomyLayer, move_into_room, room
 from .fused import one_token_gemvs, tower
 from .stop_check import step_ahead
 from .text import fused_adds_at_every_length
@@ -240,16 +240,8 @@ class StepGraphs:
         buffers = [room(layer) for layer in self.cache.layers]
         if not all(pair is not None and pair[0].shape[2] >= need and pair[0].shape == buffers[0][0].shape
                    and all(_reservable(t) for t in pair) for pair in buffers):
-            buffers = []
-            capacity = capacity_for(need)
             try:
-                for layer in self.cache.layers:
-                    pair = tuple(held.new_empty(*held.shape[:2], capacity, held.shape[3])
-                                 for held in (layer.keys, layer.values))
-                    pair[0][:, :, :length].copy_(layer.keys)
-                    pair[1][:, :, :length].copy_(layer.values)
-                    give_room(layer, *pair)
-                    buffers.append(pair)
+                buffers = [move_into_room(layer, need) for layer in self.cache.layers]
             except torch.OutOfMemoryError:
                 logger.warning("no memory to reserve the KV cache for graph decoding; decoding as transformers does")
                 return False
@@ -274,9 +266,10 @@ class StepGraphs:
 
     def _step_key(self) -> tuple:
         """What a captured step depends on besides its table: how it was captured (GEMVs, fused
-        adds, norms in the GEMVs), the device, the attention implementation (ours, in the sparse or the dense mode, or
-        another), the cache's shape and dtype, and where every weight and buffer of the language
-        model and the head lies (a weight replaced, not updated in place, gives another key)."""
+        adds, norms in the GEMVs), the device, the attention implementation (ours, in the sparse or
+        the dense mode, or another), the cache's shape and dtype, and where every weight and buffer
+        of the language model and the head lies (a weight replaced, not updated in place, gives
+        another key)."""
         keys = self.buffers[0][0]
         attention = getattr(getattr(self.text, "config", None), "_attn_implementation", None)
         if attention in (ATTENTION_NAME, DENSE_NAME):

@@ -179,8 +179,8 @@ def test_a_cache_with_room_for_the_answer_is_reserved_in_place(tiny, sample_vide
         expected, _, theirs = _generate(model, processor, inputs, 5, steps=False)
     assert room(theirs.layers[0]) is None  # (transformers' own cache)
     moved = []
-    give_room = decode.give_room
-    monkeypatch.setattr(decode, "give_room", lambda layer, *b: moved.append(layer) or give_room(layer, *b))
+    move = decode.move_into_room
+    monkeypatch.setattr(decode, "move_into_room", lambda layer, *a: moved.append(layer) or move(layer, *a))
     for room_size, multiple, moves, capacity in ((room_cache.ROOM, room_cache.MULTIPLE, 0, capacity_for(prompt)),
                                                  (0, 1, layers, prompt + 5)):
         monkeypatch.setattr(room_cache, "ROOM", room_size)

@@ -10,6 +10,8 @@ that kernel over every causal block (`DENSE_ON_HOPPER_KERNEL`; below `DENSE_FLAS
 default, one call of PyTorch's flash-attention kernel, `dense_flash`); elsewhere PyTorch SDPA
 (`dense_attention`), but for queries shorter than their keys (a question over a cached prefix),
 which run as one `dense_flash` call wherever that kernel takes them (`SHORT_QUERY_FLASH`).
+A call that keeps every causal block by the rule of the last full blocks (a short question over a
+cached prefix) runs as that dense attention too (`FULL_ROWS_DENSE`), at any length.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ SHORT_QUERY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 # to 26, and a first question from a two-call prefill came 8-14 ms sooner (BENCHMARKS.md,
 # twenty-second session, run 3). False: SDPA.
 SHORT_QUERY_FLASH = True
+# A call whose query blocks are all among the sequence's last `last_full_blocks` keeps every causal
+# block (`FlashPrefillConfig.keeps_every_block`): a question of up to a block or two over a cached
+# prefix, in the sparse mode. It runs as the dense attention it is, without the pattern stage; a
+# query shorter than its keys as `dense_attention`'s one flash-attention call, whose work is split
+# along the keys. Through the pattern stage and the sparse kernels, such a call is one work item
+# per head walking every key block: 28 of the H200's 132 SMs for Qwen2.5-VL-7B. False: the
+# pattern stage and the sparse kernels, as for any call.
+FULL_ROWS_DENSE = True
 
 
 # The kernel modules, imported at their first use (each reads TRITON_INTERPRET when imported) and
@@ -296,7 +306,8 @@ def flash_prefill(
     tk = k.shape[1]
     bs = config.block_size
 
-    if config.runs_dense(tk):
+    every_block = FULL_ROWS_DENSE and tq < tk and config.keeps_every_block(tq, tk)
+    if config.runs_dense(tk) or every_block:
         pattern = None
         if backend == "reference":
             from . import reference
@@ -305,7 +316,7 @@ def flash_prefill(
             out = reference.sparse_attention(q, k, v, pattern, scale)
         elif _dense_on_flash_kernel(q, k, v):
             out = dense_flash(q, k, v, scale)
-        elif _dense_on_hopper_kernel(q, k, v, bs):
+        elif not every_block and _dense_on_hopper_kernel(q, k, v, bs):
             causal = _kernel_causal_pattern(b, hq, tq, tk, bs, q.device)
             out = _hopper_kernels().sparse_attention_sm90(q, k, v, causal.kv_num_blocks, causal.kv_indices, scale)
         else:

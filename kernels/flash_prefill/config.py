@@ -76,6 +76,13 @@ class FlashPrefillConfig:
         """Whether `flash_prefill` attends `kv_len` keys densely (every causal block; below min_seq_len)."""
         return kv_len < self.min_seq_len
 
+    def keeps_every_block(self, q_len: int, kv_len: int) -> bool:
+        """Whether every query block of a call (its `q_len` queries the last of `kv_len` positions) is
+        one of the sequence's last `last_full_blocks`, which keep every causal block (DESIGN.md step
+        3): the pattern is all causal blocks whatever the scores, and the call dense attention."""
+        num_blocks = -(-kv_len // self.block_size)
+        return q_len > 0 and (kv_len - q_len) // self.block_size >= num_blocks - self.last_full_blocks
+
     @classmethod
     def for_model(cls, family: str, **overrides) -> FlashPrefillConfig:
         """The paper's settings for a model family, e.g. "qwen2.5-vl" or "qwen3-vl"."""

@@ -44,6 +44,20 @@ def test_pattern_per_kv_head_is_a_bool_and_off_by_default():
         FlashPrefillConfig(pattern_per_kv_head=1)  # type: ignore[arg-type]
 
 
+def test_keeps_every_block_is_the_last_full_blocks_rule():
+    """True exactly when every query block of the call (the last q_len of kv_len positions) is one of
+    the sequence's last `last_full_blocks` (DESIGN.md step 3), checked block by block."""
+    for last_full in (0, 1, 2, 3):
+        cfg = FlashPrefillConfig(block_size=32, last_full_blocks=last_full)
+        for kv_len in (1, 31, 32, 33, 64, 100, 301):
+            num_blocks = -(-kv_len // 32)
+            for q_len in range(1, kv_len + 1):
+                blocks = {p // 32 for p in range(kv_len - q_len, kv_len)}
+                expected = all(b >= num_blocks - last_full for b in blocks)
+                assert cfg.keeps_every_block(q_len, kv_len) is expected, (last_full, kv_len, q_len)
+    assert not FlashPrefillConfig().keeps_every_block(0, 1000)
+
+
 def test_presets():
     assert FlashPrefillConfig.for_model("qwen2.5-vl").alpha == 0.1
     assert FlashPrefillConfig.for_model("Qwen3-VL").alpha == 0.22

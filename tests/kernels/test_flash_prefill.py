@@ -274,6 +274,32 @@ def test_dense_attention_runs_short_queries_as_one_flash_call_where_it_fits(monk
     assert flash_calls == ([37] if on else [])
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("on", [True, False], ids=["dense", "pattern-stage"])
+def test_a_query_in_the_last_full_blocks_runs_as_dense_attention(monkeypatch, backend, on):
+    """A query whose blocks are all among the last `last_full_blocks` (a short question over a cached
+    prefix) keeps every causal block: with FULL_ROWS_DENSE it runs as dense attention without the
+    pattern stage, to the pattern and output of the pattern stage and the sparse kernels (the
+    reference's); a query reaching one block further back goes through the pattern stage."""
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.5, sink_blocks=1, window_blocks=1, last_full_blocks=2,
+                             min_seq_len=0)
+    found = []
+    find = api._find
+    monkeypatch.setattr(api, "_find", lambda *a: found.append(a[0].shape[1]) or find(*a))
+    monkeypatch.setattr(api, "FULL_ROWS_DENSE", on)
+    q, k, v = make_inputs((1, 80, 301, 4, 1, 64, torch.float16, 32))  # key blocks 0..9, the last full 8 and 9
+    scale = 64**-0.5
+    for tq, full in ((40, True), (80, False)):  # queries from position 261 (block 8) and 221 (block 6)
+        assert cfg.keeps_every_block(tq, 301) is full
+        qs = q[:, -tq:]
+        want = reference.find_pattern(qs, k, cfg, scale)
+        assert want.density() == 1.0 if full else want.density() < 1.0
+        out, pattern = flash_prefill(qs, k, v, config=cfg, scale=scale, backend=backend, return_pattern=True)
+        assert torch.equal(pattern.to_dense(), want.to_dense())
+        torch.testing.assert_close(out, reference.sparse_attention(qs, k, v, want, scale), atol=2e-3, rtol=0)
+    assert found == ([80] if on else [40, 80])
+
+
 def test_plain_pattern_launches_turn_the_dependent_launch_off_inside():
     """Inside plain_pattern_launches the index build is never a dependent launch (what a warm-up uses
     to compile the long prompts' variants); the setting is back afterwards, also after an error."""

@@ -1,5 +1,7 @@
-"""python -m videoprefill.run VIDEO [-q QUESTION] ...: answer a question about a video.
+"""python -m videoprefill.run VIDEO [-q QUESTION]... : answer questions about a video.
 
+Several `-q` are answered in turn, in one process: the video is read and prefilled once, and each
+later question prefills only its own tokens over the video's kept KV cache.
 Exit status: 0 on success, 2 on bad input (one line on stderr), 1 on any other failure.
 """
 
@@ -14,7 +16,9 @@ import sys
 import unicodedata
 from pathlib import Path
 
-DESCRIPTION = "Answer a question about a video with a Qwen-VL model whose prefill runs FlashPrefill."
+DESCRIPTION = ("Answer questions about a video with a Qwen-VL model whose prefill runs FlashPrefill. Give -q "
+               "several times to ask several questions: the video is read and prefilled once, and each later "
+               "question prefills only its own tokens over the video's kept KV cache.")
 UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
 
 
@@ -55,7 +59,8 @@ def add_request_arguments(p: argparse.ArgumentParser, attention_help: str, fps: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m videoprefill.run", description=DESCRIPTION)
     p.add_argument("video", help="path to a video file")
-    p.add_argument("-q", "--question", default=None, help='question (default: "Describe this video.")')
+    p.add_argument("-q", "--question", action="append", default=None,
+                   help='question (default: "Describe this video."); repeat to ask several about the video, in turn')
     add_request_arguments(p, "FlashPrefill (default), dense attention, or both on the same decoded inputs", fps=2.0)
     p.add_argument("--total-pixels", type=int,
                    help="pixels over all frames (default: qwen-vl-utils' cap, 0.9 x 128000 tokens' worth)")
@@ -97,7 +102,9 @@ def _human(answer, label: str | None = None) -> str:
     if t.get("decoded_ahead_s"):
         lines[-1] += f"; frames read during the warm-up: {t['decoded_ahead_s'] * 1000:.1f} ms, not in TTFT"
     tok = answer.tokens
-    lines.append(f"{head}tokens: {tok['video']} video + {tok['text']} text = {tok['total']}")
+    lines.append(f"{head}tokens: {tok['video']} video + {tok['text']} text = {tok['total']}"
+                 + (f" ({tok['cached']} of them from the kept KV cache: only the question prefilled)"
+                    if tok.get("cached") else ""))
     per_layer = " ".join(f"{d:.2f}" for d in answer.sparsity["per_layer"])
     density = answer.sparsity["density"]
     lines.append(f"{head}attention: {answer.attention}, density {density:.1%} (per layer: {per_layer})")
@@ -178,10 +185,12 @@ def _main(args) -> int:
     from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
     from videoprefill.video import Sampling, VideoError, check_frame_pixels, probe
 
-    question = DEFAULT_QUESTION if args.question is None else args.question
+    questions = args.question or [DEFAULT_QUESTION]
+    several = len(questions) > 1
     try:
-        if not question.strip():
-            raise InputError("the question is empty")
+        for n, question in enumerate(questions, 1):
+            if not question.strip():
+                raise InputError(f"question {n} is empty" if several else "the question is empty")
         if args.sparsity_map:
             args.sparsity_map = _check_map_path(args.sparsity_map)
         sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
@@ -200,70 +209,111 @@ def _main(args) -> int:
     live = LiveAnswer(sys.stdout)
     streaming = sys.stdout.isatty() and not args.json
     qa = None
+    answered = []  # (question, primary answer, compare's result or None), as each is answered
+    map_error = None
+
+    def failed(message: str, status: int) -> int:
+        """The answers so far (JSON: printed here; a report: already printed), then `message`."""
+        live.clear()
+        if qa is not None:
+            qa.finish_reading()  # (a read started ahead: the process exits only after it)
+        if args.json and several and answered:
+            print(json.dumps({"questions": [_payload(*item) for item in answered], "error": message}, indent=1))
+        if status:
+            _error(message)
+        return status
+
     try:
         model, processor = load(args.model, attention="dense" if args.attention == "dense" else "sparse",
                                 dense_layers=args.dense_layers, device=args.device, dtype=args.dtype)
         check_frame_pixels(sampling.max_pixels, processor.video_processor.patch_size)  # (before the warm-up)
         qa = VideoQA(model, processor, warmup=not args.no_warmup)
         qa.graph_decode = not args.no_graph_decode
-        qa.prefix_states = 1  # one question a process: compare's dense cache is not held through its sparse run
+        # One question: compare's dense cache is not held through its sparse run. Several in compare mode
+        # keep both modes' caches, so that each later question reuses both.
+        qa.prefix_states = 2 if several and args.attention == "compare" else 1
         config = config_from_args(args, qa.config)
         if qa.warmup:  # the video's frames are read while the warm-up runs (timings: decoded_ahead_s)
             qa.decode_ahead(args.video, sampling)
-        if args.attention == "compare":
-            result = qa.compare(args.video, question, sampling, args.max_new_tokens, config,
-                                on_text=live.show if streaming else None)
-            primary = result["runs"]["sparse"]
-        else:
-            primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config,
-                             on_text=(lambda text, ttft_s: live.show("", text, ttft_s)) if streaming else None)
-            result = None
+        for n, question in enumerate(questions, 1):
+            if args.attention == "compare":
+                result = qa.compare(args.video, question, sampling, args.max_new_tokens, config,
+                                    on_text=live.show if streaming else None)
+                primary = result["runs"]["sparse"]
+            else:
+                primary = qa.ask(args.video, question, args.attention, sampling, args.max_new_tokens, config,
+                                 on_text=(lambda text, ttft_s: live.show("", text, ttft_s)) if streaming else None)
+                result = None
+            live.clear()
+            answered.append((question, primary, result))
+            if n == 1 and args.sparsity_map:
+                map_error = _write_map(primary, args.sparsity_map)
+            if not args.json:  # each report as its answer comes
+                if n == 1:
+                    _print_header(qa, primary, question if not several else None, len(questions))
+                _print_report(primary, result, f"question {n}/{len(questions)}: {question}" if several else None)
     except KeyboardInterrupt:
-        if qa is not None:
-            qa.finish_reading()  # (a read started ahead: the process exits only after it)
+        failed("interrupted", 0)
         raise
     except (InputError, VideoError, ModelLoadError, ValueError, TypeError) as err:
-        live.clear()
-        if qa is not None:
-            qa.finish_reading()
-        _error(f"error: {err}")
-        return 2
+        return failed(f"error: {err}", 2)
     except Exception as err:  # one line, not a traceback; VIDEOPREFILL_DEBUG=1 shows it
-        live.clear()
-        if qa is not None:
-            qa.finish_reading()
         if os.environ.get("VIDEOPREFILL_DEBUG"):
+            failed("", 0)
             from videoprefill.video import wait_for_stderr
 
             wait_for_stderr()  # (the traceback is printed there)
             raise
-        _error(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        return 1
-    live.clear()
-
-    map_error = None
-    if args.sparsity_map:
-        from videoprefill.plots import save_sparsity_map
-
-        try:
-            save_sparsity_map(primary, args.sparsity_map)
-        except (OSError, ValueError) as err:  # the answer is still printed below
-            map_error = f"error: cannot write the sparsity map {args.sparsity_map}: {err}"
+        return failed(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", 1)
 
     if args.json:
-        if result is None:
-            payload = primary.to_json()
+        if several:
+            print(json.dumps({"questions": [_payload(*item) for item in answered]}, indent=1))
         else:
-            payload = {"runs": {k: a.to_json() for k, a in result["runs"].items()},
-                       "ttft_speedup": result["ttft_speedup"], "prefill_speedup": result["prefill_speedup"],
-                       "answers_agree": result["answers_agree"]}
-        print(json.dumps(payload, indent=1))
+            print(json.dumps(_payload(None, *answered[0][1:]), indent=1))
         return _report_map_error(map_error)
+    if args.sparsity_map and map_error is None:
+        print(f"sparsity map written to {args.sparsity_map}" + (" (the first question's)" if several else ""))
+    return _report_map_error(map_error)
 
+
+def _payload(question: str | None, primary, result) -> dict:
+    """One question's JSON object: the answer's, or compare's both runs; with "question" first
+    where given (several questions)."""
+    if result is None:
+        payload = primary.to_json()
+    else:
+        payload = {"runs": {k: a.to_json() for k, a in result["runs"].items()},
+                   "ttft_speedup": result["ttft_speedup"], "prefill_speedup": result["prefill_speedup"],
+                   "answers_agree": result["answers_agree"]}
+    return payload if question is None else {"question": question, **payload}
+
+
+def _write_map(answer, path: str) -> str | None:
+    """Write the sparsity map; the error line where it could not be written (the answers are still
+    printed)."""
+    from videoprefill.plots import save_sparsity_map
+
+    try:
+        save_sparsity_map(answer, path)
+    except (OSError, ValueError) as err:
+        return f"error: cannot write the sparsity map {path}: {err}"
+    return None
+
+
+def _print_header(qa, primary, question: str | None, count: int) -> None:
+    """The report's first line (the model, the video, the question or how many), and the model's note."""
+    asked = f"question: {question}" if question is not None else f"{count} questions"
     print(f"model: {primary.model}   video: {primary.video['path']} ({primary.video['duration_s']:.1f} s, "
-          f"{primary.video['sampled_frames']} frames sampled)   question: {question}")
+          f"{primary.video['sampled_frames']} frames sampled)   {asked}")
     if qa.info and qa.info.note:
         print(f"model note: {qa.info.note}")
+
+
+def _print_report(primary, result, heading: str | None) -> None:
+    """One question's report: its answer, or compare's two with the speed-up; after `heading`."""
+    if heading:
+        print(heading)
     if result is None:
         print(_human(primary))
     else:
@@ -271,9 +321,7 @@ def _main(args) -> int:
         print(_human(result["runs"]["sparse"], "sparse"))
         print(f"TTFT speed-up {result['ttft_speedup']:.2f}x (LLM prefill {result['prefill_speedup']:.2f}x); "
               f"answers {'agree' if result['answers_agree'] else 'differ'}")
-    if args.sparsity_map and map_error is None:
-        print(f"sparsity map written to {args.sparsity_map}")
-    return _report_map_error(map_error)
+    sys.stdout.flush()
 
 
 MAP_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")

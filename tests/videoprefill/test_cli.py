@@ -168,6 +168,83 @@ def test_bad_device_and_dense_layers_exit_2(sample_video):
     assert proc.returncode == 2 and "exceeds the 4 language-model layers" in one_error_line(proc)
 
 
+def test_several_questions_prefill_the_video_once(monkeypatch, capsys):
+    """Each -q is answered in turn in one process: the video is read and encoded once, and a later
+    question prefills its own tokens over the video's kept KV cache, with the answer it gets when
+    asked alone."""
+    from videoprefill import pipeline
+    from videoprefill import run as run_module
+    from videoprefill.synthetic import DEMO_QUESTION
+    from videoprefill.video import sample_video_path
+
+    decodes = []
+    decode = pipeline.VideoQA.decode
+    monkeypatch.setattr(pipeline.VideoQA, "decode", lambda self, *a, **k: decodes.append(a) or decode(self, *a, **k))
+    video = str(sample_video_path())
+    settings = ["--json", "--fps", "2", "--max-frames", "16", "--max-pixels", str(112 * 112), "--max-new-tokens", "3",
+                "--device", "cpu", "--no-warmup"]
+    assert run_module.main([video, "-q", DEMO_QUESTION, "-q", "What moves?", *settings]) == 0
+    both = json.loads(capsys.readouterr().out)["questions"]
+    assert len(decodes) == 1
+    assert [q["question"] for q in both] == [DEMO_QUESTION, "What moves?"]
+    first, later = both
+    assert first["tokens"]["cached"] == 0 and first["timings"]["vision_s"] > 0
+    assert later["tokens"]["cached"] > later["tokens"]["video"] and later["timings"]["vision_s"] == 0
+    assert run_module.main([video, "-q", "What moves?", *settings]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["tokens"]["cached"] == 0 and alone["tokens"]["total"] == later["tokens"]["total"]
+    assert alone["answer"] == later["answer"]
+
+
+def test_several_questions_in_a_report_and_in_compare_mode(monkeypatch, capsys):
+    """The report gives each question's answer under its own heading as it comes; compare mode keeps
+    both modes' KV caches, so a later question reuses both."""
+    from videoprefill import run as run_module
+    from videoprefill.video import sample_video_path
+
+    settings = [str(sample_video_path()), "-q", "What moves?", "-q", "And then?", "--fps", "2", "--max-frames", "8",
+                "--max-pixels", str(112 * 112), "--max-new-tokens", "2", "--device", "cpu", "--no-warmup"]
+    assert run_module.main(settings) == 0
+    report = capsys.readouterr().out
+    assert report.splitlines()[0].endswith("   2 questions")
+    assert report.index("question 1/2: What moves?\nanswer: ") < report.index("question 2/2: And then?\nanswer: ")
+    assert report.count("of them from the kept KV cache") == 1
+    assert run_module.main([*settings, "--attention", "compare", "--json"]) == 0
+    later = json.loads(capsys.readouterr().out)["questions"][1]
+    assert all(run["tokens"]["cached"] > 0 for run in later["runs"].values())
+
+
+def test_an_empty_question_among_several_exits_2(sample_video):
+    proc = run(sample_video, "-q", "What moves?", "-q", " ", *SMALL)
+    assert proc.returncode == 2 and one_error_line(proc) == "error: question 2 is empty"
+
+
+def test_a_failed_later_question_keeps_the_answers_before_it(monkeypatch, capsys):
+    """With --json the answers already made are printed with the error; the error line and exit
+    status are a single question's."""
+    from videoprefill import pipeline
+    from videoprefill import run as run_module
+    from videoprefill.video import sample_video_path
+
+    ask = pipeline.VideoQA.ask
+    calls = []
+
+    def ask_once(self, *args, **kwargs):
+        calls.append(args[1])
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+        return ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.VideoQA, "ask", ask_once)
+    argv = [str(sample_video_path()), "-q", "What moves?", "-q", "And then?", "--json", "--fps", "2", "--max-frames",
+            "8", "--max-pixels", str(112 * 112), "--max-new-tokens", "2", "--device", "cpu", "--no-warmup"]
+    assert run_module.main(argv) == 1
+    out, err = capsys.readouterr()
+    partial = json.loads(out)
+    assert [q["question"] for q in partial["questions"]] == ["What moves?"]
+    assert partial["error"] == "error: RuntimeError: out of memory" == err.strip()
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

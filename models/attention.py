@@ -42,6 +42,7 @@ from kernels import (
 )
 from kernels.decode_attention import decode_attention
 from kernels.flash_prefill.api import SHORT_QUERY_BACKENDS
+from kernels.flash_prefill.api import runs_dense as flash_runs_dense
 from kernels.flash_prefill.reference import causal_pattern
 from kernels.testing import random_pattern
 
@@ -341,10 +342,11 @@ def sparse_attention_forward(
         return block_sparse_attention(q, k, v, pattern, scaling, settings.backend,
                                       settings.config.mean_correction), None
     if attention_mask is None:
-        # Below min_seq_len, where the call runs dense, flash_prefill builds the causal pattern it
-        # would return (device work and host time at every layer): there it is asked for only for
-        # a layer whose mask is recorded, and the others' counts come from the shapes.
-        runs_dense = settings.config.runs_dense(tk)
+        # Where the call runs dense (below min_seq_len, or a question in the last full blocks),
+        # flash_prefill builds the causal pattern it would return (device work and host time at
+        # every layer): there it is asked for only for a layer whose mask is recorded, and the
+        # others' counts come from the shapes.
+        runs_dense = flash_runs_dense(settings.config, tq, tk)
         want = recorder is not None and not (runs_dense and layer not in recorder.mask_layers)
         out = flash_prefill(q, k, v, config=settings.config, scale=scaling, backend=settings.backend,
                             return_pattern=want)

@@ -278,6 +278,18 @@ def _sparse_attention_triton(
     )
 
 
+def full_rows_dense(config: FlashPrefillConfig, q_len: int, kv_len: int) -> bool:
+    """Whether `flash_prefill` runs a call of `q_len` queries over `kv_len` keys as dense attention
+    because every query block of it keeps every causal block (`FULL_ROWS_DENSE`)."""
+    return FULL_ROWS_DENSE and q_len < kv_len and config.keeps_every_block(q_len, kv_len)
+
+
+def runs_dense(config: FlashPrefillConfig, q_len: int, kv_len: int) -> bool:
+    """Whether `flash_prefill` attends such a call densely, over every causal block: below
+    `min_seq_len`, or where `full_rows_dense`."""
+    return config.runs_dense(kv_len) or full_rows_dense(config, q_len, kv_len)
+
+
 def flash_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -291,8 +303,8 @@ def flash_prefill(
 
     q: (B, Tq, HQ, D); k, v: (B, Tk, H, D) with HQ % H == 0 (query head h uses KV head h // (HQ // H)).
     The queries are the last Tq of the Tk positions. Returns out (B, Tq, HQ, D) in q's dtype, and
-    with return_pattern=True also the BlockSparsePattern used (all causal blocks when the key
-    length is below config.min_seq_len and attention ran dense).
+    with return_pattern=True also the BlockSparsePattern used (all causal blocks where attention
+    ran dense: below config.min_seq_len, or where every query block keeps them, `runs_dense`).
     backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "reference" (PyTorch, any device),
     "auto" (triton on CUDA, reference elsewhere). An explicit backend never falls back.
     """
@@ -306,7 +318,7 @@ def flash_prefill(
     tk = k.shape[1]
     bs = config.block_size
 
-    every_block = FULL_ROWS_DENSE and tq < tk and config.keeps_every_block(tq, tk)
+    every_block = full_rows_dense(config, tq, tk)
     if config.runs_dense(tk) or every_block:
         pattern = None
         if backend == "reference":

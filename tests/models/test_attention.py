@@ -278,6 +278,39 @@ def test_record_causal_equals_recording_the_causal_pattern(batch, heads, q_len, 
         block, kv_len)
 
 
+def test_a_later_question_in_the_last_full_blocks_builds_a_pattern_only_for_recorded_masks(
+        tiny_models, sample_video, monkeypatch):
+    """A question over a kept prefix whose blocks all keep every causal block runs dense
+    (FULL_ROWS_DENSE): a pattern is asked for only at a layer whose mask is recorded, and the
+    answer, its per-layer density and its mask are those recorded through the pattern stage."""
+    from kernels.flash_prefill import api
+
+    cfg = dataclasses.replace(config(1.0), last_full_blocks=4)  # (the prefix's blocks sparse)
+    model, processor = load(tiny_models["qwen2.5-vl"], config=cfg, device="cpu")
+    qa = VideoQA(model, processor, mask_layers=(1,), warmup=False)
+    sampling = Sampling(fps=4.0, max_frames=16, max_pixels=112 * 112)  # (about 10 blocks, the last 4 full)
+    qa.ask(sample_video, "Which colour is the square?", sampling=sampling, max_new_tokens=2)
+    asked: list[bool] = []
+    real = attention_module.flash_prefill
+    monkeypatch.setattr(attention_module, "flash_prefill",
+                        lambda *a, **k: asked.append(k.get("return_pattern", False)) or real(*a, **k))
+    layers = model.config.text_config.num_hidden_layers
+    later = {}
+    for on in (True, False):
+        monkeypatch.setattr(api, "FULL_ROWS_DENSE", on)
+        asked.clear()
+        answer = qa.ask(sample_video, "And the background?", sampling=sampling, max_new_tokens=2)
+        tokens = answer.tokens
+        assert tokens["cached"] > 0 and cfg.keeps_every_block(tokens["total"] - tokens["cached"], tokens["total"])
+        later[on] = (list(asked), answer)
+    assert later[True][0] == [i == 1 for i in range(layers)]
+    assert later[False][0] == [True] * layers
+    dense, staged = later[True][1], later[False][1]
+    assert dense.text == staged.text
+    assert dense.sparsity["per_layer"] == staged.sparsity["per_layer"] and dense.sparsity["density"] < 1.0
+    assert torch.equal(dense.sparsity["masks"][1], staged.sparsity["masks"][1])
+
+
 def test_dense_calls_build_a_pattern_only_for_recorded_masks(tiny_models, sample_video, monkeypatch):
     dense_config = dataclasses.replace(config(0.3), min_seq_len=10**6)  # every call below min_seq_len
     model, processor = load(tiny_models["qwen2.5-vl"], config=dense_config, device="cpu")

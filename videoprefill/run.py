@@ -258,13 +258,14 @@ def _main(args) -> int:
     except (InputError, VideoError, ModelLoadError, ValueError, TypeError) as err:
         return failed(f"error: {err}", 2)
     except Exception as err:  # one line, not a traceback; VIDEOPREFILL_DEBUG=1 shows it
+        message = f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if os.environ.get("VIDEOPREFILL_DEBUG"):
-            failed("", 0)
+            failed(message, 0)
             from videoprefill.video import wait_for_stderr
 
             wait_for_stderr()  # (the traceback is printed there)
             raise
-        return failed(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", 1)
+        return failed(message, 1)
 
     if args.json:
         if several:

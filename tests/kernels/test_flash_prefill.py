@@ -293,7 +293,7 @@ def test_a_query_in_the_last_full_blocks_runs_as_dense_attention(monkeypatch, ba
         assert cfg.keeps_every_block(tq, 301) is full
         qs = q[:, -tq:]
         want = reference.find_pattern(qs, k, cfg, scale)
-        assert want.density() == 1.0 if full else want.density() < 1.0
+        assert (want.density() == 1.0) if full else (want.density() < 1.0)
         out, pattern = flash_prefill(qs, k, v, config=cfg, scale=scale, backend=backend, return_pattern=True)
         assert torch.equal(pattern.to_dense(), want.to_dense())
         torch.testing.assert_close(out, reference.sparse_attention(qs, k, v, want, scale), atol=2e-3, rtol=0)

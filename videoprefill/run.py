@@ -1,7 +1,9 @@
 """python -m videoprefill.run VIDEO [-q QUESTION]... : answer questions about a video.
 
 Several `-q` are answered in turn, in one process: the video is read and prefilled once, and each
-later question prefills only its own tokens over the video's kept KV cache.
+later question prefills only its own tokens over the video's kept KV cache. `-i` then reads more
+questions from standard input, a line each, until its end. Each question is answered on its own
+about the video: earlier questions and answers are not in its prompt.
 Exit status: 0 on success, 2 on bad input (one line on stderr), 1 on any other failure.
 """
 
@@ -60,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m videoprefill.run", description=DESCRIPTION)
     p.add_argument("video", help="path to a video file")
     p.add_argument("-q", "--question", action="append", default=None,
-                   help='question (default: "Describe this video."); repeat to ask several about the video, in turn')
+                   help='question (default: "Describe this video." unless -i); repeat to ask several about the '
+                        "video, in turn")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="after the -q questions, read more from standard input, one a line, until its end (Ctrl-D); "
+                        "each is answered over the video's kept KV cache")
     add_request_arguments(p, "FlashPrefill (default), dense attention, or both on the same decoded inputs", fps=2.0)
     p.add_argument("--total-pixels", type=int,
                    help="pixels over all frames (default: qwen-vl-utils' cap, 0.9 x 128000 tokens' worth)")
@@ -185,12 +191,15 @@ def _main(args) -> int:
     from videoprefill.pipeline import DEFAULT_QUESTION, InputError, VideoQA
     from videoprefill.video import Sampling, VideoError, check_frame_pixels, probe
 
-    questions = args.question or [DEFAULT_QUESTION]
-    several = len(questions) > 1
+    given = args.question or ([] if args.interactive else [DEFAULT_QUESTION])
+    several = len(given) > 1 or args.interactive
+    count = None if args.interactive else len(given)  # (unknown while questions come from stdin)
     try:
-        for n, question in enumerate(questions, 1):
+        for n, question in enumerate(given, 1):
             if not question.strip():
                 raise InputError(f"question {n} is empty" if several else "the question is empty")
+        if args.interactive and args.json:
+            raise InputError("--interactive prints a report per answer; leave out --json")
         if args.sparsity_map:
             args.sparsity_map = _check_map_path(args.sparsity_map)
         sampling = Sampling(fps=args.fps, max_frames=args.max_frames, max_pixels=args.max_pixels,
@@ -235,7 +244,7 @@ def _main(args) -> int:
         config = config_from_args(args, qa.config)
         if qa.warmup:  # the video's frames are read while the warm-up runs (timings: decoded_ahead_s)
             qa.decode_ahead(args.video, sampling)
-        for n, question in enumerate(questions, 1):
+        for n, question in enumerate(_questions(given, args.interactive), 1):
             if args.attention == "compare":
                 result = qa.compare(args.video, question, sampling, args.max_new_tokens, config,
                                     on_text=live.show if streaming else None)
@@ -250,8 +259,9 @@ def _main(args) -> int:
                 map_error = _write_map(primary, args.sparsity_map)
             if not args.json:  # each report as its answer comes
                 if n == 1:
-                    _print_header(qa, primary, question if not several else None, len(questions))
-                _print_report(primary, result, f"question {n}/{len(questions)}: {question}" if several else None)
+                    _print_header(qa, primary, question if not several else None, count)
+                of = f"/{count}" if count else ""
+                _print_report(primary, result, f"question {n}{of}: {question}" if several else None)
     except KeyboardInterrupt:
         failed("interrupted", 0)
         raise
@@ -267,6 +277,9 @@ def _main(args) -> int:
             raise
         return failed(message, 1)
 
+    if not answered:  # (-i and nothing read)
+        _error("no question asked")
+        return 0
     if args.json:
         if several:
             print(json.dumps({"questions": [_payload(*item) for item in answered]}, indent=1))
@@ -276,6 +289,29 @@ def _main(args) -> int:
     if args.sparsity_map and map_error is None:
         print(f"sparsity map written to {args.sparsity_map}" + (" (the first question's)" if several else ""))
     return _report_map_error(map_error)
+
+
+QUESTION_PROMPT = "question (Ctrl-D to end)> "
+
+
+def _questions(given: list[str], interactive: bool):
+    """The questions to answer: `given`, then with `interactive` each non-empty line of standard
+    input until its end, prompted for on stderr where standard input is a terminal."""
+    yield from given
+    if not interactive:
+        return
+    from videoprefill.video import wait_for_stderr
+
+    while True:
+        if sys.stdin.isatty():
+            wait_for_stderr()  # (a video read ahead silences it)
+            sys.stderr.write(QUESTION_PROMPT)
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
 
 
 def _payload(question: str | None, primary, result) -> dict:
@@ -302,9 +338,13 @@ def _write_map(answer, path: str) -> str | None:
     return None
 
 
-def _print_header(qa, primary, question: str | None, count: int) -> None:
-    """The report's first line (the model, the video, the question or how many), and the model's note."""
-    asked = f"question: {question}" if question is not None else f"{count} questions"
+def _print_header(qa, primary, question: str | None, count: int | None) -> None:
+    """The report's first line (the model, the video, the question or how many; None: questions read
+    from standard input), and the model's note."""
+    if question is not None:
+        asked = f"question: {question}"
+    else:
+        asked = f"{count} questions" if count else "questions from standard input"
     print(f"model: {primary.model}   video: {primary.video['path']} ({primary.video['duration_s']:.1f} s, "
           f"{primary.video['sampled_frames']} frames sampled)   {asked}")
     if qa.info and qa.info.note:

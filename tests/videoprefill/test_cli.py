@@ -214,6 +214,43 @@ def test_several_questions_in_a_report_and_in_compare_mode(monkeypatch, capsys):
     assert all(run["tokens"]["cached"] > 0 for run in later["runs"].values())
 
 
+def test_interactive_questions_from_standard_input(monkeypatch, capsys):
+    """-i answers the -q questions, then each non-empty line of standard input until its end, each
+    later one over the kept KV cache; on a terminal each line is prompted for on stderr."""
+    from videoprefill import run as run_module
+    from videoprefill.video import sample_video_path
+
+    class TerminalInput(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", TerminalInput("What moves?\n\n  \nAnd then?\n"))
+    argv = [str(sample_video_path()), "-q", "Describe it.", "-i", "--fps", "2", "--max-frames", "8", "--max-pixels",
+            str(112 * 112), "--max-new-tokens", "2", "--device", "cpu", "--no-warmup"]
+    assert run_module.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].endswith("   questions from standard input")
+    headings = [line for line in out.splitlines() if line.startswith("question ")]
+    assert headings == ["question 1: Describe it.", "question 2: What moves?", "question 3: And then?"]
+    assert out.count("of them from the kept KV cache") == 2
+    assert err.count(run_module.QUESTION_PROMPT) == 5  # (four lines read, then the end)
+
+
+def test_interactive_from_a_pipe_and_its_bad_uses(sample_video):
+    """From a pipe no prompt is written; nothing read is not an error; --json is refused."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "videoprefill.run", sample_video, "-i", *SMALL]
+    proc = subprocess.run(command, input="What moves?\n", capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "question 1: What moves?\nanswer: " in proc.stdout and "question (" not in proc.stderr
+    proc = subprocess.run(command, input="", capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == ["no question asked"]
+    proc = run(sample_video, "-i", "--json", *SMALL)
+    assert proc.returncode == 2
+    assert one_error_line(proc) == "error: --interactive prints a report per answer; leave out --json"
+
+
 def test_an_empty_question_among_several_exits_2(sample_video):
     proc = run(sample_video, "-q", "What moves?", "-q", " ", *SMALL)
     assert proc.returncode == 2 and one_error_line(proc) == "error: question 2 is empty"

@@ -19,8 +19,9 @@ import unicodedata
 from pathlib import Path
 
 DESCRIPTION = ("Answer questions about a video with a Qwen-VL model whose prefill runs FlashPrefill. Give -q "
-               "several times to ask several questions: the video is read and prefilled once, and each later "
-               "question prefills only its own tokens over the video's kept KV cache.")
+               "several times to ask several questions, or -i to read them from standard input: the video is read "
+               "and prefilled once, and each later question prefills only its own tokens over the video's kept KV "
+               "cache. Each question is answered on its own (earlier ones are not in its prompt).")
 UNTRAINED_NOTE = "demo model, untrained: the answer text is not meaningful"
 
 

@@ -22,16 +22,13 @@ import time
 
 def make(folder: str) -> None:
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from models.tiny import _ids, build_processor, build_tokenizer
-    from videoprefill.bench import QWEN25_VL_7B
+    from models.tiny import build_processor, build_tokenizer
+    from videoprefill.bench import config_7b
 
     tokenizer = build_tokenizer()
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B["text"], vision_config=QWEN25_VL_7B["vision"],
-                              **_ids(tokenizer))
-    config.text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config.text_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = config_7b(tokenizer)
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

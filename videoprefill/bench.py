@@ -29,19 +29,29 @@ QWEN25_VL_7B = {
 }
 
 
-def build_7b(device: str = "cuda"):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def config_7b(tokenizer):
+    """The Qwen2.5-VL-7B architecture's config with the ids of `tokenizer` (`models.tiny.build_tokenizer`)."""
+    from transformers import Qwen2_5_VLConfig
 
-    from models.attention import register
-    from models.text import prepare_language_model
-    from models.tiny import _ids, build_processor, build_tokenizer
-    from models.vision import prepare_vision_tower
+    from models.tiny import _ids
 
-    tokenizer = build_tokenizer()
     config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B["text"], vision_config=QWEN25_VL_7B["vision"],
                               **_ids(tokenizer))
     config.text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config.text_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return config
+
+
+def build_7b(device: str = "cuda"):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from models.attention import register
+    from models.text import prepare_language_model
+    from models.tiny import build_processor, build_tokenizer
+    from models.vision import prepare_vision_tower
+
+    tokenizer = build_tokenizer()
+    config = config_7b(tokenizer)
     name = register()
     config._attn_implementation = {"text_config": name, "vision_config": "sdpa"}
     torch.manual_seed(0)

@@ -11,6 +11,9 @@ can differ a little between versions (BENCHMARKS.md, eighteenth session).
 MODULE: a module holding `_sparse_attention_sm90_ws_kernel` (default
 kernels.flash_prefill.sparse_attention_sm90; e.g. a copy made for an experiment).
 
+--short-query SETTING ... compiles kernels.short_query_attention's span kernel instead, for 200 queries
+over 131K keys, at each block_m/block_n/warps/stages SETTING (e.g. 128/64/8/3).
+
 --schedule disassembles the kernel (`nvdisasm`) and prints, for each consumer's loop over kept
 blocks, its length and where in it the warpgroup-MMA waits (`WARPGROUP.DEPBAR`), the exponentials
 and the first packing of P fall. ptxas places the wait for P V before the softmax in the kept
@@ -67,6 +70,24 @@ def compile_ws_kernel(module, mean_correction: bool):
     )
 
 
+def compile_short_query_kernel(setting: str):
+    """kernels.short_query_attention's span kernel compiled for 200 queries over 131K keys, the 7B
+    heads in bf16, at a block_m/block_n/warps/stages setting."""
+    from kernels import short_query_attention as module
+
+    block_m, block_n, warps, stages = (int(x) for x in setting.split("/"))
+    tq, tk, hq, h, d = 200, 131072, 28, 4, 128
+    q = torch.empty(1, tq, hq, d, dtype=torch.bfloat16)
+    k = torch.empty(1, tk, h, d, dtype=torch.bfloat16)
+    part_o, part_ml = torch.empty(1, d, dtype=torch.float32), torch.empty(1, 2, dtype=torch.float32)
+    tiles = -(-tq * (hq // h) // block_m)
+    return module._short_query_spans_kernel.warmup(
+        q, k, k, part_o, part_ml, 0.1, tq, tk, h, tiles, 16384, 8, *q.stride()[:3], *k.stride()[:3], *k.stride()[:3],
+        GROUP=hq // h, BLOCK_M=block_m, D=d, BLOCK_D=d, BLOCK_N=block_n, PRECISION="tf32", UPCAST=False,
+        num_warps=warps, num_stages=stages, grid=(h * tiles, 8),
+    )
+
+
 def consumer_loops(sass: str) -> list[str]:
     """One line per loop of the disassembly with 16 warpgroup MMA instructions (a consumer's loop
     over kept blocks: 8 for S, 8 for P V): its length and the positions, counted from its first
@@ -102,13 +123,20 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", default=["kernels.flash_prefill.sparse_attention_sm90"])
     parser.add_argument("--mean-correction", action="store_true")
     parser.add_argument("--ptx", help="also write each module's PTX into this folder")
+    parser.add_argument("--short-query", nargs="+", metavar="SETTING",
+                        help="compile kernels.short_query_attention's span kernel at these settings instead")
     parser.add_argument("--schedule", action="store_true",
                         help="disassemble and print where each consumer loop's MMA waits and exponentials fall")
     args = parser.parse_args()
     driver.set_active(_stand_in_driver())
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    for name in args.modules:
-        compiled = compile_ws_kernel(importlib.import_module(name), args.mean_correction)
+    if args.short_query:
+        jobs = [(f"short_query_attention {s}", lambda s=s: compile_short_query_kernel(s)) for s in args.short_query]
+    else:
+        jobs = [(name, lambda name=name: compile_ws_kernel(importlib.import_module(name), args.mean_correction))
+                for name in args.modules]
+    for name, compile_kernel in jobs:
+        compiled = compile_kernel()
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.ptx")
@@ -122,7 +150,8 @@ def main() -> None:
                 sass = subprocess.run([nvdisasm, "-c", os.path.join(tmp, "k.o")], capture_output=True, text=True).stdout
         if args.ptx:
             os.makedirs(args.ptx, exist_ok=True)
-            with open(os.path.join(args.ptx, f"{name.rsplit('.', 1)[-1]}.ptx"), "w") as fh:
+            stem = name.rsplit(".", 1)[-1].replace(" ", "_").replace("/", "-")
+            with open(os.path.join(args.ptx, f"{stem}.ptx"), "w") as fh:
                 fh.write(ptx)
         lines = [line.strip() for line in report.stderr.splitlines()
                  if "spill" in line or "registers" in line or "arning" in line or "Performance" in line]

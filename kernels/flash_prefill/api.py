@@ -55,7 +55,14 @@ SHORT_QUERY_FLASH = True
 # per head walking every key block: 28 of the H200's 132 SMs for Qwen2.5-VL-7B. False: the
 # pattern stage and the sparse kernels, as for any call.
 FULL_ROWS_DENSE = True
-
+# In `dense_attention`, a query of up to SPLIT_KV_MAX_QUERIES shorter than its keys can run as
+# kernels.short_query_attention instead: its keys split into spans that fill the GPU, as in flash
+# decoding, where PyTorch's flash-attention kernel runs a few programs per KV head (0.43 ms a layer
+# for 16 queries over 131K keys on an H200, against about 60 us to read the keys and values).
+# Checked against its reference under Triton's interpreter only, not yet timed on a GPU
+# (BENCHMARKS.md, thirty-fourth session): off until it is. False: `dense_flash` or SDPA, as above.
+SPLIT_KV_SHORT_QUERIES = False
+SPLIT_KV_MAX_QUERIES = 256
 
 # The kernel modules, imported at their first use (each reads TRITON_INTERPRET when imported) and
 # then looked up without an import statement's cost at every call.
@@ -71,6 +78,13 @@ def _attention_kernels():
     from . import sparse_attention
 
     return sparse_attention
+
+
+@functools.cache
+def _short_query_kernels():
+    from .. import short_query_attention
+
+    return short_query_attention
 
 
 @functools.cache
@@ -133,9 +147,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> N
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense causal attention with bottom-right alignment through PyTorch SDPA, (B, Tq, HQ, D);
-    a query shorter than its keys as one flash-attention call where it fits (SHORT_QUERY_FLASH),
-    else without SDPA's cuDNN backend (SHORT_QUERY_BACKENDS)."""
+    a query shorter than its keys as kernels.short_query_attention (SPLIT_KV_SHORT_QUERIES, off),
+    else as one flash-attention call where it fits (SHORT_QUERY_FLASH), else without SDPA's cuDNN
+    backend (SHORT_QUERY_BACKENDS)."""
     tq, tk = q.shape[1], k.shape[1]
+    if tq != tk and _split_kv_takes(q, k, v):
+        return _short_query_kernels().short_query_attention(q, k, v, scale)
     if tq != tk and SHORT_QUERY_FLASH and _flash_call_fits(q, k, v):
         return dense_flash(q, k, v, scale)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -147,6 +164,14 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         with sdpa_kernel(SHORT_QUERY_BACKENDS):
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _split_kv_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `dense_attention` runs the call as kernels.short_query_attention: SPLIT_KV_SHORT_QUERIES,
+    up to SPLIT_KV_MAX_QUERIES queries, 16-bit floats on CUDA (or under Triton's interpreter),
+    unit last strides, a head dim up to 256."""
+    return (SPLIT_KV_SHORT_QUERIES and q.shape[1] <= SPLIT_KV_MAX_QUERIES and q.dtype in _TRITON_DTYPES
+            and (q.is_cuda or _interpreting()) and q.stride(3) == k.stride(3) == v.stride(3) == 1 and q.shape[3] <= 256)
 
 
 def _causal_pattern(b: int, hq: int, tq: int, tk: int, bs: int, device: torch.device) -> BlockSparsePattern:

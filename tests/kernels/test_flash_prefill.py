@@ -300,6 +300,34 @@ def test_a_query_in_the_last_full_blocks_runs_as_dense_attention(monkeypatch, ba
     assert found == ([80] if on else [40, 80])
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["split-kv", "flash"])
+def test_split_kv_short_queries(monkeypatch, on):
+    """With SPLIT_KV_SHORT_QUERIES a short question's dense attention (here through flash_prefill's
+    last full blocks) runs as kernels.short_query_attention, up to SPLIT_KV_MAX_QUERIES queries, to
+    the reference's output; a causal prefill (queries = keys) never does."""
+    from kernels import short_query_attention as split_kv
+
+    calls = []
+    kernel = split_kv.short_query_attention
+    monkeypatch.setattr(split_kv, "short_query_attention", lambda q, *a: calls.append(q.shape[1]) or kernel(q, *a))
+    monkeypatch.setattr(api, "SPLIT_KV_SHORT_QUERIES", on)
+    monkeypatch.setattr(api, "SPLIT_KV_MAX_QUERIES", 40)
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.5, sink_blocks=1, window_blocks=1, last_full_blocks=2,
+                             min_seq_len=0)
+    q, k, v = make_inputs((1, 60, 301, 4, 1, 64, torch.float16, 32))
+    scale = 64**-0.5
+    for tq in (40, 41):  # both in the last full blocks (from position 260); 41 queries past the maximum
+        qs = q[:, -tq:]
+        want = reference.sparse_attention(qs, k, v, reference.causal_pattern(1, 4, tq, 301, 32, q.device), scale)
+        torch.testing.assert_close(flash_prefill(qs, k, v, config=cfg, scale=scale, backend="triton"), want,
+                                   atol=2e-3, rtol=0)
+    torch.testing.assert_close(dense_attention(q[:, :40], k[:, :40], v[:, :40], scale),
+                               reference.sparse_attention(q[:, :40], k[:, :40], v[:, :40],
+                                                          reference.causal_pattern(1, 4, 40, 40, 32, q.device), scale),
+                               atol=2e-3, rtol=0)
+    assert calls == ([40] if on else [])
+
+
 def test_plain_pattern_launches_turn_the_dependent_launch_off_inside():
     """Inside plain_pattern_launches the index build is never a dependent launch (what a warm-up uses
     to compile the long prompts' variants); the setting is back afterwards, also after an error."""

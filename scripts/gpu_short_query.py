@@ -1,0 +1,81 @@
+"""A question's dense attention over a long cached prefix: kernels.short_query_attention (split along
+the keys) against PyTorch's flash-attention kernel (`dense_flash`, what `dense_attention` runs now).
+
+One attention call of the Qwen2.5-VL-7B shape (bf16, 28 query / 4 KV heads, head dim 128) for
+QUERIES queries over KEYS keys: GPU time of each (median of `triton.testing.do_bench`), the largest
+difference between their outputs, and the same for each launch setting in `--settings` (block_m /
+block_n / programs per SM / warps / stages). The floor column is the larger of reading the keys and
+values once at 4.8 TB/s and the matmuls at 700 TFLOPS. Decides `api.SPLIT_KV_SHORT_QUERIES` and
+`SPLIT_KV_MAX_QUERIES`: the kernel and setting that win, at which query counts.
+
+    PYTHONPATH=$PWD python3 scripts/gpu_short_query.py [--keys 16384 65536 131072] [--queries 16 64 128 256] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+from kernels.flash_prefill.api import dense_flash
+from kernels.short_query_attention import short_query_attention
+from videoprefill.bench import markdown_table
+
+# block_m / block_n / programs per SM / warps / stages: the default first; each compiles for sm_90 without
+# spills (scripts/sm90_resources.py --short-query), where 128/64 with 4 warps and 128/128 or 64/128 spill.
+SETTINGS = ["128/64/2/8/3", "128/64/1/8/3", "128/64/4/8/3", "128/64/2/8/4", "128/32/2/8/3", "64/64/4/4/3",
+            "64/64/8/4/3"]
+
+
+def floor_us(tq: int, tk: int) -> float:
+    read = 2 * tk * 4 * 128 * 2 / 4.8e12
+    flops = 4 * tq * 28 * tk * 128 / 700e12
+    return 1e6 * max(read, flops)
+
+
+def timed(fn) -> float:
+    """Microseconds of GPU time, the median of `triton.testing.do_bench`."""
+    return 1e3 * triton.testing.do_bench(fn, warmup=20, rep=200)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, nargs="+", default=[16384, 65536, 131072])
+    parser.add_argument("--queries", type=int, nargs="+", default=[16, 64, 128, 256])
+    parser.add_argument("--settings", nargs="+", default=SETTINGS)
+    parser.add_argument("--json", default=None, help="write every row here")
+    args = parser.parse_args()
+    scale = 128**-0.5
+    rows = []
+    for tk in args.keys:
+        k = torch.randn(1, tk, 4, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        for tq in args.queries:
+            q = torch.randn(1, tq, 28, 128, device="cuda", dtype=torch.bfloat16)
+            want = dense_flash(q, k, v, scale)
+            row = {"keys": tk, "queries": tq, "floor us": floor_us(tq, tk),
+                   "flash us": timed(lambda q=q, k=k, v=v: dense_flash(q, k, v, scale))}
+            for setting in args.settings:
+                bm, bn, pps, warps, stages = (int(x) for x in setting.split("/"))
+                tuning = dict(block_m=bm, block_n=bn, programs_per_sm=pps, num_warps=warps, num_stages=stages)
+                out = short_query_attention(q, k, v, scale, **tuning)
+                row[f"{setting} diff"] = float((out.float() - want.float()).abs().max())
+                row[f"{setting} us"] = timed(lambda q=q, k=k, v=v, t=tuning: short_query_attention(q, k, v, scale, **t))
+            best = min(args.settings, key=lambda s: row[f"{s} us"])
+            row["best"], row["speed-up"] = best, row["flash us"] / row[f"{best} us"]
+            rows.append(row)
+            print(row, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    columns = [("keys", "keys", "d"), ("queries", "queries", "d"), ("floor us", "floor us", ".0f"),
+               ("flash us", "flash us", ".0f"), ("best setting", "best", "s"), ("speed-up", "speed-up", ".2f")]
+    columns += [(f"{s} us", f"{s} us", ".0f") for s in args.settings]
+    columns += [(f"{s} diff", f"{s} diff", ".1e") for s in args.settings]
+    print(markdown_table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -56,9 +56,10 @@ SHORT_QUERY_FLASH = True
 # pattern stage and the sparse kernels, as for any call.
 FULL_ROWS_DENSE = True
 # In `dense_attention`, a query of up to SPLIT_KV_MAX_QUERIES shorter than its keys can run as
-# kernels.short_query_attention instead: its keys split into spans that fill the GPU, as in flash
-# decoding, where PyTorch's flash-attention kernel runs a few programs per KV head (0.43 ms a layer
-# for 16 queries over 131K keys on an H200, against about 60 us to read the keys and values).
+# kernels.short_query_attention instead: the query heads of a KV head read its keys and values
+# together, split into spans that fill the GPU, where PyTorch's flash-attention kernel reads them
+# once per query head (0.43 ms a layer for 16 queries over 131K keys on an H200, against about 60 us
+# to read them once).
 # Checked against its reference under Triton's interpreter only, not yet timed on a GPU
 # (BENCHMARKS.md, thirty-fourth session): off until it is. False: `dense_flash` or SDPA, as above.
 SPLIT_KV_SHORT_QUERIES = False

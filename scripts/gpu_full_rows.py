@@ -47,38 +47,44 @@ def calls(keys: list[int], queries: list[int]) -> list[dict]:
     return rows
 
 
-def later_questions(video_tokens: list[int], rounds: int, new_tokens: int) -> list[dict]:
+def later_questions(video_tokens: list[int], rounds: int, new_tokens: int, flag: str = "FULL_ROWS_DENSE",
+                    labels: tuple[str, str] = ("dense call", "pattern stage + sparse kernel"),
+                    questions: tuple[str, ...] = ("Describe this video.",)) -> list[dict]:
+    """Later sparse questions over a kept prefix with `kernels.flash_prefill.api`'s switch `flag` on
+    and off, alternated (`labels`: the two ways' names in the table), for each question."""
     from videoprefill.pipeline import VideoQA
 
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=False)
     warm_up(qa)
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    saved = getattr(api, flag)
     rows = []
     for tokens in video_tokens:
         qa.forget_prefix()
-        prepared = synthetic_request(qa, tokens)
-        first = qa.run(prepared, "sparse", max_new_tokens=new_tokens, config=config)
-        print({"tokens": tokens, "first question TTFT s": first.timings["ttft_s"],
-               "density": first.sparsity["density"]}, flush=True)
-        seen = {way: [] for way in (True, False)}
-        texts = {way: set() for way in (True, False)}
-        for r in range(rounds + 1):
-            for way in (True, False):
-                api.FULL_ROWS_DENSE = way
-                answer = qa.run(prepared, "sparse", max_new_tokens=new_tokens, config=config)
-                assert answer.tokens["cached"] > 0
-                texts[way].add(answer.text)
-                if r:
-                    seen[way].append((1e3 * answer.timings["ttft_s"], 1e3 * answer.timings["prefill_s"]))
-        for way, runs in seen.items():
-            rows.append({"tokens": tokens, "way": "dense call" if way else "pattern stage + sparse kernel",
-                         "question": prepared.tokens["total"] - prepared.prefix_len,
-                         "ttft": statistics.median(t for t, _ in runs),
-                         "prefill": statistics.median(p for _, p in runs),
-                         "same answer": str(texts[True] == texts[False])})
-            print(rows[-1], flush=True)
-    api.FULL_ROWS_DENSE = True
+        for question in questions:
+            prepared = synthetic_request(qa, tokens, question=question)
+            first = qa.run(prepared, "sparse", max_new_tokens=new_tokens, config=config)
+            print({"tokens": tokens, "first question TTFT s": first.timings["ttft_s"],
+                   "density": first.sparsity["density"]}, flush=True)
+            seen = {way: [] for way in (True, False)}
+            texts = {way: set() for way in (True, False)}
+            for r in range(rounds + 1):
+                for way in (True, False):
+                    setattr(api, flag, way)
+                    answer = qa.run(prepared, "sparse", max_new_tokens=new_tokens, config=config)
+                    assert answer.tokens["cached"] > 0
+                    texts[way].add(answer.text)
+                    if r:
+                        seen[way].append((1e3 * answer.timings["ttft_s"], 1e3 * answer.timings["prefill_s"]))
+            for way, runs in seen.items():
+                rows.append({"tokens": tokens, "way": labels[0] if way else labels[1],
+                             "question": prepared.tokens["total"] - prepared.prefix_len,
+                             "ttft": statistics.median(t for t, _ in runs),
+                             "prefill": statistics.median(p for _, p in runs),
+                             "same answer": str(texts[True] == texts[False])})
+                print(rows[-1], flush=True)
+    setattr(api, flag, saved)
     return rows
 
 

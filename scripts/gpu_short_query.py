@@ -5,10 +5,14 @@ One attention call of the Qwen2.5-VL-7B shape (bf16, 28 query / 4 KV heads, head
 QUERIES queries over KEYS keys: GPU time of each (median of `triton.testing.do_bench`), the largest
 difference between their outputs, and the same for each launch setting in `--settings` (block_m /
 block_n / programs per SM / warps / stages). The floor column is the larger of reading the keys and
-values once at 4.8 TB/s and the matmuls at 700 TFLOPS. Decides `api.SPLIT_KV_SHORT_QUERIES` and
-`SPLIT_KV_MAX_QUERIES`: the kernel and setting that win, at which query counts.
+values once at 4.8 TB/s and the matmuls at 700 TFLOPS. Then, unless --no-pipeline, later questions
+in the pipeline on the 7B architecture (scripts/gpu_full_rows.py's `later_questions`), a short and a
+multiple-choice one, with `api.SPLIT_KV_SHORT_QUERIES` on and off alternated: TTFT and LLM prefill.
+Decides `SPLIT_KV_SHORT_QUERIES` and `SPLIT_KV_MAX_QUERIES`: whether the kernel wins, with which
+setting, up to how many queries.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_short_query.py [--keys 16384 65536 131072] [--queries 16 64 128 256] [--json F]
+    PYTHONPATH=$PWD python3 scripts/gpu_short_query.py [--keys 16384 65536 131072] [--queries 16 64 128 256]
+        [--video-tokens 16384 131072] [--rounds 4] [--no-pipeline] [--json F]
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from videoprefill.bench import markdown_table
 
 # block_m / block_n / programs per SM / warps / stages: the default first; each compiles for sm_90 without
 # spills (scripts/sm90_resources.py --short-query), where 128/64 with 4 warps and 128/128 or 64/128 spill.
+MULTIPLE_CHOICE = ("Which of these best describes what happens in the video? A. A person walks a dog along a "
+                   "beach at sunset. B. Two people cook a meal in a small kitchen. C. A car drives through a city "
+                   "at night in the rain. D. Children play football in a park. Answer with the option's letter.")
 SETTINGS = ["128/64/2/8/3", "128/64/1/8/3", "128/64/4/8/3", "128/64/2/8/4", "128/32/2/8/3", "64/64/4/4/3",
             "64/64/8/4/3"]
 
@@ -45,6 +52,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, nargs="+", default=[16384, 65536, 131072])
     parser.add_argument("--queries", type=int, nargs="+", default=[16, 64, 128, 256])
     parser.add_argument("--settings", nargs="+", default=SETTINGS)
+    parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--no-pipeline", action="store_true", help="time the attention calls only")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
     scale = 128**-0.5
@@ -67,14 +77,25 @@ def main() -> None:
             row["best"], row["speed-up"] = best, row["flash us"] / row[f"{best} us"]
             rows.append(row)
             print(row, flush=True)
+    later = []
+    if not args.no_pipeline:
+        from scripts.gpu_full_rows import later_questions
+
+        later = later_questions(args.video_tokens, args.rounds, 8, flag="SPLIT_KV_SHORT_QUERIES",
+                                labels=("short_query_attention", "dense_flash"),
+                                questions=("Describe this video.", MULTIPLE_CHOICE))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"calls": rows, "later questions": later}, f, indent=1)
     columns = [("keys", "keys", "d"), ("queries", "queries", "d"), ("floor us", "floor us", ".0f"),
                ("flash us", "flash us", ".0f"), ("best setting", "best", "s"), ("speed-up", "speed-up", ".2f")]
     columns += [(f"{s} us", f"{s} us", ".0f") for s in args.settings]
     columns += [(f"{s} diff", f"{s} diff", ".1e") for s in args.settings]
     print(markdown_table(rows, columns))
+    if later:
+        print(markdown_table(later, [
+            ("video tokens", "tokens", "d"), ("question's attention", "way", "s"), ("question tokens", "question", "d"),
+            ("TTFT ms", "ttft", ".1f"), ("LLM prefill ms", "prefill", ".1f"), ("same answers", "same answer", "s")]))
 
 
 if __name__ == "__main__":

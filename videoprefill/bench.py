@@ -64,8 +64,8 @@ def build_7b(device: str = "cuda"):
     return model.eval(), build_processor("qwen2.5-vl", tokenizer)
 
 
-def synthetic_request(qa, video_tokens: int, side: int = 448):
-    """A Prepared request whose video gives `video_tokens` tokens (frames of side x side)."""
+def synthetic_request(qa, video_tokens: int, side: int = 448, question: str = "Describe this video."):
+    """A Prepared request whose video gives `video_tokens` tokens (frames of side x side), asking `question`."""
     from videoprefill.pipeline import Prepared, _runs
     from videoprefill.prefix import pixels_for
     from videoprefill.video import VideoInfo
@@ -73,7 +73,7 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     per_pair = (side // 28) ** 2
     frames = 2 * max(1, round(video_tokens / per_pair))
     video = torch.randint(0, 255, (frames, 3, side, side), dtype=torch.uint8).float()
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe this video."}]}]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     prompt = qa.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = qa.processor(text=[prompt], videos=[video], do_resize=False, return_tensors="pt",
                           do_sample_frames=False, **qa.processor_device()).to(qa.device)
@@ -83,7 +83,7 @@ def synthetic_request(qa, video_tokens: int, side: int = 448):
     n = int(is_video.sum())
     ranges = _runs(is_video)
     info = VideoInfo("synthetic", frames, 2.0, side, side)
-    return Prepared(info, "Describe this video.", inputs, 0.0,
+    return Prepared(info, question, inputs, 0.0,
                     {"video": n, "text": int(ids.numel()) - n, "total": int(ids.numel())}, ranges, frames,
                     prefix_len=ranges[-1][1], video_key=("synthetic", video_tokens, side))
 

@@ -11,12 +11,14 @@ default, one call of PyTorch's flash-attention kernel, `dense_flash`); elsewhere
 (`dense_attention`), but for queries shorter than their keys (a question over a cached prefix),
 which run as one `dense_flash` call wherever that kernel takes them (`SHORT_QUERY_FLASH`).
 A call that keeps every causal block by the rule of the last full blocks (a short question over a
-cached prefix) runs as that dense attention too (`FULL_ROWS_DENSE`), at any length.
+cached prefix) runs as that dense attention too (`FULL_ROWS_DENSE`), at any length; a longer
+question's queries in those blocks can run so apart from its earlier ones (`SPLIT_FULL_ROWS`, off).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -64,6 +66,15 @@ FULL_ROWS_DENSE = True
 # (BENCHMARKS.md, thirty-fourth session): off until it is. False: `dense_flash` or SDPA, as above.
 SPLIT_KV_SHORT_QUERIES = False
 SPLIT_KV_MAX_QUERIES = 256
+# A call with queries both before and in the sequence's last full blocks (a question longer than a
+# block or two, such as a multiple-choice prompt, over a cached prefix) can run in two parts: the
+# earlier queries through the pattern stage and the sparse kernels over the keys before those
+# blocks, the last ones as dense attention (`full_rows_apart`). The pattern and output are one
+# call's. In one call the last full blocks' query blocks, one work item per head each walking every
+# key block, take the sparse kernel's time, as a call all in them did before FULL_ROWS_DENSE (the
+# dense call 1.75-6.8x faster there, BENCHMARKS.md thirty-third session). Not yet timed itself:
+# off until it is (BENCHMARKS.md, thirty-fourth session).
+SPLIT_FULL_ROWS = False
 
 # The kernel modules, imported at their first use (each reads TRITON_INTERPRET when imported) and
 # then looked up without an import statement's cost at every call.
@@ -310,6 +321,40 @@ def full_rows_dense(config: FlashPrefillConfig, q_len: int, kv_len: int) -> bool
     return FULL_ROWS_DENSE and q_len < kv_len and config.keeps_every_block(q_len, kv_len)
 
 
+def full_rows_apart(config: FlashPrefillConfig, q_len: int, kv_len: int) -> int:
+    """How many of a call's last queries `flash_prefill` attends apart, as dense attention, because
+    they lie in the last full blocks and the call's earlier queries do not (SPLIT_FULL_ROWS, a query
+    shorter than its keys); 0 where it attends the call as one."""
+    if not SPLIT_FULL_ROWS or q_len >= kv_len or config.runs_dense(kv_len):
+        return 0
+    rows = config.full_rows(q_len, kv_len)
+    return rows if rows < q_len else 0
+
+
+def _full_rows_apart(q, k, v, config: FlashPrefillConfig, scale: float, rows: int, return_pattern: bool):
+    """`flash_prefill` (Triton backend) of a call whose last `rows` queries lie in the last full
+    blocks and whose earlier ones do not. The earlier queries go through FlashPrefill over the keys
+    before those blocks, which start on the block grid: their query blocks see the same key blocks
+    whole and score them as in the whole call. Their own call has no last full blocks (the whole
+    call's rule keeps none of theirs) and no `min_seq_len` (the whole call's length decided it). The
+    last queries attend every causal key densely. The pattern is the two parts' together."""
+    tq, tk = q.shape[1], k.shape[1]
+    split = tq - rows
+    early = dataclasses.replace(config, last_full_blocks=0, min_seq_len=0)
+    head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
+                         backend="triton", return_pattern=return_pattern)
+    tail = dense_attention(q[:, split:], k, v, scale)
+    if not return_pattern:
+        return torch.cat([head, tail], dim=1)
+    head, pattern = head
+    b, hq, bs = q.shape[0], q.shape[2], config.block_size
+    full = _causal_pattern(b, hq, rows, tk, bs, q.device)
+    indices = F.pad(pattern.kv_indices, (0, full.kv_indices.shape[-1] - pattern.kv_indices.shape[-1]))
+    merged = BlockSparsePattern(torch.cat([pattern.kv_num_blocks, full.kv_num_blocks], dim=2),
+                                torch.cat([indices, full.kv_indices], dim=2), bs, tq, tk)
+    return torch.cat([head, tail], dim=1), merged
+
+
 def runs_dense(config: FlashPrefillConfig, q_len: int, kv_len: int) -> bool:
     """Whether `flash_prefill` attends such a call densely, over every causal block: below
     `min_seq_len`, or where `full_rows_dense`."""
@@ -331,6 +376,8 @@ def flash_prefill(
     The queries are the last Tq of the Tk positions. Returns out (B, Tq, HQ, D) in q's dtype, and
     with return_pattern=True also the BlockSparsePattern used (all causal blocks where attention
     ran dense: below config.min_seq_len, or where every query block keeps them, `runs_dense`).
+    On the Triton backend a call whose last queries lie in the last full blocks and whose earlier
+    ones do not may run in two parts, to the same pattern and output (`full_rows_apart`).
     backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "reference" (PyTorch, any device),
     "auto" (triton on CUDA, reference elsewhere). An explicit backend never falls back.
     """
@@ -363,6 +410,9 @@ def flash_prefill(
             return out
         return out, pattern or _causal_pattern(b, hq, tq, tk, bs, q.device)  # (the caller's own copy)
 
+    rows = full_rows_apart(config, tq, tk) if backend == "triton" else 0
+    if rows:
+        return _full_rows_apart(q, k, v, config, scale, rows, return_pattern)
     pattern = _find(q, k, config, scale, backend)
     out = _attend(q, k, v, pattern, scale, backend, config.mean_correction)
     return (out, pattern) if return_pattern else out

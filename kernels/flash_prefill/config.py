@@ -76,6 +76,14 @@ class FlashPrefillConfig:
         """Whether `flash_prefill` attends `kv_len` keys densely (every causal block; below min_seq_len)."""
         return kv_len < self.min_seq_len
 
+    def full_rows(self, q_len: int, kv_len: int) -> int:
+        """How many of a call's queries (the last `q_len` of `kv_len` positions) lie in the sequence's
+        last `last_full_blocks`, which keep every causal block: its last queries from the first
+        position of those blocks on."""
+        num_blocks = -(-kv_len // self.block_size)
+        start = max(0, num_blocks - self.last_full_blocks) * self.block_size
+        return max(0, min(q_len, kv_len - start))
+
     def keeps_every_block(self, q_len: int, kv_len: int) -> bool:
         """Whether every query block of a call (its `q_len` queries the last of `kv_len` positions) is
         one of the sequence's last `last_full_blocks`, which keep every causal block (DESIGN.md step

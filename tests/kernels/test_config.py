@@ -46,7 +46,8 @@ def test_pattern_per_kv_head_is_a_bool_and_off_by_default():
 
 def test_keeps_every_block_is_the_last_full_blocks_rule():
     """True exactly when every query block of the call (the last q_len of kv_len positions) is one of
-    the sequence's last `last_full_blocks` (DESIGN.md step 3), checked block by block."""
+    the sequence's last `last_full_blocks` (DESIGN.md step 3), checked block by block; `full_rows`
+    counts the call's queries in those blocks, position by position."""
     for last_full in (0, 1, 2, 3):
         cfg = FlashPrefillConfig(block_size=32, last_full_blocks=last_full)
         for kv_len in (1, 31, 32, 33, 64, 100, 301):
@@ -55,6 +56,8 @@ def test_keeps_every_block_is_the_last_full_blocks_rule():
                 blocks = {p // 32 for p in range(kv_len - q_len, kv_len)}
                 expected = all(b >= num_blocks - last_full for b in blocks)
                 assert cfg.keeps_every_block(q_len, kv_len) is expected, (last_full, kv_len, q_len)
+                rows = sum(p // 32 >= num_blocks - last_full for p in range(kv_len - q_len, kv_len))
+                assert cfg.full_rows(q_len, kv_len) == rows, (last_full, kv_len, q_len)
     assert not FlashPrefillConfig().keeps_every_block(0, 1000)
 
 

@@ -328,6 +328,38 @@ def test_split_kv_short_queries(monkeypatch, on):
     assert calls == ([40] if on else [])
 
 
+@pytest.mark.parametrize("variant", ["plain", "per-kv-head", "mean-correction"])
+def test_queries_in_the_last_full_blocks_apart(monkeypatch, variant):
+    """With SPLIT_FULL_ROWS a query reaching back before the last full blocks runs in two parts on
+    the Triton backend: its earlier queries through the pattern stage over the keys before those
+    blocks, its last ones as dense attention. Pattern and output are the reference's for the whole
+    call, with the FlashPrefill V2 options too."""
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.5, sink_blocks=1, window_blocks=1, last_full_blocks=2,
+                             min_seq_len=0, pattern_per_kv_head=variant == "per-kv-head",
+                             mean_correction=variant == "mean-correction")
+    monkeypatch.setattr(api, "SPLIT_FULL_ROWS", True)
+    found, dense = [], []
+    find, dense_call = api._find, api.dense_attention
+    monkeypatch.setattr(api, "_find", lambda *a: found.append((a[0].shape[1], a[1].shape[1])) or find(*a))
+    monkeypatch.setattr(api, "dense_attention", lambda q, *a: dense.append(q.shape[1]) or dense_call(q, *a))
+    q, k, v = make_inputs((1, 80, 301, 4, 2, 64, torch.float16, 32))  # key blocks 0..9, the last full 8 and 9
+    scale = 64**-0.5
+    assert cfg.full_rows(80, 301) == 45 and api.full_rows_apart(cfg, 80, 301) == 45
+    want = reference.find_pattern(q, k, cfg, scale)
+    assert 0 < int(want.kv_num_blocks[:, :, :2].sum()) < 4 * (7 + 8)  # the earlier query blocks 6 and 7: sparse
+    out, pattern = flash_prefill(q, k, v, config=cfg, scale=scale, backend="triton", return_pattern=True)
+    assert (pattern.q_len, pattern.kv_len, pattern.first_q_block) == (80, 301, 6)
+    assert torch.equal(pattern.to_dense(), want.to_dense())
+    expected = reference.sparse_attention(q, k, v, want, scale, mean_correction=cfg.mean_correction)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
+    torch.testing.assert_close(flash_prefill(q, k, v, config=cfg, scale=scale, backend="triton"), out, atol=0, rtol=0)
+    assert found == [(35, 256)] * 2 and dense == [45, 45]  # queries 221..255 over keys 0..255; 256..300 dense
+    for tq in (45, 20, 301):  # all in the last full blocks, or a whole prefill: one call
+        assert api.full_rows_apart(cfg, tq, 301) == 0
+    monkeypatch.setattr(api, "SPLIT_FULL_ROWS", False)
+    assert api.full_rows_apart(cfg, 80, 301) == 0
+
+
 def test_plain_pattern_launches_turn_the_dependent_launch_off_inside():
     """Inside plain_pattern_launches the index build is never a dependent launch (what a warm-up uses
     to compile the long prompts' variants); the setting is back afterwards, also after an error."""

@@ -10,16 +10,17 @@ flash-attention kernel (`dense_flash`, what `dense_attention` runs now): GPU tim
 larger of reading the keys and values once at 4.8 TB/s and the matmuls at 700 TFLOPS.
 
 Part 2, a question longer than the last full blocks: `flash_prefill` with the model's preset for
-`--long-queries` queries over `--split-keys` keys (off the block grid), on `kernels.testing`'s
+`--long-queries` queries after each of `--prefixes` keys (off the block grid), on `kernels.testing`'s
 structured inputs (FlashPrefill's own selection, a few percent kept) and on random ones (nearly
-every block kept), with `SPLIT_FULL_ROWS` off and on, and on with `SPLIT_KV_SHORT_QUERIES` too.
+every block kept), with `SPLIT_FULL_ROWS` off, on (on one stream and on two), and on with
+`SPLIT_KV_SHORT_QUERIES` too.
 
 Part 3 (unless --no-pipeline), the pipeline on the 7B architecture (random weights: nearly every
 block kept; scripts/gpu_full_rows.py's `later_questions`): later questions with each switch on and
 off alternated, TTFT and LLM prefill.
 
     PYTHONPATH=$PWD python3 scripts/gpu_short_query.py [--keys 16384 65536 131072] [--queries 16 64 128 256]
-        [--long-queries 150 300] [--split-keys 16368 131056] [--video-tokens 16384 131072] [--rounds 4]
+        [--long-queries 150 300] [--prefixes 16368 131056] [--video-tokens 16384 131072] [--rounds 4]
         [--no-pipeline] [--json F]
 """
 
@@ -83,14 +84,21 @@ def dense_calls(keys: list[int], queries: list[int], settings: list[str]) -> lis
     return rows
 
 
-WAYS = {"one call": (False, False), "apart": (True, False), "apart + split-KV": (True, True)}
+# SPLIT_FULL_ROWS, FULL_ROWS_ON_TWO_STREAMS, SPLIT_KV_SHORT_QUERIES
+WAYS = {"one call": (False, True, False), "apart, one stream": (True, False, False),
+        "apart, two streams": (True, True, False), "apart, two streams, split-KV": (True, True, True)}
 
 
-def split_calls(keys: list[int], queries: list[int]) -> list[dict]:
+def set_switches(apart: bool, streams: bool, split_kv: bool) -> None:
+    api.SPLIT_FULL_ROWS, api.FULL_ROWS_ON_TWO_STREAMS, api.SPLIT_KV_SHORT_QUERIES = apart, streams, split_kv
+
+
+def split_calls(prefixes: list[int], queries: list[int]) -> list[dict]:
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     rows = []
-    for tk in keys:
+    for prefix in prefixes:
         for tq in queries:
+            tk = prefix + tq
             for inputs in ("structured", "random"):
                 if inputs == "structured":
                     q, k, v = structured_qkv(1, tq, tk, 28, 4, 128, config.block_size, dtype=torch.bfloat16,
@@ -100,15 +108,15 @@ def split_calls(keys: list[int], queries: list[int]) -> list[dict]:
                     k, v = (torch.randn(1, tk, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
                 row = {"keys": tk, "queries": tq, "inputs": inputs, "full rows": config.full_rows(tq, tk)}
                 outs = {}
-                for way, (apart, split_kv) in WAYS.items():
-                    api.SPLIT_FULL_ROWS, api.SPLIT_KV_SHORT_QUERIES = apart, split_kv
+                for way, (apart, streams, split_kv) in WAYS.items():
+                    set_switches(apart, streams, split_kv)
                     outs[way], pattern = flash_prefill(q, k, v, config=config, return_pattern=True)
                     row[f"{way} us"] = timed(lambda q=q, k=k, v=v: flash_prefill(q, k, v, config=config))
                     row["density"] = pattern.density()
                 row["diff"] = max(float((o.float() - outs["one call"].float()).abs().max()) for o in outs.values())
                 rows.append(row)
                 print(row, flush=True)
-    api.SPLIT_FULL_ROWS = api.SPLIT_KV_SHORT_QUERIES = False
+    set_switches(*WAYS["one call"])
     return rows
 
 
@@ -118,14 +126,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, nargs="+", default=[16, 64, 128, 256])
     parser.add_argument("--settings", nargs="+", default=SETTINGS)
     parser.add_argument("--long-queries", type=int, nargs="+", default=[150, 300])
-    parser.add_argument("--split-keys", type=int, nargs="+", default=[16368, 131056])
+    parser.add_argument("--prefixes", type=int, nargs="+", default=[16368, 131056])
     parser.add_argument("--video-tokens", type=int, nargs="+", default=[16384, 131072])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-pipeline", action="store_true", help="time the attention calls only")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
     dense = dense_calls(args.keys, args.queries, args.settings)
-    split = split_calls(args.split_keys, args.long_queries)
+    split = split_calls(args.prefixes, args.long_queries)
     later = []
     if not args.no_pipeline:
         from scripts.gpu_full_rows import later_questions

@@ -75,6 +75,10 @@ SPLIT_KV_MAX_QUERIES = 256
 # dense call 1.75-6.8x faster there, BENCHMARKS.md thirty-third session). Not yet timed itself:
 # off until it is (BENCHMARKS.md, thirty-fourth session).
 SPLIT_FULL_ROWS = False
+# With SPLIT_FULL_ROWS on CUDA, the last queries' dense attention runs on a second stream beside the
+# earlier queries' FlashPrefill, which may occupy few SMs: the call takes about the longer of the
+# two, not their sum, where the earlier queries keep nearly every block. False: one after the other.
+FULL_ROWS_ON_TWO_STREAMS = True
 
 # The kernel modules, imported at their first use (each reads TRITON_INTERPRET when imported) and
 # then looked up without an import statement's cost at every call.
@@ -331,19 +335,35 @@ def full_rows_apart(config: FlashPrefillConfig, q_len: int, kv_len: int) -> int:
     return rows if rows < q_len else 0
 
 
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def _full_rows_apart(q, k, v, config: FlashPrefillConfig, scale: float, rows: int, return_pattern: bool):
     """`flash_prefill` (Triton backend) of a call whose last `rows` queries lie in the last full
     blocks and whose earlier ones do not. The earlier queries go through FlashPrefill over the keys
     before those blocks, which start on the block grid: their query blocks see the same key blocks
     whole and score them as in the whole call. Their own call has no last full blocks (the whole
     call's rule keeps none of theirs) and no `min_seq_len` (the whole call's length decided it). The
-    last queries attend every causal key densely. The pattern is the two parts' together."""
+    last queries attend every causal key densely, on a second stream where FULL_ROWS_ON_TWO_STREAMS.
+    The pattern is the two parts' together."""
     tq, tk = q.shape[1], k.shape[1]
     split = tq - rows
     early = dataclasses.replace(config, last_full_blocks=0, min_seq_len=0)
-    head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
-                         backend="triton", return_pattern=return_pattern)
-    tail = dense_attention(q[:, split:], k, v, scale)
+    if FULL_ROWS_ON_TWO_STREAMS and q.is_cuda and not torch.cuda.is_current_stream_capturing():
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main)  # (q, k and v are written on the main stream)
+        with torch.cuda.stream(side):
+            tail = dense_attention(q[:, split:], k, v, scale)
+        head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
+                             backend="triton", return_pattern=return_pattern)
+        main.wait_stream(side)
+        tail.record_stream(main)  # (made on the side stream, read and freed on the main one)
+    else:
+        head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
+                             backend="triton", return_pattern=return_pattern)
+        tail = dense_attention(q[:, split:], k, v, scale)
     if not return_pattern:
         return torch.cat([head, tail], dim=1)
     head, pattern = head

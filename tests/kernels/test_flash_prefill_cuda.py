@@ -583,3 +583,22 @@ def test_prepared_pattern_and_attention_launches_equal_launches_built_in_full(mo
     listed = torch.arange(counts.shape[-1], device="cuda") < counts[..., None]
     assert torch.equal(prepared_pattern.kv_indices[listed], full_pattern.kv_indices[listed])
     assert torch.equal(prepared, full)
+
+
+@pytest.mark.parametrize("streams", [True, False], ids=["two-streams", "one-stream"])
+def test_last_full_blocks_apart_on_gpu(monkeypatch, streams):
+    """SPLIT_FULL_ROWS at the 7B shape, 150 queries after a prefix off the block grid: the pattern of
+    the one call, the output within bf16 rounding of it, on two streams or one, with the split-KV
+    kernel for the last rows or without."""
+    cfg = FlashPrefillConfig.for_model("qwen2.5-vl")
+    q, k, v = structured_qkv(1, 150, 16_518, 28, 4, 128, cfg.block_size, dtype=torch.bfloat16, device="cuda")
+    one, one_pattern = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+    assert one_pattern.density() < 1.0
+    monkeypatch.setattr(api, "SPLIT_FULL_ROWS", True)
+    monkeypatch.setattr(api, "FULL_ROWS_ON_TWO_STREAMS", streams)
+    assert api.full_rows_apart(cfg, 150, 16_518) == 134  # from position 16,384, the last full blocks 128 and 129
+    for split_kv in (False, True):
+        monkeypatch.setattr(api, "SPLIT_KV_SHORT_QUERIES", split_kv)
+        out, pattern = flash_prefill(q, k, v, config=cfg, backend="triton", return_pattern=True)
+        assert torch.equal(pattern.to_dense(), one_pattern.to_dense())
+        assert max_abs_error(out, one) < 2e-2

@@ -47,16 +47,23 @@ def calls(keys: list[int], queries: list[int]) -> list[dict]:
     return rows
 
 
-def later_questions(video_tokens: list[int], rounds: int, new_tokens: int, flag: str = "FULL_ROWS_DENSE",
-                    labels: tuple[str, str] = ("dense call", "pattern stage + sparse kernel"),
-                    questions: tuple[str, ...] = ("Describe this video.",)) -> list[dict]:
-    """Later sparse questions over a kept prefix with `kernels.flash_prefill.api`'s switch `flag` on
-    and off, alternated (`labels`: the two ways' names in the table), for each question."""
+def seven_b_qa():
+    """A VideoQA on the 7B architecture (random bf16 weights), no masks recorded, warmed up."""
     from videoprefill.pipeline import VideoQA
 
     model, processor = build_7b()
     qa = VideoQA(model, processor, mask_layers=(), warmup=False)
     warm_up(qa)
+    return qa
+
+
+def later_questions(video_tokens: list[int], rounds: int, new_tokens: int, flag: str = "FULL_ROWS_DENSE",
+                    labels: tuple[str, str] = ("dense call", "pattern stage + sparse kernel"),
+                    questions: tuple[str, ...] = ("Describe this video.",), qa=None) -> list[dict]:
+    """Later sparse questions over a kept prefix with `kernels.flash_prefill.api`'s switch `flag` on
+    and off, alternated (`labels`: the two ways' names in the table), for each question; on `qa`
+    (default: `seven_b_qa()`)."""
+    qa = qa or seven_b_qa()
     config = FlashPrefillConfig.for_model("qwen2.5-vl")
     saved = getattr(api, flag)
     rows = []

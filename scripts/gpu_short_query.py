@@ -136,13 +136,14 @@ def main() -> None:
     split = split_calls(args.prefixes, args.long_queries)
     later = []
     if not args.no_pipeline:
-        from scripts.gpu_full_rows import later_questions
+        from scripts.gpu_full_rows import later_questions, seven_b_qa
 
+        qa = seven_b_qa()
         later = later_questions(args.video_tokens, args.rounds, 8, flag="SPLIT_KV_SHORT_QUERIES",
                                 labels=("short_query_attention", "dense_flash"),
-                                questions=("Describe this video.", MULTIPLE_CHOICE))
+                                questions=("Describe this video.", MULTIPLE_CHOICE), qa=qa)
         later += later_questions(args.video_tokens, args.rounds, 8, flag="SPLIT_FULL_ROWS",
-                                 labels=("last full blocks apart", "one call"), questions=(MULTIPLE_CHOICE,))
+                                 labels=("last full blocks apart", "one call"), questions=(MULTIPLE_CHOICE,), qa=qa)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dense calls": dense, "split calls": split, "later questions": later}, f, indent=1)

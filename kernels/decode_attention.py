@@ -102,27 +102,42 @@ def _decode_spans_kernel(Q, K, V, LENGTHS, TABLE, LAYER, PART_O, PART_ML, scale_
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
-        k = tl.load(k_rows + n.to(tl.int64)[:, None] * s_kt + d[None, :], mask=valid[:, None] & in_dim[None, :],
-                    other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_rows + n.to(tl.int64)[:, None] * s_vt + d[None, :], mask=valid[:, None] & in_dim[None, :],
-                    other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = attend_tile(q, k_rows, v_rows, n, s_kt, s_vt, d, valid[:, None] & in_dim[None, :],
+                                    valid[None, :], scale_log2, m, l_sum, acc, MASKED=True, GUARD=False,
+                                    PRECISION=PRECISION, UPCAST=UPCAST)
     # Row (b, query head) of the span records: (b * H + hk) * GROUP + g.
     rec = (bh.to(tl.int64) * GROUP + g) * NUM_SPLITS + split
     tl.store(PART_O + rec[:, None] * BLOCK_D + d[None, :], acc, mask=in_group[:, None])
     tl.store(PART_ML + rec * 2, m, mask=in_group)
     tl.store(PART_ML + rec * 2 + 1, l_sum, mask=in_group)
+
+
+@triton.jit
+def attend_tile(q, k_rows, v_rows, n, s_kt, s_vt, d, kv_mask, visible, scale_log2, m, l_sum, acc,
+                MASKED: tl.constexpr, GUARD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of keys n (rows k_rows + n * s_kt + d, loaded where kv_mask) into the online softmax of
+    the queries q: their running maximum m and sum l_sum (log2 units) and unnormalised output acc,
+    returned updated. MASKED: scores only where `visible`. GUARD: a row that sees no key of the tile
+    and none before it stays empty (a causal edge; without it its exponentials are NaN)."""
+    k = tl.load(k_rows + n.to(tl.int64)[:, None] * s_kt + d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:  # Triton's interpreter multiplies bf16 bits wrongly: fp32 there
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    if GUARD:
+        m_used = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_used = m_new
+    p = tl.exp2(s - m_used[:, None])
+    alpha = tl.exp2(m - m_used)
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_rows + n.to(tl.int64)[:, None] * s_vt + d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_sum, acc
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import MIN_SPLIT, _combine_launch, _sm_count
+from .decode_attention import MIN_SPLIT, _combine_launch, _sm_count, attend_tile
 from .runtime import Launcher, check_device, interpreting
 
 LOG2E = 1.4426950408889634
@@ -68,7 +68,7 @@ def _short_query_spans_kernel(Q, K, V, PART_O, PART_ML, scale_log2, TQ, TK, H, N
     in_dim = d < D
     q = tl.load(Q + b * s_qb + t.to(tl.int64)[:, None] * s_qt + (hk * GROUP + g)[:, None] * s_qh + d[None, :],
                 mask=in_rows[:, None] & in_dim[None, :], other=0.0)
-    if UPCAST:  # Triton's interpreter multiplies bf16 bits wrongly: fp32 there
+    if UPCAST:  # Triton's interpreter multiplies bf16 bits wrongly: fp32 there (and in attend_tile)
         q = q.to(tl.float32)
     k_rows = K + b * s_kb + hk * s_kh
     v_rows = V + b * s_vb + hk * s_vh
@@ -76,40 +76,15 @@ def _short_query_spans_kernel(Q, K, V, PART_O, PART_ML, scale_log2, TQ, TK, H, N
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(start, whole_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_rows + n.to(tl.int64)[:, None] * s_kt + d[None, :], mask=in_dim[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_rows + n.to(tl.int64)[:, None] * s_vt + d[None, :], mask=in_dim[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = attend_tile(q, k_rows, v_rows, n0 + tl.arange(0, BLOCK_N), s_kt, s_vt, d, in_dim[None, :],
+                                    in_rows, scale_log2, m, l_sum, acc, MASKED=False, GUARD=False,
+                                    PRECISION=PRECISION, UPCAST=UPCAST)
     for n0 in range(whole_end, end, BLOCK_N):  # the causal edge and the span's end
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
-        k = tl.load(k_rows + n.to(tl.int64)[:, None] * s_kt + d[None, :], mask=valid[:, None] & in_dim[None, :],
-                    other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(valid[None, :] & (n[None, :] <= seen[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_used = tl.where(m_new == float("-inf"), 0.0, m_new)  # (a row that sees none of these keys yet)
-        p = tl.exp2(s - m_used[:, None])
-        alpha = tl.exp2(m - m_used)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_rows + n.to(tl.int64)[:, None] * s_vt + d[None, :], mask=valid[:, None] & in_dim[None, :],
-                    other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = attend_tile(q, k_rows, v_rows, n, s_kt, s_vt, d, valid[:, None] & in_dim[None, :],
+                                    valid[None, :] & (n[None, :] <= seen[:, None]), scale_log2, m, l_sum, acc,
+                                    MASKED=True, GUARD=True, PRECISION=PRECISION, UPCAST=UPCAST)
     # Record ((row * TQ + query) * HQ + query head) * NUM_SPLITS + span: the combine's rows are (row,
     # query) pairs and its heads the query heads.
     rec = ((b * TQ + t) * (H * GROUP) + hk * GROUP + g) * NUM_SPLITS + split

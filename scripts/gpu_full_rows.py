@@ -25,24 +25,29 @@ from kernels.flash_prefill import api
 from videoprefill.bench import build_7b, markdown_table, synthetic_request, warm_up
 
 
-def calls(keys: list[int], queries: list[int]) -> list[dict]:
-    config = FlashPrefillConfig.for_model("qwen2.5-vl")
-    rows = []
+def random_calls(keys: list[int], queries: list[int]):
+    """(keys, queries, q, k, v) of the 7B attention shape in bf16, random, for each count of each."""
     for tk in keys:
         k = torch.randn(1, tk, 4, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         for tq in queries:
-            q = torch.randn(1, tq, 28, 128, device="cuda", dtype=torch.bfloat16)
-            row, outs = {"keys": tk, "queries": tq, "full": str(config.keeps_every_block(tq, tk))}, {}
-            for way in (False, True):
-                api.FULL_ROWS_DENSE = way
-                outs[way] = flash_prefill(q, k, v, config=config)
-                row["dense" if way else "pattern"] = 1e3 * triton.testing.do_bench(
-                    lambda q=q, k=k, v=v: flash_prefill(q, k, v, config=config), warmup=20, rep=200)
-            row["diff"] = float((outs[True].float() - outs[False].float()).abs().max())
-            row["ratio"] = row["pattern"] / row["dense"]
-            rows.append(row)
-            print(row, flush=True)
+            yield tk, tq, torch.randn(1, tq, 28, 128, device="cuda", dtype=torch.bfloat16), k, v
+
+
+def calls(keys: list[int], queries: list[int]) -> list[dict]:
+    config = FlashPrefillConfig.for_model("qwen2.5-vl")
+    rows = []
+    for tk, tq, q, k, v in random_calls(keys, queries):
+        row, outs = {"keys": tk, "queries": tq, "full": str(config.keeps_every_block(tq, tk))}, {}
+        for way in (False, True):
+            api.FULL_ROWS_DENSE = way
+            outs[way] = flash_prefill(q, k, v, config=config)
+            row["dense" if way else "pattern"] = 1e3 * triton.testing.do_bench(
+                lambda q=q, k=k, v=v: flash_prefill(q, k, v, config=config), warmup=20, rep=200)
+        row["diff"] = float((outs[True].float() - outs[False].float()).abs().max())
+        row["ratio"] = row["pattern"] / row["dense"]
+        rows.append(row)
+        print(row, flush=True)
     api.FULL_ROWS_DENSE = True
     return rows
 

@@ -37,6 +37,7 @@ from kernels.flash_prefill import api
 from kernels.flash_prefill.api import dense_flash
 from kernels.short_query_attention import short_query_attention
 from kernels.testing import structured_qkv
+from scripts.gpu_full_rows import later_questions, random_calls, seven_b_qa
 from videoprefill.bench import markdown_table
 
 # block_m / block_n / programs per SM / warps / stages: the default first; each compiles for sm_90 without
@@ -63,24 +64,20 @@ def timed(fn) -> float:
 
 def dense_calls(keys: list[int], queries: list[int], settings: list[str]) -> list[dict]:
     rows = []
-    for tk in keys:
-        k = torch.randn(1, tk, 4, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        for tq in queries:
-            q = torch.randn(1, tq, 28, 128, device="cuda", dtype=torch.bfloat16)
-            want = dense_flash(q, k, v, SCALE)
-            row = {"keys": tk, "queries": tq, "floor us": floor_us(tq, tk),
-                   "flash us": timed(lambda q=q, k=k, v=v: dense_flash(q, k, v, SCALE))}
-            for setting in settings:
-                bm, bn, pps, warps, stages = (int(x) for x in setting.split("/"))
-                tuning = dict(block_m=bm, block_n=bn, programs_per_sm=pps, num_warps=warps, num_stages=stages)
-                out = short_query_attention(q, k, v, SCALE, **tuning)
-                row[f"{setting} diff"] = float((out.float() - want.float()).abs().max())
-                row[f"{setting} us"] = timed(lambda q=q, k=k, v=v, t=tuning: short_query_attention(q, k, v, SCALE, **t))
-            best = min(settings, key=lambda s: row[f"{s} us"])
-            row["best"], row["speed-up"] = best, row["flash us"] / row[f"{best} us"]
-            rows.append(row)
-            print(row, flush=True)
+    for tk, tq, q, k, v in random_calls(keys, queries):
+        want = dense_flash(q, k, v, SCALE)
+        row = {"keys": tk, "queries": tq, "floor us": floor_us(tq, tk),
+               "flash us": timed(lambda q=q, k=k, v=v: dense_flash(q, k, v, SCALE))}
+        for setting in settings:
+            bm, bn, pps, warps, stages = (int(x) for x in setting.split("/"))
+            tuning = dict(block_m=bm, block_n=bn, programs_per_sm=pps, num_warps=warps, num_stages=stages)
+            out = short_query_attention(q, k, v, SCALE, **tuning)
+            row[f"{setting} diff"] = float((out.float() - want.float()).abs().max())
+            row[f"{setting} us"] = timed(lambda q=q, k=k, v=v, t=tuning: short_query_attention(q, k, v, SCALE, **t))
+        best = min(settings, key=lambda s: row[f"{s} us"])
+        row["best"], row["speed-up"] = best, row["flash us"] / row[f"{best} us"]
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
@@ -136,8 +133,6 @@ def main() -> None:
     split = split_calls(args.prefixes, args.long_queries)
     later = []
     if not args.no_pipeline:
-        from scripts.gpu_full_rows import later_questions, seven_b_qa
-
         qa = seven_b_qa()
         later = later_questions(args.video_tokens, args.rounds, 8, flag="SPLIT_KV_SHORT_QUERIES",
                                 labels=("short_query_attention", "dense_flash"),

@@ -1,5 +1,3 @@
-import sys
+from videoprefill.run import cli
 
-from videoprefill.run import main
-
-sys.exit(main())
+cli()

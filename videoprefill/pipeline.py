@@ -62,6 +62,9 @@ class InputError(ValueError):
     """A request that cannot be served as given (bad video, empty question, bad settings)."""
 
 
+# The name of the thread each `VideoQA.decode_ahead` reads on (a CLI about to exit looks for it).
+READ_AHEAD_THREAD = "videoprefill-decode-ahead"
+
 @dataclass
 class DecodedVideo:
     """The sampled frames of one video, reusable for several questions. They are resized when a
@@ -346,7 +349,7 @@ class VideoQA:
             self._ahead = (key, future)
         # A thread of its own per video: a newer upload does not wait behind an older read (which
         # cannot be stopped once decord runs), and none keeps the process from exiting.
-        threading.Thread(target=read, name="videoprefill-decode-ahead", daemon=True).start()
+        threading.Thread(target=read, name=READ_AHEAD_THREAD, daemon=True).start()
 
     def finish_reading(self, timeout: float = 60.0) -> None:
         """Wait, up to `timeout` seconds, for a read `decode_ahead` started to end (its frames kept

@@ -391,5 +391,25 @@ def _report_map_error(message: str | None) -> int:
     return 1
 
 
+def exit_process(status: int) -> None:
+    """Exit with `status`. While a video read started ahead is still in decord (nothing took its
+    frames: no question was asked), without Python's teardown, which would end decord's threads
+    under the read and abort the process ("terminate called without an active exception")."""
+    import threading
+
+    pipeline = sys.modules.get("videoprefill.pipeline")  # (not imported: no read started)
+    if pipeline is not None and any(thread.name == pipeline.READ_AHEAD_THREAD and thread.is_alive()
+                                    for thread in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def cli() -> None:
+    """The command's entry point (`python -m videoprefill.run`, `python -m videoprefill`, `videoprefill`)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

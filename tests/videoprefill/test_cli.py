@@ -251,6 +251,33 @@ def test_interactive_from_a_pipe_and_its_bad_uses(sample_video):
     assert one_error_line(proc) == "error: --interactive prints a report per answer; leave out --json"
 
 
+def test_the_process_ends_without_teardown_while_a_video_is_read_ahead(monkeypatch):
+    """`-i` with nothing read leaves the video read started ahead running in decord: the CLI then
+    ends with os._exit, since Python's exit would end decord's threads under the read and abort the
+    process ("terminate called without an active exception", seen once in CI). Otherwise it exits
+    as usual."""
+    import threading
+
+    from videoprefill import pipeline
+    from videoprefill import run as run_module
+
+    exits: list[int] = []
+    monkeypatch.setattr(run_module.os, "_exit", exits.append)
+    with pytest.raises(SystemExit) as ended:
+        run_module.exit_process(3)
+    assert ended.value.code == 3 and exits == []
+    release = threading.Event()
+    reader = threading.Thread(target=release.wait, name=pipeline.READ_AHEAD_THREAD, daemon=True)
+    reader.start()
+    try:
+        with pytest.raises(SystemExit):  # (os._exit, stood in for, returns)
+            run_module.exit_process(0)
+    finally:
+        release.set()
+        reader.join()
+    assert exits == [0]
+
+
 def test_an_empty_question_among_several_exits_2(sample_video):
     proc = run(sample_video, "-q", "What moves?", "-q", " ", *SMALL)
     assert proc.returncode == 2 and one_error_line(proc) == "error: question 2 is empty"

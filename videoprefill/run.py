@@ -225,8 +225,8 @@ def _main(args) -> int:
     def failed(message: str, status: int) -> int:
         """The answers so far (JSON: printed here; a report: already printed), then `message`."""
         live.clear()
-        if qa is not None:
-            qa.finish_reading()  # (a read started ahead: the process exits only after it)
+        if qa is not None and status:  # a read started ahead ends first (an interrupt does not wait for it:
+            qa.finish_reading()  # the process then ends through `exit_process`, which leaves it running)
         if args.json and several and answered:
             print(json.dumps({"questions": [_payload(*item) for item in answered], "error": message}, indent=1))
         if status:

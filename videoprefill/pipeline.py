@@ -65,6 +65,7 @@ class InputError(ValueError):
 # The name of the thread each `VideoQA.decode_ahead` reads on (a CLI about to exit looks for it).
 READ_AHEAD_THREAD = "videoprefill-decode-ahead"
 
+
 @dataclass
 class DecodedVideo:
     """The sampled frames of one video, reusable for several questions. They are resized when a

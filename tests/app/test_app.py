@@ -24,6 +24,14 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 OUTPUT = ROOT / "test-output"
 
 
+SERVER_LOG: list[Path | None] = [None]  # the running server's output (`server`)
+
+
+def server_log_tail(chars: int = 3000) -> str:
+    path = SERVER_LOG[0]
+    return path.read_text(errors="replace")[-chars:] if path is not None and path.exists() else "(none)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,16 +39,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    # The server's output goes to a file: a pipe nobody reads would block the server once 64 KB are
+    # written, and a failing test can show the file's end (`server_log_tail`).
+    log_path = SERVER_LOG[0] = tmp_path_factory.mktemp("app") / "server.log"
+    log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {proc.stdout.read()}")
+            log.close()
+            raise RuntimeError(f"app exited: {log_path.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
@@ -52,6 +65,7 @@ def server():
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +137,7 @@ def test_bad_upload_is_reported_and_the_app_keeps_serving(client, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_browser_upload_ask_and_see_results(server):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     OUTPUT.mkdir(exist_ok=True)
@@ -134,11 +149,18 @@ def test_browser_upload_ask_and_see_results(server):
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(server, wait_until="networkidle")
         page.locator("#video input[type=file]").set_input_files(SAMPLE)
+        # The upload reaches the server after set_input_files returns: Ask once the player shows it.
+        page.wait_for_selector("#video video", timeout=120_000)
         page.locator("#question textarea").fill(DEMO_QUESTION)
         page.locator("#ask").click()
-        page.wait_for_function(
-            "() => document.querySelector('#answer textarea') && "
-            "document.querySelector('#answer textarea').value.includes('TTFT speed-up')", timeout=240_000)
+        try:
+            page.wait_for_function(
+                "() => document.querySelector('#answer textarea') && "
+                "document.querySelector('#answer textarea').value.includes('TTFT speed-up')", timeout=240_000)
+        except PlaywrightTimeout:
+            answer = page.locator("#answer textarea").input_value()
+            pytest.fail(f"no compare answer after 240 s; the answer box: {answer!r}; the server's output ends:\n"
+                        f"{server_log_tail()}")
         answer = page.locator("#answer textarea").input_value()
         assert "sparse:" in answer and "dense:" in answer
         if shipped_demo() is not None:  # the trained demo names the sample's flash colour

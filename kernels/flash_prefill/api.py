@@ -351,19 +351,17 @@ def _full_rows_apart(q, k, v, config: FlashPrefillConfig, scale: float, rows: in
     tq, tk = q.shape[1], k.shape[1]
     split = tq - rows
     early = dataclasses.replace(config, last_full_blocks=0, min_seq_len=0)
-    if FULL_ROWS_ON_TWO_STREAMS and q.is_cuda and not torch.cuda.is_current_stream_capturing():
+    two_streams = FULL_ROWS_ON_TWO_STREAMS and q.is_cuda and not torch.cuda.is_current_stream_capturing()
+    if two_streams:
         main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
         side.wait_stream(main)  # (q, k and v are written on the main stream)
-        with torch.cuda.stream(side):
-            tail = dense_attention(q[:, split:], k, v, scale)
-        head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
-                             backend="triton", return_pattern=return_pattern)
+    with torch.cuda.stream(side) if two_streams else contextlib.nullcontext():
+        tail = dense_attention(q[:, split:], k, v, scale)
+    head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
+                         backend="triton", return_pattern=return_pattern)
+    if two_streams:
         main.wait_stream(side)
         tail.record_stream(main)  # (made on the side stream, read and freed on the main one)
-    else:
-        head = flash_prefill(q[:, :split], k[:, : tk - rows], v[:, : tk - rows], config=early, scale=scale,
-                             backend="triton", return_pattern=return_pattern)
-        tail = dense_attention(q[:, split:], k, v, scale)
     if not return_pattern:
         return torch.cat([head, tail], dim=1)
     head, pattern = head

@@ -88,8 +88,7 @@ class FlashPrefillConfig:
         """Whether every query block of a call (its `q_len` queries the last of `kv_len` positions) is
         one of the sequence's last `last_full_blocks`, which keep every causal block (DESIGN.md step
         3): the pattern is all causal blocks whatever the scores, and the call dense attention."""
-        num_blocks = -(-kv_len // self.block_size)
-        return q_len > 0 and (kv_len - q_len) // self.block_size >= num_blocks - self.last_full_blocks
+        return q_len > 0 and self.full_rows(q_len, kv_len) == q_len
 
     @classmethod
     def for_model(cls, family: str, **overrides) -> FlashPrefillConfig:

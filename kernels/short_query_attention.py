@@ -34,7 +34,9 @@ LOG2E = 1.4426950408889634
 # Launch settings (first choice; see BENCHMARKS.md for what was measured).
 BLOCK_M = 128  # packed (query, query head) rows per program, at most
 BLOCK_N = 64  # keys per tile
-PROGRAMS_PER_SM = 2  # spans are sized so that a launch has about this many programs per SM
+# Spans are sized so that a launch has about min(PROGRAMS_PER_SM, tiles of a KV head) programs per SM:
+# on an H200, one a SM for a tile a KV head (16 queries of Qwen2.5-VL-7B), four from four tiles on.
+PROGRAMS_PER_SM = 4
 NUM_WARPS, NUM_STAGES = 8, 3
 COMBINE_DIMS, COMBINE_SPANS = 32, 128  # as decode_attention's
 MAX_QUERIES = 1024  # the partial outputs grow with TQ x spans: longer queries belong to a prefill kernel
@@ -144,11 +146,12 @@ def spans(tk: int, programs_per_span: int, device: torch.device, split: int | No
 
 def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                           split: int | None = None, *, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                          programs_per_sm: int = PROGRAMS_PER_SM, num_warps: int = NUM_WARPS,
+                          programs_per_sm: int | None = None, num_warps: int = NUM_WARPS,
                           num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Causal attention of q (B, TQ, HQ, D), the last TQ positions, over k / v (B, TK, H, D) ->
     (B, TQ, HQ, D) (module docstring). split: keys per span (tests; default `spans`'s). The other
-    keyword-only arguments are the launch's tuning (benchmarks; defaults: the module's constants)."""
+    keyword-only arguments are the launch's tuning (benchmarks; defaults: the module's constants, and
+    programs_per_sm as PROGRAMS_PER_SM says)."""
     check(q, k, v)
     b, tq, hq, d = q.shape
     tk, h = k.shape[1], k.shape[2]
@@ -156,6 +159,8 @@ def short_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     rows = tq * group
     block_m = max(16, min(block_m, triton.next_power_of_2(rows)))
     num_tiles = -(-rows // block_m)
+    if programs_per_sm is None:
+        programs_per_sm = min(PROGRAMS_PER_SM, num_tiles)
     span, num_splits = spans(tk, b * h * num_tiles, q.device, split, block_n, programs_per_sm)
     block_d = max(16, triton.next_power_of_2(d))
     part_o = torch.empty(b * tq * hq * num_splits, block_d, dtype=torch.float32, device=q.device)

@@ -57,15 +57,19 @@ SHORT_QUERY_FLASH = True
 # per head walking every key block: 28 of the H200's 132 SMs for Qwen2.5-VL-7B. False: the
 # pattern stage and the sparse kernels, as for any call.
 FULL_ROWS_DENSE = True
-# In `dense_attention`, a query of up to SPLIT_KV_MAX_QUERIES shorter than its keys can run as
-# kernels.short_query_attention instead: the query heads of a KV head read its keys and values
-# together, split into spans that fill the GPU, where PyTorch's flash-attention kernel reads them
-# once per query head (0.43 ms a layer for 16 queries over 131K keys on an H200, against about 60 us
-# to read them once).
-# Checked against its reference under Triton's interpreter only, not yet timed on a GPU
-# (BENCHMARKS.md, thirty-fourth session): off until it is. False: `dense_flash` or SDPA, as above.
-SPLIT_KV_SHORT_QUERIES = False
+# In `dense_attention`, a query of up to SPLIT_KV_MAX_QUERIES shorter than its keys runs as
+# kernels.short_query_attention where its keys, counted once per 128 queries begun, reach
+# SPLIT_KV_MIN_WORK: the query heads of a KV head read its keys and values together, split into
+# spans that fill the GPU, where PyTorch's flash-attention kernel reads them once per query head
+# (its GPU time grows with that count). On an H200 at the 7B shape (BENCHMARKS.md, thirty-fifth
+# session) 16 queries over 131K keys take 96 us against 433, 256 queries 1.2 ms against 1.7. But it
+# costs the host 30 us more a call (two launches), and a later question's prefill is host-bound
+# below about 0.6 ms of GPU time a layer: there a later question's TTFT grew by 1-2.5 ms over 16K-64K
+# prefixes (14 tokens) and 16K-32K (149 tokens), and fell by 3.6 ms over 64K (149 tokens) and
+# 8.5 ms over 131K (149 tokens). False: `dense_flash` or SDPA, as below.
+SPLIT_KV_SHORT_QUERIES = True
 SPLIT_KV_MAX_QUERIES = 256
+SPLIT_KV_MIN_WORK = 131072
 # A call with queries both before and in the sequence's last full blocks (a question longer than a
 # block or two, such as a multiple-choice prompt, over a cached prefix) can run in two parts: the
 # earlier queries through the pattern stage and the sparse kernels over the keys before those
@@ -163,7 +167,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> N
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense causal attention with bottom-right alignment through PyTorch SDPA, (B, Tq, HQ, D);
-    a query shorter than its keys as kernels.short_query_attention (SPLIT_KV_SHORT_QUERIES, off),
+    a query shorter than its keys as kernels.short_query_attention (SPLIT_KV_SHORT_QUERIES),
     else as one flash-attention call where it fits (SHORT_QUERY_FLASH), else without SDPA's cuDNN
     backend (SHORT_QUERY_BACKENDS)."""
     tq, tk = q.shape[1], k.shape[1]
@@ -184,9 +188,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def _split_kv_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `dense_attention` runs the call as kernels.short_query_attention: SPLIT_KV_SHORT_QUERIES,
-    up to SPLIT_KV_MAX_QUERIES queries, 16-bit floats on CUDA (or under Triton's interpreter),
-    unit last strides, a head dim up to 256."""
-    return (SPLIT_KV_SHORT_QUERIES and q.shape[1] <= SPLIT_KV_MAX_QUERIES and q.dtype in _TRITON_DTYPES
+    up to SPLIT_KV_MAX_QUERIES queries, keys x 128-query blocks at least SPLIT_KV_MIN_WORK, 16-bit floats
+    on CUDA (or under Triton's interpreter), unit last strides, a head dim up to 256."""
+    tq = q.shape[1]
+    return (SPLIT_KV_SHORT_QUERIES and tq <= SPLIT_KV_MAX_QUERIES and k.shape[1] * -(-tq // 128) >= SPLIT_KV_MIN_WORK
+            and q.dtype in _TRITON_DTYPES
             and (q.is_cuda or _interpreting()) and q.stride(3) == k.stride(3) == v.stride(3) == 1 and q.shape[3] <= 256)
 
 

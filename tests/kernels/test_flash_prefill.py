@@ -303,8 +303,9 @@ def test_a_query_in_the_last_full_blocks_runs_as_dense_attention(monkeypatch, ba
 @pytest.mark.parametrize("on", [True, False], ids=["split-kv", "flash"])
 def test_split_kv_short_queries(monkeypatch, on):
     """With SPLIT_KV_SHORT_QUERIES a short question's dense attention (here through flash_prefill's
-    last full blocks) runs as kernels.short_query_attention, up to SPLIT_KV_MAX_QUERIES queries, to
-    the reference's output; a causal prefill (queries = keys) never does."""
+    last full blocks) runs as kernels.short_query_attention, up to SPLIT_KV_MAX_QUERIES queries whose keys,
+    counted once per 128 queries begun, reach SPLIT_KV_MIN_WORK, to the reference's output; a causal
+    prefill (queries = keys) never does."""
     from kernels import short_query_attention as split_kv
 
     calls = []
@@ -312,6 +313,7 @@ def test_split_kv_short_queries(monkeypatch, on):
     monkeypatch.setattr(split_kv, "short_query_attention", lambda q, *a: calls.append(q.shape[1]) or kernel(q, *a))
     monkeypatch.setattr(api, "SPLIT_KV_SHORT_QUERIES", on)
     monkeypatch.setattr(api, "SPLIT_KV_MAX_QUERIES", 40)
+    monkeypatch.setattr(api, "SPLIT_KV_MIN_WORK", 301)
     cfg = FlashPrefillConfig(block_size=32, alpha=0.5, sink_blocks=1, window_blocks=1, last_full_blocks=2,
                              min_seq_len=0)
     q, k, v = make_inputs((1, 60, 301, 4, 1, 64, torch.float16, 32))
@@ -321,11 +323,20 @@ def test_split_kv_short_queries(monkeypatch, on):
         want = reference.sparse_attention(qs, k, v, reference.causal_pattern(1, 4, tq, 301, 32, q.device), scale)
         torch.testing.assert_close(flash_prefill(qs, k, v, config=cfg, scale=scale, backend="triton"), want,
                                    atol=2e-3, rtol=0)
+    short = q[:, 260:300], k[:, :300], v[:, :300]  # one key fewer than SPLIT_KV_MIN_WORK
+    torch.testing.assert_close(dense_attention(*short, scale),
+                               reference.sparse_attention(*short, reference.causal_pattern(1, 4, 40, 300, 32, q.device),
+                                                          scale), atol=2e-3, rtol=0)
     torch.testing.assert_close(dense_attention(q[:, :40], k[:, :40], v[:, :40], scale),
                                reference.sparse_attention(q[:, :40], k[:, :40], v[:, :40],
                                                           reference.causal_pattern(1, 4, 40, 40, 32, q.device), scale),
                                atol=2e-3, rtol=0)
     assert calls == ([40] if on else [])
+    monkeypatch.setattr(api, "SPLIT_KV_MAX_QUERIES", 256)
+    monkeypatch.setattr(api, "SPLIT_KV_MIN_WORK", 602)
+    keys = torch.empty(1, 301, 1, 64, dtype=torch.float16)
+    takes = [api._split_kv_takes(torch.empty(1, tq, 4, 64, dtype=torch.float16), keys, keys) for tq in (128, 129)]
+    assert takes == [False, on]  # 301 keys once, then twice
 
 
 @pytest.mark.parametrize("variant", ["plain", "per-kv-head", "mean-correction"])

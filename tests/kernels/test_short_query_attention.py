@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import short_query_attention as sqa
 from kernels.short_query_attention import short_query_attention, short_query_attention_reference, spans
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (conftest)
@@ -82,11 +83,24 @@ def test_strided_inputs():
 
 
 def test_spans_fill_the_gpu_in_whole_tiles():
-    cpu = torch.device("cpu")  # 8 "SMs" off CUDA, 2 programs each
-    assert spans(131_072, 4, cpu) == (32_768, 4)
-    assert spans(131_072, 1, cpu) == (8192, 16)
-    assert spans(1000, 4, cpu) == (256, 4)  # at least MIN_SPLIT keys a span
+    cpu = torch.device("cpu")  # 8 "SMs" off CUDA, here 2 programs each
+    assert spans(131_072, 4, cpu, programs_per_sm=2) == (32_768, 4)
+    assert spans(131_072, 1, cpu, programs_per_sm=2) == (8192, 16)
+    assert spans(131_072, 1, cpu) == (4096, 32)  # PROGRAMS_PER_SM, 4
+    assert spans(1000, 4, cpu, programs_per_sm=2) == (256, 4)  # at least MIN_SPLIT keys a span
     assert spans(300, 4, cpu, split=100) == (128, 3)  # given: rounded up to whole tiles
+
+
+@pytest.mark.parametrize("block_m, tiles, programs_per_sm", [(128, 1, 1), (32, 3, 3), (16, 5, 4)])
+def test_a_launch_has_a_program_per_sm_for_each_tile_up_to_four(monkeypatch, block_m, tiles, programs_per_sm):
+    """By default the spans give a launch min(PROGRAMS_PER_SM, tiles of a KV head) programs per SM."""
+    seen = []
+    real = sqa.spans
+    monkeypatch.setattr(sqa, "spans", lambda tk, per_span, *a: seen.append((per_span, a[-1])) or real(tk, per_span, *a))
+    q, k, v = (torch.randn(1, n, h, 32) for n, h in ((40, 4), (300, 2), (300, 2)))  # 80 rows a KV head
+    out = short_query_attention(q, k, v, 32**-0.5, block_m=block_m)
+    torch.testing.assert_close(out, short_query_attention_reference(q, k, v, 32**-0.5), rtol=1e-5, atol=1e-5)
+    assert seen == [(2 * tiles, programs_per_sm)]
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -663,7 +663,9 @@ class VideoQA:
                   **generate_kwargs) -> tuple[torch.Tensor, prefixes.PrefixState]:
         """Prefill the prefix into a new KV cache (state None), then generate over the prefix's
         cache from the question's tokens on; the cache is cut back to the prefix afterwards. Both
-        calls take the positions `generate` gives the whole prompt, so they are those of one call.
+        calls take the positions `generate` gives the whole prompt, so they are those of one call
+        (over a kept prefix, its kept positions and the question's after them:
+        `prefixes.positions_over_prefix`).
         Where every layer is dense over the whole prompt, a request without a prefix's cache
         prefills in that one call instead (`_one_call`; `one_call` decides instead when given), and
         its prefix's state is the one two calls would leave: the cache cut back to the prefix, the
@@ -679,12 +681,15 @@ class VideoQA:
             prefix_record = (settings.recorder.causal_prefix(prepared.prefix_len, settings.dense_layers)
                              if settings.recorder is not None else SparsityRecorder())
             return out, prefixes.PrefixState(settings=key, cache=cache, recorder=prefix_record)
-        positions = prefixes.prompt_positions(self.model, prepared.inputs)
         if state is None:
+            positions = prefixes.prompt_positions(self.model, prepared.inputs)
             cache = prefixes.prefill_prefix(self.model, prepared.inputs, prepared.prefix_len, positions)
             recorder = current_settings().recorder
             state = prefixes.PrefixState(settings=key, cache=cache,
-                                         recorder=recorder.copy() if recorder is not None else SparsityRecorder())
+                                         recorder=recorder.copy() if recorder is not None else SparsityRecorder(),
+                                         positions=positions[..., : prepared.prefix_len + 1])
+        else:
+            positions = prefixes.positions_over_prefix(self.model, prepared.inputs, prepared.prefix_len, state)
         with decoding:
             out = prefixes.generate_over_prefix(self.model, prepared.inputs, prepared.prefix_len, state.cache,
                                                 positions, max_new_tokens=max_new_tokens, **options)

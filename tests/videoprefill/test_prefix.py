@@ -247,6 +247,33 @@ def test_a_later_question_reuses_the_prefix(attention, demo, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "two-calls"])
+def test_a_later_question_has_its_whole_prompts_positions(one_call, family, tiny_models, sample_video, monkeypatch):
+    """A question over a kept prefix gets the positions the model's method gives its whole prompt,
+    built from the prefix's kept ones (`positions_over_prefix`): the method runs over the whole
+    prompt once per prefix, for its first question where two calls prefill it, for the first later
+    question where one call does (generate computes that call's positions itself)."""
+    from videoprefill import pipeline
+
+    monkeypatch.setattr(pipeline, "ONE_CALL_WHEN_DENSE", one_call)
+    model, processor = load(tiny_models[family], device="cpu")
+    qa = VideoQA(model, processor, warmup=False)
+    given, whole = [], []
+    generate, positions = prefixes.generate_over_prefix, prefixes.prompt_positions
+    monkeypatch.setattr(prefixes, "generate_over_prefix", lambda model, inputs, length, cache, at, **options: (
+        given.append(at) or generate(model, inputs, length, cache, at, **options)))
+    monkeypatch.setattr(prefixes, "prompt_positions", lambda model, inputs: whole.append(1) or positions(model, inputs))
+    qa.ask(sample_video, "Describe this video.", "dense", SMALL, max_new_tokens=1)
+    first = len(whole)
+    for question in ("How many squares are there?", "Is it red, green or blue? Answer with one word.", "a"):
+        prepared = qa.prepare(sample_video, question, SMALL)
+        assert qa.run(prepared, "dense", max_new_tokens=1).tokens["cached"] == prepared.prefix_len
+        full = qa.prepare_decoded(qa.decode(sample_video, SMALL), question, reuse_prefix=False)
+        assert torch.equal(given[-1], positions(model, full.inputs))
+    assert (first, len(whole)) == ((0, 1) if one_call else (1, 1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_inputs_built_on_a_prefix_are_the_processors(family, tiny_models, sample_video):
     """A later question's tokens (the kept prefix's, then the question's text tokenized alone)
     are exactly what the processor gives for the whole prompt."""

@@ -76,8 +76,10 @@ SPLIT_KV_MIN_WORK = 131072
 # blocks, the last ones as dense attention (`full_rows_apart`). The pattern and output are one
 # call's. In one call the last full blocks' query blocks, one work item per head each walking every
 # key block, take the sparse kernel's time, as a call all in them did before FULL_ROWS_DENSE (the
-# dense call 1.75-6.8x faster there, BENCHMARKS.md thirty-third session). Not yet timed itself:
-# off until it is (BENCHMARKS.md, thirty-fourth session).
+# dense call 1.75-6.8x faster there, BENCHMARKS.md thirty-third session). Off: on an H200 at the 7B
+# shape, 150-300 queries over 131K keys, apart took 0.87-1.2 ms against 3.0 where the earlier
+# queries keep few blocks, but 3.9-4.0 ms against 2.9 where they keep every block, and at 16K it
+# was slower either way (BENCHMARKS.md, thirty-fifth session).
 SPLIT_FULL_ROWS = False
 # With SPLIT_FULL_ROWS on CUDA, the last queries' dense attention runs on a second stream beside the
 # earlier queries' FlashPrefill, which may occupy few SMs: the call takes about the longer of the

@@ -22,6 +22,10 @@ def _try_bind(host: str, port: int) -> None:
         s.bind(address)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from videoprefill.run import add_model_arguments
 
@@ -57,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     qa = VideoQA(model, processor, mask_layers=tuple(range(layers)))
     qa.graph_decode = not args.no_graph_decode
     demo, _ = build(qa)
-    # Stop on SIGTERM as on Ctrl-C, so exit handlers remove the run's plot folder.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # Stop on SIGTERM as on Ctrl-C: the server closes (requests in flight are not cut by the
+    # interpreter's shutdown), `launch` returns, and exit handlers remove the run's plot folder.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=False,
                     max_file_size=f"{args.max_upload_mb}mb", allowed_paths=[str(sample_video_path())], show_error=True,
@@ -69,5 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """`python -m app`: `main`, then the process's exit as the CLI's (`videoprefill.run.exit_process`:
+    without the rest of Python's teardown while an uploaded video is still read ahead)."""
+    from videoprefill.run import exit_process
+
+    try:
+        status = main()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the server runs (while it runs, `launch` returns)
+        print("interrupted", file=sys.stderr)
+        status = 130
+    exit_process(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -393,13 +393,17 @@ def _report_map_error(message: str | None) -> int:
 
 def exit_process(status: int) -> None:
     """Exit with `status`. While a video read started ahead is still in decord (nothing took its
-    frames: no question was asked), without Python's teardown, which would end decord's threads
-    under the read and abort the process ("terminate called without an active exception")."""
+    frames: no question was asked, or a web UI stopped while an upload was read), the exit
+    handlers run (the web UI's plot folder is removed) and the process ends without the rest of
+    Python's teardown, which would end decord's threads under the read and abort the process
+    ("terminate called without an active exception")."""
+    import atexit
     import threading
 
     pipeline = sys.modules.get("videoprefill.pipeline")  # (not imported: no read started)
     if pipeline is not None and any(thread.name == pipeline.READ_AHEAD_THREAD and thread.is_alive()
                                     for thread in threading.enumerate()):
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -64,8 +64,9 @@ def server(tmp_path_factory):
         raise RuntimeError("app did not start")
     yield url
     proc.terminate()
-    proc.wait(timeout=30)
+    status = proc.wait(timeout=30)
     log.close()
+    assert status == 0, f"the server's exit on SIGTERM: {status}\n{server_log_tail()}"
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +353,27 @@ def test_launcher_refuses_bad_options_in_one_line(argv, message, monkeypatch, ca
     monkeypatch.setattr(models, "load", lambda *a, **kw: pytest.fail("the model was loaded"))
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def _interrupted():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("ends, status", [(lambda: 0, 0), (lambda: 2, 2), (_interrupted, 130)])
+def test_launcher_exits_through_the_clis_exit(ends, status, monkeypatch, capsys):
+    """`python -m app` ends as the CLI does (`videoprefill.run.exit_process`: without Python's
+    teardown while an upload is read ahead), with main's status, or 130 and one line when
+    interrupted before the server runs (SIGTERM as Ctrl-C; while serving, the server closes and
+    main returns 0: the server fixture checks that status)."""
+    import app.__main__ as launcher
+    from videoprefill import run as run_module
+
+    exits = []
+    monkeypatch.setattr(launcher, "main", ends)
+    monkeypatch.setattr(run_module, "exit_process", exits.append)
+    launcher.run()
+    assert exits == [status]
+    assert capsys.readouterr().err.strip().splitlines() == (["interrupted"] if status == 130 else [])
 
 
 def test_launcher_reports_a_taken_port_before_loading_the_model(monkeypatch, capsys):

@@ -254,8 +254,9 @@ def test_interactive_from_a_pipe_and_its_bad_uses(sample_video):
 def test_the_process_ends_without_teardown_while_a_video_is_read_ahead(monkeypatch):
     """`-i` with nothing read leaves the video read started ahead running in decord: the CLI then
     ends with os._exit, since Python's exit would end decord's threads under the read and abort the
-    process ("terminate called without an active exception", seen once in CI). Otherwise it exits
-    as usual."""
+    process ("terminate called without an active exception", seen once in CI), after the exit
+    handlers. Otherwise it exits as usual."""
+    import atexit
     import threading
 
     from videoprefill import pipeline
@@ -263,6 +264,7 @@ def test_the_process_ends_without_teardown_while_a_video_is_read_ahead(monkeypat
 
     exits: list[int] = []
     monkeypatch.setattr(run_module.os, "_exit", exits.append)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: exits.append("exit handlers"))
     with pytest.raises(SystemExit) as ended:
         run_module.exit_process(3)
     assert ended.value.code == 3 and exits == []
@@ -275,7 +277,7 @@ def test_the_process_ends_without_teardown_while_a_video_is_read_ahead(monkeypat
     finally:
         release.set()
         reader.join()
-    assert exits == [0]
+    assert exits == ["exit handlers", 0]
 
 
 def test_an_empty_question_among_several_exits_2(sample_video):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import triton
@@ -42,6 +41,7 @@ from kernels.flash_prefill.api import dense_flash
 from kernels.short_query_attention import short_query_attention
 from kernels.testing import structured_qkv
 from scripts.gpu_full_rows import later_questions, random_calls, seven_b_qa
+from scripts.gpu_host_profile import host_us
 from videoprefill.bench import markdown_table
 
 # block_m / block_n / programs per SM / warps / stages: the default first; each compiles for sm_90 without
@@ -85,18 +85,6 @@ def dense_calls(keys: list[int], queries: list[int], settings: list[str]) -> lis
         rows.append(row)
         print(row, flush=True)
     return rows
-
-
-def host_us(fn, calls: int = 200) -> float:
-    """Microseconds of host time to enqueue one call of `fn`, the GPU left to run behind."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    took = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * took / calls
 
 
 def host_times(tk: int) -> dict:

@@ -167,7 +167,7 @@ def _write_kv_kernel(KEY, VALUE, INDEX, TABLE, LAYER, s_kh, s_vh, D: tl.constexp
     tl.store(v_at + d, tl.load(VALUE + h * s_vh + d, mask=d < D), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])  # (one compiled kernel for every span count)
 def _decode_combine_kernel(PART_O, PART_ML, OUT, HQ, NUM_SPLITS, s_ob, s_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_DC: tl.constexpr, BLOCK_S: tl.constexpr):
     """One program per (row, query head) and BLOCK_DC of its output dims: BLOCK_S spans a load."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import FlashPrefillConfig
-from kernels.flash_prefill.api import plain_pattern_launches
+from kernels.flash_prefill.api import plain_pattern_launches, split_kv_at_every_length
 from models.attention import RequestSettings, SparsityRecorder, current_settings, request_settings, set_attention
 from models.decode import MIN_NEW_TOKENS, graph_decoding
 from models.text import fused_adds_at_every_length
@@ -251,6 +251,15 @@ def _on_model_device(method):
             return method(self, *args, **kwargs)
 
     return on_device
+
+
+@contextlib.contextmanager
+def _at_long_lengths():
+    """The warm-up's first pass on CUDA: what a long prompt runs, at the warm-up's short length (the
+    fused residual adds; a question's split-KV attention over the cache, which a long video's first
+    question would otherwise compile, about a second)."""
+    with fused_adds_at_every_length(), split_kv_at_every_length():
+        yield
 
 
 class VideoQA:
@@ -616,8 +625,10 @@ class VideoQA:
                 dense_layers: int | None = None, fixed_density: float | None = None) -> None:
         """Run a short request with these settings once, untimed, unless one ran: the bundled sample
         video (`WARMUP_SAMPLING`), with FlashPrefill from its first block (min_seq_len 0) and the
-        language model's fused residual adds at its length (`models.text.fused_adds_at_every_length`)
-        and, in sparse mode, once more as configured (dense attention below min_seq_len). It pays
+        language model's fused residual adds at its length (`models.text.fused_adds_at_every_length`;
+        on CUDA also the question's dense attention as kernels.short_query_attention,
+        `kernels.flash_prefill.api.split_kv_at_every_length`) and, in sparse mode, once more as
+        configured (dense attention below min_seq_len). It pays
         what the first request of a process would otherwise count in its timings: compiling the
         kernels for these settings, CUDA's lazy loading of kernels, the first cuDNN and cuBLAS
         calls, the first use of the decode path (reading, resizing, the video processor). `run`
@@ -634,7 +645,7 @@ class VideoQA:
             self._warmup_request = self.prepare_decoded(decoded, DEFAULT_QUESTION, reuse_prefix=False)
         self._use(attention)
         forced = dataclasses.replace(settings.config, min_seq_len=0)
-        passes = [(forced, fused_adds_at_every_length)]
+        passes = [(forced, _at_long_lengths if self.device.type == "cuda" else fused_adds_at_every_length)]
         if attention == "sparse" and self.device.type == "cuda":
             passes.append((forced, plain_pattern_launches))
         if attention == "sparse" and settings.config.min_seq_len > 0:

@@ -235,6 +235,19 @@ def plain_pattern_launches():
         pattern_kernels.PDL = saved
 
 
+@contextlib.contextmanager
+def split_kv_at_every_length():
+    """Inside: `dense_attention` runs every query it can as kernels.short_query_attention, whatever
+    SPLIT_KV_MIN_WORK says (SPLIT_KV_SHORT_QUERIES on). A warm-up on a short prompt compiles the
+    kernel a long prompt's question runs so. Not for concurrent requests: it sets a module flag."""
+    global SPLIT_KV_MIN_WORK
+    saved, SPLIT_KV_MIN_WORK = SPLIT_KV_MIN_WORK, 0
+    try:
+        yield
+    finally:
+        SPLIT_KV_MIN_WORK = saved
+
+
 def _find_pattern_triton(
     q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig, scale: float
 ) -> BlockSparsePattern:

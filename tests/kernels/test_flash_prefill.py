@@ -337,6 +337,9 @@ def test_split_kv_short_queries(monkeypatch, on):
     keys = torch.empty(1, 301, 1, 64, dtype=torch.float16)
     takes = [api._split_kv_takes(torch.empty(1, tq, 4, 64, dtype=torch.float16), keys, keys) for tq in (128, 129)]
     assert takes == [False, on]  # 301 keys once, then twice
+    with api.split_kv_at_every_length():  # (the warm-up's: whatever SPLIT_KV_MIN_WORK says)
+        assert api._split_kv_takes(torch.empty(1, 2, 4, 64, dtype=torch.float16), keys, keys) is on
+    assert api.SPLIT_KV_MIN_WORK == 602
 
 
 @pytest.mark.parametrize("variant", ["plain", "per-kv-head", "mean-correction"])

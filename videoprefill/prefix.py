@@ -212,9 +212,9 @@ def positions_over_prefix(model, inputs: dict, length: int, state: PrefixState) 
     first one after it are kept in the state, and the tokens after the prefix (it ends at the last
     video token) are text, one position more per token in every row. The method gives text positions
     so in each family, and a prefix's positions and the first one after it do not depend on what
-    follows. Where the state keeps none yet (a prefix prefilled in one call) they are computed whole
-    and kept."""
-    if state.positions is None:
+    follows. Where the state keeps none yet (a prefix prefilled in one call, or whose prompt ended
+    with it) they are computed whole and kept."""
+    if state.positions is None or state.positions.shape[-1] <= length:
         positions = prompt_positions(model, inputs)
         state.positions = positions[..., : length + 1]
         return positions

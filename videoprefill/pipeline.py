@@ -698,7 +698,7 @@ class VideoQA:
             recorder = current_settings().recorder
             state = prefixes.PrefixState(settings=key, cache=cache,
                                          recorder=recorder.copy() if recorder is not None else SparsityRecorder(),
-                                         positions=positions[..., : prepared.prefix_len + 1])
+                                         positions=prefixes.kept_positions(positions, prepared.prefix_len))
         else:
             positions = prefixes.positions_over_prefix(self.model, prepared.inputs, prepared.prefix_len, state)
         with decoding:
